@@ -1,0 +1,46 @@
+"""eStargz and zstd:chunked layers: build, read by range, verify.
+
+Hand-written: no maintained Python library covers the eStargz format, so this
+package implements it from the facts of containerd/stargz-snapshotter's `estargz/`
+(v0.12.0). Everything here is pure format logic: bytes and streams in, values out;
+reading goes through a caller-supplied `read_at(offset, length) -> bytes`, so the same
+reader serves a local file, a bytes object or an HTTP Range fetcher.
+
+Public API:
+- `build(src, dst, ...) -> BuildResult`: a layer tar (plain, gzip or zstd) in, a blob
+  written to the binary stream `dst`.
+- `Reader.open(read_at, size, toc_digest=None)` / `Reader.from_bytes(blob)`: parse the
+  footer and TOC; `lookup`, `listdir`, `read`, `verify_all`.
+- `EstargzError` and its subclasses for every malformed or lying input.
+"""
+
+from peerstar.estargz.build import BuildResult, build
+from peerstar.estargz.errors import EstargzError, FormatError, VerifyError
+from peerstar.estargz.reader import Reader
+from peerstar.estargz.toc import (
+    NO_PREFETCH_LANDMARK,
+    PREFETCH_LANDMARK,
+    TOC_DIGEST_ANNOTATION,
+    TOC_TAR_NAME,
+    UNCOMPRESSED_SIZE_ANNOTATION,
+    ZSTD_MANIFEST_CHECKSUM_ANNOTATION,
+    ZSTD_MANIFEST_POSITION_ANNOTATION,
+    TOCEntry,
+)
+
+__all__ = [
+    "BuildResult",
+    "EstargzError",
+    "FormatError",
+    "NO_PREFETCH_LANDMARK",
+    "PREFETCH_LANDMARK",
+    "Reader",
+    "TOCEntry",
+    "TOC_DIGEST_ANNOTATION",
+    "TOC_TAR_NAME",
+    "UNCOMPRESSED_SIZE_ANNOTATION",
+    "VerifyError",
+    "ZSTD_MANIFEST_CHECKSUM_ANNOTATION",
+    "ZSTD_MANIFEST_POSITION_ANNOTATION",
+    "build",
+]
