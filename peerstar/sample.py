@@ -168,9 +168,28 @@ def pseudo_random_bytes(seed: str, size: int) -> bytes:
 def build_layer_tar(entries: Iterable[LayerEntry]) -> bytes:
     """A deterministic uncompressed layer tar (PAX format) of `entries`, sorted by path.
 
-    Parents are not added implicitly: list every directory you want in the tar.
+    Parents are not added implicitly: list every directory you want in the tar. A
+    hardlink that sorts before its target is held back until right after the target,
+    because extractors (containerd's among them) need the target to exist already.
     """
-    ordered = sorted(entries, key=lambda e: _rel(e.path))
+    ordered: list[LayerEntry] = []
+    waiting: dict[str, list[LayerEntry]] = {}  # hardlink target -> links held back
+    emitted: set[str] = set()
+
+    def emit(entry: LayerEntry) -> None:
+        ordered.append(entry)
+        name = _rel(entry.path)
+        emitted.add(name)
+        for link in waiting.pop(name, []):
+            emit(link)
+
+    for entry in sorted(entries, key=lambda e: _rel(e.path)):
+        if entry.kind == "hardlink" and _rel(entry.link) not in emitted:
+            waiting.setdefault(_rel(entry.link), []).append(entry)
+        else:
+            emit(entry)
+    if waiting:
+        raise PeerstarError(f"hardlinks to entries not in the layer: {sorted(waiting)}")
     seen: set[str] = set()
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
