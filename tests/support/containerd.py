@@ -1,0 +1,334 @@
+"""A private containerd for tests, and `Ctr`, a runner for `ctr` / `ctr-remote` against it.
+
+Owns: writing the containerd config (own root, state, gRPC/ttrpc sockets, opt path, CRI
+disabled, optional proxy snapshotter plugins), starting the daemon, waiting until it
+answers `ctr version`, and a clean shutdown that leaves nothing behind: tasks killed and
+deleted, containers removed, the daemon stopped, leftover shims of this daemon killed, and
+every mount under its root/state unmounted.
+
+Facts this relies on (docs REFERENCE.md section 5): containerd 1.6 needs
+`disabled_plugins = ["io.containerd.grpc.v1.cri"]` (the per-plugin `disable` does not
+work); the runc shim keeps its state under /run/containerd/runc/<namespace> whatever our
+root is, so every harness uses a namespace unique to its process, which keeps concurrent
+test sessions on one machine from colliding.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# A unix socket path must fit in sockaddr_un.sun_path (108 bytes with the NUL).
+_MAX_SOCKET_PATH = 107
+
+
+class HarnessError(RuntimeError):
+    """A real-parts harness could not start or a command it ran failed."""
+
+
+def require_binaries(*names: str) -> dict[str, str]:
+    """Absolute paths of `names` on PATH; HarnessError naming the missing ones otherwise."""
+    found = {name: shutil.which(name) for name in names}
+    missing = [name for name, where in found.items() if where is None]
+    if missing:
+        raise HarnessError(
+            f"missing binaries: {', '.join(missing)} -- run scripts/install.sh"
+        )
+    return {name: str(where) for name, where in found.items()}
+
+
+def _describe(argv: Sequence[str], proc: subprocess.CompletedProcess[bytes] | None,
+              why: str) -> str:
+    text = f"{' '.join(argv)}: {why}"
+    if proc is not None:
+        out = proc.stdout.decode(errors="replace").strip()
+        err = proc.stderr.decode(errors="replace").strip()
+        text += f"\n--- stderr ---\n{err or '(empty)'}"
+        if out:
+            text += f"\n--- stdout ---\n{out[-4000:]}"
+    return text
+
+
+@dataclass
+class Ctr:
+    """Runs `ctr` or `ctr-remote` with this daemon's `--address` and `--namespace`.
+
+    `run(...)`/`remote(...)` return the CompletedProcess (bytes); on a non-zero exit they
+    raise HarnessError carrying the command line, exit status and stderr, unless
+    `check=False`. `text(...)` returns stdout decoded.
+    """
+
+    address: str
+    namespace: str
+    ctr_binary: str = "ctr"
+    ctr_remote_binary: str = "ctr-remote"
+    timeout: float = 300.0
+
+    def _argv(self, binary: str, args: Sequence[str], namespace: str | None) -> list[str]:
+        return [binary, "--address", self.address, "--namespace",
+                namespace or self.namespace, *map(str, args)]
+
+    def _exec(self, argv: list[str], *, check: bool, input: bytes | None,
+              timeout: float | None) -> subprocess.CompletedProcess[bytes]:
+        try:
+            proc = subprocess.run(argv, input=input, capture_output=True,
+                                  timeout=timeout or self.timeout, check=False)
+        except subprocess.TimeoutExpired as exc:
+            raise HarnessError(_describe(argv, None, f"timed out after {exc.timeout} s")
+                               ) from None
+        if check and proc.returncode != 0:
+            raise HarnessError(_describe(argv, proc, f"exit status {proc.returncode}"))
+        return proc
+
+    def run(self, *args: str | os.PathLike[str], check: bool = True,
+            input: bytes | None = None, timeout: float | None = None,
+            namespace: str | None = None) -> subprocess.CompletedProcess[bytes]:
+        """`ctr --address A --namespace N ARGS...`."""
+        return self._exec(self._argv(self.ctr_binary, list(map(str, args)), namespace),
+                          check=check, input=input, timeout=timeout)
+
+    def remote(self, *args: str | os.PathLike[str], check: bool = True,
+               input: bytes | None = None, timeout: float | None = None,
+               namespace: str | None = None) -> subprocess.CompletedProcess[bytes]:
+        """`ctr-remote --address A --namespace N ARGS...`."""
+        return self._exec(self._argv(self.ctr_remote_binary, list(map(str, args)), namespace),
+                          check=check, input=input, timeout=timeout)
+
+    def text(self, *args: str | os.PathLike[str], **kwargs: object) -> str:
+        """stdout of `run(*args)`, decoded."""
+        return self.run(*args, **kwargs).stdout.decode()  # type: ignore[arg-type]
+
+    def lines(self, *args: str | os.PathLike[str], **kwargs: object) -> list[str]:
+        """Non-empty stdout lines of `run(*args)`."""
+        return [line for line in self.text(*args, **kwargs).splitlines() if line.strip()]
+
+
+def _toml_str(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def render_config(base: Path, *, proxy_plugins: Mapping[str, str] | None = None,
+                  extra_toml: str = "") -> str:
+    """The containerd config (version 2) for a daemon living entirely under `base`.
+
+    proxy_plugins: name -> unix socket of a snapshotter proxy plugin.
+    """
+    lines = [
+        "version = 2",
+        f"root = {_toml_str(str(base / 'root'))}",
+        f"state = {_toml_str(str(base / 'state'))}",
+        'disabled_plugins = ["io.containerd.grpc.v1.cri"]',
+        "",
+        "[grpc]",
+        f"  address = {_toml_str(str(base / 'containerd.sock'))}",
+        "",
+        "[ttrpc]",
+        f"  address = {_toml_str(str(base / 'containerd.sock.ttrpc'))}",
+        "",
+        "[debug]",
+        '  level = "info"',
+        "",
+        '[plugins."io.containerd.internal.v1.opt"]',
+        f"  path = {_toml_str(str(base / 'opt'))}",
+        "",
+    ]
+    for name, socket in sorted((proxy_plugins or {}).items()):
+        lines += [
+            f"[proxy_plugins.{_toml_str(name)}]",
+            '  type = "snapshot"',
+            f"  address = {_toml_str(str(socket))}",
+            "",
+        ]
+    if extra_toml:
+        lines.append(extra_toml.rstrip() + "\n")
+    return "\n".join(lines)
+
+
+def _mounts_under(prefixes: Sequence[Path]) -> list[str]:
+    """Mount points under any of `prefixes`, deepest first."""
+    points = []
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as f:
+            for line in f:
+                # Field 5 is the mount point, octal-escaped (\040 for space).
+                point = line.split()[4].encode().decode("unicode_escape")
+                for prefix in prefixes:
+                    if point == str(prefix) or point.startswith(str(prefix) + "/"):
+                        points.append(point)
+    except OSError:
+        return []
+    return sorted(set(points), key=lambda p: p.count("/"), reverse=True)
+
+
+def _shim_pids(address: str) -> list[int]:
+    """Pids of containerd shims that serve the daemon at `address` (ours only)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if not argv or b"containerd-shim" not in os.path.basename(argv[0]):
+            continue
+        if address.encode() in argv:
+            pids.append(int(entry))
+    return pids
+
+
+@dataclass
+class Containerd:
+    """A running private containerd. Use `start()` then `stop()` (or as a context manager)."""
+
+    base: Path
+    namespace: str
+    proxy_plugins: dict[str, str] = field(default_factory=dict)
+    extra_toml: str = ""
+    remove_base: bool = False  # delete `base` after stop (set when the harness made it)
+    process: subprocess.Popen[bytes] | None = None
+    ctr: Ctr = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.base = Path(self.base)
+        self.ctr = Ctr(self.address, self.namespace)
+
+    @property
+    def address(self) -> str:
+        return str(self.base / "containerd.sock")
+
+    @property
+    def root(self) -> Path:
+        return self.base / "root"
+
+    @property
+    def state(self) -> Path:
+        return self.base / "state"
+
+    @property
+    def config_path(self) -> Path:
+        return self.base / "config.toml"
+
+    @property
+    def log_path(self) -> Path:
+        return self.base / "containerd.log"
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return "(no log)"
+
+    def start(self, timeout: float = 30.0) -> Containerd:
+        """Write the config, start containerd and wait until `ctr version` answers."""
+        bins = require_binaries("containerd", "ctr", "runc")
+        if os.geteuid() != 0:
+            raise HarnessError("containerd tests must run as root (they mount overlayfs and "
+                               "start runc)")
+        if len(self.address) + len(".ttrpc") > _MAX_SOCKET_PATH:
+            raise HarnessError(f"socket path too long for a unix socket: {self.address}; use "
+                               "a shorter base directory")
+        self.base.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(render_config(
+            self.base, proxy_plugins=self.proxy_plugins, extra_toml=self.extra_toml))
+        # The child keeps its own copy of the log fd; ours can close right away.
+        with open(self.log_path, "ab") as log:
+            # Own session: a Ctrl-C in the test runner does not kill it before cleanup.
+            self.process = subprocess.Popen(
+                [bins["containerd"], "--config", str(self.config_path)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True)
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise HarnessError(f"containerd exited with status {self.process.returncode} "
+                                   f"during start-up; log:\n{self.log_tail()}")
+            if os.path.exists(self.address):
+                proc = self.ctr.run("version", check=False, timeout=10)
+                if proc.returncode == 0 and b"Server:" in proc.stdout:
+                    return self
+                last = proc.stderr.decode(errors="replace")
+            time.sleep(0.05)
+        self.stop()
+        raise HarnessError(f"containerd did not answer `ctr version` within {timeout} s "
+                           f"({last.strip()}); log:\n{self.log_tail()}")
+
+    def _cleanup_namespace(self, ns: str) -> None:
+        for task_line in self.ctr.lines("tasks", "ls", "-q", namespace=ns, check=False):
+            task = task_line.split()[0]
+            self.ctr.run("tasks", "kill", "-s", "SIGKILL", task, namespace=ns, check=False,
+                         timeout=20)
+            for _ in range(50):
+                if self.ctr.run("tasks", "delete", task, namespace=ns, check=False,
+                                timeout=20).returncode == 0:
+                    break
+                time.sleep(0.1)
+        for container in self.ctr.lines("containers", "ls", "-q", namespace=ns, check=False):
+            self.ctr.run("containers", "delete", container, namespace=ns, check=False,
+                         timeout=20)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Stop everything this daemon started, unmount, and stop the daemon. Idempotent."""
+        proc = self.process
+        if proc is not None and proc.poll() is None:
+            try:
+                namespaces = self.ctr.lines("namespaces", "ls", "-q", check=False, timeout=20)
+                for ns in namespaces:
+                    self._cleanup_namespace(ns)
+            except HarnessError:
+                pass  # a hung daemon: the kill below still runs
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=timeout)
+        # Shims outlive a killed daemon; only the ones bound to our socket are ours.
+        for pid in _shim_pids(self.address):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for point in _mounts_under([self.root, self.state]):
+            subprocess.run(["umount", point], capture_output=True, check=False)
+            if os.path.ismount(point):
+                subprocess.run(["umount", "-l", point], capture_output=True, check=False)
+        self.process = None
+        # runc keeps per-namespace state outside our root; drop the dir once it is empty.
+        try:
+            os.rmdir(f"/run/containerd/runc/{self.namespace}")
+        except OSError:
+            pass
+        if self.remove_base and not _mounts_under([self.base]):
+            shutil.rmtree(self.base, ignore_errors=True)
+
+    def __enter__(self) -> Containerd:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_containerd(base: Path | None = None, *, namespace: str | None = None,
+                     proxy_plugins: Mapping[str, str] | None = None,
+                     extra_toml: str = "") -> Containerd:
+    """Start a private containerd under `base` (a new short temp dir if None)."""
+    remove_base = base is None
+    if base is None:
+        # /tmp keeps socket paths well under the sun_path limit.
+        base = Path(tempfile.mkdtemp(prefix="peerstar-ctrd-", dir="/tmp"))
+    return Containerd(
+        base=base,
+        namespace=namespace or f"peerstar-test-{os.getpid()}",
+        proxy_plugins=dict(proxy_plugins or {}),
+        extra_toml=extra_toml,
+        remove_base=remove_base,
+    ).start()
