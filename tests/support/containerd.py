@@ -109,6 +109,22 @@ class Ctr:
         """Non-empty stdout lines of `run(*args)`."""
         return [line for line in self.text(*args, **kwargs).splitlines() if line.strip()]
 
+    def import_oci_layout(self, layout_dir: Path, base_name: str) -> list[str]:
+        """`ctr image import --base-name BASE` of an OCI layout dir; then every `BASE:*`.
+
+        A layout's ref names are bare tags, so the images become `BASE:TAG`.
+        """
+        from peerstar.sample import write_oci_archive  # test-only dependency on peerstar
+
+        with tempfile.TemporaryDirectory(prefix="peerstar-import-") as tmp:
+            archive = write_oci_archive(Path(layout_dir), Path(tmp) / "image.tar")
+            self.run("images", "import", "--base-name", base_name, archive)
+        return [line.split()[0] for line in self.lines("images", "ls")
+                if line.startswith(base_name + ":")]
+
+    def image_exists(self, ref: str) -> bool:
+        return ref in self.lines("images", "ls", "-q")
+
 
 def _toml_str(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
