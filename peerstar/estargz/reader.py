@@ -156,7 +156,7 @@ class Reader:
         ratio = _MAX_RATIO[self.compression]
         prev = -1
         data_entries = [e for e in self.entries if e.is_data and e.chunk_size > 0]
-        for i, e in enumerate(data_entries):
+        for e in data_entries:
             if e.offset <= prev:
                 raise FormatError(
                     f"{e.name!r}: chunk at offset {e.offset} overlaps the previous chunk "
@@ -167,6 +167,7 @@ class Reader:
                     f"{e.name!r}: chunk offset {e.offset} is beyond the payload ({data_end} bytes)"
                 )
             prev = e.offset
+        for i, e in enumerate(data_entries):
             e.next_offset = data_entries[i + 1].offset if i + 1 < len(data_entries) else data_end
             if e.chunk_size > (e.next_offset - e.offset) * ratio + BLOCK:
                 raise FormatError(
@@ -355,3 +356,37 @@ def _read_toc(read_at: ReadAt, footer: Footer) -> bytes:
     if len(body) != n:
         raise FormatError(f"TOC is truncated: {len(body)} of {n} bytes")
     return body
+
+
+def compute_diff_id(read_at: ReadAt, size: int, compression: str) -> tuple[str, int]:
+    """sha256 and length of the whole decompressed blob (its DiffID), streamed."""
+    h = hashlib.sha256()
+    total = 0
+    step = 1 << 20
+
+    def pieces() -> Iterator[bytes]:
+        for off in range(0, size, step):
+            yield _read_checked(read_at, off, min(step, size - off))
+
+    try:
+        if compression == "zstd":
+            d = zstandard.ZstdDecompressor().decompressobj(read_across_frames=True)
+            for p in pieces():
+                out = d.decompress(p)
+                h.update(out)
+                total += len(out)
+        else:
+            d = zlib.decompressobj(zlib.MAX_WBITS | 16)
+            for p in pieces():
+                while p:
+                    out = d.decompress(p)
+                    h.update(out)
+                    total += len(out)
+                    if d.eof:
+                        p = d.unused_data
+                        d = zlib.decompressobj(zlib.MAX_WBITS | 16)
+                    else:
+                        p = b""
+    except (zlib.error, zstandard.ZstdError) as exc:
+        raise VerifyError(f"blob does not decompress: {exc}") from None
+    return "sha256:" + h.hexdigest(), total

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Install everything peerstar and its tests need on a fresh Debian machine (idempotent).
+# System packages: containerd + runc, ctr-remote (stargz-snapshotter), skopeo, an upstream
+# registry (docker-registry), the Go eStargz library (conformance oracle), FUSE, busybox for
+# locally built sample images. Python: peerstar itself with its extras. npm: js-ipfs for
+# tests that need a real IPFS daemon.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  containerd runc stargz-snapshotter skopeo docker-registry
+  golang-go golang-github-containerd-stargz-snapshotter-dev golang-github-containerd-containerd-dev
+  fuse3 libfuse3-dev pkg-config busybox-static zstd iproute2 ca-certificates
+)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+# Debian starts services from these packages; tests run their own private instances.
+for svc in containerd docker-registry; do
+  if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$svc" 2>/dev/null; then
+    systemctl stop "$svc" || true
+  fi
+done
+
+python3 -m pip install -q --disable-pip-version-check -e '.[fuse,grpc,test]'
+
+if [ -f tests/support/jsipfs/package.json ] && [ ! -d tests/support/jsipfs/node_modules ]; then
+  (cd tests/support/jsipfs && npm install --no-audit --no-fund --loglevel=error)
+fi
+echo "peerstar: install complete"

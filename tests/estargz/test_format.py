@@ -1,0 +1,290 @@
+"""peerstar.estargz: exact bytes, round trips, ordering, determinism and bad input."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import tarfile
+
+import pytest
+import zstandard
+
+from peerstar.estargz import (
+    EstargzError,
+    FormatError,
+    Reader,
+    VerifyError,
+    build,
+)
+from peerstar.estargz.footer import estargz_footer, parse_footer
+from peerstar.estargz.reader import compute_diff_id
+from peerstar.estargz.toc import TOCEntry, go_quote, marshal_toc
+from tests.estargz.helpers import all_kinds_tar, make_tar, rewrite_toc
+
+COMPRESSIONS = ["gzip", "zstd"]
+
+
+def blob_of(tar: bytes, **kw) -> tuple[bytes, object]:
+    out = io.BytesIO()
+    res = build(tar, out, **kw)
+    return out.getvalue(), res
+
+
+def test_footer_bytes_are_the_reference_layout():
+    f = estargz_footer(0x1234ABCD)
+    assert f.hex() == (
+        "1f8b0804000000000" + "0ff" + "1a00" + "5347" + "1600"
+        + b"000000001234abcdSTARGZ".hex() + "010000ffff" + "00" * 8
+    )
+    assert len(f) == 51
+    assert gzip.decompress(f) == b""  # an empty, valid gzip member
+    with pytest.raises(FormatError, match="beyond the 151-byte blob"):
+        parse_footer(b"\x00" * 100 + f, 151)
+    ft = parse_footer(f, 0x1234ABCD + 200)
+    assert ft.compression == "gzip" and ft.toc_offset == 0x1234ABCD
+
+
+def test_go_string_escaping():
+    assert go_quote('a<b>&c"\\\n\r\t\x01\u2028\u2029é') == (
+        '"a\\u003cb\\u003e\\u0026c\\"\\\\\\n\\r\\t\\u0001\\u2028\\u2029é"'
+    )
+
+
+def test_toc_json_layout_is_go_marshal_indent():
+    e = TOCEntry(name="./a", type="reg", size=3, mode=0o644, uid=1, uname="u", offset=10,
+                 xattrs={"user.b": b"2", "user.a": b"1"}, digest="sha256:x",
+                 chunk_digest="sha256:x")
+    out = marshal_toc([e, TOCEntry(name="./a", type="chunk", offset=20, chunk_offset=1)])
+    assert out.decode() == (
+        '{\n\t"version": 1,\n\t"entries": [\n\t\t{\n\t\t\t"name": "./a",\n'
+        '\t\t\t"type": "reg",\n\t\t\t"size": 3,\n\t\t\t"mode": 420,\n\t\t\t"uid": 1,\n'
+        '\t\t\t"userName": "u",\n\t\t\t"offset": 10,\n\t\t\t"xattrs": {\n'
+        '\t\t\t\t"user.a": "MQ==",\n\t\t\t\t"user.b": "Mg=="\n\t\t\t},\n'
+        '\t\t\t"digest": "sha256:x",\n\t\t\t"chunkDigest": "sha256:x"\n\t\t},\n'
+        '\t\t{\n\t\t\t"name": "./a",\n\t\t\t"type": "chunk",\n\t\t\t"offset": 20,\n'
+        '\t\t\t"chunkOffset": 1\n\t\t}\n\t]\n}'
+    )
+
+
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_round_trip_every_entry_kind(compression):
+    tar = all_kinds_tar()
+    blob, res = blob_of(tar, compression=compression, chunk_size=64 << 10)
+    r = Reader.from_bytes(blob, toc_digest=res.toc_digest)
+    r.verify_all()
+    with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
+        for m in tf.getmembers():
+            path = m.name.lstrip("./") if m.name != "." else ""
+            if not path:
+                continue
+            e = r.lookup(path)
+            assert e is not None, path
+            if m.isfile():
+                assert r.read(path) == tf.extractfile(m).read()
+                assert e.uid == m.uid
+            if m.issym():
+                assert (e.type, e.link_name) == ("symlink", m.linkname)
+            if m.ischr():
+                assert (e.type, e.dev_major, e.dev_minor) == ("char", 1, 3)
+    assert r.lookup("etc/hard") is r.lookup("etc/hosts")
+    assert r.lookup("etc/hosts").num_link == 3
+    assert r.lookup("etc/hosts").uname == "alice" and r.lookup("etc/hosts").gname == "staff"
+    assert r.lookup("x").xattrs == {"user.note": "héllo".encode()}
+    assert r.lookup("x").num_link == 2
+    assert r.lookup("dev/fifo").type == "fifo"
+    assert set(r.listdir("etc")) == {"hosts", "empty", "big.bin", "link", "hard", "hard2"}
+    big = r.chunks("etc/big.bin")
+    assert [(c.chunk_offset, c.chunk_size) for c in big] == [
+        (0, 65536), (65536, 65536), (131072, 65536), (196608, 65536), (262144, 37856)]
+    # the TOC writes chunkSize only while a whole chunk remains
+    raw = json.loads(r.toc_json)["entries"]
+    big_raw = [x for x in raw if x["name"] == "./etc/big.bin"]
+    assert [x.get("chunkSize") for x in big_raw] == [65536] * 4 + [None]
+    assert r.read("etc/big.bin", 65530, 20) == r.read("etc/big.bin")[65530:65550]
+    assert compute_diff_id(lambda o, n: blob[o:o + n], len(blob), compression) == (
+        res.diff_id, res.uncompressed_size)
+    assert res.blob_digest == "sha256:" + hashlib.sha256(blob).hexdigest()
+    assert res.blob_size == len(blob)
+
+
+def test_gzip_members_start_at_each_payload_and_blob_is_plain_tar_gz():
+    tar = all_kinds_tar()
+    blob, res = blob_of(tar, chunk_size=64 << 10)
+    r = Reader.from_bytes(blob, toc_digest=res.toc_digest)
+    for e in r.entries:
+        if e.is_data and e.chunk_size:
+            assert blob[e.offset:e.offset + 3] == b"\x1f\x8b\x08"
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(blob))) as tf:
+        names = tf.getnames()
+    assert names[0] == ".no.prefetch.landmark"
+    assert names[-1] == "stargz.index.json"
+    assert r.read(".no.prefetch.landmark") == b"\x0f"
+
+
+def test_zstd_chunked_layout_and_annotations():
+    tar = all_kinds_tar()
+    blob, res = blob_of(tar, compression="zstd")
+    pos = res.annotations["io.containers.zstd-chunked.manifest-position"]
+    off, clen, ulen, typ = (int(x) for x in pos.split(":"))
+    assert typ == 1 and blob[off - 8:off - 4] == b"\x50\x2a\x4d\x18"
+    ztoc = blob[off:off + clen]
+    assert res.annotations["io.containers.zstd-chunked.manifest-checksum"] == (
+        "sha256:" + hashlib.sha256(ztoc).hexdigest())
+    toc = zstandard.ZstdDecompressor().decompress(ztoc)
+    assert len(toc) == ulen and "sha256:" + hashlib.sha256(toc).hexdigest() == res.toc_digest
+    assert blob[-8:] == b"GnUlInUx" and blob[-48:-44] == b"\x50\x2a\x4d\x18"
+
+
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_output_is_identical_for_any_thread_count(compression):
+    tar = all_kinds_tar()
+    a, _ = blob_of(tar, compression=compression, chunk_size=50_000, workers=1)
+    b, _ = blob_of(tar, compression=compression, chunk_size=50_000, workers=7)
+    assert a == b
+
+
+def test_compressed_inputs_give_the_same_blob():
+    tar = all_kinds_tar()
+    plain, r1 = blob_of(tar)
+    gz, r2 = blob_of(gzip.compress(tar))
+    zs, r3 = blob_of(zstandard.ZstdCompressor().compress(tar))
+    assert plain == gz == zs and r1.toc_digest == r2.toc_digest == r3.toc_digest
+
+
+def test_prioritized_files_come_first_with_parents_and_link_targets():
+    tar = all_kinds_tar()
+    blob, res = blob_of(tar, prioritized=["etc/hard2", "dev/null"])
+    names = [e.name for e in Reader.from_bytes(blob).entries if e.type != "chunk"]
+    assert names[:7] == ["", "etc", "etc/hosts", "etc/hard", "etc/hard2", "dev", "dev/null"]
+    assert names[7] == ".prefetch.landmark"
+    r = Reader.from_bytes(blob)
+    assert r.prefetch_end() == r.lookup(".prefetch.landmark").offset
+    with pytest.raises(EstargzError, match="nope"):
+        blob_of(tar, prioritized=["nope"])
+    _, res = blob_of(tar, prioritized=["nope", "etc/hosts"], allow_missing_prioritized=True)
+    assert res.missing_prioritized == ["nope"]
+
+
+def test_later_duplicate_entry_wins_and_old_landmarks_are_dropped():
+    tar = make_tar([
+        {"name": "a", "data": b"old"},
+        {"name": ".prefetch.landmark", "data": b"\x0f"},
+        {"name": "b", "data": b"b"},
+        {"name": "./a", "data": b"new"},
+    ])
+    blob, _ = blob_of(tar)
+    r = Reader.from_bytes(blob)
+    assert [e.name for e in r.entries] == [".no.prefetch.landmark", "b", "a"]
+    assert r.read("a") == b"new"
+
+
+# --- bad input ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def good():
+    blob, res = blob_of(all_kinds_tar(), chunk_size=64 << 10)
+    return blob, res
+
+
+def test_truncated_and_footerless_blobs(good):
+    blob, _ = good
+    for bad in (blob[:-1], blob[:30], blob[:-51] + b"\x00" * 51, b"", b"x" * 100):
+        with pytest.raises(FormatError):
+            Reader.from_bytes(bad)
+
+
+def test_toc_digest_mismatch(good):
+    blob, _ = good
+    with pytest.raises(VerifyError, match="TOC digest"):
+        Reader.from_bytes(blob, toc_digest="sha256:" + "0" * 64)
+
+
+def test_tampered_chunk_is_caught_on_read(good):
+    blob, res = good
+    r = Reader.from_bytes(blob)
+    e = r.lookup("etc/hosts")
+    tampered = bytearray(blob)
+    # flip a byte inside the member holding etc/hosts, keep the TOC
+    tampered[e.offset + 12] ^= 0xFF
+    r2 = Reader.from_bytes(bytes(tampered), toc_digest=res.toc_digest)
+    with pytest.raises(VerifyError):
+        r2.read("etc/hosts")
+    with pytest.raises(VerifyError):
+        r2.verify_all()
+    assert r2.read("etc/empty") == b""
+
+
+def test_toc_with_a_wrong_chunk_digest_fails_reads_not_open():
+    tar = make_tar([{"name": "f", "data": b"A" * 1000}, {"name": "g", "data": b"g"}])
+    blob, res = blob_of(tar)
+
+    def lie(doc):
+        for e in doc["entries"]:
+            if e["name"] == "f":
+                e["chunkDigest"] = "sha256:" + "1" * 64
+    bad = rewrite_toc(blob, lie)
+    r = Reader.from_bytes(bad)
+    assert r.toc_digest != res.toc_digest
+    assert r.read("g") == b"g"
+    with pytest.raises(VerifyError, match="'f'.*altered"):
+        r.read("f", 10, 5)
+
+
+@pytest.mark.parametrize(
+    "mutate, msg",
+    [
+        (lambda d: d.__setitem__("entries", "x"), "not a list"),
+        (lambda d: d["entries"][1].__setitem__("offset", 10**12), "beyond the payload"),
+        (lambda d: d["entries"][1].__setitem__("size", -5), "negative"),
+        (lambda d: d["entries"][1].__setitem__("type", "weird"), "unknown type"),
+        (lambda d: d["entries"][1].__setitem__("name", "../../etc/passwd"), "'..'"),
+        (lambda d: d["entries"][1].__setitem__("name", "/etc/passwd"), "absolute"),
+        (lambda d: d["entries"].append(dict(d["entries"][0])), "overlaps"),
+        (lambda d: d["entries"].insert(0, {"name": "h", "type": "hardlink",
+                                           "linkName": "../../x"}), "'..'"),
+    ],
+)
+def test_lying_tocs_are_rejected(mutate, msg):
+    tar = make_tar([{"name": "a", "data": b"aaaa"}, {"name": "b", "data": b"b" * 5000}])
+    blob, _ = blob_of(tar)
+    bad = rewrite_toc(blob, mutate)
+    with pytest.raises(FormatError, match=msg):
+        Reader.from_bytes(bad)
+
+
+def test_decompression_bomb_sizes_are_rejected():
+    tar = make_tar([{"name": "a", "data": b"aaaa"}, {"name": "b", "data": b"b" * 5000}])
+    blob, _ = blob_of(tar)
+
+    def bomb(d):
+        for e in d["entries"]:
+            if e["name"] == "a":
+                e["size"] = 1 << 40
+                e["chunkSize"] = 1 << 40
+    with pytest.raises(FormatError, match="bomb"):
+        Reader.from_bytes(rewrite_toc(blob, bomb))
+
+
+def test_toc_that_is_not_json():
+    from peerstar.estargz.footer import estargz_footer as ft
+    from tests.estargz.helpers import toc_blob
+    bad = toc_blob(b"{not json") + ft(0)
+    with pytest.raises(FormatError, match="not valid JSON"):
+        Reader.from_bytes(bad)
+
+
+def test_bad_tar_inputs():
+    with pytest.raises(FormatError, match="'..'"):
+        blob_of(make_tar([{"name": "../evil", "data": b"x"}]))
+    with pytest.raises(FormatError, match="outside"):
+        blob_of(make_tar([{"name": "h", "type": tarfile.LNKTYPE, "linkname": "../x"}]))
+    tar = make_tar([{"name": "a", "data": b"x" * 5000}])
+    with pytest.raises(FormatError, match="truncated"):
+        blob_of(tar[:1200])
+    with pytest.raises(FormatError, match="decompress"):
+        blob_of(gzip.compress(tar)[:40])
+    with pytest.raises(EstargzError, match="chunk size"):
+        blob_of(tar, chunk_size=0)

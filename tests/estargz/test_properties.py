@@ -1,0 +1,91 @@
+"""Property-based tests: random trees round-trip; random damage never escapes as a crash."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from peerstar.estargz import EstargzError, Reader, build
+from tests.estargz.helpers import make_tar
+
+names = st.text(alphabet="abcxyz.-_é", min_size=1, max_size=12).filter(
+    lambda s: s not in (".", "..") and not s.startswith(".wh") and "landmark" not in s
+)
+files = st.dictionaries(
+    st.lists(names, min_size=1, max_size=3).map("/".join),
+    st.binary(max_size=3000)
+    | st.integers(0, 200_000).map(lambda n: bytes(i % 251 for i in range(n))),
+    min_size=0,
+    max_size=12,
+)
+
+
+def _tree_tar(tree: dict[str, bytes]) -> tuple[bytes, dict[str, bytes]]:
+    entries, seen_dirs, expect = [], set(), {}
+    for path in sorted(tree):
+        parts = path.split("/")
+        clash = any("/".join(parts[:i]) in tree for i in range(1, len(parts)))
+        if clash or path in seen_dirs:
+            continue
+        for i in range(1, len(parts)):
+            d = "/".join(parts[:i])
+            if d not in seen_dirs:
+                seen_dirs.add(d)
+                entries.append({"name": d + "/", "type": tarfile.DIRTYPE, "mode": 0o755})
+        entries.append({"name": path, "data": tree[path]})
+        expect[path] = tree[path]
+    return make_tar(entries), expect
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tree=files, chunk=st.integers(1000, 70_000), compression=st.sampled_from(["gzip", "zstd"]),
+       level=st.integers(1, 9))
+def test_random_trees_round_trip(tree, chunk, compression, level):
+    tar, expect = _tree_tar(tree)
+    out = io.BytesIO()
+    res = build(tar, out, compression=compression, chunk_size=chunk, level=level)
+    r = Reader.from_bytes(out.getvalue(), toc_digest=res.toc_digest)
+    r.verify_all()
+    for path, data in expect.items():
+        assert r.read(path) == data
+        if data:
+            assert r.read(path, len(data) // 3, 777) == data[len(data) // 3:len(data) // 3 + 777]
+    listed = {p for p, e in r.walk() if e.type == "reg"} - {".no.prefetch.landmark"}
+    assert listed == set(expect)
+
+
+def _blob() -> bytes:
+    tar = make_tar([{"name": "d/", "type": tarfile.DIRTYPE},
+                    {"name": "d/a", "data": b"hello" * 300},
+                    {"name": "d/b", "data": bytes(range(256)) * 40}])
+    out = io.BytesIO()
+    build(tar, out, chunk_size=4000)
+    return out.getvalue()
+
+
+BLOB = _blob()
+
+
+@settings(max_examples=300, deadline=None)
+@given(pos=st.integers(0, len(BLOB) - 1), val=st.integers(0, 255), cut=st.integers(0, 60))
+def test_damaged_blobs_fail_cleanly(pos, val, cut):
+    data = bytearray(BLOB)
+    data[pos] = val
+    data = bytes(data[: len(data) - cut])
+    try:
+        r = Reader.from_bytes(data)
+        r.verify_all()
+    except EstargzError:
+        return
+
+
+@settings(max_examples=200, deadline=None)
+@given(tail=st.binary(min_size=0, max_size=120))
+def test_random_footers_fail_cleanly(tail):
+    try:
+        Reader.from_bytes(b"\x1f\x8b\x08\x04" + tail)
+    except EstargzError:
+        pass
