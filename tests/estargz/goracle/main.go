@@ -548,7 +548,10 @@ func cmdLs(args []string) error {
 					return fmt.Errorf("OpenFile(%q): %w", path, err)
 				}
 				h := sha256.New()
-				if n, err := io.Copy(h, sr); err != nil || n != e.Size {
+				// 1 MiB reads: they start mid-chunk and span chunks, and avoid the
+				// re-decompression per 32 KiB read that makes io.Copy quadratic here.
+				n, err := io.CopyBuffer(h, sr, make([]byte, 1<<20))
+				if err != nil || n != e.Size {
 					return fmt.Errorf("reading %q: %d of %d bytes: %v", path, n, e.Size, err)
 				}
 				eo.ContentDigest = "sha256:" + hex.EncodeToString(h.Sum(nil))
