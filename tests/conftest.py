@@ -30,7 +30,11 @@ def containerd() -> Iterator[Containerd]:
     try:
         daemon = start_containerd()
     except HarnessError as exc:
-        pytest.fail(f"cannot start containerd: {exc}", pytrace=False)
+        failure = f"cannot start containerd: {exc}"
+    else:
+        failure = ""
+    if failure:  # outside the except block: no chained traceback in the report
+        pytest.fail(failure, pytrace=False)
     try:
         yield daemon
     finally:
@@ -43,7 +47,11 @@ def docker_registry() -> Iterator[DockerRegistry]:
     try:
         registry = start_registry()
     except HarnessError as exc:
-        pytest.fail(f"cannot start docker-registry: {exc}", pytrace=False)
+        failure = f"cannot start docker-registry: {exc}"
+    else:
+        failure = ""
+    if failure:
+        pytest.fail(failure, pytrace=False)
     try:
         yield registry
     finally:

@@ -50,7 +50,8 @@ def _need(*names: str) -> dict[str, str]:
     try:
         return require_binaries(*names)
     except HarnessError as exc:
-        pytest.fail(str(exc), pytrace=False)
+        failure = str(exc)
+    pytest.fail(failure, pytrace=False)  # outside except: no chained traceback
 
 
 def _tree_bytes(root: Path) -> dict[str, bytes]:

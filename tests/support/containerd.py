@@ -83,6 +83,8 @@ class Ctr:
         except subprocess.TimeoutExpired as exc:
             raise HarnessError(_describe(argv, None, f"timed out after {exc.timeout} s")
                                ) from None
+        except FileNotFoundError:
+            raise HarnessError(f"missing binary {argv[0]} -- run scripts/install.sh") from None
         if check and proc.returncode != 0:
             raise HarnessError(_describe(argv, proc, f"exit status {proc.returncode}"))
         return proc
