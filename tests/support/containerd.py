@@ -343,10 +343,15 @@ def start_containerd(base: Path | None = None, *, namespace: str | None = None,
     if base is None:
         # /tmp keeps socket paths well under the sun_path limit.
         base = Path(tempfile.mkdtemp(prefix="peerstar-ctrd-", dir="/tmp"))
-    return Containerd(
+    daemon = Containerd(
         base=base,
         namespace=namespace or f"peerstar-test-{os.getpid()}",
         proxy_plugins=dict(proxy_plugins or {}),
         extra_toml=extra_toml,
         remove_base=remove_base,
-    ).start()
+    )
+    try:
+        return daemon.start()
+    except BaseException:
+        daemon.stop()  # also removes the temp dir we made
+        raise

@@ -156,4 +156,9 @@ def start_registry(base: Path | None = None) -> DockerRegistry:
     remove_base = base is None
     if base is None:
         base = Path(tempfile.mkdtemp(prefix="peerstar-registry-"))
-    return DockerRegistry(base=Path(base), remove_base=remove_base).start()
+    registry = DockerRegistry(base=Path(base), remove_base=remove_base)
+    try:
+        return registry.start()
+    except BaseException:
+        registry.stop()  # also removes the temp dir we made
+        raise
