@@ -263,3 +263,43 @@ def test_original_layers_unchanged_in_content_store(containerd: Containerd,
     for layer in converted.sample.layers:
         data = containerd.ctr.run("content", "get", layer.digest).stdout
         assert _sha(data) == layer.digest
+
+
+@pytest.fixture(scope="module")
+def converted_zstd(containerd: Containerd, converted: Converted) -> Converted:
+    ctr = containerd.ctr
+    dst = converted.src.rsplit(":", 1)[0] + "-zstd:latest"
+    ctr.remote("image", "convert", "--zstdchunked", "--oci", converted.src, dst)
+    digest = _image_target(ctr, dst)
+    manifest = _json_content(ctr, digest)
+    config = _json_content(ctr, manifest["config"]["digest"])
+    blobs = [ctr.run("content", "get", layer["digest"]).stdout for layer in manifest["layers"]]
+    return Converted(converted.sample, converted.src, dst, digest, manifest, config, blobs)
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_peerstar_reads_zstd_chunked_layer(converted_zstd: Converted, index: int) -> None:
+    from peerstar.estargz import (
+        ZSTD_MANIFEST_CHECKSUM_ANNOTATION,
+        ZSTD_MANIFEST_POSITION_ANNOTATION,
+    )
+    from peerstar.estargz.reader import compute_diff_id
+
+    layer = converted_zstd.manifest["layers"][index]
+    blob = converted_zstd.blobs[index]
+    assert layer["mediaType"] == "application/vnd.oci.image.layer.v1.tar+zstd"
+    ann = layer["annotations"]
+    r = Reader.from_bytes(blob, toc_digest=ann[TOC_DIGEST_ANNOTATION])
+    assert r.compression == "zstd"
+    r.verify_all()
+    off, clen, ulen, typ = (int(x) for x in ann[ZSTD_MANIFEST_POSITION_ANNOTATION].split(":"))
+    assert (off, clen, ulen, typ) == (r.footer.toc_offset, r.footer.toc_size, len(r.toc_json), 1)
+    assert ann[ZSTD_MANIFEST_CHECKSUM_ANNOTATION] == _sha(blob[off:off + clen])
+    diff_id, _ = compute_diff_id(lambda o, n: blob[o:o + n], len(blob), "zstd")
+    assert converted_zstd.config["rootfs"]["diff_ids"][index] == diff_id
+    original = _original_entries(converted_zstd.sample.layer_tar(index))
+    listed = {e.name for e in r.entries if e.type != "chunk"} - {NO_PREFETCH_LANDMARK}
+    assert listed == set(original)
+    for name, want in original.items():
+        if want.type == "reg":
+            assert r.read(name) == want.data, name

@@ -1,0 +1,73 @@
+"""`peerstar estargz verify|ls|cat` as a user runs them: output, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+
+from peerstar.estargz import Reader, build
+from tests.estargz.helpers import all_kinds_tar
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "peerstar", *args], capture_output=True,
+                          text=False, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def blob(tmp_path_factory):
+    out = io.BytesIO()
+    res = build(all_kinds_tar(), out, chunk_size=64 << 10)
+    p = tmp_path_factory.mktemp("cli") / "layer.esgz"
+    p.write_bytes(out.getvalue())
+    return p, res
+
+
+def test_verify_ls_cat(blob):
+    p, res = blob
+    v = run("estargz", "verify", str(p), "--toc-digest", res.toc_digest, "--diff-id", res.diff_id)
+    assert v.returncode == 0, v.stderr
+    assert b"OK" in v.stdout and res.toc_digest.encode() in v.stdout
+    ls = run("estargz", "ls", str(p), "--json")
+    rows = [json.loads(line) for line in ls.stdout.splitlines()]
+    big = next(r for r in rows if r["path"] == "etc/big.bin")
+    assert big["size"] == 300_000 and big["chunks"][1] == [65536, 65536]
+    cat = run("estargz", "cat", str(p), "etc/hosts")
+    assert cat.stdout == b"127.0.0.1 localhost\n"
+    part = run("estargz", "cat", str(p), "etc/big.bin", "--offset", "65530", "--length", "10")
+    assert part.stdout == Reader.from_bytes(p.read_bytes()).read("etc/big.bin", 65530, 10)
+
+
+@pytest.mark.parametrize("case", ["wrong-toc", "tampered", "missing", "not-a-blob", "no-path",
+                                  "wrong-diffid"])
+def test_errors_are_one_line(blob, tmp_path, case):
+    p, res = blob
+    args = ["estargz", "verify", str(p)]
+    if case == "wrong-toc":
+        args += ["--toc-digest", "sha256:" + "0" * 64]
+    elif case == "tampered":
+        data = bytearray(p.read_bytes())
+        e = Reader.from_bytes(bytes(data)).lookup("etc/hosts")
+        data[e.offset + 12] ^= 0xFF
+        bad = tmp_path / "bad.esgz"
+        bad.write_bytes(bytes(data))
+        args = ["estargz", "verify", str(bad)]
+    elif case == "missing":
+        args = ["estargz", "ls", str(tmp_path / "nope")]
+    elif case == "not-a-blob":
+        junk = tmp_path / "junk"
+        junk.write_bytes(b"hello world" * 20)
+        args = ["estargz", "ls", str(junk)]
+    elif case == "no-path":
+        args = ["estargz", "cat", str(p), "etc/nothing"]
+    elif case == "wrong-diffid":
+        args += ["--diff-id", "sha256:" + "1" * 64]
+    r = run(*args)
+    assert r.returncode == 1
+    err = r.stderr.decode()
+    assert err.startswith("peerstar: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
