@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "peerstar.cli.image",
     "peerstar.cli.registry",
     "peerstar.cli.lazy",
+    "peerstar.cli.snapshotter",
     "peerstar.cli.k8s",
 ]
 
