@@ -542,12 +542,20 @@ def convert(
     if dst.transport != "oci":
         raise ConvertError(f"destination {dst}: images are written as OCI layouts: use oci:DIR")
     with open_image(src) as source:
+        tag = dst.tag or source.tag
+        if (source.ref.transport == "oci" and dst.path.exists()
+                and source.ref.path.resolve() == dst.path.resolve()
+                and (tag is None or tag == source.tag)):
+            # Writing back under the source's own name would silently replace it.
+            raise ConvertError(
+                f"destination {dst} is the source layout and would replace the source image; "
+                f"give DST another tag (oci:{dst.path}:NEWTAG) or another directory"
+            )
         with LayoutWriter(dst.path) as writer:
             try:
                 top, layers, manifests = convert_image(source, writer, options, progress)
             except OSError as exc:
                 raise ConvertError(f"writing {dst}: {exc}") from None
-            tag = dst.tag or source.tag
             writer.commit(top, tag)
         top_out = dict(top)
         return ImageReport(str(src), str(dst), tag, top_out, layers, manifests)
