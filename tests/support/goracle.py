@@ -202,6 +202,11 @@ class GoOracle:
         """VerifyTOC and every chunk's digest; raises OracleError on any mismatch."""
         return self._json(["verify", str(blob_path), "--toc-digest", toc_digest])
 
+    def diffid(self, blob_path: Path) -> tuple[str, int]:
+        """(DiffID, uncompressed size) of the whole blob, decompressed by Go."""
+        d = self._json(["diffid", str(blob_path)])
+        return d["diffID"], d["uncompressedSize"]
+
 
 _ORACLE: GoOracle | None = None
 

@@ -92,7 +92,7 @@ def write_tar(entries: Iterable[Entry]) -> bytes:
 
 def all_kinds_entries() -> list[Entry]:
     """The members of `tar_all_kinds`, for tests that want to know what went in."""
-    d, r, sym, lnk = tarfile.DIRTYPE, tarfile.REGTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE
+    d, sym, lnk = tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE
     ch = SMALL_CHUNK
     long_pax = "long/" + "a" * 120 + "/file-with-a-long-name.txt"
     long_gnu = "gnu/" + "b" * 150 + ".txt"
@@ -166,6 +166,7 @@ def all_kinds_entries() -> list[Entry]:
         Entry("times/fraction", data=b"frac\n", mtime=T_FRACTION),
         # Names that stress JSON escaping: HTML-escaped chars, non-ASCII, U+2028,
         # quotes, backslashes, control characters.
+        Entry("odd/", d, mode=0o755),
         Entry("odd/<a&b>.txt", data=b"html\n"),
         Entry("odd/é ü ☃.txt", data=b"utf8\n"),
         Entry("odd/line\u2028sep\u2029", data=b"ls\n"),

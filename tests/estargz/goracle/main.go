@@ -12,6 +12,7 @@
 //	ls BLOB [--toc-digest D]      the Go reader's view of every path
 //	cat BLOB PATH                 file contents via Reader.OpenFile
 //	verify BLOB --toc-digest D    VerifyTOC + every chunk checked with its Verifier
+//	diffid BLOB                   {"diffID","uncompressedSize"} of the decompressed blob
 package main
 
 import (
@@ -41,7 +42,7 @@ func main() {
 		runtime.GOMAXPROCS(1)
 	}
 	if len(os.Args) < 2 {
-		fail(errors.New("usage: goracle build|toc|tocinfo|ls|cat|verify ..."))
+		fail(errors.New("usage: goracle build|toc|tocinfo|ls|cat|verify|diffid ..."))
 	}
 	var err error
 	args := os.Args[2:]
@@ -58,6 +59,8 @@ func main() {
 		err = cmdCat(args)
 	case "verify":
 		err = cmdVerify(args)
+	case "diffid":
+		err = cmdDiffID(args)
 	default:
 		err = fmt.Errorf("unknown sub-command %q", os.Args[1])
 	}
@@ -678,4 +681,31 @@ func checkStreams(b *blobFile) error {
 		return fmt.Errorf("decompressed blob is %d bytes, not a multiple of 512", n)
 	}
 	return nil
+}
+
+// cmdDiffID decompresses the whole blob with the Go decompressor its footer selects
+// (what a non-lazy puller does) and reports the digest and length.
+func cmdDiffID(args []string) error {
+	if len(args) != 1 {
+		return errors.New("diffid: want BLOB")
+	}
+	b, err := openBlob(args[0])
+	if err != nil {
+		return err
+	}
+	defer b.f.Close()
+	dr, err := b.dec.Reader(bufio.NewReader(io.NewSectionReader(b.sr, 0, b.sr.Size())))
+	if err != nil {
+		return err
+	}
+	defer dr.Close()
+	h := sha256.New()
+	n, err := io.Copy(h, dr)
+	if err != nil {
+		return err
+	}
+	return writeJSON(map[string]interface{}{
+		"diffID":           "sha256:" + hex.EncodeToString(h.Sum(nil)),
+		"uncompressedSize": n,
+	})
 }
