@@ -1,0 +1,93 @@
+"""The `ContentStore` interface shared by the kubo RPC client and the embedded store, and
+the input adapter that turns bytes / file objects / async iterables into 256 KiB pieces."""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import AsyncIterable, AsyncIterator
+from typing import Any, BinaryIO
+
+from peerstar.ipfs.unixfs import CHUNK_SIZE
+
+AddInput = bytes | bytearray | memoryview | AsyncIterable[bytes] | BinaryIO
+
+# File objects are read 1 MiB at a time (4 chunks): few thread hops, little memory.
+_READ_SIZE = 4 * CHUNK_SIZE
+
+
+async def iter_input(data: AddInput) -> AsyncIterator[bytes]:
+    """Yield `data` in pieces without reading it all into memory first."""
+    if isinstance(data, bytes | bytearray | memoryview):
+        view = memoryview(data)
+        for i in range(0, len(view), _READ_SIZE):
+            yield bytes(view[i : i + _READ_SIZE])
+        return
+    if hasattr(data, "read"):
+        while True:
+            # Local files are fast to read but may be on slow disks: keep the loop free.
+            piece = await asyncio.to_thread(data.read, _READ_SIZE)  # type: ignore[union-attr]
+            if not piece:
+                return
+            yield piece
+    else:
+        async for piece in data:  # type: ignore[union-attr]
+            if piece:
+                yield bytes(piece)
+
+
+def rewindable(data: AddInput) -> int | None:
+    """Position to rewind to before a retry, or None when the input can be read only once."""
+    if isinstance(data, bytes | bytearray | memoryview):
+        return 0
+    if hasattr(data, "seekable") and hasattr(data, "tell"):
+        try:
+            if data.seekable():  # type: ignore[union-attr]
+                return int(data.tell())  # type: ignore[union-attr]
+        except (OSError, ValueError):
+            return None
+    return None
+
+
+class ContentStore(abc.ABC):
+    """Content-addressed storage with kubo's CIDs; see docs/API-CONTRACTS.md."""
+
+    #: human-readable location, for messages ("embedded store at DIR", "IPFS API at X")
+    description: str = ""
+
+    @abc.abstractmethod
+    async def add(self, data: AddInput, *, pin: bool = True, only_hash: bool = False) -> str:
+        """Store `data` as a UnixFS file; return its CIDv1 base32."""
+
+    @abc.abstractmethod
+    def cat(self, cid: str, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
+        """Stream the file bytes [offset, offset+length)."""
+
+    async def cat_bytes(self, cid: str, offset: int = 0, length: int | None = None) -> bytes:
+        parts = [p async for p in self.cat(cid, offset, length)]
+        return b"".join(parts)
+
+    @abc.abstractmethod
+    async def stat_size(self, cid: str) -> int:
+        """UnixFS file size of `cid`."""
+
+    @abc.abstractmethod
+    async def pin(self, cid: str) -> None:
+        """Pin `cid` recursively."""
+
+    @abc.abstractmethod
+    async def block_get(self, cid: str) -> bytes:
+        """The raw bytes of one block, verified against its CID."""
+
+    @abc.abstractmethod
+    async def id(self) -> dict[str, Any]:
+        """Identity of the node (kubo's `id` answer; a small dict for the embedded store)."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections/locks."""
+
+    async def __aenter__(self) -> ContentStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,25 @@
+"""Error types of `peerstar.ipfs`: everything that module raises for a user to read."""
+
+from __future__ import annotations
+
+from peerstar.errors import PeerstarError
+
+
+class IPFSError(PeerstarError):
+    """An IPFS operation failed (daemon unreachable, timeout, bad CID, missing block...)."""
+
+
+class IPFSTimeoutError(IPFSError):
+    """A daemon call took longer than its per-call timeout, retries included."""
+
+
+class CIDError(IPFSError):
+    """A string is not a valid CID, or names content peerstar cannot read."""
+
+
+class BlockNotFoundError(IPFSError):
+    """A block is not in the embedded store."""
+
+
+class CorruptBlockError(IPFSError):
+    """A stored block does not hash to its CID."""
