@@ -52,6 +52,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     f, r = _open(args.blob, args.toc_digest)
     with f:
         try:
+            r.check_links()
             r.verify_all()
             if args.diff_id:
                 got, _ = compute_diff_id(f.read_at, f.size, r.compression)

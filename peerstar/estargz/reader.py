@@ -302,6 +302,28 @@ class Reader:
             if reg.digest and "sha256:" + h.hexdigest() != reg.digest:
                 raise VerifyError(f"{name!r}: file digest does not match the TOC")
 
+    def check_links(self) -> None:
+        """Reject relative symlinks whose target climbs above the layer root.
+
+        Absolute targets are fine: runtimes resolve them inside the container's root.
+        A relative target with more `..` than the link has parent directories can only
+        mean to reach outside the tree (an extractor that follows it writes outside the
+        target), so strict readers refuse the layer.
+        """
+        for path, e in self.walk():
+            if e.type != "symlink" or e.link_name.startswith("/"):
+                continue
+            depth = path.count("/")
+            for part in e.link_name.split("/"):
+                if part == "..":
+                    depth -= 1
+                    if depth < 0:
+                        raise FormatError(
+                            f"symlink {path!r} -> {e.link_name!r} points outside the layer root"
+                        )
+                elif part not in ("", "."):
+                    depth += 1
+
     def prefetch_end(self) -> int | None:
         """Offset of `.prefetch.landmark` (end of the prioritized files), if present."""
         e = self._by_name.get(".prefetch.landmark")

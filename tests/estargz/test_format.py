@@ -288,3 +288,26 @@ def test_bad_tar_inputs():
         blob_of(gzip.compress(tar)[:40])
     with pytest.raises(EstargzError, match="chunk size"):
         blob_of(tar, chunk_size=0)
+
+
+def test_symlinks_climbing_out_of_the_root_fail_strict_checks():
+    ok = make_tar([{"name": "a/b/", "type": tarfile.DIRTYPE},
+                   {"name": "a/b/up", "type": tarfile.SYMTYPE, "linkname": "../../etc/x"},
+                   {"name": "a/abs", "type": tarfile.SYMTYPE, "linkname": "/etc/passwd"}])
+    Reader.from_bytes(blob_of(ok)[0]).check_links()
+    bad = make_tar([{"name": "a/b/", "type": tarfile.DIRTYPE},
+                    {"name": "a/b/up", "type": tarfile.SYMTYPE, "linkname": "../../../etc/x"}])
+    with pytest.raises(FormatError, match="outside the layer root"):
+        Reader.from_bytes(blob_of(bad)[0]).check_links()
+
+
+def test_legacy_stargz_footer_is_read():
+    tar = make_tar([{"name": "f", "data": b"legacy"}])
+    blob, _ = blob_of(tar)
+    ft = parse_footer(blob[-51:], len(blob))
+    extra = b"%016xSTARGZ" % ft.toc_offset
+    legacy = (b"\x1f\x8b\x08\x04\x00\x00\x00\x00\x00\xff" + len(extra).to_bytes(2, "little")
+              + extra + b"\x01\x00\x00\xff\xff" + b"\x00" * 8)
+    assert len(legacy) == 47
+    r = Reader.from_bytes(blob[:-51] + legacy)
+    assert r.compression == "gzip-legacy" and r.read("f") == b"legacy"
