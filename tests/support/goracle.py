@@ -207,6 +207,10 @@ class GoOracle:
         d = self._json(["diffid", str(blob_path)])
         return d["diffID"], d["uncompressedSize"]
 
+    def decompress(self, blob_path: Path) -> bytes:
+        """The whole blob decompressed by Go (what a non-lazy puller unpacks)."""
+        return self._run(["decompress", str(blob_path)])
+
 
 _ORACLE: GoOracle | None = None
 

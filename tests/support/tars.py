@@ -113,6 +113,7 @@ def all_kinds_entries() -> list[Entry]:
         Entry("bin/big-exact", data=payload("exact", 2 * ch), mode=0o755),
         Entry("bin/big-odd", data=payload("odd", 3 * ch + 12345), mode=0o755, **bob),
         Entry("bin/just-under", data=payload("under", ch - 1)),
+        Entry("bin/one-chunk", data=payload("one", ch)),  # chunkSize on a single chunk
         Entry("bin/just-over", data=payload("over", ch + 1, compressible=True)),
         Entry("bin/text-many", data=payload("text", 5 * ch + 3, compressible=True), **bob),
         Entry("bin/tiny-setuid", data=b"x", mode=0o4755),
@@ -178,6 +179,7 @@ def all_kinds_entries() -> list[Entry]:
         Entry("late/", d, mode=0o700, mtime=T_FAR, **alice),
         Entry("tmp/", d, mode=0o1777),
         Entry("usr/lib/implicit/deep/file", data=payload("deep", 100)),  # no parent dirs
+
     ]
 
 
@@ -203,6 +205,23 @@ def tar_reserved_names() -> bytes:
         Entry("./a/dup", data=b"second version, longer\n", mode=0o600),
         Entry("b", data=b"b\n"),
     ])
+
+
+UNCLEAN_NAMES = ("/abs/file", "../up/file", "tmp/./x/../y", "tmp//double")
+
+
+def tar_unclean_names() -> bytes:
+    """Names the reference accepts and readers normalise with clean("/"+name):
+    absolute, escaping with "..", with "." and ".." inside, and "//"."""
+    return write_tar([
+        Entry("tmp/", tarfile.DIRTYPE, mode=0o1777),
+        *(Entry(n, data=n.encode() + b"\n") for n in UNCLEAN_NAMES),
+    ])
+
+
+def tar_empty() -> bytes:
+    """A tar with no members at all (just the end-of-archive blocks)."""
+    return write_tar([])
 
 
 def tar_small_tree() -> bytes:

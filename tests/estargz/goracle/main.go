@@ -13,6 +13,7 @@
 //	cat BLOB PATH                 file contents via Reader.OpenFile
 //	verify BLOB --toc-digest D    VerifyTOC + every chunk checked with its Verifier
 //	diffid BLOB                   {"diffID","uncompressedSize"} of the decompressed blob
+//	decompress BLOB               the whole decompressed blob (raw bytes)
 package main
 
 import (
@@ -42,7 +43,7 @@ func main() {
 		runtime.GOMAXPROCS(1)
 	}
 	if len(os.Args) < 2 {
-		fail(errors.New("usage: goracle build|toc|tocinfo|ls|cat|verify|diffid ..."))
+		fail(errors.New("usage: goracle build|toc|tocinfo|ls|cat|verify|diffid|decompress ..."))
 	}
 	var err error
 	args := os.Args[2:]
@@ -61,6 +62,8 @@ func main() {
 		err = cmdVerify(args)
 	case "diffid":
 		err = cmdDiffID(args)
+	case "decompress":
+		err = cmdDecompress(args)
 	default:
 		err = fmt.Errorf("unknown sub-command %q", os.Args[1])
 	}
@@ -681,6 +684,28 @@ func checkStreams(b *blobFile) error {
 		return fmt.Errorf("decompressed blob is %d bytes, not a multiple of 512", n)
 	}
 	return nil
+}
+
+// cmdDecompress writes the whole decompressed blob to stdout.
+func cmdDecompress(args []string) error {
+	if len(args) != 1 {
+		return errors.New("decompress: want BLOB")
+	}
+	b, err := openBlob(args[0])
+	if err != nil {
+		return err
+	}
+	defer b.f.Close()
+	dr, err := b.dec.Reader(bufio.NewReader(io.NewSectionReader(b.sr, 0, b.sr.Size())))
+	if err != nil {
+		return err
+	}
+	defer dr.Close()
+	w := bufio.NewWriter(os.Stdout)
+	if _, err := io.Copy(w, dr); err != nil {
+		return err
+	}
+	return w.Flush()
 }
 
 // cmdDiffID decompresses the whole blob with the Go decompressor its footer selects
