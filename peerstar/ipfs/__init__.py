@@ -26,6 +26,7 @@ from peerstar.ipfs.errors import (
     CorruptBlockError,
     IPFSError,
     IPFSTimeoutError,
+    OffsetError,
 )
 from peerstar.ipfs.rpc import RPCStore
 from peerstar.ipfs.unixfs import CHUNK_SIZE, MAX_LINKS, compute_cid
@@ -41,6 +42,7 @@ __all__ = [
     "GCResult",
     "IPFSError",
     "IPFSTimeoutError",
+    "OffsetError",
     "RPCStore",
     "compute_cid",
     "default_root",

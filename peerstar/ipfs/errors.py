@@ -23,3 +23,7 @@ class BlockNotFoundError(IPFSError):
 
 class CorruptBlockError(IPFSError):
     """A stored block does not hash to its CID."""
+
+
+class OffsetError(IPFSError):
+    """A read starts past the end of the file."""

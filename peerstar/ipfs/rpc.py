@@ -38,7 +38,7 @@ import httpx
 from peerstar.ipfs.address import APIAddress
 from peerstar.ipfs.base import AddInput, ContentStore, iter_input, rewindable
 from peerstar.ipfs.cid import check_supported, normalize_cid, parse_cid, verify_block
-from peerstar.ipfs.errors import CorruptBlockError, IPFSError, IPFSTimeoutError
+from peerstar.ipfs.errors import CorruptBlockError, IPFSError, IPFSTimeoutError, OffsetError
 from peerstar.ipfs.unixfs import RAW, decode_file_node
 
 log = logging.getLogger(__name__)
@@ -240,7 +240,16 @@ class RPCStore(ContentStore):
             progressed = False
             try:
                 async with self._client.stream("POST", "cat", params=params) as resp:
-                    await self._raise_for_status(resp, "cat")
+                    try:
+                        await self._raise_for_status(resp, "cat")
+                    except _Retryable:
+                        raise
+                    except IPFSError as exc:
+                        # kubo and js-ipfs word this differently; give one error type.
+                        if "offset" in str(exc).lower():
+                            raise OffsetError(f"offset {offset + delivered} is past the end "
+                                              f"of {arg} ({exc})") from None
+                        raise
                     async for part in resp.aiter_bytes():
                         if length is not None and delivered + len(part) > length:
                             part = part[: length - delivered]  # never trust the server here

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from multiformats import CID
 
 from peerstar.ipfs.cid import DAG_PB, RAW, block_cid, check_supported
-from peerstar.ipfs.errors import CIDError
+from peerstar.ipfs.errors import CIDError, OffsetError
 
 CHUNK_SIZE = 256 * 1024
 MAX_LINKS = 174
@@ -304,10 +304,12 @@ class Rechunker:
             self._buf = bytearray()
 
 
-def compute_cid(data: bytes) -> str:
-    """The CIDv1 base32 kubo's `add --cid-version=1` gives `data` (nothing stored)."""
-    b = DagBuilder()
-    for chunk in chunk_bytes(data):
+def compute_cid(data: bytes, *, chunk_size: int = CHUNK_SIZE, max_links: int = MAX_LINKS) -> str:
+    """The CIDv1 base32 kubo's `add --cid-version=1` gives `data` (nothing stored).
+
+    `chunk_size`/`max_links` other than the defaults exist for tests of the layout."""
+    b = DagBuilder(max_links)
+    for chunk in chunk_bytes(data, chunk_size):
         b.add_chunk(chunk)
         b.blocks.clear()
     return str(b.finish())
@@ -337,15 +339,20 @@ async def read_range(
     end = None if length is None else offset + length
     if end is not None and end <= offset:
         return
-    async for part in _read_node(get_block, cid, offset, end):
+    async for part in _read_node(get_block, cid, offset, end, top=True):
         yield part
 
 
 async def _read_node(
-    get_block: GetBlock, cid: CID, start: int, end: int | None
+    get_block: GetBlock, cid: CID, start: int, end: int | None, top: bool = False
 ) -> AsyncIterator[bytes]:
     check_supported(cid)
     raw = await get_block(cid)
+    if top:
+        size = len(raw) if cid.codec.name == RAW else decode_file_node(raw).size
+        if start > size:
+            # As kubo: reading at the end gives nothing, past the end is an error.
+            raise OffsetError(f"offset {start} is past the end of {cid} ({size} bytes)")
     if cid.codec.name == RAW:
         piece = raw[start:end]
         if piece:
