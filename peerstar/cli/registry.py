@@ -1,0 +1,183 @@
+"""`peerstar registry serve`: serve images stored in IPFS (nerdctl's format) as a read-only
+OCI registry on localhost, for containerd and Kubernetes nodes.
+
+Every flag also reads an environment variable (for container use); the flag wins.
+A non-loopback listen address is only accepted when given on the command line with
+`--listen` / `--metrics-listen`: the registry has no authentication.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+from peerstar.errors import PeerstarError
+
+DEFAULT_LISTEN = "localhost:5050"
+
+# flag dest -> environment variable
+ENV = {
+    "listen": "PEERSTAR_REGISTRY_LISTEN",
+    "ipfs_address": "PEERSTAR_IPFS_ADDRESS",
+    "root": "PEERSTAR_ROOT",
+    "read_timeout": "PEERSTAR_REGISTRY_READ_TIMEOUT",
+    "read_retry_num": "PEERSTAR_REGISTRY_READ_RETRY_NUM",
+    "metrics_listen": "PEERSTAR_REGISTRY_METRICS_LISTEN",
+    "cache_size": "PEERSTAR_REGISTRY_CACHE_SIZE",
+}
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMG]i?B?)?\s*$", re.IGNORECASE)
+
+
+def parse_duration(text: str, what: str) -> float:
+    """`30s`, `500ms`, `2m`, `1h` or a plain number of seconds -> seconds (> 0)."""
+    m = _DURATION_RE.match(text)
+    if not m:
+        raise PeerstarError(f"{what}: {text!r} is not a duration (examples: 30s, 500ms, 2m)")
+    value = float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
+    if value <= 0:
+        raise PeerstarError(f"{what}: the duration must be more than zero")
+    return value
+
+
+def parse_size(text: str, what: str) -> int:
+    """`64MiB`, `512K`, `1G` or a plain number of bytes."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise PeerstarError(f"{what}: {text!r} is not a size (examples: 64MiB, 512K)")
+    unit = (m.group(2) or "").upper()[:1]
+    return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[unit]
+
+
+def parse_listen(text: str, what: str) -> tuple[str, int]:
+    """`HOST:PORT` or `[V6]:PORT` -> (host, port). The host must be spelled out."""
+    text = text.strip()
+    m = re.match(r"^\[([0-9A-Fa-f:.%a-z]+)\]:(\d+)$", text) or re.match(
+        r"^([^:\[\]]*):(\d+)$", text)
+    if not m:
+        raise PeerstarError(f"{what}: {text!r} is not HOST:PORT (e.g. localhost:5050)")
+    host, port = m.group(1), int(m.group(2))
+    if not host:
+        raise PeerstarError(f"{what}: {text!r} has no host; write localhost:{port}, or "
+                            f"0.0.0.0:{port} to listen on every interface")
+    if not 0 <= port <= 65535:
+        raise PeerstarError(f"{what}: port {port} is out of range")
+    return host, port
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("registry", help="serve IPFS-stored images as an OCI registry")
+    s = p.add_subparsers(dest="registry_command", metavar="SUBCOMMAND", required=True)
+    serve = s.add_parser(
+        "serve", help="read-only OCI registry: pull localhost:PORT/ipfs/<CID>",
+        description="Serve images stored in IPFS in nerdctl's format as a read-only OCI "
+                    "distribution registry (GET/HEAD, Range). Pull them as "
+                    "HOST:PORT/ipfs/<CID>.")
+    serve.add_argument("--listen", help=f"HOST:PORT to serve on (default {DEFAULT_LISTEN}; "
+                       f"${ENV['listen']}); a non-loopback host must be given with this flag")
+    store = serve.add_mutually_exclusive_group()
+    store.add_argument("--ipfs-address", help="IPFS daemon API (multiaddr or URL; "
+                       f"${ENV['ipfs_address']}; default $IPFS_PATH/api, ~/.ipfs/api)")
+    store.add_argument("--root", help="use the embedded store under DIR instead of a daemon "
+                       f"(${ENV['root']})")
+    serve.add_argument("--read-timeout", help="timeout of each IPFS read, e.g. 30s "
+                       f"(default 30s; ${ENV['read_timeout']})")
+    serve.add_argument("--read-retry-num", help="retries of a failed or stalled IPFS read "
+                       f"(default 3; ${ENV['read_retry_num']})")
+    serve.add_argument("--metrics-listen", help="HOST:PORT for Prometheus /metrics (off "
+                       f"unless set; ${ENV['metrics_listen']})")
+    serve.add_argument("--cache-size", help="memory bound of the descriptor-tree cache "
+                       f"(default 64MiB; ${ENV['cache_size']})")
+    serve.add_argument("--no-access-log", action="store_true",
+                       help="do not write the JSON access log to stderr")
+    serve.set_defaults(func=cmd_serve)
+
+
+def _setting(args: argparse.Namespace, dest: str) -> tuple[str | None, bool]:
+    """(value, from_flag): the flag if given, else the environment variable."""
+    value = getattr(args, dest, None)
+    if value is not None:
+        return value, True
+    env = os.environ.get(ENV[dest])
+    return (env if env else None), False
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from peerstar.registry import ReadPolicy, ServerOptions
+
+    listen_text, listen_flag = _setting(args, "listen")
+    host, port = parse_listen(listen_text or DEFAULT_LISTEN, "--listen")
+    metrics_text, metrics_flag = _setting(args, "metrics_listen")
+    metrics = parse_listen(metrics_text, "--metrics-listen") if metrics_text else None
+    timeout_text, _ = _setting(args, "read_timeout")
+    timeout = parse_duration(timeout_text or "30s", "--read-timeout")
+    retries_text, _ = _setting(args, "read_retry_num")
+    try:
+        retries = int(retries_text or "3")
+    except ValueError:
+        raise PeerstarError(f"--read-retry-num: {retries_text!r} is not a number") from None
+    if not 0 <= retries <= 100:
+        raise PeerstarError("--read-retry-num must be between 0 and 100")
+    cache_text, _ = _setting(args, "cache_size")
+    cache = parse_size(cache_text or "64MiB", "--cache-size")
+    ipfs_address, _ = _setting(args, "ipfs_address")
+    root, root_flag = _setting(args, "root")
+    if ipfs_address and root and root_flag:
+        ipfs_address = None  # --root on the command line beats the environment's daemon
+    elif ipfs_address and root:
+        root = None
+
+    if not args.no_access_log:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access = logging.getLogger("peerstar.registry.access")
+        access.addHandler(handler)
+        access.setLevel(logging.INFO)
+        access.propagate = False
+
+    options = ServerOptions(policy=ReadPolicy(timeout=timeout, retries=retries),
+                            cache_bytes=cache)
+    return asyncio.run(_serve(
+        ipfs_address, Path(root) if root else None, options, host, port,
+        allow_remote=listen_flag, metrics=metrics, metrics_remote=metrics_flag,
+        timeout=timeout))
+
+
+async def _serve(ipfs_address: str | None, root: Path | None, options, host: str,
+                 port: int, *, allow_remote: bool, metrics: tuple[str, int] | None,
+                 metrics_remote: bool, timeout: float) -> int:
+    from peerstar.ipfs import EmbeddedStore, open_store
+    from peerstar.registry import RegistryServer, check_bind_address
+
+    check_bind_address(host, allow_remote)
+    if metrics is not None:
+        check_bind_address(metrics[0], metrics_remote)
+    # The store's own retries are off: the registry retries each read itself
+    # (ReadPolicy), so a stalled daemon costs (retries + 1) * timeout, not its square.
+    store = EmbeddedStore(root) if root is not None else open_store(
+        ipfs_address, timeout=timeout, retries=0)
+    server = RegistryServer(store, options)
+    try:
+        await server.start(host, port, allow_remote=allow_remote,
+                           metrics_host=metrics[0] if metrics else None,
+                           metrics_port=metrics[1] if metrics else None)
+        where = ", ".join(f"{h}:{p}" for h, p in server.addresses)
+        print(f"peerstar registry listening on {where}" + (
+            f"; metrics on {server.metrics_addresses[0][0]}:{server.metrics_addresses[0][1]}"
+            if server.metrics_addresses else ""), file=sys.stderr, flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        await server.stop()
+        await store.close()
+    return 0

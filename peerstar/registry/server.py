@@ -1,0 +1,446 @@
+"""The read-only OCI distribution server over IPFS (`peerstar registry serve`).
+
+Owns: the aiohttp application (routes `/v2/`, `/v2/ipfs/<cid>/manifests/<ref>`,
+`/v2/ipfs/<cid>/blobs/<digest>`, `/v2/ipfs/<cid>/tags/list`), response headers, Range /
+multi-range / If-Range handling, streaming with bounded writes, distribution-spec JSON
+errors, the structured access log, Prometheus metrics, and binding (loopback unless the
+caller allows otherwise).
+
+A request costs at most one IPFS `cat` of the bytes it serves: the descriptor tree is
+walked once per root CID (`tree.TreeCache`), manifests are served from that cache, HEAD
+never reads content. Headers are only sent once the first upstream bytes are in hand,
+so a daemon that is down or stalled yields a 502/504 with a message; a failure after
+that closes the connection, and as every response carries an exact Content-Length, a
+cut-off body can never pass for a complete one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import secrets
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from peerstar.errors import PeerstarError
+from peerstar.registry.metrics import RegistryMetrics
+from peerstar.registry.ranges import (
+    ByteRange,
+    RangeNotSatisfiable,
+    RangeRejected,
+    etag_matches,
+    if_range_allows,
+    multipart_layout,
+    parse_range,
+)
+from peerstar.registry.tree import (
+    BlobRef,
+    ImageTree,
+    TreeCache,
+    TreeError,
+    is_digest,
+    is_tag,
+    parse_image_cid,
+)
+from peerstar.registry.upstream import (
+    ContentStore,
+    ReadPolicy,
+    UpstreamError,
+    read_all,
+    read_stream,
+)
+
+log = logging.getLogger("peerstar.registry")
+access_log = logging.getLogger("peerstar.registry.access")
+
+API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
+_CID_PATTERN = r"[A-Za-z0-9]{1,200}"
+_REF_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9._:-]{0,199}"
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """Tunables of one server; defaults suit production."""
+
+    policy: ReadPolicy = ReadPolicy()
+    cache_bytes: int = 64 << 20
+    # A client that accepts no bytes for this long is dropped (slow readers hold a task).
+    write_timeout: float = 60.0
+    # A connection that does not complete a request's headers in this time is closed
+    # (slowloris); aiohttp applies its keep-alive timer from the connection's start.
+    header_timeout: float = 30.0
+
+
+class _Abort(Exception):
+    """Headers were sent and the body cannot be completed: close the connection."""
+
+
+class RegistryError(Exception):
+    """An error answered as distribution-spec JSON."""
+
+    def __init__(self, status: int, code: str, message: str, detail: object = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.detail = detail
+        self.headers = headers or {}
+
+    def response(self) -> web.Response:
+        err: dict[str, object] = {"code": self.code, "message": self.message}
+        if self.detail is not None:
+            err["detail"] = self.detail
+        body = json.dumps({"errors": [err]}).encode()
+        headers = {"Content-Type": "application/json", API_VERSION_HEADER[0]:
+                   API_VERSION_HEADER[1], **self.headers}
+        return web.Response(status=self.status, body=body, headers=headers)
+
+
+def _route_of(request: web.Request) -> str:
+    route = request.match_info.route
+    name = getattr(route, "name", None)
+    return name or "other"
+
+
+class RegistryServer:
+    """One registry over one content store. `app()` for tests, `start()` to bind."""
+
+    def __init__(self, store: ContentStore, options: ServerOptions | None = None) -> None:
+        self.store = store
+        self.options = options or ServerOptions()
+        self.metrics = RegistryMetrics()
+        self.trees = TreeCache(self._read_small, max_bytes=self.options.cache_bytes)
+        self._runners: list[web.AppRunner] = []
+        self.addresses: list[tuple[str, int]] = []
+        self.metrics_addresses: list[tuple[str, int]] = []
+
+    # -- upstream -------------------------------------------------------------------------
+
+    def _on_upstream_failure(self, kind: str) -> None:
+        self.metrics.upstream_errors.labels(kind).inc()
+
+    async def _read_small(self, cid: str, max_bytes: int) -> bytes:
+        self.metrics.tree_walks.inc()
+        data = await read_all(self.store, cid, max_bytes, self.options.policy,
+                              on_failure=self._on_upstream_failure)
+        self.metrics.upstream_bytes.inc(len(data))
+        return data
+
+    async def _tree(self, cid_text: str) -> tuple[str, ImageTree]:
+        try:
+            cid = parse_image_cid(cid_text)
+        except ValueError as exc:
+            raise RegistryError(400, "NAME_INVALID", "invalid repository name",
+                                str(exc)) from None
+        try:
+            tree = await self.trees.get(cid)
+        except TreeError as exc:
+            raise RegistryError(404, "NAME_UNKNOWN", f"ipfs/{cid} is not an image",
+                                str(exc)) from None
+        except UpstreamError as exc:
+            raise _upstream_error(exc) from None
+        finally:
+            self.metrics.tree_cache_images.set(len(self.trees))
+        return cid, tree
+
+    # -- application ----------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        """The aiohttp application serving the registry API."""
+        app = web.Application(middlewares=[self._middleware], client_max_size=1024)
+        app.router.add_route("GET", "/v2/", self._base, name="base")
+        base = "/v2/ipfs/{cid:" + _CID_PATTERN + "}"
+        app.router.add_route("GET", base + "/manifests/{ref:" + _REF_PATTERN + "}",
+                             self._manifest, name="manifest")
+        app.router.add_route("GET", base + "/blobs/{digest:" + _REF_PATTERN + "}",
+                             self._blob, name="blob")
+        app.router.add_route("GET", base + "/tags/list", self._tags, name="tags")
+        app.router.add_route("*", "/{tail:.*}", self._fallback, name="other")
+        return app
+
+    def metrics_app(self) -> web.Application:
+        """A separate application exposing `/metrics` (Prometheus text format)."""
+        app = web.Application()
+
+        async def metrics(_request: web.Request) -> web.Response:
+            body = generate_latest(self.metrics.registry)
+            return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        app.router.add_get("/metrics", metrics)
+        return app
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler) -> web.StreamResponse:
+        start = time.monotonic()
+        request["sent"] = 0
+        status = 0
+        error_code = None
+        aborted = False
+        try:
+            if request.method not in ("GET", "HEAD"):
+                raise RegistryError(405, "UNSUPPORTED",
+                                    "this registry is read-only: only GET and HEAD are allowed",
+                                    {"method": request.method}, {"Allow": "GET, HEAD"})
+            resp = await handler(request)
+            status = resp.status
+            return resp
+        except RegistryError as exc:
+            status, error_code = exc.status, exc.code
+            return exc.response()
+        except _Abort:
+            aborted = True
+            status = request.get("status", 0)
+            self.metrics.aborted.inc()
+            if request.transport is not None:
+                request.transport.abort()
+            # aiohttp needs a response object; the transport is gone, nothing is sent.
+            return request.get("response") or web.Response(status=500)
+        finally:
+            route = _route_of(request)
+            elapsed = time.monotonic() - start
+            self.metrics.requests.labels(request.method, route, str(status)).inc()
+            self.metrics.latency.labels(route).observe(elapsed)
+            self.metrics.bytes.labels(route).inc(request["sent"])
+            if access_log.isEnabledFor(logging.INFO):
+                access_log.info(json.dumps({
+                    "ts": round(time.time(), 3),
+                    "remote": request.remote,
+                    "method": request.method,
+                    "path": request.path[:300],
+                    "status": status,
+                    "bytes": request["sent"],
+                    "ms": round(elapsed * 1000, 2),
+                    "range": request.headers.get("Range", "")[:200] or None,
+                    "error": error_code,
+                    "aborted": aborted or None,
+                    "ua": request.headers.get("User-Agent", "")[:200] or None,
+                }, separators=(",", ":")))
+
+    # -- handlers -------------------------------------------------------------------------
+
+    async def _base(self, request: web.Request) -> web.Response:
+        return web.json_response({}, headers=dict([API_VERSION_HEADER]))
+
+    async def _fallback(self, request: web.Request) -> web.Response:
+        raise RegistryError(404, "NAME_UNKNOWN", "no such route in this registry",
+                            "routes: /v2/, /v2/ipfs/<cid>/manifests/<ref>, "
+                            "/v2/ipfs/<cid>/blobs/<digest>, /v2/ipfs/<cid>/tags/list")
+
+    async def _tags(self, request: web.Request) -> web.Response:
+        cid, tree = await self._tree(request.match_info["cid"])
+        tags = sorted({"latest", *tree.tags})
+        return web.json_response({"name": f"ipfs/{cid}", "tags": tags},
+                                 headers=dict([API_VERSION_HEADER]))
+
+    async def _manifest(self, request: web.Request) -> web.StreamResponse:
+        ref = request.match_info["ref"]
+        if not is_digest(ref) and not is_tag(ref):
+            raise RegistryError(404, "MANIFEST_UNKNOWN", "manifest unknown",
+                                f"{ref[:100]!r} is neither a tag nor a digest")
+        _cid, tree = await self._tree(request.match_info["cid"])
+        digest = tree.resolve_manifest(ref)
+        if digest is None:
+            raise RegistryError(404, "MANIFEST_UNKNOWN", "manifest unknown",
+                                f"{ref} names no manifest or index of this image")
+        ref_info = tree.blobs[digest]
+        return await self._serve(request, digest, ref_info, tree.manifests[digest])
+
+    async def _blob(self, request: web.Request) -> web.StreamResponse:
+        digest = request.match_info["digest"]
+        if not is_digest(digest):
+            raise RegistryError(400, "DIGEST_INVALID", "provided digest is invalid",
+                                f"{digest[:100]!r} is not sha256:<64 hex> or sha512:<128 hex>")
+        _cid, tree = await self._tree(request.match_info["cid"])
+        ref_info = tree.blobs.get(digest)
+        if ref_info is None:
+            raise RegistryError(404, "BLOB_UNKNOWN", "blob unknown to registry",
+                                f"{digest} is not part of this image")
+        return await self._serve(request, digest, ref_info, tree.manifests.get(digest))
+
+    # -- responses ------------------------------------------------------------------------
+
+    async def _serve(self, request: web.Request, digest: str, info: BlobRef,
+                     cached: bytes | None) -> web.StreamResponse:
+        size = info.size
+        etag = f'"{digest}"'
+        headers = {
+            "Content-Type": info.media_type,
+            "Docker-Content-Digest": digest,
+            "ETag": etag,
+            "Accept-Ranges": "bytes",
+            # Content under a digest never changes.
+            "Cache-Control": "public, max-age=31536000, immutable",
+            API_VERSION_HEADER[0]: API_VERSION_HEADER[1],
+        }
+        if etag_matches(request.headers.get("If-None-Match"), etag):
+            return web.Response(status=304, headers={
+                k: v for k, v in headers.items() if k != "Content-Type"})
+        ranges: list[ByteRange] | None = None
+        if if_range_allows(request.headers.get("If-Range"), etag):
+            try:
+                ranges = parse_range(request.headers.get("Range"), size)
+            except RangeNotSatisfiable as exc:
+                raise RegistryError(416, "RANGE_INVALID", "requested range not satisfiable",
+                                    str(exc), {"Content-Range": f"bytes */{size}"}) from None
+            except RangeRejected as exc:
+                raise RegistryError(416, "RANGE_INVALID", "range request rejected",
+                                    str(exc), {"Content-Range": f"bytes */{size}"}) from None
+        if ranges is None:
+            return await self._send(request, 200, headers, [ByteRange(0, size - 1)]
+                                    if size else [], size, info, cached, None)
+        if len(ranges) == 1:
+            headers["Content-Range"] = ranges[0].content_range(size)
+            return await self._send(request, 206, headers, ranges, size, info, cached, None)
+        layout = multipart_layout(ranges, size, info.media_type, secrets.token_hex(16))
+        headers["Content-Type"] = layout.content_type
+        return await self._send(request, 206, headers, ranges, size, info, cached, layout)
+
+    async def _send(self, request: web.Request, status: int, headers: dict[str, str],
+                    ranges: list[ByteRange], size: int, info: BlobRef, cached: bytes | None,
+                    layout) -> web.StreamResponse:
+        resp = web.StreamResponse(status=status, headers=headers)
+        if layout is None:
+            resp.content_length = sum(r.length for r in ranges)
+        else:
+            resp.content_length = layout.content_length(ranges)
+        request["status"] = status
+        request["response"] = resp
+        if request.method == "HEAD":
+            await resp.prepare(request)
+            await resp.write_eof()
+            return resp
+        prepared = False
+        for i, r in enumerate(ranges):
+            pieces = self._pieces(info, cached, r)
+            try:
+                async with contextlib.aclosing(pieces):
+                    if layout is not None:
+                        head = layout.heads[i]
+                    else:
+                        head = b""
+                    async for chunk in pieces:
+                        if not prepared:
+                            await resp.prepare(request)
+                            prepared = True
+                        if head:
+                            await self._write(request, resp, head)
+                            head = b""
+                        await self._write(request, resp, chunk)
+            except UpstreamError as exc:
+                if not prepared:
+                    raise _upstream_error(exc) from None
+                log.warning("aborting %s %s mid-stream: %s", request.method, request.path, exc)
+                raise _Abort() from None
+        if not prepared:
+            await resp.prepare(request)
+        if layout is not None:
+            await self._write(request, resp, layout.tail)
+        await resp.write_eof()
+        return resp
+
+    async def _pieces(self, info: BlobRef, cached: bytes | None,
+                      r: ByteRange) -> AsyncIterator[bytes]:
+        if cached is not None:
+            yield cached[r.start:r.end + 1]
+            return
+        async for chunk in read_stream(self.store, info.cid, r.start, r.length,
+                                       self.options.policy,
+                                       on_failure=self._on_upstream_failure):
+            self.metrics.upstream_bytes.inc(len(chunk))
+            yield chunk
+
+    async def _write(self, request: web.Request, resp: web.StreamResponse,
+                     data: bytes) -> None:
+        try:
+            async with asyncio.timeout(self.options.write_timeout):
+                await resp.write(data)
+        except TimeoutError:
+            log.warning("client %s accepted no data for %g s; dropping it", request.remote,
+                        self.options.write_timeout)
+            raise _Abort() from None
+        except (ConnectionError, RuntimeError):
+            # the client went away (aiohttp raises ClientConnectionResetError, a
+            # ConnectionResetError); stop reading upstream
+            raise _Abort() from None
+        request["sent"] += len(data)
+
+    # -- binding --------------------------------------------------------------------------
+
+    async def start(self, host: str = "localhost", port: int = 5050, *,
+                    allow_remote: bool = False, metrics_host: str | None = None,
+                    metrics_port: int | None = None) -> None:
+        """Bind the registry (and the metrics endpoint if asked) and start serving."""
+        check_bind_address(host, allow_remote)
+        if metrics_host is not None:
+            check_bind_address(metrics_host, allow_remote)
+        runner = web.AppRunner(self.app(), access_log=None,
+                               keepalive_timeout=self.options.header_timeout,
+                               shutdown_timeout=5)
+        await runner.setup()
+        self._runners.append(runner)
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            await self.stop()
+            raise PeerstarError(f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+                                ) from None
+        self.addresses = [a[:2] for a in runner.addresses]
+        if metrics_host is not None and metrics_port is not None:
+            mrunner = web.AppRunner(self.metrics_app(), access_log=None)
+            await mrunner.setup()
+            self._runners.append(mrunner)
+            try:
+                await web.TCPSite(mrunner, metrics_host, metrics_port,
+                                  reuse_address=True).start()
+            except OSError as exc:
+                await self.stop()
+                raise PeerstarError(f"cannot listen on {metrics_host}:{metrics_port} for "
+                                    f"metrics: {exc.strerror or exc}") from None
+            self.metrics_addresses = [a[:2] for a in mrunner.addresses]
+
+    @property
+    def port(self) -> int:
+        return self.addresses[0][1]
+
+    async def stop(self) -> None:
+        """Stop listening and finish (or cut) in-flight responses."""
+        runners, self._runners = self._runners, []
+        for runner in runners:
+            await runner.cleanup()
+
+
+def _upstream_error(exc: UpstreamError) -> RegistryError:
+    if exc.timed_out:
+        return RegistryError(504, "UNAVAILABLE", "timed out reading from IPFS", str(exc))
+    return RegistryError(502, "UNAVAILABLE", "reading from IPFS failed", str(exc))
+
+
+def check_bind_address(host: str, allow_remote: bool) -> None:
+    """Refuse to bind anything but loopback unless `allow_remote` (an explicit --listen).
+
+    An empty host would make aiohttp listen on every interface; that must be spelled
+    out as 0.0.0.0 or :: by the user, so it is refused here in any case.
+    """
+    if not host:
+        raise PeerstarError("listen address has no host: write localhost:PORT, or 0.0.0.0:PORT "
+                            "to listen on every interface")
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise PeerstarError(f"cannot resolve listen host {host!r}: {exc.strerror}") from None
+    addrs = {info[4][0] for info in infos}
+    remote = sorted(a for a in addrs if not ipaddress.ip_address(a.split("%")[0]).is_loopback)
+    if remote and not allow_remote:
+        raise PeerstarError(
+            f"refusing to listen on non-loopback address {host} ({', '.join(remote)}): the "
+            "registry has no authentication; pass --listen HOST:PORT explicitly to expose it")

@@ -1,0 +1,156 @@
+"""Reads from the IPFS store with the registry's per-read timeout and retries.
+
+Owns: the `ContentStore` protocol the registry needs (`cat` streaming with offset and
+length), `ReadPolicy` (timeout per read, retries per read), and `read_stream`, which
+turns one logical byte range into chunks while bounding every single read from the
+daemon: a read that stalls longer than the timeout is abandoned and the range is
+re-requested from the first byte not yet delivered, up to `retries` times in a row.
+Progress resets the retry budget, so a long blob survives several independent hiccups,
+but a daemon that stays stuck fails in at most (retries + 1) * timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+log = logging.getLogger("peerstar.registry.upstream")
+
+
+class ContentStore(Protocol):
+    """The part of `peerstar.ipfs`'s store the registry uses."""
+
+    def cat(self, cid: str, offset: int = 0, length: int | None = None
+            ) -> AsyncIterator[bytes]: ...
+
+    async def close(self) -> None: ...
+
+
+class UpstreamError(Exception):
+    """Reading from IPFS failed after the retries (`timed_out` tells timeout from error)."""
+
+    def __init__(self, message: str, *, timed_out: bool) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
+
+
+@dataclass(frozen=True)
+class ReadPolicy:
+    """Per-read timeout (seconds) and the number of retries of a failed/stalled read."""
+
+    timeout: float = 30.0
+    retries: int = 3
+
+
+# Called on every failed attempt with ("timeout" | "error"); the server counts them.
+OnFailure = Callable[[str], None]
+
+
+async def _aclose(agen: AsyncIterator[bytes]) -> None:
+    aclose = getattr(agen, "aclose", None)
+    if aclose is None:
+        return
+    # Closing an abandoned HTTP stream is local work; bound it anyway so a wedged
+    # store cannot wedge the request.
+    with contextlib.suppress(Exception, asyncio.TimeoutError):
+        async with asyncio.timeout(5):
+            await aclose()
+
+
+async def read_stream(store: ContentStore, cid: str, offset: int, length: int,
+                      policy: ReadPolicy, *, on_failure: OnFailure | None = None,
+                      ) -> AsyncIterator[bytes]:
+    """Yield exactly `length` bytes of `cid` from `offset`, or raise UpstreamError.
+
+    Never yields more than asked (a store returning extra bytes is cut), and a store
+    ending early counts as a failed read (retried), so a caller can trust the total.
+    """
+    sent = 0
+    failures = 0
+    while sent < length:
+        agen = store.cat(cid, offset + sent, length - sent)
+        iterator = agen.__aiter__()
+        timed_out = False
+        why = ""
+        try:
+            while sent < length:
+                try:
+                    async with asyncio.timeout(policy.timeout):
+                        chunk = await iterator.__anext__()
+                except StopAsyncIteration:
+                    why = f"stream ended after {sent} of {length} bytes"
+                    break
+                if not chunk:
+                    continue
+                if len(chunk) > length - sent:
+                    chunk = chunk[: length - sent]
+                failures = 0  # progress: the next stall gets the full retry budget
+                sent += len(chunk)
+                yield chunk
+        except TimeoutError:
+            timed_out = True
+            why = f"no data for {policy.timeout:g} s"
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the store's IPFSError, connection errors, ...
+            why = f"{type(exc).__name__}: {exc}"
+        finally:
+            await _aclose(agen)
+        if sent >= length:
+            return
+        failures += 1
+        if on_failure is not None:
+            on_failure("timeout" if timed_out else "error")
+        log.warning("ipfs read of %s at %d failed (attempt %d of %d): %s", cid, offset + sent,
+                    failures, policy.retries + 1, why)
+        if failures > policy.retries:
+            raise UpstreamError(
+                f"reading {cid} from IPFS failed at byte {offset + sent}: {why} "
+                f"({failures} attempts)", timed_out=timed_out)
+        await asyncio.sleep(min(0.05 * 2 ** failures, 1.0))
+
+
+async def read_all(store: ContentStore, cid: str, max_bytes: int, policy: ReadPolicy,
+                   *, on_failure: OnFailure | None = None) -> bytes:
+    """The whole content of a small object `cid` (at most `max_bytes` bytes are read)."""
+    parts = []
+    sent = 0
+    failures = 0
+    # The size is unknown up front: stream with retries resuming where we stopped.
+    while True:
+        agen = store.cat(cid, sent, max_bytes - sent)
+        iterator = agen.__aiter__()
+        timed_out = False
+        why = ""
+        try:
+            while sent < max_bytes:
+                try:
+                    async with asyncio.timeout(policy.timeout):
+                        chunk = await iterator.__anext__()
+                except StopAsyncIteration:
+                    return b"".join(parts)
+                chunk = chunk[: max_bytes - sent]
+                failures = 0
+                parts.append(chunk)
+                sent += len(chunk)
+            return b"".join(parts)
+        except TimeoutError:
+            timed_out = True
+            why = f"no data for {policy.timeout:g} s"
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            why = f"{type(exc).__name__}: {exc}"
+        finally:
+            await _aclose(agen)
+        failures += 1
+        if on_failure is not None:
+            on_failure("timeout" if timed_out else "error")
+        if failures > policy.retries:
+            raise UpstreamError(f"reading {cid} from IPFS failed: {why} ({failures} attempts)",
+                                timed_out=timed_out)
+        await asyncio.sleep(min(0.05 * 2 ** failures, 1.0))

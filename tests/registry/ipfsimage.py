@@ -1,0 +1,141 @@
+"""Store an OCI image layout into a content store in nerdctl's on-IPFS format (test helper;
+`peerstar push` is written elsewhere), and convert the sample image to eStargz.
+
+nerdctl's format (REFERENCE.md section 3): every blob added with CIDv1; each descriptor
+gets `urls: ["ipfs://<cid>"]`; manifests and index are rewritten bottom-up with those
+descriptors and added too; finally the JSON of the top descriptor is added, and its CID
+is the image's CID.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from peerstar.estargz import build
+from peerstar.oci import mediatypes as mt
+
+
+def _sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _dump(obj: object) -> bytes:
+    # Go's json.Marshal: compact, no HTML escaping needed for our content.
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+@dataclass
+class StoredImage:
+    """What `store_layout` wrote: the root CID and every digest's CID and bytes."""
+
+    root_cid: str
+    top_digest: str
+    top_media_type: str
+    manifest_digests: list[str] = field(default_factory=list)  # rewritten manifests
+    index_digest: str | None = None
+    cids: dict[str, str] = field(default_factory=dict)  # digest -> cid
+    content: dict[str, bytes] = field(default_factory=dict)  # digest -> bytes
+    media_types: dict[str, str] = field(default_factory=dict)
+    layer_digests: list[str] = field(default_factory=list)
+    config_digest: str = ""
+
+
+def _blob(layout: Path, digest: str) -> bytes:
+    algo, hexd = digest.split(":", 1)
+    return (layout / "blobs" / algo / hexd).read_bytes()
+
+
+async def _add(store: Any, img: StoredImage, data: bytes, media_type: str) -> dict:
+    cid = await store.add(data)
+    digest = _sha(data)
+    img.cids[digest] = cid
+    img.content[digest] = data
+    img.media_types[digest] = media_type
+    return {"mediaType": media_type, "digest": digest, "size": len(data),
+            "urls": [f"ipfs://{cid}"]}
+
+
+async def _store_manifest(store: Any, img: StoredImage, layout: Path, desc: dict) -> dict:
+    manifest = json.loads(_blob(layout, desc["digest"]))
+    cfg = manifest["config"]
+    new_cfg = await _add(store, img, _blob(layout, cfg["digest"]), cfg["mediaType"])
+    img.config_digest = new_cfg["digest"]
+    manifest["config"] = {**cfg, **new_cfg}
+    layers = []
+    for layer in manifest["layers"]:
+        new = await _add(store, img, _blob(layout, layer["digest"]), layer["mediaType"])
+        img.layer_digests.append(new["digest"])
+        layers.append({**layer, **new})
+    manifest["layers"] = layers
+    out = await _add(store, img, _dump(manifest), desc["mediaType"])
+    img.manifest_digests.append(out["digest"])
+    extra = {k: v for k, v in desc.items() if k in ("annotations", "platform")}
+    return {**out, **extra}
+
+
+async def store_layout(store: Any, layout: Path, *, tag: str = "latest",
+                       top: str = "manifest") -> StoredImage:
+    """Add the image tagged `tag` of an OCI layout to `store` as nerdctl would.
+
+    top="manifest": the top descriptor is the manifest (a single-platform image).
+    top="index": the whole layout index is rewritten and added, and is the top.
+    """
+    index = json.loads((layout / "index.json").read_bytes())
+    img = StoredImage(root_cid="", top_digest="", top_media_type="")
+    if top == "manifest":
+        [desc] = [m for m in index["manifests"]
+                  if m.get("annotations", {}).get(mt.REF_NAME_ANNOTATION) == tag]
+        top_desc = await _store_manifest(store, img, layout, desc)
+        top_desc.pop("annotations", None)
+    else:
+        manifests = [await _store_manifest(store, img, layout, m) for m in index["manifests"]]
+        new_index = {"schemaVersion": 2, "mediaType": mt.OCI_INDEX, "manifests": manifests}
+        top_desc = await _add(store, img, _dump(new_index), mt.OCI_INDEX)
+        img.index_digest = top_desc["digest"]
+    img.top_digest = top_desc["digest"]
+    img.top_media_type = top_desc["mediaType"]
+    img.root_cid = await store.add(_dump(top_desc))
+    return img
+
+
+def convert_layout_estargz(src: Path, dst: Path, *, tag: str = "latest") -> Path:
+    """Write to `dst` an OCI layout of `src`'s image `tag` with every layer converted to
+    eStargz (gzip level 9, 4 MiB chunks, as `nerdctl ipfs push --estargz`), annotated with
+    the TOC digest and uncompressed size, and the config's DiffIDs updated."""
+    index = json.loads((src / "index.json").read_bytes())
+    [desc] = [m for m in index["manifests"]
+              if m.get("annotations", {}).get(mt.REF_NAME_ANNOTATION) == tag]
+    manifest = json.loads(_blob(src, desc["digest"]))
+    config = json.loads(_blob(src, manifest["config"]["digest"]))
+    blobs: dict[str, bytes] = {}
+    layers, diff_ids = [], []
+    for layer in manifest["layers"]:
+        tar = gzip.decompress(_blob(src, layer["digest"]))
+        out = io.BytesIO()
+        res = build(io.BytesIO(tar), out, compression="gzip", level=9, chunk_size=4 << 20)
+        blob = out.getvalue()
+        blobs[res.blob_digest] = blob
+        layers.append({"mediaType": mt.OCI_LAYER_GZIP, "digest": res.blob_digest,
+                       "size": res.blob_size, "annotations": dict(res.annotations)})
+        diff_ids.append(res.diff_id)
+    config["rootfs"]["diff_ids"] = diff_ids
+    cfg_bytes = _dump(config)
+    blobs[_sha(cfg_bytes)] = cfg_bytes
+    manifest["config"] = {**manifest["config"], "digest": _sha(cfg_bytes),
+                          "size": len(cfg_bytes)}
+    manifest["layers"] = layers
+    man_bytes = _dump(manifest)
+    blobs[_sha(man_bytes)] = man_bytes
+    (dst / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+    for digest, data in blobs.items():
+        (dst / "blobs" / "sha256" / digest.split(":")[1]).write_bytes(data)
+    (dst / "oci-layout").write_bytes(_dump({"imageLayoutVersion": "1.0.0"}))
+    new_desc = {**desc, "digest": _sha(man_bytes), "size": len(man_bytes)}
+    (dst / "index.json").write_bytes(_dump({"schemaVersion": 2, "manifests": [new_desc]}))
+    return dst
