@@ -807,6 +807,49 @@ def test_oracle_rejects_tampered_blob_and_wrong_digest(
         goracle.verify(bad, res.toc_digest)
 
 
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_peerstar_rejects_tampered_go_blob(
+    blobs: Blobs, goracle: GoOracle, compression: str
+) -> None:
+    """One flipped byte inside a chunk of a Go-built blob: Go refuses it, so must we."""
+    case = CASES[0]
+    path, gob = blobs.go("all_kinds", compression, case)
+    chunk = next(e for e in goracle.ls(path, contents=False)["entries"]
+                 if e["path"] == "bin/big-odd")["chunks"][2]
+    blob = bytearray(path.read_bytes())
+    blob[(chunk["offset"] + chunk["nextOffset"]) // 2] ^= 0x55
+    r = Reader.from_bytes(bytes(blob), toc_digest=gob.toc_digest)  # the TOC is intact
+    # Chunks before the damaged one still read (the reader fetches only what it needs).
+    assert r.read("bin/big-odd", 0, 100) == tars.payload("odd", 3 * tars.SMALL_CHUNK + 12345)[:100]
+    with pytest.raises(VerifyError):
+        r.read("bin/big-odd", chunk["chunkOffset"], 10)
+    with pytest.raises(VerifyError):
+        r.verify_all()
+
+
+def test_legacy_stargz_footer_reads_like_go(blobs: Blobs, goracle: GoOracle,
+                                            tmp_path: Path) -> None:
+    """A Go-built blob with its footer swapped for the 47-byte legacy stargz footer:
+    Go still opens it (so the bytes are right), and so must peerstar."""
+    case = CASES[0]
+    path, gob = blobs.go("all_kinds", "gzip", case)
+    info = goracle.tocinfo(path)
+    legacy = (b"\x1f\x8b\x08\x04\x00\x00\x00\x00\x00\xff" + (22).to_bytes(2, "little")
+              + b"%016xSTARGZ" % info["tocOffset"] + b"\x01\x00\x00\xff\xff" + bytes(8))
+    assert len(legacy) == 47
+    blob = path.read_bytes()[:-51] + legacy
+    lpath = tmp_path / "legacy.blob"
+    lpath.write_bytes(blob)
+    assert goracle.tocinfo(lpath)["compression"] == "gzip-legacy"
+    go_ls = goracle.ls(lpath, toc_digest=gob.toc_digest)
+    r = Reader.from_bytes(blob, toc_digest=gob.toc_digest)
+    assert r.compression == "gzip-legacy"
+    r.verify_all()
+    assert sorted(peer_tree(r)) == [e["path"] for e in go_ls["entries"]]
+    want = next(e for e in go_ls["entries"] if e["path"] == "bin/big-odd")["contentDigest"]
+    assert sha(r.read("bin/big-odd")) == want
+
+
 # --- a realistic tree ----------------------------------------------------------------------
 
 
