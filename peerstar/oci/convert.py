@@ -381,6 +381,8 @@ class _ImageConverter:
     def run(self) -> Descriptor:
         order: list[Descriptor] = []
         for node in self.source.walk():
+            # Fail on a missing or truncated blob before converting anything.
+            self.source.check_blob(node.descriptor)
             self.nodes[node.descriptor["digest"]] = node
             if node.kind == LAYER and self._is_image_layer(node):
                 order.append(node.descriptor)

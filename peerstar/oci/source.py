@@ -107,6 +107,24 @@ class SourceImage(ABC):
         f.close()
         return True
 
+    def check_blob(self, desc: Descriptor) -> None:
+        """Raise `BlobError` unless the blob of `desc` is stored with the right size.
+
+        Cheap (no hashing): lets a caller fail before long work; digests are still
+        verified when the blob is read.
+        """
+        digest = desc["digest"]
+        if digest in self._memory:
+            stored = len(self._memory[digest])
+        else:
+            f, stored = self._open_raw(digest)
+            f.close()
+        if stored != desc["size"]:
+            raise BlobError(
+                f"{self.ref}: blob {digest} has {stored} bytes, its descriptor says "
+                f"{desc['size']}: the image is truncated or corrupt"
+            )
+
     def read_blob(self, digest: str, size: int | None = None) -> BinaryIO:
         """A stream of the blob that raises `BlobError` at EOF if digest or size is wrong."""
         parse_digest(digest)
