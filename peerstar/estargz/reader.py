@@ -221,7 +221,7 @@ class Reader:
         e = self.lookup(path)
         if e is None or e.type != "reg":
             return []
-        return list(self._chunks.get(e.name, []))
+        return [c for c in self._chunks.get(e.name, []) if c.chunk_size]  # none for empty files
 
     # -- data -----------------------------------------------------------------------
 
