@@ -28,7 +28,11 @@ for svc in containerd docker-registry; do
   fi
 done
 
-python3 -m pip install -q --disable-pip-version-check -e '.[fuse,grpc,test]'
+# A Debian system Python refuses pip installs outside a venv (PEP 668); this machine kind
+# uses its own Python, where the variable is ignored.
+PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --disable-pip-version-check \
+  -e '.[fuse,grpc,test]'
+if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
 
 if [ -f tests/support/jsipfs/package.json ] && [ ! -d tests/support/jsipfs/node_modules ]; then
   (cd tests/support/jsipfs && npm install --no-audit --no-fund --loglevel=error)
