@@ -51,8 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--level", metavar="L", type=int, default=None,
                    help="compression level (gzip 0-9, default 9; zstd 1-22, default 3)")
     pri = p.add_mutually_exclusive_group()
-    pri.add_argument("--prioritize", metavar="PATH", nargs="+", default=[],
-                     help="files to put first (prefetched) in every layer")
+    pri.add_argument("--prioritize", metavar="PATH", nargs="+", action="extend", default=[],
+                     help="files to put first (prefetched), in the layers that hold them")
     pri.add_argument("--prioritize-from", metavar="FILE",
                      help="read prioritized paths from FILE, one per line ('#' comments)")
     p.add_argument("--allow-missing-prioritized", action="store_true",
@@ -154,7 +154,7 @@ class _RichProgress:
         )
 
         self._progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+            TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
             TimeElapsedColumn(), console=Console(stderr=True), transient=False,
         )
         self._tasks: dict[str, Any] = {}
@@ -232,8 +232,8 @@ def _convert_layer(args: argparse.Namespace, options: ConvertOptions) -> int:
     if sys.stderr.isatty():
         from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
-        progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                            transient=True)
+        progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                            DownloadColumn(binary_units=True), transient=True)
         progress.start()
         task = progress.add_task(f"converting {Path(args.src).name}", total=None)
 
@@ -270,8 +270,8 @@ def _convert_image(args: argparse.Namespace, src: Any, dst: Any,
         return 0
     kept = sum(1 for la in report.layers if la.kept)
     tag = f" tag {report.tag}" if report.tag else ""
-    print(f"{report.destination}{tag}: {report.top['mediaType'].rsplit('.', 1)[-1]} "
-          f"{report.top['digest']}")
+    kind = "image index" if report.top["mediaType"].endswith("index.v1+json") else "manifest"
+    print(f"{report.destination}{tag}: {kind} {report.top['digest']}")
     print(f"  {len(report.manifests)} image manifest(s), {len(report.layers)} layer(s) "
           f"({kept} kept as already eStargz)")
     for la in report.layers:

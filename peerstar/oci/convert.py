@@ -6,7 +6,10 @@ Owns the policy of `peerstar convert` for whole images and single layers:
   distinct layers are converted concurrently, which cannot change the output: each
   blob depends only on its input and the options;
 - a layer that is already in the requested format and whose TOC and chunks verify is
-  kept byte for byte (its descriptor gains the annotations if it lacked them);
+  kept byte for byte (its descriptor gains the annotations if it lacked them), unless
+  prioritized files are asked for (then every layer is rebuilt in that order);
+- prioritized paths are looked for in every layer; a path in no layer is an error
+  unless allowed;
 - configs get new `rootfs.diff_ids`; manifests and indexes are rewritten with the new
   digests and sizes, Docker media types become OCI ones; platforms and annotations of
   index entries are preserved; manifests that are not images (attestations, artifacts)
@@ -25,7 +28,7 @@ import tempfile
 import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
@@ -290,16 +293,21 @@ class _ImageConverter:
         what = f"{self.source.ref}: layer {digest}"
         self.progress.layer_started(digest, size)
         note = ""
-        kept, note = self._try_keep(desc, what) if self.options.keep_estargz else (None, "")
+        # With a prioritized list, every layer is rebuilt: a kept blob has its own order.
+        keep = self.options.keep_estargz and not self.options.prioritized
+        kept, note = self._try_keep(desc, what) if keep else (None, "")
         if kept is not None:
             self.progress.layer_advanced(digest, size)
             self.progress.layer_finished(digest, kept)
             return kept
         with self.writer.temp_file() as (path, f):
             stream = self.source.read_blob(digest, size)
+            # A prioritized file lives in one layer of an image, not in every layer:
+            # missing paths are collected per layer and judged over the whole image.
+            per_layer = replace(self.options, allow_missing_prioritized=True)
             try:
                 result, bdigest, bsize = _build_layer(
-                    stream, f, self.options,
+                    stream, f, per_layer,
                     lambda n: self.progress.layer_advanced(digest, n), what)
                 # The builder may stop at the tar's end marker: read the rest so the
                 # source digest is checked over every byte.
@@ -395,7 +403,19 @@ class _ImageConverter:
         finally:
             # On the first failure, do not start the layers still queued.
             pool.shutdown(wait=True, cancel_futures=True)
+        self._check_prioritized()
         return self.rewrite(self.source.top_descriptor)
+
+    def _check_prioritized(self) -> None:
+        if not self.options.prioritized or self.options.allow_missing_prioritized:
+            return
+        nowhere = [p for p in self.options.prioritized
+                   if all(p in la.missing_prioritized for la in self.layers.values())]
+        if nowhere:
+            raise ConvertError(
+                f"{self.source.ref}: prioritized path(s) {', '.join(map(repr, nowhere))} are "
+                "in no layer of the image; fix the list or pass --allow-missing-prioritized"
+            )
 
     def _is_image_layer(self, node: Node) -> bool:
         # Layers of non-image manifests (artifacts) are copied, not converted.

@@ -328,3 +328,30 @@ def test_existing_layout_gets_a_new_tag(sample_image: SampleImage, tmp_path: Pat
     with pytest.raises(ConvertError, match="replace the source image"):
         convert(f"oci:{out}:latest", parse_image_ref(f"oci:{out}"))
     _no_leftovers(tmp_path)
+
+
+def test_prioritized_files_per_layer_and_missing_everywhere(tmp_path: Path,
+                                                            layer_tars: list[bytes]) -> None:
+    from peerstar.estargz import Reader
+
+    e0, r0 = _estargz(layer_tars[0])  # already eStargz, but rebuilt for the priority list
+    b = LayoutBuilder(tmp_path / "src")
+    b.tag(b.image([(e0, OCI_GZIP, dict(r0.annotations)), (gz(layer_tars[1]), OCI_GZIP, None)],
+                  [r0.diff_id, sha(layer_tars[1])]), "p")
+    src = b.finish()
+    out = tmp_path / "out"
+    report = convert(f"oci:{src}", parse_image_ref(f"oci:{out}"),
+                     ConvertOptions(prioritized=("data/small",)))
+    assert [la.kept for la in report.layers] == [False, False]
+    assert report.layers[0].missing_prioritized == ["data/small"]
+    checked = check_image_manifest(out, _index(out)["manifests"][0])
+    names = [e.name for e in Reader.from_bytes(
+        read_blob(out, checked.manifest["layers"][1]["digest"])).entries]
+    assert names.index("data/small") < names.index(".prefetch.landmark") < names.index(
+        "data/big.bin")
+    bad = tmp_path / "bad"
+    with pytest.raises(ConvertError, match="'nowhere/file'.*in no layer"):
+        convert(f"oci:{src}", parse_image_ref(f"oci:{bad}"),
+                ConvertOptions(prioritized=("data/small", "nowhere/file")))
+    assert not bad.exists()
+    _no_leftovers(tmp_path)
