@@ -167,7 +167,7 @@ def decode_file_node(raw: bytes) -> FileNode:
                         name = bytes(lval).decode()  # type: ignore[arg-type]
                     elif lnum == 3 and lwire == 0:
                         tsize = lval  # type: ignore[assignment]
-                node.links.append(Link(CID.decode(bytes(hash_)), tsize, name))
+                node.links.append(Link(CID.decode(bytes(hash_)).set(base="base32"), tsize, name))
             elif num == 1 and wire == 2:
                 unixfs = val
         if unixfs is None:
