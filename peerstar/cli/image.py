@@ -1,0 +1,183 @@
+"""`peerstar push SOURCE` and `peerstar pull ipfs://CID --output oci:DIR`: images in IPFS.
+
+Owns argument handling and the display: per-blob rich progress bars on stderr when it is
+a terminal (nothing otherwise, so scripts read clean output), the pushed image's CID as
+the last line of stdout. The work is done by `peerstar.oci.ipfsimage`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from peerstar.errors import PeerstarError
+from peerstar.oci.ipfsimage import Progress, pull, push
+
+
+def _store_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ipfs-address", metavar="ADDR",
+                   help="IPFS RPC API (multiaddr /ip4/H/tcp/P or URL); default: the api file "
+                        "of $IPFS_PATH or ~/.ipfs, else the embedded store")
+    p.add_argument("--root", type=Path, metavar="DIR",
+                   help="data dir of the embedded store (default ~/.local/share/peerstar)")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="per-call timeout for the IPFS daemon and the registry (default 30)")
+    p.add_argument("--retries", type=int, default=3, metavar="N",
+                   help="retries of a failed IPFS call, with backoff (default 3)")
+    p.add_argument("--jobs", type=int, default=4, metavar="N",
+                   help="blobs transferred at the same time (default 4)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "push",
+        help="store an image in IPFS (nerdctl's format); prints its CID",
+        description=(
+            "Add every blob of an image to IPFS (CIDv1, pinned), rewrite its manifests and "
+            "index with ipfs:// URLs and OCI media types, and print the CID of its top "
+            "descriptor as the last line of stdout. SOURCE is oci:DIR[:TAG], "
+            "docker-archive:FILE or docker://HOST/REPO:TAG (a bare reference means docker://)."
+        ),
+    )
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("--estargz", action="store_true",
+                   help="convert every layer to eStargz first (gzip level 9, 4 MiB chunks)")
+    plat = p.add_mutually_exclusive_group()
+    plat.add_argument("--platform", action="append", metavar="OS/ARCH[/VARIANT]",
+                      help="push only this platform of a multi-platform image (repeatable; "
+                           "default: this machine's)")
+    plat.add_argument("--all-platforms", action="store_true",
+                      help="push every platform of a multi-platform image")
+    p.add_argument("--plain-http", action="store_true",
+                   help="talk HTTP, not HTTPS, to the docker:// registry (local registries)")
+    _store_args(p)
+    p.set_defaults(func=cmd_push)
+
+    q = sub.add_parser(
+        "pull",
+        help="fetch an image from IPFS into an OCI image layout",
+        description=(
+            "Resolve the image descriptor at CID, fetch every blob by its ipfs:// URL, "
+            "verify each digest while streaming and write an OCI image layout (atomically: "
+            "on any error nothing is left behind)."
+        ),
+    )
+    q.add_argument("image", metavar="ipfs://CID", help="the CID printed by push (ipfs:// "
+                   "optional)")
+    q.add_argument("--output", "-o", required=True, metavar="oci:DIR[:TAG]",
+                   help="the OCI layout to write (tag default: latest)")
+    _store_args(q)
+    q.set_defaults(func=cmd_pull)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+class _RichProgress:
+    """One rich bar per blob on stderr; events may come from worker threads."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TransferSpeedColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
+            TransferSpeedColumn(), TimeElapsedColumn(), console=Console(stderr=True),
+        )
+        self._tasks: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._progress.start()
+
+    def blob_started(self, key: str, label: str, size: int) -> None:
+        with self._lock:
+            # A conversion reports decompressed bytes: its total is unknown up front.
+            total = None if key.startswith("convert ") else size
+            self._tasks[key] = self._progress.add_task(label, total=total)
+
+    def blob_advanced(self, key: str, nbytes: int) -> None:
+        with self._lock:
+            task = self._tasks.get(key)
+            if task is not None:
+                self._progress.advance(task, nbytes)
+
+    def blob_finished(self, key: str) -> None:
+        with self._lock:
+            task = self._tasks.get(key)
+            if task is not None:
+                done = self._progress.tasks[task].completed
+                self._progress.update(task, total=done, completed=done)
+
+    def close(self) -> None:
+        self._progress.stop()
+
+
+def _progress() -> _RichProgress | None:
+    return _RichProgress() if sys.stderr.isatty() else None
+
+
+def _check(args: argparse.Namespace) -> None:
+    if args.timeout <= 0:
+        raise PeerstarError(f"--timeout must be positive, not {args.timeout:g}")
+    if args.retries < 0:
+        raise PeerstarError(f"--retries must be >= 0, not {args.retries}")
+    if args.jobs < 1:
+        raise PeerstarError(f"--jobs must be >= 1, not {args.jobs}")
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    _check(args)
+    progress = _progress()
+    try:
+        result = push(
+            args.source, estargz=args.estargz, platforms=args.platform,
+            all_platforms=args.all_platforms, ipfs_address=args.ipfs_address, root=args.root,
+            plain_http=args.plain_http, timeout=args.timeout, retries=args.retries,
+            progress=_as_progress(progress), jobs=args.jobs,
+        )
+    finally:
+        if progress is not None:
+            progress.close()
+    top = result.descriptor
+    print(f"pushed {top['mediaType']} {top['digest']} ({len(result.blobs)} blobs, "
+          f"{_human(result.bytes_added)} of layers and configs)", file=sys.stderr)
+    print(result.cid)  # the last line of stdout, as nerdctl prints it
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    _check(args)
+    progress = _progress()
+    try:
+        result = pull(
+            args.image, args.output, ipfs_address=args.ipfs_address, root=args.root,
+            timeout=args.timeout, retries=args.retries, progress=_as_progress(progress),
+            jobs=args.jobs,
+        )
+    finally:
+        if progress is not None:
+            progress.close()
+    top = result.descriptor
+    print(f"pulled ipfs://{result.cid}: {top['mediaType']} {top['digest']} "
+          f"({_human(result.bytes_fetched)}) -> oci:{result.output}:{result.tag}",
+          file=sys.stderr)
+    print(f"{top['digest']}")
+    return 0
+
+
+def _as_progress(p: _RichProgress | None) -> Progress | None:
+    return p
