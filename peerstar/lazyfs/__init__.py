@@ -1,0 +1,51 @@
+"""Lazy layer filesystem: eStargz layers mounted over FUSE, chunks fetched on first read.
+
+Owns everything between a layer URL and a read-only directory: HTTP range fetching
+(`fetcher`), registry auth (`auth`), on-disk caches (`cache`), the verified layer model
+with prefetch and background fetch (`layer`), the pyfuse3 filesystem (`fs`), the mount
+daemon (`mountd`), the mount API (`mount`), image resolution and the merged overlay
+rootfs for `peerstar mount` (`image`), and Prometheus metrics (`metrics`).
+
+Mount API (for the snapshotter)
+-------------------------------
+    from peerstar.lazyfs import mount_layer, find_mount, MountError, LayerMount
+
+    m: LayerMount = mount_layer(
+        url,            # "http://127.0.0.1:5050/v2/ipfs/<cid>/blobs/sha256:..." (blob_url())
+        digest,         # layer blob digest
+        toc_digest,     # annotation containerd.io/snapshot/stargz/toc.digest
+        mountpoint,     # an existing empty directory
+        cache_dir,      # shared by all layers: regions/, chunks/, mounts/ (state, logs)
+        prefetch_timeout=10.0,   # wait at most this long for the prioritized files
+        verify=True,             # False only by explicit configuration
+        size=None,               # blob size if known (descriptor size): saves a request
+        prefetch_size=0,         # bytes to prefetch when the layer has no landmark
+        region_size=50_000, region_cache_bytes=0, chunk_cache_bytes=0,  # 0 = unbounded
+        request_timeout=30.0, retries=3, background=True, background_idle=5.0,
+        username=None, password=None, token=None,   # registry auth (anonymous by default)
+    )
+    m.mountpoint, m.pid, m.mount_seconds, m.prefetch_done
+    m.stats()      # {"size", "fetchedSize", "cachedSize", "fetchedPercent", ...}
+    m.alive, m.mounted
+    m.unmount()    # umount; the daemon exits; SIGTERM/SIGKILL only if it does not
+    find_mount(mountpoint, cache_dir) -> LayerMount | None   # re-attach after a restart
+
+`mount_layer` raises `MountError` (a `PeerstarError`) when the blob cannot be fetched,
+is not eStargz/zstd:chunked, its TOC digest differs, or FUSE fails; nothing stays
+mounted then. Each layer is served by its own process,
+`python -m peerstar.lazyfs.mountd --url U --digest D --toc-digest T --mountpoint M
+--cache-dir C [...]` (pyfuse3 allows one FUSE session per process), started in its own
+session: a snapshotter restart does not end the mounts; after restarting, the
+snapshotter calls `find_mount` for each persisted remote snapshot. `umount M` ends a
+daemon cleanly. Inside each mount, `/.peerstar-lazyfs/<digest>.json` (hidden from
+listings) gives live fetch statistics; `<cache_dir>/mounts/<key>.stats.json` and
+`.prom` hold the last saved statistics and Prometheus metrics of each daemon.
+"""
+
+from peerstar.lazyfs.fetcher import BlobFetcher, FetchError, blob_url, is_plain_http_host
+from peerstar.lazyfs.mount import LayerMount, MountError, find_mount, mount_layer
+
+__all__ = [
+    "BlobFetcher", "FetchError", "LayerMount", "MountError", "blob_url", "find_mount",
+    "is_plain_http_host", "mount_layer",
+]

@@ -1,0 +1,211 @@
+"""One lazily fetched eStargz layer: the verified TOC, verified chunk reads, prefetch,
+background fetch and the per-layer stats.
+
+Owns: `LazyLayer.open` (footer and TOC through the fetcher, TOC checked against the
+expected TOC digest), `read_file` (only the chunks covering the request are fetched,
+each decompressed and checked against its `chunkDigest` before any byte is returned;
+verified chunks are cached on disk by digest), `prefetch` (`[0, .prefetch.landmark)`),
+the idle-time background fetcher (yields to on-demand reads), and `stats()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from bisect import bisect_right
+
+from peerstar.estargz import Reader
+from peerstar.estargz.errors import VerifyError
+from peerstar.estargz.toc import TOCEntry
+from peerstar.lazyfs import metrics
+from peerstar.lazyfs.cache import DiskCache
+from peerstar.lazyfs.fetcher import BlobFetcher, FetchError
+
+log = logging.getLogger("peerstar.lazyfs.layer")
+
+BACKGROUND_BATCH = 1 << 20  # bytes per background request
+
+
+class ChunkVerifyError(Exception):
+    """A chunk's bytes did not match the TOC: readers get EIO, never the bytes."""
+
+
+class LazyLayer:
+    """A remote layer opened from its TOC; thread-safe reads."""
+
+    def __init__(self, fetcher: BlobFetcher, reader: Reader, chunk_cache: DiskCache | None,
+                 *, verify: bool = True) -> None:
+        self.fetcher = fetcher
+        self.reader = reader
+        self.chunk_cache = chunk_cache
+        self.verify = verify
+        self.digest = fetcher.digest
+        self._label = self.digest[:19]
+        self.last_foreground = 0.0  # monotonic time of the last on-demand read
+        self.prefetch_done = threading.Event()
+        self.prefetch_error: str | None = None
+        self._stop = threading.Event()
+        self._bg_thread: threading.Thread | None = None
+        self.verify_failures = 0
+
+    @classmethod
+    def open(cls, fetcher: BlobFetcher, *, toc_digest: str | None,
+             chunk_cache: DiskCache | None = None, verify: bool = True) -> LazyLayer:
+        """Read footer and TOC; with `verify`, the TOC must have digest `toc_digest`."""
+        if verify and not toc_digest:
+            raise VerifyError("no TOC digest to verify the layer against (pass verify=False "
+                              "to mount an unverified layer)")
+        reader = Reader.open(lambda off, n: fetcher.read_at(off, n, "toc"), fetcher.size,
+                             toc_digest=toc_digest if verify else None)
+        return cls(fetcher, reader, chunk_cache, verify=verify)
+
+    # -- reads -----------------------------------------------------------------------
+
+    def _chunk_key(self, chunk: TOCEntry) -> str:
+        if self.verify and chunk.chunk_digest:
+            return chunk.chunk_digest  # content-addressed: shared by layers holding it
+        return f"{self.digest}@{chunk.offset}"
+
+    def chunk_bytes(self, chunk: TOCEntry, kind: str = "on_demand") -> bytes:
+        """The verified uncompressed bytes of one chunk."""
+        key = self._chunk_key(chunk)
+        if self.chunk_cache is not None:
+            data = self.chunk_cache.get(key, chunk.chunk_size)
+            if data is not None:
+                return data
+        start, end = self.reader.chunk_section(chunk)
+        section = self.fetcher.read_at(start, end - start, kind)
+        try:
+            data = self.reader.decompress_chunk(chunk, section, verify=self.verify)
+        except VerifyError as exc:
+            self.verify_failures += 1
+            metrics.VERIFY_FAILURES.labels(self._label).inc()
+            log.error("layer %s: %s -- refusing to serve these bytes (EIO)", self.digest, exc)
+            # The bad bytes must not stay cached: a fixed server gets a fresh chance.
+            self.fetcher.forget(start, end - start)
+            raise ChunkVerifyError(str(exc)) from None
+        if self.chunk_cache is not None:
+            self.chunk_cache.put(key, data)
+        return data
+
+    def read_file(self, entry: TOCEntry, offset: int, size: int) -> bytes:
+        """`size` bytes of regular file `entry` at `offset` (raises ChunkVerifyError,
+        FetchError)."""
+        self.last_foreground = time.monotonic()
+        end = min(entry.size, offset + size)
+        if offset >= end:
+            return b""
+        chunks = self.reader.chunks(entry.name)
+        starts = [c.chunk_offset for c in chunks]
+        i = max(0, bisect_right(starts, offset) - 1)
+        out = []
+        while i < len(chunks) and chunks[i].chunk_offset < end:
+            c = chunks[i]
+            data = self.chunk_bytes(c)
+            lo = max(offset, c.chunk_offset) - c.chunk_offset
+            hi = min(end, c.chunk_offset + c.chunk_size) - c.chunk_offset
+            out.append(data[lo:hi])
+            i += 1
+        self.last_foreground = time.monotonic()
+        return b"".join(out)
+
+    # -- prefetch and background fetch ----------------------------------------------
+
+    def prefetch_range(self, default_size: int = 0) -> int:
+        """End of the prefetch range: the landmark offset, 0 with `.no.prefetch.landmark`,
+        else `default_size` (the `stargz.prefetch` label of the reference)."""
+        if self.reader.lookup(".no.prefetch.landmark") is not None:
+            return 0
+        end = self.reader.prefetch_end()
+        if end is not None:
+            return end
+        return min(default_size, self.reader.footer.data_end)
+
+    def prefetch(self, default_size: int = 0) -> None:
+        """Fetch `[0, prefetch_range)` in one go, then decompress and verify the chunks in
+        it into the chunk cache, so the prioritized files read without the network."""
+        t0 = time.monotonic()
+        try:
+            end = self.prefetch_range(default_size)
+            if end > 0:
+                self.fetcher.read_at(0, end, "prefetch")
+                for e in self.reader.entries:
+                    if e.is_data and e.chunk_size > 0 and e.offset < end:
+                        try:
+                            self.chunk_bytes(e, "prefetch")
+                        except ChunkVerifyError:
+                            pass  # logged; reading that file gives EIO
+        except FetchError as exc:
+            self.prefetch_error = str(exc)
+            log.warning("layer %s: prefetch failed: %s", self.digest, exc)
+        finally:
+            metrics.PREFETCH_SECONDS.labels(self._label).observe(time.monotonic() - t0)
+            self.prefetch_done.set()
+
+    def start_background(self, idle: float = 5.0, workers: int = 2) -> None:
+        """Fetch the rest of the blob once no on-demand read happened for `idle` seconds."""
+        if self._bg_thread is not None:
+            return
+        self._bg_next = 0
+        self._bg_lock = threading.Lock()
+        threads = [threading.Thread(target=self._background, args=(idle,), daemon=True,
+                                    name=f"bg-{self._label}-{n}") for n in range(workers)]
+        self._bg_thread = threads[0]
+        for t in threads:
+            t.start()
+
+    def _background(self, idle: float) -> None:
+        f = self.fetcher
+        per = max(1, BACKGROUND_BATCH // f.region_size)
+        try:
+            total = f.num_regions()
+        except FetchError:
+            return
+        while not self._stop.is_set():
+            quiet = time.monotonic() - self.last_foreground
+            if quiet < idle:  # an on-demand read is recent: let it have the bandwidth
+                self._stop.wait(idle - quiet)
+                continue
+            with self._bg_lock:
+                first = self._bg_next
+                self._bg_next += per
+            if first >= total:
+                return
+            todo = [i for i in range(first, min(first + per, total)) if not f.is_cached(i)]
+            if not todo:
+                continue
+            try:
+                f.get_regions(todo, "background")
+            except FetchError as exc:
+                log.info("layer %s: background fetch paused: %s", self.digest, exc)
+                with self._bg_lock:
+                    self._bg_next = min(self._bg_next, first)
+                self._stop.wait(idle)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- stats -----------------------------------------------------------------------
+
+    def stats(self) -> dict[str, object]:
+        f = self.fetcher
+        size = f.size
+        cached = 0
+        if f.cache is not None:
+            for i in range(f.num_regions()):
+                if f.is_cached(i):
+                    a, b = f.region_span(i)
+                    cached += b - a
+        return {
+            "digest": self.digest,
+            "size": size,
+            "fetchedSize": f.stats.fetched_bytes,
+            "cachedSize": cached,
+            "fetchedPercent": round(100.0 * cached / size, 2) if size else 100.0,
+            "requests": f.stats.requests,
+            "singleRangeMode": f.single_range,
+            "prefetchDone": self.prefetch_done.is_set(),
+            "prefetchError": self.prefetch_error,
+            "verifyFailures": self.verify_failures,
+        }

@@ -1,0 +1,256 @@
+"""The mount API: start a mount daemon for one layer, wait until it is ready, end it.
+
+Owns: `mount_layer` (spawns `python -m peerstar.lazyfs.mountd` in its own session and
+waits for its readiness line), `LayerMount` (`unmount()`, `stats()`, `alive`), and
+`find_mount` (re-attach to a daemon that survived a restart of the starting process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from peerstar.errors import PeerstarError
+from peerstar.lazyfs.fetcher import DEFAULT_REGION_SIZE
+from peerstar.lazyfs.state import (
+    PASSWORD_ENV,
+    TOKEN_ENV,
+    StatePaths,
+    is_fuse_mounted,
+    state_paths,
+)
+
+
+class MountError(PeerstarError):
+    """The layer could not be mounted (fetch, TOC verification, FUSE); the message says why."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is not alive for our purposes
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@dataclass
+class LayerMount:
+    """A running mount daemon serving one layer at `mountpoint`."""
+
+    mountpoint: Path
+    digest: str
+    pid: int
+    paths: StatePaths
+    mount_seconds: float = 0.0
+    prefetch_done: bool = False
+    _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def alive(self) -> bool:
+        if self._proc is not None:
+            return self._proc.poll() is None
+        return _pid_alive(self.pid)
+
+    @property
+    def mounted(self) -> bool:
+        return is_fuse_mounted(self.mountpoint)
+
+    def stats(self) -> dict[str, object]:
+        """Fetch statistics, live from the mount's hidden stats file (or the last saved)."""
+        live = self.mountpoint / ".peerstar-lazyfs" / f"{self.digest}.json"
+        for p in (live, self.paths.stats):
+            try:
+                return json.loads(p.read_text())
+            except (OSError, ValueError):
+                continue
+        return {}
+
+    def _wait_exit(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive:
+                return True
+            time.sleep(0.02)
+        return not self.alive
+
+    def unmount(self, *, timeout: float = 10.0, lazy: bool = False) -> None:
+        """`umount` the mountpoint (the daemon then exits by itself); escalate to SIGTERM
+        and SIGKILL if it does not. `lazy` detaches a busy mount (`umount -l`)."""
+        if self.mounted:
+            cmd = ["umount", "-l", str(self.mountpoint)] if lazy else [
+                "umount", str(self.mountpoint)]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode != 0 and self.mounted:
+                raise MountError(f"cannot unmount {self.mountpoint}: "
+                                 f"{res.stderr.strip() or res.returncode}")
+        if self._wait_exit(timeout):
+            self._reap()
+            return
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                break
+            if self._wait_exit(5.0):
+                break
+        self._reap()
+
+    def _reap(self) -> None:
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def mount_layer(
+    url: str,
+    digest: str,
+    toc_digest: str,
+    mountpoint: Path,
+    cache_dir: Path,
+    *,
+    prefetch_timeout: float = 10.0,
+    verify: bool = True,
+    size: int | None = None,
+    prefetch_size: int = 0,
+    region_size: int = DEFAULT_REGION_SIZE,
+    region_cache_bytes: int = 0,
+    chunk_cache_bytes: int = 0,
+    request_timeout: float = 30.0,
+    retries: int = 3,
+    background: bool = True,
+    background_idle: float = 5.0,
+    username: str | None = None,
+    password: str | None = None,
+    token: str | None = None,
+    open_timeout: float = 60.0,
+    debug: bool = False,
+) -> LayerMount:
+    """Mount the eStargz layer at `url` read-only at `mountpoint`; return when it is ready.
+
+    Ready means: TOC fetched and verified against `toc_digest`, FUSE mounted, and the
+    prioritized files prefetched (or `prefetch_timeout` seconds passed). Raises
+    `MountError` with the daemon's reason otherwise (nothing is left mounted).
+    """
+    mountpoint = Path(mountpoint).resolve()
+    cache_dir = Path(cache_dir)
+    if not mountpoint.is_dir():
+        raise MountError(f"mountpoint {mountpoint} is not a directory")
+    if is_fuse_mounted(mountpoint):
+        raise MountError(f"{mountpoint} is already a FUSE mount")
+    if verify and not toc_digest:
+        raise MountError(f"layer {digest} has no TOC digest: cannot verify it")
+    paths = state_paths(cache_dir, mountpoint)
+    cmd = [sys.executable, "-m", "peerstar.lazyfs.mountd", "--url", url, "--digest", digest,
+           "--toc-digest", toc_digest, "--mountpoint", str(mountpoint),
+           "--cache-dir", str(cache_dir), "--prefetch-timeout", str(prefetch_timeout),
+           "--prefetch-size", str(prefetch_size), "--region-size", str(region_size),
+           "--region-cache-bytes", str(region_cache_bytes),
+           "--chunk-cache-bytes", str(chunk_cache_bytes),
+           "--timeout", str(request_timeout), "--retries", str(retries),
+           "--background-idle", str(background_idle)]
+    if size is not None:
+        cmd += ["--size", str(size)]
+    if not verify:
+        cmd.append("--no-verify")
+    if not background:
+        cmd.append("--no-background")
+    if username is not None:
+        cmd += ["--username", username]
+    if debug:
+        cmd.append("--debug")
+    env = dict(os.environ)
+    if password is not None:
+        env[PASSWORD_ENV] = password
+    if token is not None:
+        env[TOKEN_ENV] = token
+    # The daemon imports peerstar from wherever this process did.
+    pkg_root = str(Path(__file__).resolve().parent.parent.parent)
+    env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get(
+        "PYTHONPATH") else "")
+    rfd, wfd = os.pipe()
+    try:
+        with open(paths.log, "ab") as logf:
+            proc = subprocess.Popen(
+                cmd + ["--ready-fd", str(wfd)], stdin=subprocess.DEVNULL, stdout=logf,
+                stderr=subprocess.STDOUT, pass_fds=(wfd,), env=env,
+                start_new_session=True)  # survives the starter's restart and its signals
+    finally:
+        os.close(wfd)
+    try:
+        line = _read_line(rfd, open_timeout + prefetch_timeout)
+    finally:
+        os.close(rfd)
+    msg: dict[str, object] = {}
+    if line:
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            msg = {}
+    if not msg.get("ok"):
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        reason = msg.get("error") or _tail(paths.log) or "the mount daemon exited without a word"
+        raise MountError(f"cannot mount layer {digest} at {mountpoint}: {reason}")
+    return LayerMount(mountpoint, digest, proc.pid, paths,
+                      mount_seconds=float(msg.get("mount_seconds", 0.0)),  # type: ignore[arg-type]
+                      prefetch_done=bool(msg.get("prefetch_done")), _proc=proc)
+
+
+def find_mount(mountpoint: Path, cache_dir: Path) -> LayerMount | None:
+    """The daemon serving `mountpoint`, from its state file, if it still runs and the
+    mount is still there (used after a restart of the process that started it)."""
+    mountpoint = Path(mountpoint).resolve()
+    paths = state_paths(cache_dir, mountpoint)
+    try:
+        st = json.loads(paths.state.read_text())
+    except (OSError, ValueError):
+        return None
+    pid = int(st.get("pid", 0))
+    if not pid or not _pid_alive(pid) or not is_fuse_mounted(mountpoint):
+        return None
+    return LayerMount(mountpoint, str(st.get("digest", "")), pid, paths, prefetch_done=True)
+
+
+def _read_line(fd: int, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    buf = b""
+    while b"\n" not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            break
+        piece = os.read(fd, 4096)
+        if not piece:
+            break
+        buf += piece
+    return buf.decode(errors="replace").strip()
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(text[-lines:])

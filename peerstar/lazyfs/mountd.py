@@ -1,0 +1,173 @@
+"""The mount daemon: one process serving one lazy layer over FUSE until it is unmounted.
+
+Run as `python -m peerstar.lazyfs.mountd --url URL --digest D --toc-digest T
+--mountpoint DIR --cache-dir DIR [options]` (see `--help`). It opens the layer (footer,
+TOC, TOC digest check), mounts it (pyfuse3 keeps one session per process, hence one
+process per layer), prefetches the prioritized files for at most `--prefetch-timeout`
+seconds, then reports readiness as one JSON line on `--ready-fd` and serves until
+`umount DIR` (clean exit 0) or SIGTERM/SIGINT (unmounts itself). It runs in its own
+session, so the process that started it (the snapshotter, `peerstar mount`) may exit or
+restart without taking the mount down. While it runs it keeps `<state>.json` (pid,
+mountpoint, layer), `<state>.stats.json` (fetched bytes, percent) and `<state>.prom`
+(Prometheus text format) up to date under `<cache-dir>/mounts/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from peerstar.lazyfs import metrics
+from peerstar.lazyfs.auth import RegistryAuth
+from peerstar.lazyfs.cache import DiskCache
+from peerstar.lazyfs.fetcher import DEFAULT_REGION_SIZE, BlobFetcher
+from peerstar.lazyfs.fs import LayerFS
+from peerstar.lazyfs.layer import LazyLayer
+from peerstar.lazyfs.state import PASSWORD_ENV, TOKEN_ENV, state_paths, write_json_atomic
+
+log = logging.getLogger("peerstar.lazyfs.mountd")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m peerstar.lazyfs.mountd",
+                                description="Serve one eStargz layer lazily over FUSE.")
+    p.add_argument("--url", required=True, help="blob URL (http(s)://HOST/v2/REPO/blobs/D)")
+    p.add_argument("--digest", required=True, help="the layer blob digest")
+    p.add_argument("--toc-digest", default="", help="expected TOC digest (annotation)")
+    p.add_argument("--mountpoint", required=True, type=Path)
+    p.add_argument("--cache-dir", required=True, type=Path)
+    p.add_argument("--size", type=int, default=None, help="blob size if known (skips a request)")
+    p.add_argument("--prefetch-timeout", type=float, default=10.0)
+    p.add_argument("--prefetch-size", type=int, default=0,
+                   help="bytes to prefetch when the layer has no landmark")
+    p.add_argument("--no-verify", action="store_true",
+                   help="DANGEROUS: serve chunks without checking their digests")
+    p.add_argument("--region-size", type=int, default=DEFAULT_REGION_SIZE)
+    p.add_argument("--region-cache-bytes", type=int, default=0, help="0 = unbounded")
+    p.add_argument("--chunk-cache-bytes", type=int, default=0, help="0 = unbounded")
+    p.add_argument("--timeout", type=float, default=30.0, help="per HTTP request")
+    p.add_argument("--retries", type=int, default=3)
+    p.add_argument("--no-background", action="store_true", help="no idle-time full fetch")
+    p.add_argument("--background-idle", type=float, default=5.0)
+    p.add_argument("--username", default=None, help=f"registry user (password in ${PASSWORD_ENV})")
+    p.add_argument("--ready-fd", type=int, default=-1)
+    p.add_argument("--debug", action="store_true")
+    return p
+
+
+def _report(fd: int, msg: dict[str, object]) -> None:
+    if fd < 0:
+        print(json.dumps(msg), flush=True)
+        return
+    try:
+        os.write(fd, (json.dumps(msg) + "\n").encode())
+    except OSError:
+        pass  # the starter went away; the mount itself is still good
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
+    t0 = time.monotonic()
+    mountpoint = args.mountpoint.resolve()
+    paths = state_paths(args.cache_dir, mountpoint)
+    label = args.digest[:19]
+    try:
+        regions = DiskCache(args.cache_dir / "regions", args.region_cache_bytes)
+        chunks = DiskCache(args.cache_dir / "chunks", args.chunk_cache_bytes)
+        auth = RegistryAuth(args.username, os.environ.get(PASSWORD_ENV),
+                            os.environ.get(TOKEN_ENV))
+        fetcher = BlobFetcher(args.url, digest=args.digest, size=args.size,
+                              region_size=args.region_size, cache=regions,
+                              timeout=args.timeout, retries=args.retries, auth=auth)
+        layer = LazyLayer.open(fetcher, toc_digest=args.toc_digest or None,
+                               chunk_cache=chunks, verify=not args.no_verify)
+        fs = LayerFS(layer)
+        options = set(pyfuse3.default_options)  # default_permissions: kernel checks modes
+        options |= {"ro", "allow_other", "fsname=peerstar-lazyfs", "subtype=peerstar"}
+        pyfuse3.init(fs, str(mountpoint), options)
+    except Exception as exc:  # every failure is reported to the starter, then exit 1
+        log.error("cannot mount %s at %s: %s", args.digest, mountpoint, exc)
+        _report(args.ready_fd, {"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+        return 1
+    write_json_atomic(paths.state, {
+        "pid": os.getpid(), "mountpoint": str(mountpoint), "digest": args.digest,
+        "url": args.url, "toc_digest": args.toc_digest, "started": time.time(),
+    })
+    terminated = False
+
+    def write_stats() -> None:
+        try:
+            write_json_atomic(paths.stats, layer.stats())
+            metrics.write_textfile(paths.prom)
+        except OSError as exc:
+            log.warning("cannot write stats: %s", exc)
+
+    async def serve() -> None:
+        nonlocal terminated
+        async with trio.open_nursery() as nursery:
+            async def fuse_main() -> None:
+                await pyfuse3.main()
+                nursery.cancel_scope.cancel()  # unmounted: stop the helpers too
+
+            async def on_signal() -> None:
+                nonlocal terminated
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+                    async for _ in sigs:
+                        terminated = True
+                        pyfuse3.terminate()
+                        return
+
+            async def stats_loop() -> None:
+                while True:
+                    await trio.to_thread.run_sync(write_stats)
+                    await trio.sleep(2)
+
+            nursery.start_soon(fuse_main)
+            nursery.start_soon(on_signal)
+            threading.Thread(target=layer.prefetch, args=(args.prefetch_size,),
+                             daemon=True, name="prefetch").start()
+            with trio.move_on_after(args.prefetch_timeout):
+                while not layer.prefetch_done.is_set():
+                    await trio.sleep(0.01)
+            elapsed = time.monotonic() - t0
+            metrics.MOUNT_SECONDS.labels(label).observe(elapsed)
+            _report(args.ready_fd, {"ok": True, "pid": os.getpid(),
+                                    "mount_seconds": round(elapsed, 3),
+                                    "prefetch_done": layer.prefetch_done.is_set()})
+            log.info("layer %s mounted at %s in %.3fs", args.digest, mountpoint, elapsed)
+            if not args.no_background:
+                layer.start_background(args.background_idle)
+            nursery.start_soon(stats_loop)
+
+    try:
+        trio.run(serve)
+    finally:
+        layer.stop()
+        pyfuse3.close(unmount=terminated)
+        write_stats()
+        paths.state.unlink(missing_ok=True)
+        fetcher.close()
+    log.info("layer %s at %s: unmounted", args.digest, mountpoint)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Where a mount daemon keeps its state files, and how they are written.
+
+Owns: the per-mount file names under `<cache-dir>/mounts/` (keyed by a hash of the
+mountpoint, so the same layer may be mounted at several places), atomic JSON writes,
+and the mount table lookup (`is_fuse_mounted`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+# Registry secrets reach the mount daemon in its environment, never on its command line
+# (which `ps` shows to every user).
+PASSWORD_ENV = "PEERSTAR_REGISTRY_PASSWORD"
+TOKEN_ENV = "PEERSTAR_REGISTRY_TOKEN"
+
+
+@dataclass(frozen=True)
+class StatePaths:
+    state: Path  # {"pid", "mountpoint", "digest", "url", ...} while the daemon runs
+    stats: Path  # LazyLayer.stats(), refreshed every 2 s and at exit
+    prom: Path  # Prometheus text format of the daemon's metrics
+    log: Path  # the daemon's stdout/stderr
+
+
+def state_paths(cache_dir: Path, mountpoint: Path) -> StatePaths:
+    key = hashlib.sha256(str(Path(mountpoint).resolve()).encode()).hexdigest()[:16]
+    d = Path(cache_dir) / "mounts"
+    d.mkdir(parents=True, exist_ok=True)
+    return StatePaths(d / f"{key}.json", d / f"{key}.stats.json", d / f"{key}.prom",
+                      d / f"{key}.log")
+
+
+def write_json_atomic(path: Path, obj: object) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _unescape(field: str) -> str:
+    # /proc/self/mountinfo escapes space, tab, newline and backslash as octal.
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and i + 3 < len(field) + 0 and field[i + 1:i + 4].isdigit():
+            out.append(chr(int(field[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mount_fstype(mountpoint: Path) -> str | None:
+    """The filesystem type mounted exactly at `mountpoint` (topmost), or None."""
+    target = str(Path(mountpoint).resolve())
+    found = None
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                fields = left.split()
+                if len(fields) >= 5 and _unescape(fields[4]) == target:
+                    found = right.split()[0]
+    except OSError:
+        return None
+    return found
+
+
+def is_fuse_mounted(mountpoint: Path) -> bool:
+    return (mount_fstype(mountpoint) or "").startswith("fuse")
