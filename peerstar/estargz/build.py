@@ -19,7 +19,6 @@ import io
 import mmap
 import os
 import posixpath
-import shutil
 import struct
 import tempfile
 import threading
@@ -76,7 +75,8 @@ class BuildResult:
 class _Input:
     """The decompressed source tar, random-access (mmap of a file, or bytes)."""
 
-    def __init__(self, src: BinaryIO | bytes) -> None:
+    def __init__(self, src: BinaryIO | bytes, spool_dir: str | None = None) -> None:
+        self._spool_dir = spool_dir
         self._tmp: BinaryIO | None = None
         self._mm: mmap.mmap | None = None
         if isinstance(src, bytes | bytearray | memoryview):
@@ -98,11 +98,27 @@ class _Input:
             self._spool(src)
 
     def _spool(self, reader: BinaryIO) -> None:
-        self._tmp = tempfile.TemporaryFile(prefix="peerstar-tar-")
+        """Copy the (decompressed) input to a temp file, telling read from write errors."""
         try:
-            shutil.copyfileobj(reader, self._tmp, 1 << 20)
-        except (OSError, EOFError, zlib.error, zstandard.ZstdError) as exc:
-            raise FormatError(f"cannot decompress the input layer: {exc}") from None
+            self._tmp = tempfile.TemporaryFile(prefix="peerstar-tar-", dir=self._spool_dir)
+        except OSError as exc:
+            where = self._spool_dir or tempfile.gettempdir()
+            raise EstargzError(f"cannot create a temporary file in {where}: {exc}") from None
+        while True:
+            try:
+                block = reader.read(1 << 20)
+            except (OSError, EOFError, zlib.error, zstandard.ZstdError) as exc:
+                raise FormatError(f"cannot decompress the input layer: {exc}") from None
+            if not block:
+                break
+            try:
+                self._tmp.write(block)
+            except OSError as exc:
+                where = self._spool_dir or tempfile.gettempdir()
+                raise EstargzError(
+                    f"cannot write the decompressed input layer to {where}: {exc.strerror or exc}"
+                    " (free space there, or pass another spool directory)"
+                ) from None
         self._tmp.flush()
         self._map(self._tmp)
 
@@ -240,10 +256,13 @@ def build(
     allow_missing_prioritized: bool = False,
     workers: int | None = None,
     progress: Callable[[int], None] | None = None,
+    spool_dir: str | None = None,
 ) -> BuildResult:
     """Convert the layer tar `src` (plain, gzip or zstd) into a blob written to `dst`.
 
     `progress`, if given, is called with the number of source bytes just processed.
+    A compressed or unseekable input is first decompressed into a temporary file in
+    `spool_dir` (default: the system temp dir).
     """
     if compression not in ("gzip", "zstd"):
         raise EstargzError(f"unknown compression {compression!r}: use 'gzip' or 'zstd'")
@@ -256,7 +275,7 @@ def build(
     if compression == "zstd" and not 1 <= level <= 22:
         raise EstargzError(f"zstd level must be 1..22, not {level}")
     workers = workers or os.cpu_count() or 1
-    inp = _Input(src)
+    inp = _Input(src, spool_dir)
     try:
         return _build(
             inp, dst, compression, chunk_size, level, prioritized,

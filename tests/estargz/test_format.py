@@ -311,3 +311,26 @@ def test_legacy_stargz_footer_is_read():
     assert len(legacy) == 47
     r = Reader.from_bytes(blob[:-51] + legacy)
     assert r.compression == "gzip-legacy" and r.read("f") == b"legacy"
+
+
+def test_spool_write_errors_are_not_reported_as_bad_input(monkeypatch, tmp_path):
+    import errno
+    import tempfile as tf_mod
+
+    real = tf_mod.TemporaryFile
+
+    class Full(io.BufferedRandom):
+        def write(self, b):  # noqa: D401 - a disk that fills up at once
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def full_tmp(*a, **kw):
+        f = real(*a, **kw)
+        return Full(f.raw)
+
+    monkeypatch.setattr(tf_mod, "TemporaryFile", full_tmp)
+    tar = gzip.compress(make_tar([{"name": "a", "data": b"x" * 5000}]))
+    with pytest.raises(EstargzError, match="No space left.*spool directory") as ei:
+        blob_of(tar, spool_dir=str(tmp_path))
+    assert not isinstance(ei.value, FormatError)
+    with pytest.raises(EstargzError, match="cannot create a temporary file"):
+        blob_of(tar, spool_dir=str(tmp_path / "missing"))
