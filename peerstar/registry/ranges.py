@@ -17,7 +17,7 @@ MAX_RANGES = 64
 # A Range header longer than this is rejected before any parsing work.
 MAX_RANGE_HEADER = 4096
 
-_SPEC_RE = re.compile(r"^\s*(\d*)\s*-\s*(\d*)\s*$")
+_SPEC_RE = re.compile(r"^[ \t]*([0-9]*)[ \t]*-[ \t]*([0-9]*)[ \t]*$")
 _MAX_DIGITS = 19  # fits in a signed 64-bit offset; longer numbers are malformed
 
 

@@ -63,7 +63,8 @@ access_log = logging.getLogger("peerstar.registry.access")
 
 API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
 _CID_PATTERN = r"[A-Za-z0-9]{1,200}"
-_REF_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9._:-]{0,199}"
+# Loose on purpose: a malformed ref or digest gets its specific error from the handler.
+_REF_PATTERN = r"[^/]{1,300}"
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,18 @@ class ServerOptions:
     # A connection that does not complete a request's headers in this time is closed
     # (slowloris); aiohttp applies its keep-alive timer from the connection's start.
     header_timeout: float = 30.0
+
+
+@dataclass
+class _RequestState:
+    """What the middleware needs to know about a response a handler streamed."""
+
+    sent: int = 0
+    status: int = 0
+    response: web.StreamResponse | None = None
+
+
+_STATE = web.RequestKey("peerstar_registry_state", _RequestState)
 
 
 class _Abort(Exception):
@@ -157,13 +170,14 @@ class RegistryServer:
     def app(self) -> web.Application:
         """The aiohttp application serving the registry API."""
         app = web.Application(middlewares=[self._middleware], client_max_size=1024)
-        app.router.add_route("GET", "/v2/", self._base, name="base")
+        # add_get also answers HEAD with the same handler (aiohttp omits the body)
+        app.router.add_get("/v2/", self._base, name="base")
         base = "/v2/ipfs/{cid:" + _CID_PATTERN + "}"
-        app.router.add_route("GET", base + "/manifests/{ref:" + _REF_PATTERN + "}",
-                             self._manifest, name="manifest")
-        app.router.add_route("GET", base + "/blobs/{digest:" + _REF_PATTERN + "}",
-                             self._blob, name="blob")
-        app.router.add_route("GET", base + "/tags/list", self._tags, name="tags")
+        app.router.add_get(base + "/manifests/{ref:" + _REF_PATTERN + "}", self._manifest,
+                           name="manifest")
+        app.router.add_get(base + "/blobs/{digest:" + _REF_PATTERN + "}", self._blob,
+                           name="blob")
+        app.router.add_get(base + "/tags/list", self._tags, name="tags")
         app.router.add_route("*", "/{tail:.*}", self._fallback, name="other")
         return app
 
@@ -181,7 +195,7 @@ class RegistryServer:
     @web.middleware
     async def _middleware(self, request: web.Request, handler) -> web.StreamResponse:
         start = time.monotonic()
-        request["sent"] = 0
+        state = request[_STATE] = _RequestState()
         status = 0
         error_code = None
         aborted = False
@@ -198,18 +212,18 @@ class RegistryServer:
             return exc.response()
         except _Abort:
             aborted = True
-            status = request.get("status", 0)
+            status = state.status
             self.metrics.aborted.inc()
             if request.transport is not None:
                 request.transport.abort()
             # aiohttp needs a response object; the transport is gone, nothing is sent.
-            return request.get("response") or web.Response(status=500)
+            return state.response or web.Response(status=500)
         finally:
             route = _route_of(request)
             elapsed = time.monotonic() - start
             self.metrics.requests.labels(request.method, route, str(status)).inc()
             self.metrics.latency.labels(route).observe(elapsed)
-            self.metrics.bytes.labels(route).inc(request["sent"])
+            self.metrics.bytes.labels(route).inc(state.sent)
             if access_log.isEnabledFor(logging.INFO):
                 access_log.info(json.dumps({
                     "ts": round(time.time(), 3),
@@ -217,7 +231,7 @@ class RegistryServer:
                     "method": request.method,
                     "path": request.path[:300],
                     "status": status,
-                    "bytes": request["sent"],
+                    "bytes": state.sent,
                     "ms": round(elapsed * 1000, 2),
                     "range": request.headers.get("Range", "")[:200] or None,
                     "error": error_code,
@@ -312,8 +326,9 @@ class RegistryServer:
             resp.content_length = sum(r.length for r in ranges)
         else:
             resp.content_length = layout.content_length(ranges)
-        request["status"] = status
-        request["response"] = resp
+        state = request[_STATE]
+        state.status = status
+        state.response = resp
         if request.method == "HEAD":
             await resp.prepare(request)
             await resp.write_eof()
@@ -371,7 +386,7 @@ class RegistryServer:
             # the client went away (aiohttp raises ClientConnectionResetError, a
             # ConnectionResetError); stop reading upstream
             raise _Abort() from None
-        request["sent"] += len(data)
+        request[_STATE].sent += len(data)
 
     # -- binding --------------------------------------------------------------------------
 

@@ -26,9 +26,9 @@ def raw_cid(data: bytes) -> str:
 
 @dataclass
 class Fault:
-    """Misbehave on reads of a CID once `after` bytes of a cat were delivered."""
+    """Misbehave on reads of a CID on reaching byte offset `at` of its content."""
 
-    after: int
+    at: int
     kind: str = "stall"  # "stall": hang until released; "fail": raise IPFSError
     times: int = 1_000_000  # how many cat calls misbehave before it heals
 
@@ -59,18 +59,17 @@ class MemoryStore:
             fault.times -= 1
         else:
             fault = None
-        pos, delivered = offset, 0
+        pos = offset
         while pos < end:
-            if fault is not None and delivered >= fault.after:
+            if fault is not None and pos >= fault.at:
                 if fault.kind == "stall":
                     await asyncio.Event().wait()  # forever: only a timeout gets us out
                 raise IPFSError("daemon went away")
             step = min(self.chunk, end - pos)
-            if fault is not None:
-                step = min(step, max(1, fault.after - delivered))
+            if fault is not None and pos < fault.at:
+                step = min(step, fault.at - pos)
             part = data[pos:pos + step]
             pos += step
-            delivered += step
             self.bytes_read += step
             await asyncio.sleep(0)
             yield part
