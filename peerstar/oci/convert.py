@@ -172,8 +172,12 @@ class _NoProgress:
 
 
 def _build_layer(src: BinaryIO, dst: BinaryIO, options: ConvertOptions,
-                 advance: Callable[[int], None] | None, what: str) -> tuple[Any, str, int]:
-    """Run the builder, hashing its output independently; return (result, digest, size)."""
+                 advance: Callable[[int], None] | None, what: str,
+                 spool_dir: Path) -> tuple[Any, str, int]:
+    """Run the builder, hashing its output independently; return (result, digest, size).
+
+    A compressed input is decompressed into `spool_dir`, beside the output, so big
+    layers use the destination's disk rather than a possibly small /tmp."""
     hw = HashingWriter(dst)
     try:
         result = build(
@@ -185,6 +189,7 @@ def _build_layer(src: BinaryIO, dst: BinaryIO, options: ConvertOptions,
             allow_missing_prioritized=options.allow_missing_prioritized,
             workers=options.workers,
             progress=advance,
+            spool_dir=str(spool_dir),
         )
     except EstargzError as exc:
         raise ConvertError(f"{what}: {exc}") from None
@@ -231,7 +236,8 @@ def convert_layer_file(
         raise ConvertError(f"cannot write in {dst_p.parent}: {exc.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as out, open(src_p, "rb") as inp:
-            result, digest, size = _build_layer(inp, out, options, advance, str(src_p))
+            result, digest, size = _build_layer(inp, out, options, advance, str(src_p),
+                                                  dst_p.parent)
             out.flush()
             os.fsync(out.fileno())
         os.chmod(tmp, 0o644)
@@ -308,7 +314,8 @@ class _ImageConverter:
             try:
                 result, bdigest, bsize = _build_layer(
                     stream, f, per_layer,
-                    lambda n: self.progress.layer_advanced(digest, n), what)
+                    lambda n: self.progress.layer_advanced(digest, n), what,
+                    self.writer.staging)
                 # The builder may stop at the tar's end marker: read the rest so the
                 # source digest is checked over every byte.
                 finish_stream(stream)
