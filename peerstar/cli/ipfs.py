@@ -61,6 +61,7 @@ def _store(args: argparse.Namespace) -> ContentStore:
 
 
 def cmd_add(args: argparse.Namespace) -> int:
+    store = _store(args)  # a bad address is reported before the file is touched
     if args.file == "-":
         f: BinaryIO = sys.stdin.buffer
     else:
@@ -70,7 +71,6 @@ def cmd_add(args: argparse.Namespace) -> int:
             raise PeerstarError(f"cannot read {args.file}: {exc.strerror}") from None
 
     async def run() -> str:
-        store = _store(args)
         try:
             return await store.add(f, pin=not args.no_pin, only_hash=args.only_hash)
         finally:

@@ -96,9 +96,9 @@ class EmbeddedStore(ContentStore):
         path = self._path(cid)
         if path.exists():
             return  # content-addressed: same name, same bytes (reads verify anyway)
-        path.parent.mkdir(exist_ok=True)
         tmp = path.parent / f".tmp-{os.getpid()}-{os.urandom(6).hex()}"
         try:
+            path.parent.mkdir(exist_ok=True)
             with open(tmp, "wb") as f:
                 f.write(block.data)
             os.replace(tmp, path)
@@ -224,6 +224,8 @@ class EmbeddedStore(ContentStore):
                     continue  # an incomplete pinned DAG keeps what it has
             removed = removed_bytes = kept = 0
             for shard in self._blocks.iterdir():
+                if not shard.is_dir():
+                    continue
                 for path in shard.iterdir():
                     if path.name in keep:
                         kept += 1
