@@ -1,0 +1,73 @@
+"""`peerstar mount REF DIR` / `peerstar unmount DIR`: an image's root filesystem, lazily.
+
+Owns only the command line; the work is `peerstar.lazyfs.image` (resolve the manifest,
+mount each eStargz layer over FUSE, overlay them read-only at DIR). `umount DIR` ends a
+mount as cleanly as `peerstar unmount DIR`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from peerstar.errors import PeerstarError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("mount", help="mount an eStargz image from a registry lazily at DIR")
+    p.add_argument("ref", metavar="REF", help="HOST/REPOSITORY[:TAG|@DIGEST], e.g. "
+                   "localhost:5050/ipfs/<CID>")
+    p.add_argument("dir", metavar="DIR", type=Path, help="an existing directory")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="region and chunk caches (default /var/lib/peerstar/lazyfs-cache)")
+    p.add_argument("--work-root", type=Path, default=None,
+                   help="where layer mounts live (default /var/lib/peerstar/mounts)")
+    p.add_argument("--prefetch-timeout", type=float, default=10.0,
+                   help="seconds to wait for the prioritized files (default 10)")
+    p.add_argument("--plain-http", action="store_true",
+                   help="plain HTTP even for a non-localhost registry")
+    p.add_argument("--no-background", action="store_true",
+                   help="fetch only what is read (no idle-time fetch of the rest)")
+    p.add_argument("--insecure-skip-verify", action="store_true",
+                   help="DANGEROUS: serve chunks without checking their digests")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_mount)
+
+    u = sub.add_parser("unmount", help="unmount an image mounted with `peerstar mount`")
+    u.add_argument("dir", metavar="DIR", type=Path)
+    u.add_argument("--work-root", type=Path, default=None)
+    u.set_defaults(func=cmd_unmount)
+
+
+def _kw(args: argparse.Namespace) -> dict[str, object]:
+    from peerstar.lazyfs import image
+
+    kw: dict[str, object] = {"work_root": args.work_root or image.DEFAULT_WORK_ROOT}
+    return kw
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    try:
+        from peerstar.lazyfs import image
+    except ImportError as exc:  # pyfuse3 / trio missing
+        raise PeerstarError(f"lazy mounts need pyfuse3 ({exc}): run scripts/install.sh") from None
+    summary = image.mount_image(
+        args.ref, args.dir, cache_dir=args.cache_dir or image.DEFAULT_CACHE_DIR,
+        prefetch_timeout=args.prefetch_timeout, verify=not args.insecure_skip_verify,
+        plain_http=True if args.plain_http else None, background=not args.no_background,
+        **_kw(args))  # type: ignore[arg-type]
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        layers = summary["layers"]
+        print(f"mounted {args.ref} at {summary['target']} ({len(layers)} lazy layers; "  # type: ignore[arg-type]
+              f"`peerstar unmount {args.dir}` or `umount {args.dir}` to end)")
+    return 0
+
+
+def cmd_unmount(args: argparse.Namespace) -> int:
+    from peerstar.lazyfs import image
+
+    image.unmount_image(args.dir, **_kw(args))  # type: ignore[arg-type]
+    return 0

@@ -1,0 +1,217 @@
+"""Fixtures for lazyfs tests: eStargz layers built with `peerstar.estargz.build`, pushed
+to the session's Debian docker-registry over its HTTP API, and FUSE mount helpers.
+
+Layers:
+- `rich`: a hand-made tar with every kind of entry the filesystem must show (uid/gid,
+  setuid mode, xattrs, char/block devices, fifo, symlinks, hardlink, whiteout, opaque
+  dir, a multi-chunk file, a prioritized file so the blob has `.prefetch.landmark`).
+- the sample image's two layers (10 MiB of extra data) for the merged-rootfs tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import subprocess
+import tarfile
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from peerstar.estargz import TOC_DIGEST_ANNOTATION, build
+from peerstar.sample import (
+    MEDIA_TYPE_OCI_CONFIG,
+    MEDIA_TYPE_OCI_LAYER_GZIP,
+    MEDIA_TYPE_OCI_MANIFEST,
+    SampleImage,
+    build_layer_tar,
+    build_sample_image,
+    oci_platform,
+    pseudo_random_bytes,
+    sample_layer_entries,
+)
+from tests.support.registry import DockerRegistry
+
+MTIME = 1700000000
+CHUNK = 256 << 10  # small chunks so a few MiB make many chunks
+BIG = pseudo_random_bytes("lazyfs/big", 3 * CHUNK + 12345)
+PRIORITY = b"prioritized contents\n" * 100
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class TarItem:
+    name: str
+    type: bytes = tarfile.REGTYPE
+    data: bytes = b""
+    mode: int = 0o644
+    uid: int = 0
+    gid: int = 0
+    link: str = ""
+    devmajor: int = 0
+    devminor: int = 0
+    xattrs: dict[str, str] = field(default_factory=dict)
+
+
+RICH_ITEMS = [
+    TarItem("bin/", tarfile.DIRTYPE, mode=0o755),
+    TarItem("bin/tool", data=b"#!/bin/sh\necho tool\n", mode=0o4755, uid=1000, gid=1001),
+    TarItem("dev/", tarfile.DIRTYPE, mode=0o755),
+    TarItem("dev/null", tarfile.CHRTYPE, mode=0o666, devmajor=1, devminor=3),
+    TarItem("dev/sda", tarfile.BLKTYPE, mode=0o660, devmajor=8, devminor=0, gid=6),
+    TarItem("dev/pipe", tarfile.FIFOTYPE, mode=0o600),
+    TarItem("data/", tarfile.DIRTYPE, mode=0o750, uid=33, gid=33,
+            xattrs={"user.dir": "on a dir"}),
+    TarItem("data/big.bin", data=BIG, xattrs={"user.checksum": "abc", "user.empty": ""}),
+    TarItem("data/empty", data=b""),
+    TarItem("data/prio.txt", data=PRIORITY),
+    TarItem("data/hard", tarfile.LNKTYPE, link="data/prio.txt"),
+    TarItem("data/rel-link", tarfile.SYMTYPE, link="big.bin", mode=0o777),
+    TarItem("data/abs-link", tarfile.SYMTYPE, link="/bin/tool", mode=0o777),
+    TarItem("data/.wh.gone", data=b""),
+    TarItem("opaque/", tarfile.DIRTYPE, mode=0o755),
+    TarItem("opaque/.wh..wh..opq", data=b""),
+    TarItem("opaque/kept.txt", data=b"kept\n"),
+]
+
+
+def rich_tar() -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for it in RICH_ITEMS:
+            info = tarfile.TarInfo(it.name)
+            info.type = it.type
+            info.mode = it.mode
+            info.uid, info.gid = it.uid, it.gid
+            info.mtime = MTIME
+            info.linkname = it.link
+            info.devmajor, info.devminor = it.devmajor, it.devminor
+            info.size = len(it.data) if it.type == tarfile.REGTYPE else 0
+            if it.xattrs:
+                info.pax_headers = {f"SCHILY.xattr.{k}": v for k, v in it.xattrs.items()}
+            tar.addfile(info, io.BytesIO(it.data) if it.type == tarfile.REGTYPE else None)
+    return buf.getvalue()
+
+
+@dataclass
+class Layer:
+    blob: bytes
+    digest: str
+    toc_digest: str
+    tar: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.blob)
+
+
+def make_layer(tar: bytes, prioritized: tuple[str, ...] = (), chunk_size: int = CHUNK) -> Layer:
+    out = io.BytesIO()
+    res = build(io.BytesIO(tar), out, chunk_size=chunk_size, prioritized=prioritized)
+    return Layer(out.getvalue(), res.blob_digest, res.toc_digest, tar)
+
+
+@pytest.fixture(scope="session")
+def rich_layer() -> Layer:
+    return make_layer(rich_tar(), prioritized=("data/prio.txt",))
+
+
+# --- registry upload (distribution HTTP API, monolithic uploads) ---------------------
+
+
+def _request(method: str, url: str, data: bytes | None = None,
+             headers: dict[str, str] | None = None) -> tuple[int, dict[str, str]]:
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return resp.status, dict(resp.headers.items())
+
+
+def push_blob(registry_url: str, repo: str, data: bytes) -> str:
+    digest = sha(data)
+    _, headers = _request("POST", f"{registry_url}/v2/{repo}/blobs/uploads/", b"")
+    loc = headers["Location"]
+    if loc.startswith("/"):
+        loc = registry_url + loc
+    sep = "&" if "?" in loc else "?"
+    status, _ = _request("PUT", f"{loc}{sep}digest={digest}", data,
+                         {"Content-Type": "application/octet-stream"})
+    assert status == 201
+    return digest
+
+
+def push_image(registry_url: str, repo: str, tag: str, layers: list[Layer],
+               *, estargz: bool = True) -> str:
+    """Push layers + config + manifest; returns the manifest digest."""
+    arch, variant = oci_platform()
+    diff_ids = [sha(lay.tar) for lay in layers]
+    config = json.dumps({"architecture": arch, "os": "linux",
+                         "rootfs": {"type": "layers", "diff_ids": diff_ids},
+                         "config": {}}).encode()
+    descs = []
+    for lay in layers:
+        push_blob(registry_url, repo, lay.blob)
+        d = {"mediaType": MEDIA_TYPE_OCI_LAYER_GZIP, "digest": lay.digest, "size": lay.size}
+        if estargz:
+            d["annotations"] = {TOC_DIGEST_ANNOTATION: lay.toc_digest}
+        descs.append(d)
+    push_blob(registry_url, repo, config)
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": MEDIA_TYPE_OCI_MANIFEST,
+        "config": {"mediaType": MEDIA_TYPE_OCI_CONFIG, "digest": sha(config),
+                   "size": len(config)},
+        "layers": descs}).encode()
+    status, _ = _request("PUT", f"{registry_url}/v2/{repo}/manifests/{tag}", manifest,
+                         {"Content-Type": MEDIA_TYPE_OCI_MANIFEST})
+    assert status == 201
+    return sha(manifest)
+
+
+@pytest.fixture(scope="session")
+def sample_image_10(tmp_path_factory: pytest.TempPathFactory) -> SampleImage:
+    return build_sample_image(tmp_path_factory.mktemp("sample10") / "layout", extra_mib=10)
+
+
+@pytest.fixture(scope="session")
+def sample_layers() -> list[Layer]:
+    entries = sample_layer_entries(extra_mib=10)
+    return [make_layer(build_layer_tar(entries[0])),
+            make_layer(build_layer_tar(entries[1]), prioritized=("etc/peerstar-sample.txt",),
+                       chunk_size=4 << 20)]
+
+
+@pytest.fixture(scope="session")
+def pushed_rich(docker_registry: DockerRegistry, rich_layer: Layer) -> str:
+    """The rich layer pushed to the docker-registry; returns its blob URL."""
+    push_image(docker_registry.url, "lazyfs/rich", "latest", [rich_layer])
+    return f"{docker_registry.url}/v2/lazyfs/rich/blobs/{rich_layer.digest}"
+
+
+# --- mounts ----------------------------------------------------------------------------
+
+
+def is_mounted(path: Path) -> bool:
+    target = str(Path(path).resolve())
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+@pytest.fixture
+def mnt(tmp_path: Path) -> Iterator[Path]:
+    """An empty mountpoint; anything still mounted there at the end is unmounted."""
+    d = tmp_path / "mnt"
+    d.mkdir()
+    yield d
+    while is_mounted(d):
+        subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
