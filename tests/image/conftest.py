@@ -1,0 +1,281 @@
+"""Fixtures for `peerstar push` / `peerstar pull` tests: the CLI run as a subprocess (exit
+codes and stderr as a user sees them), a js-ipfs daemon, the sample image pushed into the
+docker-registry by `ctr image push --plain-http`, and a tiny loopback registry whose
+answers (auth challenges, errors) the tests choose.
+
+No test sees the developer's own IPFS daemon or data: HOME, IPFS_PATH and XDG_DATA_HOME
+point at temporary directories.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from peerstar.sample import SampleImage
+from tests.support.containerd import Containerd, HarnessError
+from tests.support.jsipfs import JsIpfs, start_jsipfs
+from tests.support.registry import DockerRegistry
+
+REPO = Path(__file__).resolve().parents[2]
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+NERDCTL = FIXTURES / "nerdctl"
+
+
+@dataclass
+class Result:
+    code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def last_line(self) -> str:
+        lines = self.stdout.strip().splitlines()
+        return lines[-1] if lines else ""
+
+
+def run_peerstar(*args: str | os.PathLike[str], env: dict[str, str] | None = None,
+                 timeout: float = 600, preexec: Callable[[], None] | None = None) -> Result:
+    """`python -m peerstar ARGS` in a subprocess with the test's environment."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "peerstar", *map(str, args)], cwd=REPO, capture_output=True,
+        timeout=timeout, env=env or dict(os.environ), preexec_fn=preexec,
+    )
+    return Result(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
+
+
+def assert_one_line_error(res: Result, *needles: str) -> str:
+    """The command failed with exactly one `peerstar: error:` line and no traceback."""
+    assert res.code != 0, res
+    lines = [x for x in res.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("peerstar: error: "), res.stderr
+    assert "Traceback" not in res.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def leftovers(parent: Path) -> list[str]:
+    """Staging/temp entries a writer may have left in `parent` (hidden names)."""
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("IPFS_PATH", raising=False)
+    monkeypatch.delenv("XDG_DATA_HOME", raising=False)
+
+
+@pytest.fixture(scope="session")
+def image_jsipfs() -> Iterator[JsIpfs]:
+    """A js-ipfs 0.66.1 daemon on free 127.0.0.1 ports for this directory's tests."""
+    try:
+        daemon = start_jsipfs()
+    except HarnessError as exc:
+        failure = f"cannot start js-ipfs: {exc}"
+    else:
+        failure = ""
+    if failure:
+        pytest.fail(failure, pytrace=False)
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+@pytest.fixture(params=["embedded", "jsipfs"])
+def store_args(request: pytest.FixtureRequest, tmp_path: Path) -> list[str]:
+    """CLI flags selecting each backend: the embedded store, or the js-ipfs daemon."""
+    if request.param == "jsipfs":
+        daemon: JsIpfs = request.getfixturevalue("image_jsipfs")
+        return ["--ipfs-address", daemon.api_multiaddr]
+    return ["--root", str(tmp_path / "store")]
+
+
+@dataclass
+class RegistryImage:
+    registry: DockerRegistry
+    repository: str
+    tag: str
+    manifest_digest: str
+
+    @property
+    def ref(self) -> str:
+        return f"{self.registry.host}/{self.repository}:{self.tag}"
+
+
+@pytest.fixture(scope="session")
+def registry_image(containerd: Containerd, docker_registry: DockerRegistry,
+                   sample_image: SampleImage) -> RegistryImage:
+    """The sample image in the docker-registry, pushed there by `ctr image push`."""
+    ctr = containerd.ctr
+    [src] = ctr.import_oci_layout(sample_image.path,
+                                  f"docker.io/peerstar/image-src-{uuid.uuid4().hex[:8]}")
+    repo, tag = "peerstar/image-sample", "v1"
+    remote = f"{docker_registry.host}/{repo}:{tag}"
+    ctr.run("images", "tag", "--force", src, remote)
+    ctr.run("images", "push", "--plain-http", remote)
+    got = docker_registry.get_manifest(repo, tag)
+    assert got.status == 200 and got.headers["docker-content-digest"] == \
+        sample_image.manifest_digest
+    return RegistryImage(docker_registry, repo, tag, sample_image.manifest_digest)
+
+
+# --- a registry whose behaviour a test scripts ---------------------------------------
+
+
+@dataclass
+class FakeRegistry:
+    """A loopback OCI registry serving one OCI layout, with optional bearer auth or a
+    forced error status. `requests` records (method, path, Authorization)."""
+
+    layout: Path | None = None
+    token: str | None = None  # require `Bearer <token>` on /v2/ routes
+    token_status: int = 200  # what the token endpoint answers
+    fail_status: int | None = None  # answer every /v2/ request with this
+    requests: list[tuple[str, str, str]] = field(default_factory=list)
+    server: ThreadingHTTPServer | None = None
+
+    @property
+    def host(self) -> str:
+        assert self.server is not None
+        return f"127.0.0.1:{self.server.server_address[1]}"
+
+    def blob(self, digest: str) -> bytes | None:
+        assert self.layout is not None
+        path = self.layout / "blobs" / "sha256" / digest.split(":", 1)[1]
+        return path.read_bytes() if path.is_file() else None
+
+
+def _handler(reg: FakeRegistry) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
+                  head: bool = False) -> None:
+            self.send_response(status)
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if not head:
+                self.wfile.write(body)
+
+        def do_HEAD(self) -> None:
+            self.do_GET(head=True)
+
+        def do_GET(self, head: bool = False) -> None:
+            auth = self.headers.get("Authorization", "")
+            reg.requests.append((self.command, self.path, auth))
+            if self.path.startswith("/token"):
+                if reg.token_status != 200:
+                    self._send(reg.token_status, b'{"errors":[{"code":"DENIED"}]}')
+                else:
+                    self._send(200, json.dumps({"token": reg.token}).encode(),
+                               {"Content-Type": "application/json"})
+                return
+            if reg.fail_status is not None:
+                self._send(reg.fail_status, b'{"errors":[{"code":"UNKNOWN","message":"boom"}]}',
+                           {"Content-Type": "application/json"}, head)
+                return
+            if reg.token is not None and auth != f"Bearer {reg.token}":
+                realm = f"http://{reg.host}/token"
+                self._send(401, b'{"errors":[{"code":"UNAUTHORIZED"}]}', {
+                    "WWW-Authenticate": f'Bearer realm="{realm}",service="fake",'
+                                        f'scope="repository:x/y:pull"'}, head)
+                return
+            parts = self.path.split("/")
+            # /v2/<repo...>/manifests/<ref> or /v2/<repo...>/blobs/<digest>
+            if len(parts) >= 5 and parts[-2] in ("manifests", "blobs"):
+                ref = parts[-1]
+                if parts[-2] == "manifests" and not ref.startswith("sha256:"):
+                    assert reg.layout is not None
+                    index = json.loads((reg.layout / "index.json").read_bytes())
+                    ref = index["manifests"][0]["digest"]
+                data = reg.blob(ref)
+                if data is None:
+                    self._send(404, b'{"errors":[{"code":"MANIFEST_UNKNOWN"}]}', head=head)
+                    return
+                headers = {"Docker-Content-Digest": "sha256:" + hashlib.sha256(data).hexdigest()}
+                if parts[-2] == "manifests":
+                    headers["Content-Type"] = json.loads(data)["mediaType"]
+                self._send(200, data, headers, head)
+                return
+            self._send(404, b"", head=head)
+
+    return Handler
+
+
+@pytest.fixture
+def fake_registry() -> Iterator[Callable[..., FakeRegistry]]:
+    """Start fake registries: `fake_registry(layout=..., token=..., fail_status=...)`."""
+    started: list[FakeRegistry] = []
+
+    def start(**kwargs: object) -> FakeRegistry:
+        reg = FakeRegistry(**kwargs)  # type: ignore[arg-type]
+        reg.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(reg))
+        threading.Thread(target=reg.server.serve_forever, daemon=True).start()
+        started.append(reg)
+        return reg
+
+    yield start
+    for reg in started:
+        assert reg.server is not None
+        reg.server.shutdown()
+        reg.server.server_close()
+
+
+# --- reading what a push stored --------------------------------------------------------
+
+
+def store_for(args: list[str]) -> object:
+    """The content store the CLI flags `args` select (for checks from the test)."""
+    from peerstar.ipfs import open_store
+
+    if args[0] == "--ipfs-address":
+        return open_store(args[1], timeout=30.0, retries=1)
+    return open_store(None, Path(args[1]))
+
+
+def cat(args: list[str], cid: str) -> bytes:
+    """The whole content of `cid` in the store `args` select."""
+    import asyncio
+
+    async def go() -> bytes:
+        store = store_for(args)
+        try:
+            return await store.cat_bytes(cid)  # type: ignore[attr-defined]
+        finally:
+            await store.close()  # type: ignore[attr-defined]
+
+    return asyncio.run(go())
+
+
+def add(args: list[str], data: bytes) -> str:
+    """Add `data` (pinned) to the store `args` select; its CID."""
+    import asyncio
+
+    async def go() -> str:
+        store = store_for(args)
+        try:
+            return await store.add(data)  # type: ignore[attr-defined]
+        finally:
+            await store.close()  # type: ignore[attr-defined]
+
+    return asyncio.run(go())
