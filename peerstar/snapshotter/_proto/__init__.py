@@ -1,0 +1,1 @@
+"""Generated containerd snapshots v1 stubs (see protogen.py)."""

@@ -1,0 +1,142 @@
+"""Snapshotter settings: defaults, the TOML file, and command-line overrides.
+
+Owns: `SnapshotterConfig` (every knob of `peerstar snapshotter serve`) and `load_config`,
+which reads `/etc/peerstar/snapshotter.toml` (or `--config FILE`) with `tomllib`. Flags
+given on the command line win over the file; a missing default file is fine, a missing
+file named with `--config` is an error, and so is an unknown key (a typo must not be
+silently ignored).
+
+File format (every key optional):
+
+    address = "/run/peerstar/snapshotter.sock"
+    root = "/var/lib/peerstar/snapshotter"
+    metrics_address = "127.0.0.1:9746"   # "" = no metrics endpoint
+
+    [remote]
+    enable = true                 # false: every layer takes the fallback path
+    prefetch_timeout = 10.0       # seconds a mount waits for prioritized files
+    prefetch_size = 0             # bytes to prefetch when a layer has no landmark
+    region_size = 50000           # bytes per fetched region
+    region_cache_bytes = 0        # compressed-region cache limit, 0 = unbounded
+    chunk_cache_bytes = 0         # verified-chunk cache limit, 0 = unbounded
+    background_fetch = true       # fetch the rest of a layer when idle
+    verify = true                 # check TOC and chunk digests (false is DANGEROUS)
+    request_timeout = 30.0        # seconds per HTTP request
+    retries = 3
+    mount_timeout = 60.0          # seconds to wait for a layer mount as a whole
+    insecure_hosts = []           # extra registries spoken to over plain HTTP
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from peerstar.errors import PeerstarError
+
+DEFAULT_ADDRESS = Path("/run/peerstar/snapshotter.sock")
+DEFAULT_ROOT = Path("/var/lib/peerstar/snapshotter")
+DEFAULT_CONFIG = Path("/etc/peerstar/snapshotter.toml")
+
+
+class ConfigError(PeerstarError):
+    """The snapshotter config file is unreadable or holds a wrong key/value."""
+
+
+@dataclass
+class RemoteConfig:
+    """Lazy-pull settings, handed to each layer's mount daemon."""
+
+    enable: bool = True
+    prefetch_timeout: float = 10.0
+    prefetch_size: int = 0
+    region_size: int = 50_000
+    region_cache_bytes: int = 0
+    chunk_cache_bytes: int = 0
+    background_fetch: bool = True
+    verify: bool = True
+    request_timeout: float = 30.0
+    retries: int = 3
+    mount_timeout: float = 60.0
+    insecure_hosts: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SnapshotterConfig:
+    address: Path = DEFAULT_ADDRESS
+    root: Path = DEFAULT_ROOT
+    metrics_address: str = ""
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
+
+
+def _typed(section: str, key: str, value: Any, expected: Any) -> Any:
+    # bool is an int subclass: check it first so `verify = 1` is refused.
+    if isinstance(expected, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(expected, float):
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(expected, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(expected, list):
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        where = f"{section}.{key}" if section else key
+        raise ConfigError(f"config key {where!r}: expected {type(expected).__name__}, "
+                          f"got {value!r}")
+    return value
+
+
+def parse_config(data: dict[str, Any], source: str = "config") -> SnapshotterConfig:
+    """A `SnapshotterConfig` from parsed TOML; unknown keys and wrong types are errors."""
+    cfg = SnapshotterConfig()
+    remote = RemoteConfig()
+    top = {f.name for f in fields(SnapshotterConfig)} - {"remote"}
+    for key, value in data.items():
+        if key == "remote":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: [remote] must be a table")
+            known = {f.name: getattr(remote, f.name) for f in fields(RemoteConfig)}
+            for rkey, rvalue in value.items():
+                if rkey not in known:
+                    raise ConfigError(f"{source}: unknown key remote.{rkey!r} "
+                                      f"(known: {', '.join(sorted(known))})")
+                setattr(remote, rkey, _typed("remote", rkey, rvalue, known[rkey]))
+        elif key in top:
+            value = _typed("", key, value, "")
+            setattr(cfg, key, Path(value) if key in ("address", "root") else value)
+        else:
+            raise ConfigError(f"{source}: unknown key {key!r} (known: "
+                              f"{', '.join(sorted(top | {'remote'}))})")
+    cfg.remote = remote
+    return cfg
+
+
+def load_config(path: Path | None, *, address: Path | None = None, root: Path | None = None,
+                metrics_address: str | None = None) -> SnapshotterConfig:
+    """Read `path` (default file if None; absent default is fine), then apply flags."""
+    explicit = path is not None
+    path = Path(path) if explicit else DEFAULT_CONFIG
+    data: dict[str, Any] = {}
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: invalid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror}") from None
+    cfg = parse_config(data, str(path))
+    if address is not None:
+        cfg.address = Path(address)
+    if root is not None:
+        cfg.root = Path(root)
+    if metrics_address is not None:
+        cfg.metrics_address = metrics_address
+    return cfg

@@ -1,0 +1,323 @@
+"""The snapshotter itself: containerd's overlayfs snapshotter semantics plus remote layers.
+
+Owns: the on-disk layout under the root (`metadata.db`, `snapshots/<id>/fs` and
+`snapshots/<id>/work`, `cache/` for lazy layers), the mount lists handed to containerd,
+usage accounting, removal and cleanup, the remote-snapshot handshake and the re-mount of
+remote layers at start.
+
+Mounts are those of containerd's overlayfs snapshotter: a snapshot without parents gets
+a bind mount of its own `fs` (rw for Active, ro for View); a View of exactly one parent
+is a read-only bind mount of that parent's `fs`; otherwise an overlay whose lowerdirs are
+the parents' `fs` directories nearest first, with `upperdir`/`workdir` for Active
+snapshots. A remote (lazily pulled) committed snapshot's `fs` is the mountpoint of its
+FUSE layer, so it is a lowerdir like any other.
+
+Remote handshake (REFERENCE.md section 2): an Active Prepare carrying
+`containerd.io/snapshot.ref` and eStargz layer labels is mounted lazily and committed
+under the ref with label `containerd.io/snapshot/remote`; the caller gets AlreadyExists
+and containerd skips downloading the layer. Any failure: the snapshot stays a normal
+Active one and a log line says why, so containerd pulls and unpacks the layer itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from peerstar.snapshotter.config import RemoteConfig
+from peerstar.snapshotter.errors import AlreadyExists, InvalidArgument
+from peerstar.snapshotter.filters import compile_filters
+from peerstar.snapshotter.metadata import Kind, MetaStore, Snapshot
+from peerstar.snapshotter.remote import (
+    LABEL_REF,
+    LABEL_REMOTE,
+    LayerMounter,
+    MountError,
+    NotRemote,
+    RemoteLayer,
+    remote_layer_from_labels,
+)
+
+log = logging.getLogger("peerstar.snapshotter")
+
+MAX_LABEL_BYTES = 4096  # containerd: a key/value pair may not exceed 4096 bytes
+REMOTE_LABEL_VALUE = "remote snapshot"  # the value stargz-snapshotter writes
+
+
+@dataclass(frozen=True)
+class Mount:
+    type: str
+    source: str
+    options: tuple[str, ...]
+
+
+def _overlay_index_param() -> bool:
+    # containerd adds `index=off` when the kernel has the parameter: the overlay index
+    # would tie upper dirs to the lower dirs' file handles across remounts.
+    return os.path.exists("/sys/module/overlay/parameters/index")
+
+
+def _check_labels(labels: dict[str, str]) -> None:
+    for k, v in labels.items():
+        if len(k.encode()) + len(v.encode()) > MAX_LABEL_BYTES:
+            raise InvalidArgument(f"label {k[:64]!r}: key and value exceed {MAX_LABEL_BYTES} "
+                                  "bytes")
+
+
+def disk_usage(path: Path) -> tuple[int, int]:
+    """(bytes, inodes) under `path` as containerd counts them: allocated blocks, each
+    inode once (hardlinks are not double counted), the root included."""
+    seen: set[tuple[int, int]] = set()
+    size = 0
+
+    def visit(st: os.stat_result) -> None:
+        nonlocal size
+        ident = (st.st_dev, st.st_ino)
+        if ident not in seen:
+            seen.add(ident)
+            size += st.st_blocks * 512
+
+    try:
+        visit(os.lstat(path))
+    except FileNotFoundError:
+        return 0, 0
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in dirnames + filenames:
+            try:
+                visit(os.lstat(os.path.join(dirpath, name)))
+            except FileNotFoundError:
+                continue
+    return size, len(seen)
+
+
+class Snapshotter:
+    """All snapshot operations on one root; thread-safe."""
+
+    def __init__(self, root: Path, remote: RemoteConfig | None = None,
+                 mounter: LayerMounter | None = None) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "snapshots").mkdir(exist_ok=True)
+        self.remote_cfg = remote or RemoteConfig()
+        self.mounter = mounter or LayerMounter(self.remote_cfg, self.root / "cache")
+        self.meta = MetaStore(self.root / "metadata.db")
+        self.index_off = _overlay_index_param()
+        # Directory creation/removal and mounting are not part of the SQL transaction;
+        # one lock keeps a Remove from racing a Prepare on the same parent.
+        self._lock = threading.RLock()
+
+    def close(self) -> None:
+        self.meta.close()
+
+    # -- paths -----------------------------------------------------------------------
+
+    def snapshot_dir(self, snap: Snapshot) -> Path:
+        return self.root / "snapshots" / str(snap.id)
+
+    def fs_path(self, snap: Snapshot) -> Path:
+        return self.snapshot_dir(snap) / "fs"
+
+    def work_path(self, snap: Snapshot) -> Path:
+        return self.snapshot_dir(snap) / "work"
+
+    # -- mounts ----------------------------------------------------------------------
+
+    def mounts(self, key: str) -> list[Mount]:
+        return self._mounts(self.meta.get(key))
+
+    def _mounts(self, snap: Snapshot) -> list[Mount]:
+        parents = self.meta.chain(snap)
+        if not parents:
+            flag = "rw" if snap.kind == Kind.ACTIVE else "ro"
+            return [Mount("bind", str(self.fs_path(snap)), (flag, "rbind"))]
+        options: list[str] = ["index=off"] if self.index_off else []
+        if snap.kind == Kind.ACTIVE:
+            options += [f"workdir={self.work_path(snap)}", f"upperdir={self.fs_path(snap)}"]
+        elif len(parents) == 1:
+            return [Mount("bind", str(self.fs_path(parents[0])), ("ro", "rbind"))]
+        options.append("lowerdir=" + ":".join(str(self.fs_path(p)) for p in parents))
+        return [Mount("overlay", "overlay", tuple(options))]
+
+    # -- create ----------------------------------------------------------------------
+
+    def _create(self, kind: Kind, key: str, parent: str, labels: dict[str, str]) -> Snapshot:
+        if not key:
+            raise InvalidArgument("snapshot key must not be empty")
+        _check_labels(labels)
+        with self._lock:
+            snap = self.meta.create(key, parent, kind, labels)
+            try:
+                d = self.snapshot_dir(snap)
+                if d.exists():  # left over from a crash between mkdir and the row
+                    shutil.rmtree(d)
+                (d / "fs").mkdir(parents=True, mode=0o755)
+                if kind == Kind.ACTIVE:
+                    (d / "work").mkdir(mode=0o711)
+            except OSError:
+                self.meta.delete(key)
+                raise
+        return snap
+
+    def prepare(self, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
+        """A new Active snapshot, or (remote layer) AlreadyExists after a lazy mount."""
+        labels = dict(labels)
+        target = labels.get(LABEL_REF, "")
+        layer: RemoteLayer | None = None
+        if target:
+            try:
+                layer = remote_layer_from_labels(labels, self.remote_cfg)
+            except NotRemote as exc:
+                log.info("prepare %s: normal snapshot, containerd pulls the layer itself: %s",
+                         key, exc)
+        if layer is not None and self.meta.find(target) is not None:
+            # The layer is already here (another image shares it); containerd finds it
+            # by the ref label, as after a fresh remote mount.
+            raise AlreadyExists(f"target snapshot {target!r} already exists")
+        snap = self._create(Kind.ACTIVE, key, parent, labels)
+        if layer is not None and self._try_remote(snap, target, layer, labels):
+            raise AlreadyExists(f"target snapshot {target!r} mounted remotely")
+        return self._mounts(snap)
+
+    def _try_remote(self, snap: Snapshot, target: str, layer: RemoteLayer,
+                    labels: dict[str, str]) -> bool:
+        fs = self.fs_path(snap)
+        try:
+            report = self.mounter.mount(layer, fs)
+        except (MountError, OSError) as exc:
+            log.warning("prepare %s: remote mount of layer %s from %s failed, falling back "
+                        "to a normal snapshot (containerd pulls the layer): %s",
+                        snap.key, layer.digest, layer.url, exc)
+            self.mounter.unmount(fs)
+            return False
+        committed = dict(labels)
+        committed[LABEL_REMOTE] = REMOTE_LABEL_VALUE
+        try:
+            with self._lock:
+                self.meta.commit(snap.key, target, committed, 0, 0, remote=layer.to_json())
+        except AlreadyExists:
+            # Lost a race with a concurrent Prepare of the same layer: theirs stands.
+            self.mounter.unmount(fs)
+            self.remove(snap.key)
+            return True
+        log.info("prepare %s: layer %s mounted lazily from %s as %s (%s)", snap.key,
+                 layer.digest, layer.url, target, report)
+        return True
+
+    def view(self, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
+        return self._mounts(self._create(Kind.VIEW, key, parent, dict(labels)))
+
+    # -- commit / remove -------------------------------------------------------------
+
+    def commit(self, name: str, key: str, labels: dict[str, str]) -> Snapshot:
+        if not name:
+            raise InvalidArgument("commit name must not be empty")
+        _check_labels(labels)
+        with self._lock:
+            snap = self.meta.get(key)
+            size, inodes = (disk_usage(self.fs_path(snap)) if snap.kind == Kind.ACTIVE
+                            else (0, 0))
+            committed = self.meta.commit(key, name, dict(labels), size, inodes)
+            # The work dir only serves an overlay with an upperdir; drop it.
+            shutil.rmtree(self.work_path(committed), ignore_errors=True)
+            return committed
+
+    def remove(self, key: str) -> None:
+        with self._lock:
+            snap = self.meta.delete(key)
+            d = self.snapshot_dir(snap)
+            if snap.remote:
+                self.mounter.unmount(self.fs_path(snap))
+            self._remove_dir(d)
+
+    def _remove_dir(self, d: Path) -> None:
+        # Rename first: a crash mid-rmtree leaves a name Cleanup removes, never a
+        # half-deleted dir under a live id.
+        trash = d.with_name(f"rm-{d.name}")
+        try:
+            os.rename(d, trash)
+        except FileNotFoundError:
+            return
+        except OSError:
+            trash = d
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def cleanup(self) -> None:
+        """Remove directories no snapshot owns (crash leftovers, interrupted removals)."""
+        with self._lock:
+            live = {str(i) for i in self.meta.ids()}
+            for entry in (self.root / "snapshots").iterdir():
+                if entry.name in live:
+                    continue
+                fs = entry / "fs"
+                if (fs.exists() or os.path.islink(fs)) and self.mounter.is_mounted(fs):
+                    self.mounter.unmount(fs)
+                shutil.rmtree(entry, ignore_errors=True)
+
+    # -- info ------------------------------------------------------------------------
+
+    def stat(self, key: str) -> Snapshot:
+        return self.meta.get(key)
+
+    def update(self, key: str, labels: dict[str, str], paths: list[str]) -> Snapshot:
+        """containerd's storage.UpdateInfo: only labels are mutable."""
+        _check_labels(labels)
+        with self._lock:
+            snap = self.meta.get(key)
+            new = dict(snap.labels)
+            if not paths:
+                new = dict(labels)
+            for path in paths:
+                if path.startswith("labels."):
+                    k = path[len("labels."):]
+                    if labels.get(k):
+                        new[k] = labels[k]
+                    else:
+                        new.pop(k, None)  # an empty value deletes the label
+                elif path == "labels":
+                    new = dict(labels)
+                else:
+                    raise InvalidArgument(f"cannot update {path!r} field on snapshot {key!r}")
+            return self.meta.set_labels(key, {k: v for k, v in new.items() if v})
+
+    def list(self, filters: list[str]) -> list[Snapshot]:
+        match = compile_filters(filters)
+        return [s for s in self.meta.all() if match(s)]
+
+    def usage(self, key: str) -> tuple[int, int]:
+        snap = self.meta.get(key)
+        if snap.kind == Kind.ACTIVE:
+            return disk_usage(self.fs_path(snap))
+        return snap.size, snap.inodes
+
+    # -- restart ---------------------------------------------------------------------
+
+    def restore_remote_mounts(self) -> dict[str, str]:
+        """Mount every remote snapshot whose mount is gone (snapshotter/node restart).
+
+        Live mounts (their daemons survived us) are kept: running containers keep using
+        them. Returns key -> "alive" | "remounted" | "failed: why".
+        """
+        result: dict[str, str] = {}
+        for snap in self.meta.all():
+            if not snap.remote:
+                continue
+            fs = self.fs_path(snap)
+            if self.mounter.is_mounted(fs):
+                result[snap.key] = "alive"
+                continue
+            self.mounter.unmount(fs)  # a dead FUSE mount (ENOTCONN) must go first
+            try:
+                self.mounter.mount(RemoteLayer.from_json(snap.remote), fs)
+                result[snap.key] = "remounted"
+                log.info("remote snapshot %s (layer %s) mounted again", snap.key,
+                         snap.remote.get("digest"))
+            except (MountError, OSError) as exc:
+                result[snap.key] = f"failed: {exc}"
+                log.error("remote snapshot %s (layer %s): cannot mount again: %s; its "
+                          "containers will get I/O errors", snap.key,
+                          snap.remote.get("digest"), exc)
+        return result
