@@ -22,6 +22,13 @@ js-ipfs 0.66 deviations handled here (the test daemon; kubo needs none of this):
   certain of kubo's layout (both are js defaults for CIDv1, we do not rely on it).
   Its balanced layout uses 174 links per node, like kubo, so no flag is needed there.
 - some sizes are JSON numbers rather than strings; we read neither for data paths.
+- `cat` with `length=0` is a 400 "Invalid request query input": we answer b"" without a
+  call. An offset past the end is a 500 worded differently from kubo: both become
+  `OffsetError` (an offset equal to the size reads nothing, as in kubo).
+- a malformed CID is a 400 with a generic message: we parse CIDs locally first, so the
+  user sees which CID is wrong and why.
+- `stat_size` reads the root block (`block/get`) and decodes it rather than calling
+  `files/stat`, which behaves differently across daemons.
 """
 
 from __future__ import annotations
