@@ -34,7 +34,12 @@ PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --disable-pip-version-chec
   -e '.[fuse,grpc,test]'
 if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
 
-if [ -f tests/support/jsipfs/package.json ] && [ ! -d tests/support/jsipfs/node_modules ]; then
-  (cd tests/support/jsipfs && npm install --no-audit --no-fund --loglevel=error)
+# js-ipfs 0.66.1 (pinned by package-lock.json): the real IPFS daemon the tests run.
+if [ -f tests/support/jsipfs/package.json ] && [ ! -d tests/support/jsipfs/node_modules/ipfs ]; then
+  if ! command -v npm >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nodejs npm
+  fi
+  npm install --prefix tests/support/jsipfs --no-audit --no-fund --loglevel=error
 fi
 echo "peerstar: install complete"
