@@ -168,6 +168,10 @@ class BlobFetcher:
     def _discover_size(self) -> int:
         with self._client.stream("GET", self.url, headers={"Range": "bytes=0-1"}) as resp:
             if resp.status_code == 206:
+                n = len(resp.read())  # two bytes, counted like every fetched byte
+                with self._lock:
+                    self.stats.requests += 1
+                    self.stats.fetched_bytes += n
                 _, _, total = _parse_content_range(resp.headers.get("Content-Range", ""))
                 if total is not None:
                     return total
