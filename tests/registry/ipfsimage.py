@@ -139,3 +139,36 @@ def convert_layout_estargz(src: Path, dst: Path, *, tag: str = "latest") -> Path
     new_desc = {**desc, "digest": _sha(man_bytes), "size": len(man_bytes)}
     (dst / "index.json").write_bytes(_dump({"schemaVersion": 2, "manifests": [new_desc]}))
     return dst
+
+
+async def store_blob_image(store: Any, layer: bytes | Path) -> StoredImage:
+    """A one-layer image whose layer is `layer` (bytes, or a file streamed to the store),
+    stored in nerdctl's format; for Range and load tests on large blobs."""
+    img = StoredImage(root_cid="", top_digest="", top_media_type=mt.OCI_MANIFEST)
+    cfg = _dump({"architecture": "amd64", "os": "linux",
+                 "rootfs": {"type": "layers", "diff_ids": []}})
+    cfg_desc = await _add(store, img, cfg, mt.OCI_CONFIG)
+    img.config_digest = cfg_desc["digest"]
+    if isinstance(layer, Path):
+        h = hashlib.sha256()
+        with open(layer, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        with open(layer, "rb") as f:
+            cid = await store.add(f)
+        digest = "sha256:" + h.hexdigest()
+        size = layer.stat().st_size
+        img.cids[digest] = cid
+        img.media_types[digest] = mt.OCI_LAYER_GZIP
+        layer_desc = {"mediaType": mt.OCI_LAYER_GZIP, "digest": digest, "size": size,
+                      "urls": [f"ipfs://{cid}"]}
+    else:
+        layer_desc = await _add(store, img, layer, mt.OCI_LAYER_GZIP)
+    img.layer_digests.append(layer_desc["digest"])
+    manifest = {"schemaVersion": 2, "mediaType": mt.OCI_MANIFEST, "config": cfg_desc,
+                "layers": [layer_desc]}
+    top = await _add(store, img, _dump(manifest), mt.OCI_MANIFEST)
+    img.manifest_digests.append(top["digest"])
+    img.top_digest = top["digest"]
+    img.root_cid = await store.add(_dump(top))
+    return img

@@ -1,0 +1,163 @@
+"""`peerstar registry serve` as a user runs it: flags and environment variables, both
+backends, the access log on stderr, /metrics, refusal of non-loopback addresses, and a
+clean exit on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from peerstar.errors import PeerstarError
+from peerstar.sample import SampleImage
+from tests.registry.helpers import MANIFEST_ACCEPT, request
+from tests.registry.ipfsimage import StoredImage, store_layout
+from tests.support.jsipfs import JsIpfs, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PEERSTAR_")}
+    env["IPFS_PATH"] = "/nonexistent-peerstar-test"  # never pick up a stray daemon
+    env["PYTHONPATH"] = str(REPO)
+    env.update(extra)
+    return env
+
+
+@contextmanager
+def serve(args: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen([sys.executable, "-m", "peerstar", "registry", "serve", *args],
+                            env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            cwd=REPO)
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline().decode()
+        assert "peerstar registry listening on" in line, line
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+def _push(store_factory, layout: Path) -> StoredImage:
+    async def go() -> StoredImage:
+        store = store_factory()
+        try:
+            return await store_layout(store, layout)
+        finally:
+            await store.close()
+    return asyncio.run(go())
+
+
+def _check_serves(host: str, img: StoredImage) -> None:
+    r = request(host, "GET", f"/v2/ipfs/{img.root_cid}/manifests/latest",
+                {"Accept": MANIFEST_ACCEPT})
+    assert r.status == 200 and r.headers["docker-content-digest"] == img.top_digest
+    layer = img.layer_digests[1]
+    r = request(host, "GET", f"/v2/ipfs/{img.root_cid}/blobs/{layer}",
+                {"Range": "bytes=10-29"})
+    assert r.status == 206 and r.body == img.content[layer][10:30]
+
+
+def test_serve_embedded_with_flags(tmp_path: Path, sample_image: SampleImage) -> None:
+    from peerstar.ipfs import EmbeddedStore
+
+    root = tmp_path / "store"
+    img = _push(lambda: EmbeddedStore(root), sample_image.path)
+    port, mport = free_port(), free_port()
+    with serve(["--root", str(root), "--listen", f"127.0.0.1:{port}", "--metrics-listen",
+                f"127.0.0.1:{mport}", "--read-timeout", "5s", "--read-retry-num", "1"],
+               _clean_env()) as proc:
+        _check_serves(f"127.0.0.1:{port}", img)
+        metrics = request(f"127.0.0.1:{mport}", "GET", "/metrics").body.decode()
+        assert ('peerstar_registry_requests_total{method="GET",route="blob",status="206"} 1.0'
+                in metrics)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        assert proc.stderr is not None
+        log = [json.loads(line) for line in proc.stderr.read().decode().splitlines()
+               if line.startswith("{")]
+    assert [(e["method"], e["status"]) for e in log] == [("GET", 200), ("GET", 206)]
+    assert log[1]["bytes"] == 20 and log[1]["range"] == "bytes=10-29"
+
+
+@pytest.mark.slow
+def test_serve_daemon_from_environment(jsipfs_daemon: JsIpfs,
+                                       sample_image: SampleImage) -> None:
+    from peerstar.ipfs import open_store
+
+    img = _push(lambda: open_store(jsipfs_daemon.api_multiaddr), sample_image.path)
+    port = free_port()
+    env = _clean_env(PEERSTAR_IPFS_ADDRESS=jsipfs_daemon.api_multiaddr,
+                     PEERSTAR_REGISTRY_LISTEN=f"127.0.0.1:{port}",
+                     PEERSTAR_REGISTRY_READ_TIMEOUT="10s")
+    with serve(["--no-access-log"], env):
+        _check_serves(f"127.0.0.1:{port}", img)
+
+
+@pytest.mark.parametrize(("args", "env", "message"), [
+    ([], {"PEERSTAR_REGISTRY_LISTEN": "0.0.0.0:5999"}, "refusing to listen on non-loopback"),
+    (["--listen", ":5999"], {}, "has no host"),
+    (["--listen", "localhost"], {}, "is not HOST:PORT"),
+    (["--read-timeout", "soon"], {}, "is not a duration"),
+    (["--read-retry-num", "-1"], {}, "between 0 and 100"),
+    (["--metrics-listen", "0.0.0.0:5998"], {}, "refusing to listen on non-loopback"),
+])
+def test_bad_settings_fail_cleanly(tmp_path: Path, args: list[str], env: dict[str, str],
+                                   message: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "peerstar", "registry", "serve", "--root", str(tmp_path),
+         *args], env=_clean_env(**env), capture_output=True, timeout=30, cwd=REPO)
+    assert proc.returncode == 1
+    err = proc.stderr.decode()
+    assert err.startswith("peerstar: error: ") and message in err
+    assert "Traceback" not in err
+
+
+def test_non_loopback_allowed_with_explicit_listen(tmp_path: Path) -> None:
+    port = free_port()
+    with serve(["--root", str(tmp_path), "--listen", f"0.0.0.0:{port}", "--no-access-log"],
+               _clean_env()):
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                assert request(f"127.0.0.1:{port}", "GET", "/v2/").status == 200
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+
+def test_parsers() -> None:
+    from peerstar.cli.registry import parse_duration, parse_listen, parse_size
+
+    assert parse_duration("30s", "x") == 30
+    assert parse_duration("500ms", "x") == 0.5
+    assert parse_duration("2m", "x") == 120
+    assert parse_duration("1.5", "x") == 1.5
+    for bad in ("0s", "-1s", "1d", ""):
+        with pytest.raises(PeerstarError):
+            parse_duration(bad, "x")
+    assert parse_size("64MiB", "x") == 64 << 20
+    assert parse_size("512K", "x") == 512 << 10
+    assert parse_size("100", "x") == 100
+    assert parse_listen("localhost:5050", "x") == ("localhost", 5050)
+    assert parse_listen("[::1]:5050", "x") == ("::1", 5050)
+    with pytest.raises(PeerstarError):
+        parse_listen("localhost:99999", "x")
