@@ -123,7 +123,9 @@ def _kubo_config_container(opts: Options, args: list[str], extra: Obj) -> Obj:
         "name": "ipfs-config",
         "image": opts.peerstar_image,
         "imagePullPolicy": "IfNotPresent",
-        "command": ["peerstar", "k8s", "kubo-config", "--repo", IPFS_PATH,
+        # `args`, not `command`: the image's entrypoint (tini) stays PID 1 and forwards
+        # SIGTERM (Python as PID 1 would ignore it and be killed after the grace period).
+        "args": ["peerstar", "k8s", "kubo-config", "--repo", IPFS_PATH,
                     "--storage-max", opts.storage_max, *args],
         "volumeMounts": [{"name": "ipfs-repo", "mountPath": IPFS_PATH}],
         "resources": _resources("50m", "64Mi"),
@@ -260,7 +262,7 @@ def node_daemonset(opts: Options) -> Obj:
         "imagePullPolicy": "IfNotPresent",
         # 0.0.0.0 inside the pod so the hostPort DNAT reaches it; the hostPort itself is
         # bound to the node's 127.0.0.1 only, which is what `localhost:5050` images use.
-        "command": ["peerstar", "registry", "serve", "--listen", f"0.0.0.0:{REGISTRY_PORT}",
+        "args": ["peerstar", "registry", "serve", "--listen", f"0.0.0.0:{REGISTRY_PORT}",
                     "--ipfs-address", _KUBO_API],
         "ports": [{"name": "registry", "containerPort": REGISTRY_PORT,
                    "hostPort": REGISTRY_PORT, "hostIP": "127.0.0.1", "protocol": "TCP"}],
@@ -276,7 +278,7 @@ def node_daemonset(opts: Options) -> Obj:
         "name": "snapshotter",
         "image": opts.peerstar_image,
         "imagePullPolicy": "IfNotPresent",
-        "command": ["peerstar", "snapshotter", "serve", "--address", SNAPSHOTTER_SOCKET,
+        "args": ["peerstar", "snapshotter", "serve", "--address", SNAPSHOTTER_SOCKET,
                     "--root", HOST_SNAPSHOTTER_ROOT],
         # FUSE mounts made here must be visible to containerd on the node: privileged is
         # required both for /dev/fuse + mount(2) and for Bidirectional propagation.

@@ -273,8 +273,8 @@ def test_bootstrap_deployment_uses_fixed_identity_no_httpd() -> None:
     assert [c["name"] for c in pod["containers"]] == ["kubo"]
     assert "busybox" not in yaml.safe_dump(dep) and "8000" not in yaml.safe_dump(objs)
     cfg = by_name(pod["initContainers"], "ipfs-config")
-    assert cfg["command"][:3] == ["peerstar", "k8s", "kubo-config"]
-    assert "--identity-file" in cfg["command"]
+    assert cfg["args"][:3] == ["peerstar", "k8s", "kubo-config"]
+    assert "--identity-file" in cfg["args"]
     svc = objs[1]
     assert svc["spec"]["selector"] == dep["spec"]["template"]["metadata"]["labels"]
 
@@ -282,7 +282,7 @@ def test_bootstrap_deployment_uses_fixed_identity_no_httpd() -> None:
 def test_daemonset_bootstraps_from_the_secret_peer_id() -> None:
     ds = render_manifests(Options(namespace="abc"))[-1]
     cfg = by_name(ds["spec"]["template"]["spec"]["initContainers"], "ipfs-config")
-    cmd = cfg["command"]
+    cmd = cfg["args"]
     assert cmd[cmd.index("--bootstrap-host") + 1] == "peerstar-bootstrap.abc.svc"
     assert cmd[cmd.index("--bootstrap-peer-id") + 1] == "$(BOOTSTRAP_PEER_ID)"
     env = by_name(cfg["env"], "BOOTSTRAP_PEER_ID")
@@ -300,7 +300,7 @@ def test_snapshotter_container() -> None:
     root = mounts["snapshotter-root"]
     assert root["mountPropagation"] == "Bidirectional"
     assert vols["snapshotter-root"]["hostPath"]["path"] == root["mountPath"]
-    cmd = snap["command"]
+    cmd = snap["args"]
     assert cmd[:3] == ["peerstar", "snapshotter", "serve"]
     assert cmd[cmd.index("--root") + 1] == root["mountPath"]
     sock = cmd[cmd.index("--address") + 1]
@@ -315,7 +315,7 @@ def test_snapshotter_container() -> None:
 def test_registry_container() -> None:
     pod = render_manifests()[-1]["spec"]["template"]["spec"]
     reg = by_name(pod["containers"], "registry")
-    cmd = reg["command"]
+    cmd = reg["args"]
     assert cmd[:3] == ["peerstar", "registry", "serve"]
     assert cmd[cmd.index("--ipfs-address") + 1] == "/ip4/127.0.0.1/tcp/5001"
     assert cmd[cmd.index("--listen") + 1].endswith(":5050")
@@ -381,3 +381,17 @@ def test_cli_kubo_config_errors(tmp_path: Path, args: list[str], message: str) -
 def test_cli_kubo_config_missing_repo(tmp_path: Path) -> None:
     r = peerstar("k8s", "kubo-config", "--repo", str(tmp_path / "nope"))
     assert r.returncode == 1 and "run `ipfs init` first" in r.stderr
+
+
+def test_peerstar_containers_keep_the_image_entrypoint() -> None:
+    """peerstar containers pass `args` only, so the Dockerfile's tini stays PID 1."""
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert 'ENTRYPOINT ["/usr/bin/tini", "--"]' in dockerfile
+    assert "'.[fuse,grpc]'" in dockerfile and "bookworm" in dockerfile
+    seen = 0
+    for _, pod in pod_specs(all_objects()):
+        for c in containers(pod):
+            if c["image"] == manifests.DEFAULT_PEERSTAR_IMAGE:
+                assert "command" not in c and c["args"][0] == "peerstar", c["name"]
+                seen += 1
+    assert seen == 4  # two ipfs-config init containers, registry, snapshotter
