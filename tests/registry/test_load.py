@@ -1,0 +1,131 @@
+"""Load: 64 concurrent clients doing random single and multi Range reads of a 200 MiB layer
+through `peerstar registry serve` (a separate process, as in production) for a bounded
+time: zero wrong bytes, zero 5xx, zero dropped connections, on both backends.
+
+PEERSTAR_LOAD_SECONDS sets the duration (default 30, capped at 120).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from peerstar.sample import SampleImage  # noqa: F401 - conftest fixture types
+from tests.registry.helpers import parse_multipart
+from tests.registry.ipfsimage import StoredImage, store_blob_image
+from tests.registry.test_cli import _clean_env, serve
+from tests.support.jsipfs import JsIpfs, free_port
+
+pytestmark = pytest.mark.slow
+
+SIZE = 200 << 20
+CLIENTS = 64
+DURATION = min(120.0, float(os.environ.get("PEERSTAR_LOAD_SECONDS", "30")))
+
+
+@pytest.fixture(scope="module")
+def layer_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
+    data = random.Random(4).randbytes(SIZE)
+    path = tmp_path_factory.mktemp("load") / "layer.bin"
+    path.write_bytes(data)
+    return path, data
+
+
+def _push(factory, path: Path) -> StoredImage:
+    async def go() -> StoredImage:
+        store = factory()
+        try:
+            return await store_blob_image(store, path)
+        finally:
+            await store.close()
+    return asyncio.run(go())
+
+
+async def _hammer(url: str, data: bytes, deadline: float) -> dict[str, int]:
+    stats = {"requests": 0, "bytes": 0, "wrong": 0, "5xx": 0, "other_status": 0,
+             "conn_errors": 0, "multi": 0}
+    size = len(data)
+    connector = aiohttp.TCPConnector(limit=CLIENTS)
+    timeout = aiohttp.ClientTimeout(total=60)
+
+    async def client(seed: int) -> None:
+        rnd = random.Random(seed)
+        async with aiohttp.ClientSession(connector=connector, connector_owner=False,
+                                         timeout=timeout) as session:
+            while time.monotonic() < deadline:
+                n = 1 if rnd.random() < 0.8 else rnd.randint(2, 4)
+                specs = []
+                for _ in range(n):
+                    length = rnd.choice([1, 4096, 65536, 1 << 20, 4 << 20])
+                    start = rnd.randrange(0, size)
+                    specs.append((start, min(size - 1, start + length - 1)))
+                header = "bytes=" + ",".join(f"{a}-{b}" for a, b in specs)
+                try:
+                    async with session.get(url, headers={"Range": header}) as resp:
+                        body = await resp.read()
+                        status = resp.status
+                        ctype = resp.headers.get("Content-Type", "")
+                except (TimeoutError, aiohttp.ClientError):
+                    stats["conn_errors"] += 1
+                    continue
+                stats["requests"] += 1
+                stats["bytes"] += len(body)
+                if status >= 500:
+                    stats["5xx"] += 1
+                    continue
+                if status != 206:
+                    stats["other_status"] += 1
+                    continue
+                if n == 1:
+                    a, b = specs[0]
+                    stats["wrong"] += body != data[a:b + 1]
+                else:
+                    stats["multi"] += 1
+                    parts = parse_multipart(ctype, body)
+                    ok = len(parts) == n and all(
+                        p == data[a:b + 1] and cr == f"bytes {a}-{b}/{size}"
+                        for (_, cr, p), (a, b) in zip(parts, specs, strict=False))
+                    stats["wrong"] += not ok
+
+    try:
+        await asyncio.gather(*(client(i) for i in range(CLIENTS)))
+    finally:
+        await connector.close()
+    return stats
+
+
+@pytest.mark.parametrize("backend", ["jsipfs", "embedded"])
+def test_load_random_ranges(backend: str, request: pytest.FixtureRequest, tmp_path: Path,
+                            layer_file: tuple[Path, bytes]) -> None:
+    from peerstar.ipfs import EmbeddedStore, open_store
+
+    path, data = layer_file
+    if backend == "jsipfs":
+        daemon: JsIpfs = request.getfixturevalue("jsipfs_daemon")
+        img = _push(lambda: open_store(daemon.api_multiaddr, timeout=120), path)
+        args = ["--ipfs-address", daemon.api_multiaddr]
+    else:
+        root = tmp_path / "store"
+        img = _push(lambda: EmbeddedStore(root), path)
+        args = ["--root", str(root)]
+    port = free_port()
+    with serve([*args, "--listen", f"127.0.0.1:{port}", "--no-access-log"], _clean_env()):
+        url = f"http://127.0.0.1:{port}/v2/ipfs/{img.root_cid}/blobs/{img.layer_digests[0]}"
+        t0 = time.monotonic()
+        stats = asyncio.run(_hammer(url, data, t0 + DURATION))
+        elapsed = time.monotonic() - t0
+    print(f"\nload[{backend}] {elapsed:.1f} s: {stats}, "
+          f"{stats['bytes'] / elapsed / 1e6:.1f} MB/s")
+    assert elapsed < DURATION + 70  # bounded: the last requests finish within their timeout
+    assert stats["wrong"] == 0
+    assert stats["5xx"] == 0
+    assert stats["conn_errors"] == 0
+    assert stats["other_status"] == 0
+    assert stats["requests"] >= CLIENTS  # every client got answers
+    assert stats["multi"] > 0
