@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from bisect import bisect_right
+from collections import OrderedDict
 
 from peerstar.estargz import Reader
 from peerstar.estargz.errors import VerifyError
@@ -25,6 +26,9 @@ from peerstar.lazyfs.fetcher import BlobFetcher, FetchError
 log = logging.getLogger("peerstar.lazyfs.layer")
 
 BACKGROUND_BATCH = 1 << 20  # bytes per background request
+# Recently used verified chunks kept in memory: the kernel reads a file in pieces of at
+# most 128 KiB, so without this every piece of a 4 MiB chunk would re-read it from disk.
+MEMORY_CHUNKS_BYTES = 32 << 20
 
 
 class ChunkVerifyError(Exception):
@@ -48,6 +52,9 @@ class LazyLayer:
         self._stop = threading.Event()
         self._bg_thread: threading.Thread | None = None
         self.verify_failures = 0
+        self._mem: OrderedDict[str, bytes] = OrderedDict()
+        self._mem_bytes = 0
+        self._mem_lock = threading.Lock()
 
     @classmethod
     def open(cls, fetcher: BlobFetcher, *, toc_digest: str | None,
@@ -70,9 +77,15 @@ class LazyLayer:
     def chunk_bytes(self, chunk: TOCEntry, kind: str = "on_demand") -> bytes:
         """The verified uncompressed bytes of one chunk."""
         key = self._chunk_key(chunk)
+        with self._mem_lock:
+            data = self._mem.get(key)
+            if data is not None:
+                self._mem.move_to_end(key)
+                return data
         if self.chunk_cache is not None:
             data = self.chunk_cache.get(key, chunk.chunk_size)
             if data is not None:
+                self._remember(key, data)
                 return data
         start, end = self.reader.chunk_section(chunk)
         section = self.fetcher.read_at(start, end - start, kind)
@@ -87,7 +100,18 @@ class LazyLayer:
             raise ChunkVerifyError(str(exc)) from None
         if self.chunk_cache is not None:
             self.chunk_cache.put(key, data)
+        self._remember(key, data)
         return data
+
+    def _remember(self, key: str, data: bytes) -> None:
+        with self._mem_lock:
+            if key in self._mem:
+                return
+            self._mem[key] = data
+            self._mem_bytes += len(data)
+            while self._mem_bytes > MEMORY_CHUNKS_BYTES and len(self._mem) > 1:
+                _, old = self._mem.popitem(last=False)
+                self._mem_bytes -= len(old)
 
     def read_file(self, entry: TOCEntry, offset: int, size: int) -> bytes:
         """`size` bytes of regular file `entry` at `offset` (raises ChunkVerifyError,
