@@ -497,26 +497,30 @@ def push(source_text: str, *, estargz: bool = False, platforms: list[str] | None
          root: Path | None = None, plain_http: bool = False, timeout: float = 30.0,
          retries: int = 3, progress: Progress | None = None,
          jobs: int = DEFAULT_JOBS) -> PushResult:
-    """`peerstar push`: open the source, select platforms, convert if asked, push."""
-    with contextlib.ExitStack() as stack:
-        source = stack.enter_context(open_source(source_text, plain_http=plain_http,
-                                                 timeout=timeout))
-        selected = select_platforms(source, platforms, all_platforms)
-        if selected is not source:
-            stack.callback(selected.close)  # closes `source` too (again: harmless)
-        source = selected
-        if estargz:
-            source = stack.enter_context(estargz_source(source, progress))
+    """`peerstar push`: open the source, select platforms, convert if asked, push.
 
-        async def run() -> PushResult:
-            store = _open_store(ipfs_address, root, timeout, retries)
-            try:
-                return await push_image(source, store, progress=progress, jobs=jobs)
-            finally:
-                await store.close()
+    The store is asked for its identity first, so an unreachable daemon is reported
+    before any source is read or converted."""
 
-        return asyncio.run(run())
-    raise AssertionError("unreachable")
+    async def run() -> PushResult:
+        store = _open_store(ipfs_address, root, timeout, retries)
+        try:
+            await store.id()
+            with contextlib.ExitStack() as stack:
+                source = stack.enter_context(await asyncio.to_thread(
+                    open_source, source_text, plain_http=plain_http, timeout=timeout))
+                selected = await asyncio.to_thread(select_platforms, source, platforms,
+                                                   all_platforms)
+                if selected is not source:
+                    stack.callback(selected.close)  # closes `source` too (again: harmless)
+                if estargz:
+                    selected = await asyncio.to_thread(
+                        stack.enter_context, estargz_source(selected, progress))
+                return await push_image(selected, store, progress=progress, jobs=jobs)
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
 
 
 # --- pull -------------------------------------------------------------------------------
