@@ -103,7 +103,7 @@ def parse_config(data: dict[str, Any], source: str = "config") -> SnapshotterCon
             known = {f.name: getattr(remote, f.name) for f in fields(RemoteConfig)}
             for rkey, rvalue in value.items():
                 if rkey not in known:
-                    raise ConfigError(f"{source}: unknown key remote.{rkey!r} "
+                    raise ConfigError(f"{source}: unknown key 'remote.{rkey}' "
                                       f"(known: {', '.join(sorted(known))})")
                 setattr(remote, rkey, _typed("remote", rkey, rvalue, known[rkey]))
         elif key in top:

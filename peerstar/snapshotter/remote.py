@@ -15,15 +15,11 @@ Every reason not to go remote is a `NotRemote` with a sentence a log line can ca
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-import select
 import subprocess
-import sys
 import threading
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -142,6 +138,81 @@ class MountError(Exception):
     """The lazy mount of a layer failed; the message says why."""
 
 
+class LayerMounter:
+    """Starts, checks and stops lazy layer mounts through `peerstar.lazyfs`'s mount API
+    (one mount daemon process per layer, in its own session)."""
+
+    def __init__(self, cfg: RemoteConfig, cache_dir: Path) -> None:
+        self.cfg = cfg
+        self.cache_dir = Path(cache_dir)
+        self._mounts: dict[Path, Any] = {}  # mountpoint -> lazyfs LayerMount
+        self._lock = threading.Lock()
+
+    def mount(self, layer: RemoteLayer, mountpoint: Path) -> dict[str, Any]:
+        """Mount `layer` at `mountpoint`; returns a short report for the log."""
+        from peerstar import lazyfs  # imported late: normal snapshots work without it
+
+        mountpoint = Path(mountpoint).resolve()
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        c = self.cfg
+        try:
+            m = lazyfs.mount_layer(
+                layer.url, layer.digest, layer.toc_digest, mountpoint, self.cache_dir,
+                prefetch_timeout=c.prefetch_timeout, verify=c.verify,
+                prefetch_size=layer.prefetch_size, region_size=c.region_size,
+                region_cache_bytes=c.region_cache_bytes,
+                chunk_cache_bytes=c.chunk_cache_bytes, request_timeout=c.request_timeout,
+                retries=c.retries, background=c.background_fetch,
+                open_timeout=c.mount_timeout)
+        except lazyfs.MountError as exc:
+            raise MountError(str(exc)) from None
+        with self._lock:
+            self._mounts[mountpoint] = m
+        return {"pid": m.pid, "mount_seconds": m.mount_seconds,
+                "prefetch_done": m.prefetch_done}
+
+    def _find(self, mountpoint: Path) -> Any:
+        from peerstar import lazyfs
+
+        mountpoint = Path(mountpoint).resolve()
+        with self._lock:
+            m = self._mounts.get(mountpoint)
+        if m is not None and m.alive and m.mounted:
+            return m
+        m = lazyfs.find_mount(mountpoint, self.cache_dir)
+        if m is not None:
+            with self._lock:
+                self._mounts[mountpoint] = m
+        return m
+
+    def is_mounted(self, mountpoint: Path) -> bool:
+        """A live lazy mount is at `mountpoint`: its daemon runs and the FUSE mount
+        answers (a dead FUSE server fails the stat with ENOTCONN)."""
+        if self._find(mountpoint) is None:
+            return False
+        try:
+            os.stat(mountpoint)
+        except OSError:
+            return False
+        return True
+
+    def unmount(self, mountpoint: Path) -> None:
+        """Unmount (the daemon then exits); lazily if the mount is busy or dead."""
+        mountpoint = Path(mountpoint).resolve()
+        m = self._find(mountpoint)
+        with self._lock:
+            self._mounts.pop(mountpoint, None)
+        if m is not None:
+            try:
+                m.unmount()
+                return
+            except Exception as exc:  # busy or dead: detach it below
+                log.warning("unmount %s: %s; detaching it lazily", mountpoint, exc)
+        if (_mount_fstype(mountpoint) or "").startswith("fuse"):
+            subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True,
+                           check=False)
+
+
 def _mount_fstype(mountpoint: Path) -> str | None:
     target = str(Path(mountpoint))
     found = None
@@ -158,117 +229,3 @@ def _mount_fstype(mountpoint: Path) -> str | None:
     except OSError:
         return None
     return found
-
-
-class LayerMounter:
-    """Starts, checks and stops lazy layer mounts (one mount daemon process each)."""
-
-    def __init__(self, cfg: RemoteConfig, cache_dir: Path) -> None:
-        self.cfg = cfg
-        self.cache_dir = Path(cache_dir)
-
-    def _argv(self, layer: RemoteLayer, mountpoint: Path, ready_fd: int) -> list[str]:
-        c = self.cfg
-        argv = [sys.executable, "-m", "peerstar.lazyfs.mountd", "--url", layer.url,
-                "--digest", layer.digest, "--toc-digest", layer.toc_digest,
-                "--mountpoint", str(mountpoint), "--cache-dir", str(self.cache_dir),
-                "--prefetch-timeout", str(c.prefetch_timeout),
-                "--prefetch-size", str(layer.prefetch_size),
-                "--region-size", str(c.region_size),
-                "--region-cache-bytes", str(c.region_cache_bytes),
-                "--chunk-cache-bytes", str(c.chunk_cache_bytes),
-                "--timeout", str(c.request_timeout), "--retries", str(c.retries),
-                "--ready-fd", str(ready_fd)]
-        if not c.verify:
-            argv.append("--no-verify")
-        if not c.background_fetch:
-            argv.append("--no-background")
-        return argv
-
-    def is_mounted(self, mountpoint: Path) -> bool:
-        """A live lazy mount is at `mountpoint` (a dead FUSE server fails the stat)."""
-        if not (_mount_fstype(mountpoint) or "").startswith("fuse"):
-            return False
-        try:
-            os.stat(mountpoint)
-        except OSError:
-            return False
-        return True
-
-    def mount(self, layer: RemoteLayer, mountpoint: Path) -> dict[str, Any]:
-        """Mount `layer` at `mountpoint`; returns the daemon's readiness report."""
-        mountpoint = Path(mountpoint)
-        mountpoint.mkdir(parents=True, exist_ok=True)
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        logs = self.cache_dir / "logs"
-        logs.mkdir(exist_ok=True)
-        rfd, wfd = os.pipe()
-        log_file = logs / f"{mountpoint.parent.name}-{layer.digest[7:19]}.log"
-        try:
-            with open(log_file, "ab") as out:
-                env = dict(os.environ)
-                # The daemon imports peerstar from wherever this process did.
-                root = str(Path(__file__).resolve().parent.parent.parent)
-                env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-                proc = subprocess.Popen(
-                    self._argv(layer, mountpoint, wfd), pass_fds=(wfd,),
-                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                    start_new_session=True, env=env)
-        except OSError as exc:
-            os.close(rfd)
-            os.close(wfd)
-            raise MountError(f"cannot start the mount daemon: {exc}") from None
-        os.close(wfd)
-        # Reap the child whenever it exits; it may outlive us (own session), that is fine.
-        threading.Thread(target=proc.wait, daemon=True, name="mountd-reaper").start()
-        try:
-            report = self._read_ready(rfd, proc, self.cfg.mount_timeout
-                                      + self.cfg.prefetch_timeout)
-        finally:
-            os.close(rfd)
-        if not report.get("ok"):
-            tail = ""
-            try:
-                tail = log_file.read_text(errors="replace")[-600:].strip()
-            except OSError:
-                pass
-            raise MountError(f"{report.get('error') or 'mount daemon failed'}"
-                             + (f" (log {log_file}: ...{tail[-300:]})" if tail else ""))
-        if not self.is_mounted(mountpoint):
-            raise MountError(f"mount daemon reported ready but {mountpoint} is not mounted")
-        return report
-
-    @staticmethod
-    def _read_ready(fd: int, proc: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        buf = b""
-        while b"\n" not in buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                proc.kill()
-                return {"ok": False, "error": f"mount not ready within {timeout:.0f} s"}
-            ready, _, _ = select.select([fd], [], [], min(left, 0.5))
-            if not ready:
-                continue
-            chunk = os.read(fd, 4096)
-            if not chunk:  # every writer closed: the daemon exited without a report
-                code = proc.poll()
-                return {"ok": False, "error": f"mount daemon exited (status {code}) "
-                                              "without reporting"}
-            buf += chunk
-        try:
-            return json.loads(buf.split(b"\n", 1)[0])
-        except ValueError:
-            return {"ok": False, "error": f"unreadable readiness report {buf[:200]!r}"}
-
-    def unmount(self, mountpoint: Path) -> None:
-        """Unmount (the daemon then exits); lazily if the mount is busy or dead."""
-        mountpoint = Path(mountpoint)
-        for _ in range(3):
-            if not (_mount_fstype(mountpoint) or "").startswith("fuse"):
-                return
-            proc = subprocess.run(["umount", str(mountpoint)], capture_output=True, check=False)
-            if proc.returncode == 0:
-                return
-            time.sleep(0.1)
-        subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True, check=False)

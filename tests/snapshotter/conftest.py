@@ -1,0 +1,140 @@
+"""Fixtures for snapshotter tests: `peerstar snapshotter serve` as a real process, and a
+private containerd whose proxy plugin `peerstar` points at it.
+
+The snapshotter runs from the checkout (`python -m peerstar`), with its own root under a
+short /tmp dir (unix socket paths are limited to 107 bytes). Stopping it unmounts any lazy
+layers left under its root: their mount daemons run in their own sessions on purpose
+(restart safety), so nothing else would end them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.support.containerd import Containerd, HarnessError, start_containerd
+
+REPO = Path(__file__).resolve().parent.parent.parent
+
+
+def mounts_under(prefix: Path) -> list[str]:
+    """Mount points under `prefix`, deepest first."""
+    points = []
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        for line in f:
+            point = line.split()[4].encode().decode("unicode_escape")
+            if point == str(prefix) or point.startswith(str(prefix) + "/"):
+                points.append(point)
+    return sorted(set(points), key=lambda p: p.count("/"), reverse=True)
+
+
+@dataclass
+class SnapshotterProc:
+    base: Path
+    config_text: str = ""
+    process: subprocess.Popen[bytes] | None = None
+    extra_args: list[str] = field(default_factory=list)
+
+    @property
+    def address(self) -> Path:
+        return self.base / "s.sock"
+
+    @property
+    def root(self) -> Path:
+        return self.base / "root"
+
+    @property
+    def log_path(self) -> Path:
+        return self.base / "snapshotter.log"
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def start(self, timeout: float = 30.0) -> SnapshotterProc:
+        config = self.base / "snapshotter.toml"
+        config.write_text(self.config_text)
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "peerstar", "snapshotter", "serve", "--address",
+                 str(self.address), "--root", str(self.root), "--config", str(config),
+                 "--log-level", "info", *self.extra_args],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                start_new_session=True, cwd=str(REPO))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise HarnessError(f"snapshotter exited ({self.process.returncode}):\n"
+                                   f"{self.log()[-3000:]}")
+            if "serving on" in self.log() and self.address.is_socket():
+                return self
+            time.sleep(0.05)
+        raise HarnessError(f"snapshotter not serving after {timeout} s:\n{self.log()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def unmount_all(self) -> None:
+        for point in mounts_under(self.root):
+            if subprocess.run(["umount", point], capture_output=True).returncode != 0:
+                subprocess.run(["umount", "-l", point], capture_output=True)
+
+
+def start_snapshotter(config_text: str = "") -> SnapshotterProc:
+    base = Path(tempfile.mkdtemp(prefix="pss-", dir="/tmp"))
+    return SnapshotterProc(base, config_text).start()
+
+
+def stop_snapshotter(proc: SnapshotterProc) -> None:
+    proc.stop()
+    proc.unmount_all()
+    if not mounts_under(proc.base):
+        shutil.rmtree(proc.base, ignore_errors=True)
+
+
+@dataclass
+class Stack:
+    snapshotter: SnapshotterProc
+    containerd: Containerd
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    """The snapshotter and a containerd using it as proxy plugin `peerstar`."""
+    if os.geteuid() != 0:
+        pytest.fail("snapshotter tests must run as root (overlay and FUSE mounts)",
+                    pytrace=False)
+    try:
+        snap = start_snapshotter("[remote]\nprefetch_timeout = 5.0\n")
+    except HarnessError as exc:
+        pytest.fail(f"cannot start the snapshotter: {exc}", pytrace=False)
+    try:
+        daemon = start_containerd(proxy_plugins={"peerstar": str(snap.address)})
+    except HarnessError as exc:
+        stop_snapshotter(snap)
+        pytest.fail(f"cannot start containerd: {exc}", pytrace=False)
+    try:
+        yield Stack(snap, daemon)
+    finally:
+        daemon.stop()
+        stop_snapshotter(snap)
