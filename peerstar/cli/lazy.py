@@ -21,6 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dir", metavar="DIR", type=Path, help="an existing directory")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="region and chunk caches (default /var/lib/peerstar/lazyfs-cache)")
+    p.add_argument("--cache-limit-mib", type=int, default=None,
+                   help="bound of each cache (regions, chunks) in MiB (default 4096)")
     p.add_argument("--work-root", type=Path, default=None,
                    help="where layer mounts live (default /var/lib/peerstar/mounts)")
     p.add_argument("--prefetch-timeout", type=float, default=10.0,
@@ -56,6 +58,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         args.ref, args.dir, cache_dir=args.cache_dir or image.DEFAULT_CACHE_DIR,
         prefetch_timeout=args.prefetch_timeout, verify=not args.insecure_skip_verify,
         plain_http=True if args.plain_http else None, background=not args.no_background,
+        cache_bytes=None if args.cache_limit_mib is None else args.cache_limit_mib << 20,
         **_kw(args))  # type: ignore[arg-type]
     if args.json:
         print(json.dumps(summary, indent=1))

@@ -20,7 +20,8 @@ Mount API (for the snapshotter)
         verify=True,             # False only by explicit configuration
         size=None,               # blob size if known (descriptor size): saves a request
         prefetch_size=0,         # bytes to prefetch when the layer has no landmark
-        region_size=50_000, region_cache_bytes=0, chunk_cache_bytes=0,  # 0 = unbounded
+        region_size=50_000,      # fetch granularity in bytes
+        region_cache_bytes=4 << 30, chunk_cache_bytes=4 << 30,  # bounds of the cache dir
         request_timeout=30.0, retries=3, background=True, background_idle=5.0,
         username=None, password=None, token=None,   # registry auth (anonymous by default)
     )

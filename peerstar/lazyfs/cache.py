@@ -4,46 +4,42 @@ Owns: file naming, atomic writes (write to `wip/`, then rename, so a reader neve
 partial file and a crash leaves only `wip/` litter, cleared at start), and eviction of
 the least recently used files once the total exceeds `max_bytes`.
 
-Several mount processes may share one directory. Each keeps its own LRU bookkeeping,
-so the bound is per process; a file another process evicted is simply a miss here,
+Several mount daemons (one per layer) share one directory, so the bound is enforced on
+the directory itself, not on per-process bookkeeping: a hit touches the file's mtime,
+and after every `max_bytes / 16` bytes written (or when the estimate passes the bound)
+the writer takes an exclusive `flock` on `.lock`, scans the directory and removes the
+oldest files down to 90 % of the bound. A file another process evicted is simply a miss,
 which is why `get` treats a vanished or short file as absent rather than as an error.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import threading
-from collections import OrderedDict
 from pathlib import Path
+
+DEFAULT_MAX_BYTES = 4 << 30  # per cache (regions, chunks) and cache directory
+_LOW_WATER = 0.9  # evict down to this fraction of the bound, so scans stay rare
 
 
 class DiskCache:
-    """Key -> bytes files under `root`, at most `max_bytes` in total (0 = unbounded)."""
+    """Key -> bytes files under `root`, at most about `max_bytes` in total (0 = unbounded)."""
 
     def __init__(self, root: Path, max_bytes: int = 0) -> None:
         self.root = Path(root)
         self.max_bytes = max_bytes
         self._wip = self.root / "wip"
         self._wip.mkdir(parents=True, exist_ok=True)
-        for stale in self._wip.iterdir():  # partial writes of a crashed process
-            stale.unlink(missing_ok=True)
+        for stale in self._wip.iterdir():
+            # Partial writes of a crashed process (ours carry the writer's pid).
+            pid = stale.name.rsplit(".", 2)[-2] if stale.name.count(".") >= 2 else ""
+            if not (pid.isdigit() and os.path.exists(f"/proc/{pid}")):
+                stale.unlink(missing_ok=True)
         self._lock = threading.Lock()
-        self._lru: OrderedDict[str, int] = OrderedDict()  # file name -> size, oldest first
-        self.total = 0
-        files = []
-        for sub in self.root.iterdir():
-            if sub.name == "wip" or not sub.is_dir():
-                continue
-            for f in sub.iterdir():
-                try:
-                    st = f.stat()
-                except FileNotFoundError:
-                    continue
-                files.append((st.st_mtime, f"{sub.name}/{f.name}", st.st_size))
-        for _mtime, name, size in sorted(files):
-            self._lru[name] = size
-            self.total += size
+        self._since_scan = 0
+        self.total = self._scan(evict=bool(max_bytes))
 
     @staticmethod
     def _name(key: str) -> str:
@@ -54,48 +50,67 @@ class DiskCache:
 
     def get(self, key: str, size: int | None = None) -> bytes | None:
         """The cached bytes, or None (absent, evicted meanwhile, or not `size` long)."""
-        name = self._name(key)
+        path = self.root / self._name(key)
         try:
-            with open(self.root / name, "rb") as f:
+            with open(path, "rb") as f:
                 data = f.read()
+            os.utime(path)  # recently used: the last to be evicted
         except (FileNotFoundError, NotADirectoryError):
             return None
         if size is not None and len(data) != size:
             return None
-        with self._lock:
-            if name in self._lru:
-                self._lru.move_to_end(name)
         return data
 
     def __contains__(self, key: str) -> bool:
         return (self.root / self._name(key)).exists()
 
     def put(self, key: str, data: bytes) -> None:
-        name = self._name(key)
-        path = self.root / name
+        path = self.root / self._name(key)
         path.parent.mkdir(exist_ok=True)
         tmp = self._wip / f"{path.name}.{os.getpid()}.{threading.get_ident()}"
         with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
         with self._lock:
-            old = self._lru.pop(name, None)
-            if old is not None:
-                self.total -= old
-            self._lru[name] = len(data)
             self.total += len(data)
-            victims = []
-            while self.max_bytes and self.total > self.max_bytes and len(self._lru) > 1:
-                victim, vsize = self._lru.popitem(last=False)
-                self.total -= vsize
-                victims.append(victim)
-        for victim in victims:
-            (self.root / victim).unlink(missing_ok=True)
+            self._since_scan += len(data)
+            due = self.max_bytes and (self.total > self.max_bytes
+                                      or self._since_scan > self.max_bytes // 16)
+            if due:
+                self._since_scan = 0
+        if due:
+            total = self._scan(evict=True)
+            with self._lock:
+                self.total = total
 
     def discard(self, key: str) -> None:
-        name = self._name(key)
-        (self.root / name).unlink(missing_ok=True)
-        with self._lock:
-            size = self._lru.pop(name, None)
-            if size is not None:
-                self.total -= size
+        (self.root / self._name(key)).unlink(missing_ok=True)
+
+    def _scan(self, *, evict: bool) -> int:
+        """Bytes in the cache now; with `evict`, oldest files removed first to the bound."""
+        with open(self.root / ".lock", "a+") as lockf:
+            fcntl.flock(lockf, fcntl.LOCK_EX)  # one scanner at a time across processes
+            files = []
+            total = 0
+            for sub in os.scandir(self.root):
+                if sub.name == "wip" or not sub.is_dir():
+                    continue
+                for f in os.scandir(sub.path):
+                    try:
+                        st = f.stat()
+                    except FileNotFoundError:
+                        continue
+                    files.append((st.st_mtime_ns, f.path, st.st_size))
+                    total += st.st_size
+            if evict and self.max_bytes and total > self.max_bytes:
+                files.sort()
+                target = int(self.max_bytes * _LOW_WATER)
+                for _mtime, p, size in files:
+                    if total <= target:
+                        break
+                    try:
+                        os.unlink(p)
+                    except FileNotFoundError:
+                        continue
+                    total -= size
+        return total

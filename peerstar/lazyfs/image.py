@@ -167,7 +167,8 @@ def work_dir_for(target: Path, work_root: Path = DEFAULT_WORK_ROOT) -> Path:
 def mount_image(ref_text: str, target: Path, *, work_root: Path = DEFAULT_WORK_ROOT,
                 cache_dir: Path = DEFAULT_CACHE_DIR, prefetch_timeout: float = 10.0,
                 verify: bool = True, plain_http: bool | None = None,
-                background: bool = True) -> dict[str, object]:
+                background: bool = True, cache_bytes: int | None = None
+                ) -> dict[str, object]:
     """Mount every layer lazily and the overlay of them at `target`; returns a summary."""
     target = Path(target).resolve()
     if not target.is_dir():
@@ -187,7 +188,10 @@ def mount_image(ref_text: str, target: Path, *, work_root: Path = DEFAULT_WORK_R
             mp.mkdir(parents=True)
             mounts.append(mount_layer(layer.url, layer.digest, layer.toc_digest, mp, cache_dir,
                                       prefetch_timeout=prefetch_timeout, verify=verify,
-                                      size=layer.size or None, background=background))
+                                      size=layer.size or None, background=background,
+                                      **({} if cache_bytes is None else {
+                                          "region_cache_bytes": cache_bytes,
+                                          "chunk_cache_bytes": cache_bytes})))
         lowers = [str(m.mountpoint) for m in reversed(mounts)]  # overlay: top layer first
         if len(lowers) == 1:
             # Without an upper dir overlayfs wants two lower dirs; an empty one is neutral.

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peerstar.errors import PeerstarError
+from peerstar.lazyfs.cache import DEFAULT_MAX_BYTES
 from peerstar.lazyfs.fetcher import DEFAULT_REGION_SIZE
 from peerstar.lazyfs.state import (
     PASSWORD_ENV,
@@ -128,8 +129,8 @@ def mount_layer(
     size: int | None = None,
     prefetch_size: int = 0,
     region_size: int = DEFAULT_REGION_SIZE,
-    region_cache_bytes: int = 0,
-    chunk_cache_bytes: int = 0,
+    region_cache_bytes: int = DEFAULT_MAX_BYTES,
+    chunk_cache_bytes: int = DEFAULT_MAX_BYTES,
     request_timeout: float = 30.0,
     retries: int = 3,
     background: bool = True,

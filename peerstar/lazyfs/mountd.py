@@ -29,7 +29,7 @@ import trio
 
 from peerstar.lazyfs import metrics
 from peerstar.lazyfs.auth import RegistryAuth
-from peerstar.lazyfs.cache import DiskCache
+from peerstar.lazyfs.cache import DEFAULT_MAX_BYTES, DiskCache
 from peerstar.lazyfs.fetcher import DEFAULT_REGION_SIZE, BlobFetcher
 from peerstar.lazyfs.fs import LayerFS
 from peerstar.lazyfs.layer import LazyLayer
@@ -53,8 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true",
                    help="DANGEROUS: serve chunks without checking their digests")
     p.add_argument("--region-size", type=int, default=DEFAULT_REGION_SIZE)
-    p.add_argument("--region-cache-bytes", type=int, default=0, help="0 = unbounded")
-    p.add_argument("--chunk-cache-bytes", type=int, default=0, help="0 = unbounded")
+    p.add_argument("--region-cache-bytes", type=int, default=DEFAULT_MAX_BYTES,
+                   help="bound of <cache-dir>/regions (0 = unbounded)")
+    p.add_argument("--chunk-cache-bytes", type=int, default=DEFAULT_MAX_BYTES,
+                   help="bound of <cache-dir>/chunks (0 = unbounded)")
     p.add_argument("--timeout", type=float, default=30.0, help="per HTTP request")
     p.add_argument("--retries", type=int, default=3)
     p.add_argument("--no-background", action="store_true", help="no idle-time full fetch")
