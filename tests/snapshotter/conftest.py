@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,6 +65,8 @@ class SnapshotterProc:
             return ""
 
     def start(self, timeout: float = 30.0) -> SnapshotterProc:
+        """Start (or restart: same root, socket and log) and wait until it serves."""
+        offset = len(self.log())  # a restart appends: only the new run's lines count
         config = self.base / "snapshotter.toml"
         config.write_text(self.config_text)
         env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -79,7 +82,7 @@ class SnapshotterProc:
             if self.process.poll() is not None:
                 raise HarnessError(f"snapshotter exited ({self.process.returncode}):\n"
                                    f"{self.log()[-3000:]}")
-            if "serving on" in self.log() and self.address.is_socket():
+            if "serving on" in self.log()[offset:] and self.address.is_socket():
                 return self
             time.sleep(0.05)
         raise HarnessError(f"snapshotter not serving after {timeout} s:\n{self.log()[-3000:]}")
@@ -118,14 +121,15 @@ class Stack:
     containerd: Containerd
 
 
-@pytest.fixture(scope="module")
-def stack() -> Iterator[Stack]:
-    """The snapshotter and a containerd using it as proxy plugin `peerstar`."""
+@contextmanager
+def running_stack(config_text: str) -> Iterator[Stack]:
+    """The snapshotter (with `config_text` as its TOML) and a containerd using it as
+    proxy plugin `peerstar`; both stopped and cleaned up afterwards."""
     if os.geteuid() != 0:
         pytest.fail("snapshotter tests must run as root (overlay and FUSE mounts)",
                     pytrace=False)
     try:
-        snap = start_snapshotter("[remote]\nprefetch_timeout = 5.0\n")
+        snap = start_snapshotter(config_text)
     except HarnessError as exc:
         pytest.fail(f"cannot start the snapshotter: {exc}", pytrace=False)
     try:
@@ -138,3 +142,9 @@ def stack() -> Iterator[Stack]:
     finally:
         daemon.stop()
         stop_snapshotter(snap)
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    with running_stack("[remote]\nprefetch_timeout = 5.0\n") as s:
+        yield s

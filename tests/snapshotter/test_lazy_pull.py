@@ -1,0 +1,256 @@
+"""End to end with real parts: eStargz layers (peerstar.estargz.build) pushed to the
+Debian docker-registry, `ctr-remote image rpull --snapshotter peerstar`, containers run
+under runc reading files served lazily by peerstar.lazyfs, the layer blobs never in
+containerd's content store; the same image as plain gzip layers goes the fallback path;
+the snapshotter killed and restarted while a container runs."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import signal
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from peerstar.estargz import TOC_DIGEST_ANNOTATION, build
+from peerstar.sample import (
+    MEDIA_TYPE_OCI_CONFIG,
+    MEDIA_TYPE_OCI_LAYER_GZIP,
+    MEDIA_TYPE_OCI_MANIFEST,
+    SAMPLE_TEXT,
+    SAMPLE_TEXT_PATH,
+    build_layer_tar,
+    gzip_bytes,
+    oci_platform,
+    sample_layer_entries,
+)
+from peerstar.snapshotter._proto import snapshots_pb2 as pb
+from peerstar.snapshotter._proto import snapshots_pb2_grpc
+from tests.snapshotter.conftest import Stack, mounts_under, running_stack
+from tests.support.registry import DockerRegistry
+
+pytestmark = pytest.mark.slow
+
+EXTRA_MIB = 8
+REMOTE_LABEL = "containerd.io/snapshot/remote"
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class PushedLayer:
+    digest: str
+    size: int
+    diff_id: str
+    toc_digest: str  # "" for a plain gzip layer
+
+
+def _http(method: str, url: str, data: bytes | None = None,
+          headers: dict[str, str] | None = None) -> tuple[int, dict[str, str]]:
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        return resp.status, dict(resp.headers.items())
+
+
+def push_blob(base: str, repo: str, data: bytes) -> str:
+    """A monolithic upload (POST then PUT ?digest=) of the distribution API."""
+    digest = sha(data)
+    _, headers = _http("POST", f"{base}/v2/{repo}/blobs/uploads/", b"")
+    loc = headers["Location"]
+    loc = base + loc if loc.startswith("/") else loc
+    status, _ = _http("PUT", f"{loc}{'&' if '?' in loc else '?'}digest={digest}", data,
+                      {"Content-Type": "application/octet-stream"})
+    assert status == 201
+    return digest
+
+
+def push_image(base: str, repo: str, tag: str, *, estargz: bool) -> list[PushedLayer]:
+    """The sample image's layers (busybox; text files + EXTRA_MIB MiB) pushed as eStargz
+    (the sample text prioritized, so it comes with the prefetch) or as plain gzip."""
+    layers: list[PushedLayer] = []
+    descs = []
+    for i, entries in enumerate(sample_layer_entries(extra_mib=EXTRA_MIB)):
+        tar = build_layer_tar(entries)
+        if estargz:
+            out = io.BytesIO()
+            res = build(io.BytesIO(tar), out, prioritized=(
+                ("etc/peerstar-sample.txt",) if i == 1 else ()))
+            blob = out.getvalue()
+            layer = PushedLayer(res.blob_digest, len(blob), res.diff_id, res.toc_digest)
+        else:
+            blob = gzip_bytes(tar)
+            layer = PushedLayer(sha(blob), len(blob), sha(tar), "")
+        push_blob(base, repo, blob)
+        desc: dict[str, object] = {"mediaType": MEDIA_TYPE_OCI_LAYER_GZIP,
+                                   "digest": layer.digest, "size": layer.size}
+        if layer.toc_digest:
+            desc["annotations"] = {TOC_DIGEST_ANNOTATION: layer.toc_digest}
+        descs.append(desc)
+        layers.append(layer)
+    arch, variant = oci_platform()
+    cfg: dict[str, object] = {
+        "architecture": arch, "os": "linux",
+        "config": {"Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]},
+        "rootfs": {"type": "layers", "diff_ids": [la.diff_id for la in layers]}}
+    if variant:
+        cfg["variant"] = variant
+    config = json.dumps(cfg).encode()
+    push_blob(base, repo, config)
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": MEDIA_TYPE_OCI_MANIFEST,
+        "config": {"mediaType": MEDIA_TYPE_OCI_CONFIG, "digest": sha(config),
+                   "size": len(config)},
+        "layers": descs}).encode()
+    status, _ = _http("PUT", f"{base}/v2/{repo}/manifests/{tag}", manifest,
+                      {"Content-Type": MEDIA_TYPE_OCI_MANIFEST})
+    assert status == 201
+    return layers
+
+
+def our_infos(stack: Stack) -> list[pb.Info]:
+    with grpc.insecure_channel(f"unix://{stack.snapshotter.address}") as ch:
+        stub = snapshots_pb2_grpc.SnapshotsStub(ch)
+        return [i for r in stub.List(pb.ListSnapshotsRequest()) for i in r.info]
+
+
+def content_digests(stack: Stack) -> set[str]:
+    return {line.split()[0] for line in stack.containerd.ctr.lines("content", "ls")[1:]}
+
+
+@pytest.fixture(scope="module")
+def lazy_stack() -> Iterator[Stack]:
+    # No background fetch: the bytes fetched are then only what was read or prefetched.
+    with running_stack("[remote]\nprefetch_timeout = 5.0\nbackground_fetch = false\n") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def estargz_image(docker_registry: DockerRegistry) -> tuple[str, list[PushedLayer]]:
+    layers = push_image(docker_registry.url, "snap/lazy", "v1", estargz=True)
+    return f"{docker_registry.host}/snap/lazy:v1", layers
+
+
+@pytest.fixture(scope="module")
+def gzip_image(docker_registry: DockerRegistry) -> tuple[str, list[PushedLayer]]:
+    layers = push_image(docker_registry.url, "snap/plain", "v1", estargz=False)
+    return f"{docker_registry.host}/snap/plain:v1", layers
+
+
+def _remote_snapshots(stack: Stack) -> dict[str, pb.Info]:
+    return {i.labels["containerd.io/snapshot/remote/stargz.digest"]: i
+            for i in our_infos(stack) if REMOTE_LABEL in i.labels}
+
+
+def test_rpull_runs_lazily_without_layer_blobs_in_content_store(
+        lazy_stack: Stack, estargz_image: tuple[str, list[PushedLayer]]) -> None:
+    ref, layers = estargz_image
+    ctr = lazy_stack.containerd.ctr
+    ctr.remote("image", "rpull", "--plain-http", "--snapshotter", "peerstar", ref)
+    # Both layers were mounted remotely: committed under their chain id, labelled remote,
+    # each `fs` a live FUSE mount of the mount daemon.
+    remote = _remote_snapshots(lazy_stack)
+    assert sorted(remote) == sorted(la.digest for la in layers)
+    for info in remote.values():
+        assert info.kind == pb.COMMITTED
+        assert info.labels["containerd.io/snapshot/remote"] == "remote snapshot"
+    fuse = mounts_under(lazy_stack.snapshotter.root)
+    assert len(fuse) == 2 and all(Path(p).name == "fs" for p in fuse)
+    # The layer blobs never entered containerd's content store (manifest/config did).
+    content = content_digests(lazy_stack)
+    assert not content & {la.digest for la in layers}
+    out = ctr.text("run", "--snapshotter", "peerstar", "--rm", ref, "lazy-cat", "cat",
+                   SAMPLE_TEXT_PATH)
+    assert out == SAMPLE_TEXT.decode()
+    assert ctr.text("run", "--snapshotter", "peerstar", "--rm", ref, "lazy-echo",
+                    "/bin/busybox", "echo", "hello") == "hello\n"
+    # Only part of the data layer was fetched: the EXTRA_MIB MiB of data was never read.
+    data_layer = layers[1]
+    time.sleep(2.5)  # the daemon refreshes its stats file every 2 s
+    stats = [json.loads(p.read_text()) for p in
+             (lazy_stack.snapshotter.root / "cache" / "mounts").glob("*.stats.json")]
+    mine = [s for s in stats if s.get("digest") == data_layer.digest]
+    assert len(mine) == 1
+    assert 0 < mine[0]["fetchedSize"] < data_layer.size // 2, mine[0]
+
+
+def test_plain_gzip_image_takes_the_fallback_path(
+        lazy_stack: Stack, gzip_image: tuple[str, list[PushedLayer]]) -> None:
+    ref, layers = gzip_image
+    ctr = lazy_stack.containerd.ctr
+    before = set(_remote_snapshots(lazy_stack))
+    ctr.remote("image", "rpull", "--plain-http", "--snapshotter", "peerstar", ref)
+    # No remote snapshot for these layers; containerd downloaded and unpacked them.
+    assert set(_remote_snapshots(lazy_stack)) == before
+    assert {la.digest for la in layers} <= content_digests(lazy_stack)
+    out = ctr.text("run", "--snapshotter", "peerstar", "--rm", ref, "plain-cat", "cat",
+                   SAMPLE_TEXT_PATH)
+    assert out == SAMPLE_TEXT.decode()
+    log = lazy_stack.snapshotter.log()
+    assert f"layer {layers[0].digest} has no containerd.io/snapshot/stargz/toc.digest" in log
+
+
+def test_snapshotter_restart_keeps_running_container_reading(
+        lazy_stack: Stack, estargz_image: tuple[str, list[PushedLayer]]) -> None:
+    ref, _ = estargz_image
+    ctr = lazy_stack.containerd.ctr
+    snap = lazy_stack.snapshotter
+    ctr.remote("image", "rpull", "--plain-http", "--snapshotter", "peerstar", ref)
+    ctr.run("run", "-d", "--snapshotter", "peerstar", ref, "lazy-long", "sleep", "600")
+    try:
+        snap.stop(signal.SIGKILL)  # no chance to clean up: like a crash
+        snap.start()
+        assert "remote snapshots at start" in snap.log() and "'alive'" in snap.log()
+        out = ctr.text("tasks", "exec", "--exec-id", "e1", "lazy-long", "cat",
+                       SAMPLE_TEXT_PATH)
+        assert out == SAMPLE_TEXT.decode()
+        # And the restarted snapshotter serves new containers (containerd reconnects).
+        deadline = time.monotonic() + 20
+        while True:
+            proc = ctr.run("run", "--snapshotter", "peerstar", "--rm", ref, "after-restart",
+                           "cat", SAMPLE_TEXT_PATH, check=False)
+            if proc.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert proc.stdout.decode() == SAMPLE_TEXT.decode(), proc.stderr
+    finally:
+        ctr.run("tasks", "kill", "-s", "SIGKILL", "lazy-long", check=False)
+        for _ in range(50):
+            if ctr.run("tasks", "delete", "lazy-long", check=False).returncode == 0:
+                break
+            time.sleep(0.1)
+        ctr.run("containers", "delete", "lazy-long", check=False)
+
+
+def test_remote_layer_remounted_after_its_daemon_died(
+        lazy_stack: Stack, estargz_image: tuple[str, list[PushedLayer]]) -> None:
+    """A node reboot or a killed mount daemon: the snapshotter mounts the layers again
+    from its database at start, and new containers read them."""
+    ref, layers = estargz_image
+    ctr = lazy_stack.containerd.ctr
+    snap = lazy_stack.snapshotter
+    ctr.remote("image", "rpull", "--plain-http", "--snapshotter", "peerstar", ref)
+    snap.stop()
+    for point in mounts_under(snap.root):  # the daemons exit on umount
+        assert subprocess.run(["umount", "-l", point]).returncode == 0
+    assert mounts_under(snap.root) == []
+    snap.start()
+    assert len(mounts_under(snap.root)) == 2
+    assert snap.log().count("'remounted'") >= 2
+    deadline = time.monotonic() + 20
+    while True:
+        proc = ctr.run("run", "--snapshotter", "peerstar", "--rm", ref, "remounted",
+                       "cat", SAMPLE_TEXT_PATH, check=False)
+        if proc.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert proc.stdout.decode() == SAMPLE_TEXT.decode(), proc.stderr
