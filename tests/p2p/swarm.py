@@ -1,0 +1,195 @@
+"""Helpers for the multi-node tests: js-ipfs daemons and peerstar registries inside the
+network namespaces of `tests.support.netns`, and raw RPC/HTTP calls made from inside a
+node (each node's 127.0.0.1 is its own, so calls run through the node's `ip netns exec`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from multiformats import CID, multihash
+
+from tests.support.containerd import HarnessError
+from tests.support.jsipfs import JsIpfs
+from tests.support.netns import Node
+
+REPO = Path(__file__).resolve().parents[2]
+API_PORT, SWARM_PORT, GATEWAY_PORT, RPC_PORT = 5001, 4001, 8080, 5003
+REGISTRY_PORT = 5050
+
+# Runs inside a node: POST (kubo RPC) or GET (registry) to a loopback URL; an optional file
+# is sent as the multipart body `add` expects; the response body is streamed to stdout.
+_CLIENT = r"""
+import os, sys, urllib.error, urllib.request
+method, url, timeout, infile = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
+headers = dict(h.split(": ", 1) for h in sys.argv[5:])
+data = None
+if infile != "-":
+    b = "peerstar" + os.urandom(8).hex()
+    with open(infile, "rb") as f:
+        payload = f.read()
+    data = (f"--{b}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"blob\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + payload + \
+           f"\r\n--{b}--\r\n".encode()
+    headers["Content-Type"] = f"multipart/form-data; boundary={b}"
+req = urllib.request.Request(url, data=data, method=method, headers=headers)
+try:
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        while True:
+            chunk = r.read(1 << 20)
+            if not chunk:
+                break
+            sys.stdout.buffer.write(chunk)
+except urllib.error.HTTPError as e:
+    sys.stderr.write(f"HTTP {e.code}: {e.read()[:2000]!r}")
+    sys.exit(3)
+"""
+
+
+def http(node: Node, method: str, url: str, *, infile: Path | None = None,
+         headers: Sequence[str] = (), timeout: float = 60.0) -> bytes:
+    """Make one HTTP request from inside `node`; HarnessError on any failure."""
+    proc = node.run([sys.executable, "-c", _CLIENT, method, url, str(timeout),
+                     str(infile) if infile else "-", *headers], timeout=timeout + 30)
+    if proc.returncode != 0:
+        raise HarnessError(f"{method} {url} in {node.label}: "
+                           f"{proc.stderr.decode(errors='replace')[-2000:]}")
+    return proc.stdout
+
+
+def rpc_raw(node: Node, path: str, params: Sequence[tuple[str, str]] = (), *,
+            infile: Path | None = None, timeout: float = 60.0) -> bytes:
+    url = f"http://127.0.0.1:{API_PORT}/api/v0/{path}"
+    if params:
+        url += "?" + urllib.parse.urlencode(list(params))
+    return http(node, "POST", url, infile=infile, timeout=timeout)
+
+
+def rpc(node: Node, path: str, params: Sequence[tuple[str, str]] = (), *,
+        timeout: float = 60.0) -> Any:
+    body = rpc_raw(node, path, params, timeout=timeout)
+    return json.loads(body) if body.strip() else None
+
+
+def add(node: Node, data: bytes) -> str:
+    """`add` as peerstar pushes (CIDv1, raw leaves, pinned); returns the CID (base32)."""
+    with tempfile.NamedTemporaryFile(prefix="peerstar-p2p-") as f:
+        f.write(data)
+        f.flush()
+        out = rpc_raw(node, "add", [("cid-version", "1"), ("raw-leaves", "true"),
+                                    ("pin", "true"), ("cid-base", "base32")],
+                      infile=Path(f.name), timeout=300)
+    return json.loads(out.splitlines()[-1])["Hash"]
+
+
+def cat(node: Node, cid: str, offset: int | None = None, length: int | None = None, *,
+        timeout: float = 120.0) -> bytes:
+    params = [("arg", cid)]
+    if offset is not None:
+        params.append(("offset", str(offset)))
+    if length is not None:
+        params.append(("length", str(length)))
+    # js-ipfs's own per-call timeout, so a fetch nobody can serve ends with an error.
+    params.append(("timeout", f"{int(timeout)}s"))
+    return rpc_raw(node, "cat", params, timeout=timeout + 10)
+
+
+def mh(cid: str) -> str:
+    """A block's identity in a blockstore: its multihash (hex), whatever the CID's codec."""
+    return bytes(CID.decode(cid).digest).hex()
+
+
+def local_blocks(node: Node) -> set[str]:
+    """Multihashes of every block in the node's repo (`refs/local`, which js-ipfs reports
+    with the raw codec). js-ipfs keeps no bitswap counters, so which blocks a node holds
+    is the evidence of what it fetched."""
+    out = rpc_raw(node, "refs/local")
+    return {mh(json.loads(line)["Ref"]) for line in out.splitlines() if line.strip()}
+
+
+def leaf_cids(data: bytes, chunk: int = 256 * 1024) -> list[str]:
+    """Multihashes of the raw leaves `add --cid-version=1 --raw-leaves` makes of `data`."""
+    return [mh(str(CID("base32", 1, "raw", multihash.digest(data[i:i + chunk], "sha2-256"))))
+            for i in range(0, len(data), chunk)]
+
+
+def num_objects(node: Node) -> int:
+    return int(rpc(node, "repo/stat")["NumObjects"])
+
+
+def peers(node: Node) -> set[str]:
+    res = rpc(node, "swarm/peers") or {}
+    return {p.get("Peer", "") for p in res.get("Peers") or []}
+
+
+def wait_for_peers(node: Node, expected: set[str], timeout: float = 60.0) -> set[str]:
+    """Poll until `node` is connected to every peer in `expected`; return its peers."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = peers(node)
+        if expected <= now or time.monotonic() > deadline:
+            return now
+        time.sleep(0.5)
+
+
+def start_daemon(node: Node, swarm_key: bytes | None, bootstrap: Sequence[str] = (),
+                 timeout: float = 120.0) -> JsIpfs:
+    """js-ipfs in `node`: swarm on the node's address, API etc. on its own loopback, the
+    given swarm key (None = public network) and bootstrap list, nothing else to dial."""
+    repo = Path(tempfile.mkdtemp(prefix=f"peerstar-p2p-{node.label}-"))
+    daemon = JsIpfs(repo=repo, api_port=API_PORT, swarm_port=SWARM_PORT,
+                    gateway_port=GATEWAY_PORT, rpc_port=RPC_PORT, swarm_host=node.addr,
+                    prefix=node.prefix, swarm_key=swarm_key, owns_repo=True)
+    try:
+        daemon.init()
+        cfg_path = repo / "config"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["Bootstrap"] = list(bootstrap)
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+        daemon.start(timeout=timeout)
+    except BaseException:
+        daemon.stop()
+        raise
+    return daemon
+
+
+@contextmanager
+def registry(node: Node, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """`peerstar registry serve` on the node's own localhost:5050, over the node's daemon."""
+    with open(log, "wb") as err:
+        proc = node.popen(
+            [sys.executable, "-m", "peerstar", "registry", "serve", "--listen",
+             f"127.0.0.1:{REGISTRY_PORT}", "--ipfs-address", f"/ip4/127.0.0.1/tcp/{API_PORT}",
+             "--read-timeout", "60s"],
+            cwd=str(REPO), stdout=subprocess.DEVNULL, stderr=err,
+            env=dict(os.environ, PYTHONPATH=str(REPO)),
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                http(node, "GET", f"http://127.0.0.1:{REGISTRY_PORT}/v2/", timeout=5)
+                break
+            except HarnessError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise HarnessError(f"registry in {node.label} did not start: "
+                                       f"{log.read_text(errors='replace')[-2000:]}") from None
+                time.sleep(0.3)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
