@@ -31,6 +31,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from peerstar.errors import PeerstarError
+from peerstar.registry.daemoncat import fast_reader_for
 from peerstar.registry.metrics import RegistryMetrics
 from peerstar.registry.ranges import (
     ByteRange,
@@ -129,6 +130,9 @@ class RegistryServer:
 
     def __init__(self, store: ContentStore, options: ServerOptions | None = None) -> None:
         self.store = store
+        # content reads go through the fastest client available for this store
+        self._fast = fast_reader_for(store)
+        self._reader: ContentStore = self._fast or store
         self.options = options or ServerOptions()
         self.metrics = RegistryMetrics()
         self.trees = TreeCache(self._read_small, max_bytes=self.options.cache_bytes)
@@ -143,7 +147,7 @@ class RegistryServer:
 
     async def _read_small(self, cid: str, max_bytes: int) -> bytes:
         self.metrics.tree_walks.inc()
-        data = await read_all(self.store, cid, max_bytes, self.options.policy,
+        data = await read_all(self._reader, cid, max_bytes, self.options.policy,
                               on_failure=self._on_upstream_failure)
         self.metrics.upstream_bytes.inc(len(data))
         return data
@@ -367,7 +371,7 @@ class RegistryServer:
         if cached is not None:
             yield cached[r.start:r.end + 1]
             return
-        async for chunk in read_stream(self.store, info.cid, r.start, r.length,
+        async for chunk in read_stream(self._reader, info.cid, r.start, r.length,
                                        self.options.policy,
                                        on_failure=self._on_upstream_failure):
             self.metrics.upstream_bytes.inc(len(chunk))
@@ -432,6 +436,8 @@ class RegistryServer:
         runners, self._runners = self._runners, []
         for runner in runners:
             await runner.cleanup()
+        if self._fast is not None:
+            await self._fast.close()
 
 
 def _upstream_error(exc: UpstreamError) -> RegistryError:

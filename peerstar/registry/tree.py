@@ -10,6 +10,7 @@ share one walk. Failed walks are not cached (the daemon may come back).
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import re
@@ -45,6 +46,9 @@ def is_tag(text: str) -> bool:
     return _TAG_RE.match(text) is not None
 
 
+# Cached: multiformats' CID.decode validates types at run time (~1 ms), and every
+# request names its image by CID. Errors are not cached (lru_cache skips raises).
+@functools.lru_cache(maxsize=4096)
 def parse_image_cid(text: str) -> str:
     """Normalise a CID from a URL path to CIDv1 base32; ValueError if it is not one we read.
 

@@ -1,0 +1,167 @@
+"""Benchmark: Range-read throughput and latency through `peerstar registry serve` vs a
+direct `cat` (offset/length) from the same IPFS daemon, in the same run.
+
+Starts a private js-ipfs daemon, adds a random blob (default 256 MiB) as a one-layer
+image in nerdctl's format, runs the registry as a separate process (as in production),
+then for each concurrency (1, 32) and read size (64 KiB, 1 MiB) runs random-offset reads
+for a fixed time against (a) the registry (`GET .../blobs/<digest>` with `Range`) and
+(b) the daemon's RPC (`POST /api/v0/cat?offset&length`), with the same aiohttp client,
+and prints MB/s, p50/p99 latency and the registry/direct ratio (target >= 0.8x).
+
+Run: `python bench/registry/run.py [--mib 256] [--seconds 8] [--embedded]`.
+--embedded also measures the registry over the embedded store (no direct baseline then:
+its "direct" column is an in-process `cat` from the same store).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from peerstar.ipfs import open_store  # noqa: E402
+from tests.registry.ipfsimage import store_blob_image  # noqa: E402
+from tests.support.jsipfs import free_port, start_jsipfs  # noqa: E402
+
+
+async def _run(fetch, size: int, read: int, conc: int, seconds: float, seed: int
+               ) -> tuple[float, float, float, int]:
+    """(MB/s, p50 ms, p99 ms, reads) of `conc` workers calling fetch(offset, length)."""
+    lat: list[float] = []
+    total = 0
+    deadline = time.monotonic() + seconds
+
+    async def worker(i: int) -> None:
+        nonlocal total
+        rnd = random.Random(seed * 1000 + i)
+        while time.monotonic() < deadline:
+            off = rnd.randrange(0, size - read)
+            t0 = time.perf_counter()
+            n = await fetch(off, read)
+            lat.append(time.perf_counter() - t0)
+            if n != read:
+                raise RuntimeError(f"short read: {n} of {read} at {off}")
+            total += n
+
+    t0 = time.monotonic()
+    await asyncio.gather(*(worker(i) for i in range(conc)))
+    elapsed = time.monotonic() - t0
+    lat.sort()
+    p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+    return total / elapsed / 1e6, statistics.median(lat) * 1000, p99 * 1000, len(lat)
+
+
+async def bench(api_url: str, registry_url: str, cid: str, size: int, seconds: float,
+                concurrencies: list[int], reads: list[int]) -> list[tuple]:
+    rows = []
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def via_registry(off: int, n: int) -> int:
+            async with session.get(registry_url,
+                                   headers={"Range": f"bytes={off}-{off + n - 1}"}) as r:
+                if r.status != 206:
+                    raise RuntimeError(f"registry answered {r.status}")
+                got = 0
+                async for chunk in r.content.iter_any():
+                    got += len(chunk)
+                return got
+
+        async def direct(off: int, n: int) -> int:
+            params = {"arg": cid, "offset": str(off), "length": str(n)}
+            async with session.post(f"{api_url}/api/v0/cat", params=params) as r:
+                if r.status != 200:
+                    raise RuntimeError(f"daemon answered {r.status}")
+                got = 0
+                async for chunk in r.content.iter_any():
+                    got += len(chunk)
+                return got
+
+        for conc in concurrencies:
+            for read in reads:
+                # warm both paths (connection pools, daemon caches) before measuring
+                await _run(direct, size, read, conc, 1.0, 0)
+                await _run(via_registry, size, read, conc, 1.0, 0)
+                d = await _run(direct, size, read, conc, seconds, 1)
+                r = await _run(via_registry, size, read, conc, seconds, 1)
+                rows.append((conc, read, d, r))
+    return rows
+
+
+def _print(rows: list[tuple], title: str) -> None:
+    print(f"\n{title}")
+    print(f"{'conc':>4} {'read':>7} | {'direct MB/s':>11} {'p50 ms':>7} {'p99 ms':>7} | "
+          f"{'registry MB/s':>13} {'p50 ms':>7} {'p99 ms':>7} | {'ratio':>5}")
+    for conc, read, d, r in rows:
+        label = f"{read >> 10} KiB" if read < (1 << 20) else f"{read >> 20} MiB"
+        print(f"{conc:>4} {label:>7} | {d[0]:>11.1f} {d[1]:>7.2f} {d[2]:>7.2f} | "
+              f"{r[0]:>13.1f} {r[1]:>7.2f} {r[2]:>7.2f} | {r[0] / d[0]:>4.2f}x")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--mib", type=int, default=256)
+    ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--concurrency", default="1,32")
+    ap.add_argument("--reads", default="65536,1048576")
+    args = ap.parse_args()
+    concurrencies = [int(x) for x in args.concurrency.split(",")]
+    reads = [int(x) for x in args.reads.split(",")]
+    size = args.mib << 20
+
+    daemon = start_jsipfs()
+    proc = None
+    try:
+        with tempfile.TemporaryDirectory(prefix="peerstar-bench-") as tmp:
+            blob = Path(tmp) / "blob"
+            blob.write_bytes(os.urandom(size))
+
+            async def push():
+                store = open_store(daemon.api_multiaddr, timeout=300)
+                try:
+                    return await store_blob_image(store, blob)
+                finally:
+                    await store.close()
+
+            img = asyncio.run(push())
+            layer = img.layer_digests[0]
+            cid = img.cids[layer]
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PEERSTAR_")}
+        env["PYTHONPATH"] = str(REPO)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "peerstar", "registry", "serve", "--ipfs-address",
+             daemon.api_multiaddr, "--listen", f"127.0.0.1:{port}", "--no-access-log"],
+            env=env, stderr=subprocess.PIPE, cwd=REPO)
+        assert proc.stderr is not None
+        line = proc.stderr.readline().decode()
+        if "listening" not in line:
+            raise SystemExit(f"registry did not start: {line}")
+        url = f"http://127.0.0.1:{port}/v2/ipfs/{img.root_cid}/blobs/{layer}"
+        rows = asyncio.run(bench(daemon.api_url, url, cid, size, args.seconds,
+                                 concurrencies, reads))
+        _print(rows, f"Range reads of a {args.mib} MiB blob, {args.seconds:g} s per cell, "
+                     f"js-ipfs 0.66 daemon, {os.cpu_count()} CPUs")
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(15)
+        daemon.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
