@@ -32,6 +32,7 @@ from peerstar.snapshotter.config import RemoteConfig
 from peerstar.snapshotter.errors import AlreadyExists, InvalidArgument
 from peerstar.snapshotter.filters import compile_filters
 from peerstar.snapshotter.metadata import Kind, MetaStore, Snapshot
+from peerstar.snapshotter.metrics import REMOTE_PREPARES
 from peerstar.snapshotter.remote import (
     LABEL_REF,
     LABEL_REMOTE,
@@ -105,6 +106,8 @@ class Snapshotter:
         self.remote_cfg = remote or RemoteConfig()
         self.mounter = mounter or LayerMounter(self.remote_cfg, self.root / "cache")
         self.meta = MetaStore(self.root / "metadata.db")
+        # Where lazyfs mount daemons keep state/stats/.prom files (peerstar.lazyfs.state).
+        self.mounts_dir = self.root / "cache" / "mounts"
         self.index_off = _overlay_index_param()
         # Directory creation/removal and mounting are not part of the SQL transaction;
         # one lock keeps a Remove from racing a Prepare on the same parent.
@@ -171,6 +174,7 @@ class Snapshotter:
             try:
                 layer = remote_layer_from_labels(labels, self.remote_cfg)
             except NotRemote as exc:
+                REMOTE_PREPARES.labels("fallback_labels").inc()
                 log.info("prepare %s: normal snapshot, containerd pulls the layer itself: %s",
                          key, exc)
         if layer is not None and self.meta.find(target) is not None:
@@ -191,6 +195,7 @@ class Snapshotter:
             log.warning("prepare %s: remote mount of layer %s from %s failed, falling back "
                         "to a normal snapshot (containerd pulls the layer): %s",
                         snap.key, layer.digest, layer.url, exc)
+            REMOTE_PREPARES.labels("fallback_mount_failed").inc()
             self.mounter.unmount(fs)
             return False
         committed = dict(labels)
@@ -203,6 +208,7 @@ class Snapshotter:
             self.mounter.unmount(fs)
             self.remove(snap.key)
             return True
+        REMOTE_PREPARES.labels("remote").inc()
         log.info("prepare %s: layer %s mounted lazily from %s as %s (%s)", snap.key,
                  layer.digest, layer.url, target, report)
         return True

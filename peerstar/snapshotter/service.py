@@ -23,7 +23,6 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import empty_pb2
-from prometheus_client import Counter, Histogram
 
 from peerstar.snapshotter._proto import mount_pb2, snapshots_pb2, snapshots_pb2_grpc
 from peerstar.snapshotter.config import SnapshotterConfig
@@ -35,13 +34,9 @@ from peerstar.snapshotter.errors import (
     NotFound,
 )
 from peerstar.snapshotter.metadata import Snapshot
+from peerstar.snapshotter.metrics import OPERATION_SECONDS, OPERATIONS, start_metrics_server
 
 log = logging.getLogger("peerstar.snapshotter.service")
-
-OPERATIONS = Counter("peerstar_snapshotter_operations_total",
-                     "Snapshotter gRPC calls by method and result code", ["method", "code"])
-OPERATION_SECONDS = Histogram("peerstar_snapshotter_operation_seconds",
-                              "Snapshotter gRPC call latency", ["method"])
 
 _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
     (NotFound, grpc.StatusCode.NOT_FOUND),
@@ -168,18 +163,12 @@ def start_server(cfg: SnapshotterConfig, core: Snapshotter | None = None,
     return server, core
 
 
-def _start_metrics(address: str) -> None:
-    from prometheus_client import start_http_server
-
-    host, _, port = address.rpartition(":")
-    start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1")
-
-
 def serve(cfg: SnapshotterConfig, ready: Callable[[], None] | None = None) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit status."""
     server, core = start_server(cfg)
+    metrics = None
     if cfg.metrics_address:
-        _start_metrics(cfg.metrics_address)
+        metrics = start_metrics_server(cfg.metrics_address, core.mounts_dir)
         log.info("metrics on http://%s/metrics", cfg.metrics_address)
     log.warning("peerstar snapshotter serving on %s (root %s)", cfg.address, cfg.root)
     stop = threading.Event()
@@ -197,6 +186,8 @@ def serve(cfg: SnapshotterConfig, ready: Callable[[], None] | None = None) -> in
         for s, h in old.items():
             signal.signal(s, h)
         server.stop(grace=5).wait()
+        if metrics is not None:
+            metrics.shutdown()
         core.close()
         try:
             Path(cfg.address).unlink()

@@ -35,7 +35,7 @@ from peerstar.sample import (
 from peerstar.snapshotter._proto import snapshots_pb2 as pb
 from peerstar.snapshotter._proto import snapshots_pb2_grpc
 from tests.snapshotter.conftest import Stack, mounts_under, running_stack
-from tests.support.registry import DockerRegistry
+from tests.support.registry import DockerRegistry, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -127,10 +127,14 @@ def content_digests(stack: Stack) -> set[str]:
     return {line.split()[0] for line in stack.containerd.ctr.lines("content", "ls")[1:]}
 
 
+METRICS_PORT = free_port()
+
+
 @pytest.fixture(scope="module")
 def lazy_stack() -> Iterator[Stack]:
     # No background fetch: the bytes fetched are then only what was read or prefetched.
-    with running_stack("[remote]\nprefetch_timeout = 5.0\nbackground_fetch = false\n") as s:
+    with running_stack(f'metrics_address = "127.0.0.1:{METRICS_PORT}"\n'
+                       "[remote]\nprefetch_timeout = 5.0\nbackground_fetch = false\n") as s:
         yield s
 
 
@@ -181,6 +185,22 @@ def test_rpull_runs_lazily_without_layer_blobs_in_content_store(
     mine = [s for s in stats if s.get("digest") == data_layer.digest]
     assert len(mine) == 1
     assert 0 < mine[0]["fetchedSize"] < data_layer.size // 2, mine[0]
+    # One scrape: the snapshotter's handshake counts and every layer daemon's fetches.
+    with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    assert 'peerstar_snapshotter_remote_prepares_total{result="remote"} 2.0' in text
+    metric = "peerstar_lazyfs_fetched_bytes_total"
+
+    def fetched(layer: PushedLayer, kind: str) -> float:
+        prefix = f'{metric}{{kind="{kind}",layer="{layer.digest[:19]}"}} '
+        values = [float(ln[len(prefix):]) for ln in text.splitlines() if ln.startswith(prefix)]
+        assert len(values) == 1, (prefix, text)
+        return values[0]
+
+    # The sample text is prioritized: it came with the prefetch of the data layer; running
+    # busybox read its layer on demand. Neither layer was fetched whole.
+    assert 0 < fetched(data_layer, "prefetch") < data_layer.size // 2
+    assert 0 < fetched(layers[0], "on_demand") <= layers[0].size
 
 
 def test_plain_gzip_image_takes_the_fallback_path(
