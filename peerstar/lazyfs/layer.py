@@ -15,6 +15,7 @@ import threading
 import time
 from bisect import bisect_right
 from collections import OrderedDict
+from concurrent.futures import Future
 
 from peerstar.estargz import Reader
 from peerstar.estargz.errors import VerifyError
@@ -55,6 +56,7 @@ class LazyLayer:
         self._mem: OrderedDict[str, bytes] = OrderedDict()
         self._mem_bytes = 0
         self._mem_lock = threading.Lock()
+        self._chunk_inflight: dict[str, Future[bytes]] = {}
 
     @classmethod
     def open(cls, fetcher: BlobFetcher, *, toc_digest: str | None,
@@ -82,6 +84,28 @@ class LazyLayer:
             if data is not None:
                 self._mem.move_to_end(key)
                 return data
+            # The kernel's readahead sends several reads into one chunk at once: one
+            # thread fetches and verifies it, the others wait for that result.
+            fut = self._chunk_inflight.get(key)
+            mine = fut is None
+            if mine:
+                fut = self._chunk_inflight[key] = Future()
+        assert fut is not None
+        if not mine:
+            return fut.result()
+        try:
+            data = self._load_chunk(chunk, key, kind)
+        except BaseException as exc:
+            fut.set_exception(exc)
+            raise
+        else:
+            fut.set_result(data)
+        finally:
+            with self._mem_lock:
+                del self._chunk_inflight[key]
+        return data
+
+    def _load_chunk(self, chunk: TOCEntry, key: str, kind: str) -> bytes:
         if self.chunk_cache is not None:
             data = self.chunk_cache.get(key, chunk.chunk_size)
             if data is not None:

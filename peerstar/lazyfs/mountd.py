@@ -92,8 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     paths = state_paths(args.cache_dir, mountpoint)
     label = args.digest[:19]
     try:
-        regions = DiskCache(args.cache_dir / "regions", args.region_cache_bytes)
-        chunks = DiskCache(args.cache_dir / "chunks", args.chunk_cache_bytes)
+        regions = DiskCache(args.cache_dir / "regions", args.region_cache_bytes,
+                            async_writes=True)
+        chunks = DiskCache(args.cache_dir / "chunks", args.chunk_cache_bytes,
+                           async_writes=True)
         auth = RegistryAuth(args.username, os.environ.get(PASSWORD_ENV),
                             os.environ.get(TOKEN_ENV))
         fetcher = BlobFetcher(args.url, digest=args.digest, size=args.size,
@@ -164,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         layer.stop()
         pyfuse3.close(unmount=terminated)
+        regions.flush()  # what was fetched stays useful for the next mount
+        chunks.flush()
         write_stats()
         paths.state.unlink(missing_ok=True)
         fetcher.close()
