@@ -222,6 +222,12 @@ class BlobFetcher:
         base = first * self.region_size
         return data[offset - base: end - base]
 
+    async def aread_at(self, offset: int, length: int, kind: str = "on_demand") -> bytes:
+        """`read_at` for asyncio callers: runs in a worker thread, so the loop stays free."""
+        import asyncio
+
+        return await asyncio.to_thread(self.read_at, offset, length, kind)
+
     def get_regions(self, indices: Iterable[int], kind: str = "on_demand") -> dict[int, bytes]:
         """The bytes of each region, from the cache or fetched (shared with other callers)."""
         result: dict[int, bytes] = {}

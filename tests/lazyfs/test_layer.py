@@ -1,0 +1,113 @@
+"""LazyLayer without FUSE: verified reads across chunk boundaries, one fetch and one
+verification per chunk under concurrent readers, bad bytes forgotten, async cache
+writes served from memory until on disk, and the asyncio read variant."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from peerstar.estargz import Reader
+from peerstar.lazyfs.cache import DiskCache
+from peerstar.lazyfs.fetcher import BlobFetcher
+from peerstar.lazyfs.layer import ChunkVerifyError, LazyLayer
+from tests.lazyfs.blobserver import BlobServer
+from tests.lazyfs.conftest import BIG, CHUNK, PRIORITY, Layer
+
+
+@pytest.fixture
+def served(rich_layer: Layer):  # type: ignore[no-untyped-def]
+    server = BlobServer({rich_layer.digest: rich_layer.blob}).start()
+    yield server
+    server.stop()
+
+
+def _layer(server: BlobServer, layer: Layer, tmp_path: Path, **kw) -> LazyLayer:  # type: ignore[no-untyped-def]
+    f = BlobFetcher(server.url(layer.digest), cache=DiskCache(tmp_path / "regions"))
+    return LazyLayer.open(f, toc_digest=layer.toc_digest,
+                          chunk_cache=DiskCache(tmp_path / "chunks"), **kw)
+
+
+def test_reads_across_chunks(served: BlobServer, rich_layer: Layer, tmp_path: Path) -> None:
+    lay = _layer(served, rich_layer, tmp_path)
+    e = lay.reader.lookup("data/big.bin")
+    assert e is not None and len(lay.reader.chunks("data/big.bin")) == 4
+    for off, n in ((0, 10), (CHUNK - 3, 6), (CHUNK * 2 - 1, CHUNK + 2), (len(BIG) - 1, 9)):
+        assert lay.read_file(e, off, n) == BIG[off:off + n]
+    assert lay.read_file(e, len(BIG), 10) == b""
+
+
+def test_concurrent_readers_share_one_fetch_and_verify(served: BlobServer, rich_layer: Layer,
+                                                       tmp_path: Path) -> None:
+    lay = _layer(served, rich_layer, tmp_path)
+    e = lay.reader.lookup("data/big.bin")
+    assert e is not None
+    calls = []
+    real = lay.reader.decompress_chunk
+
+    def counting(chunk, section, verify=True):  # type: ignore[no-untyped-def]
+        calls.append(chunk.chunk_offset)
+        time.sleep(0.2)  # keep the others waiting on the first
+        return real(chunk, section, verify=verify)
+
+    lay.reader.decompress_chunk = counting  # type: ignore[method-assign]
+    out: list[bytes] = []
+    threads = [threading.Thread(target=lambda i=i: out.append(
+        lay.read_file(e, CHUNK + i * 1000, 100))) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert sorted(out) == sorted(BIG[CHUNK + i * 1000:CHUNK + i * 1000 + 100] for i in range(6))
+    assert calls == [CHUNK]
+
+
+def test_bad_bytes_are_forgotten(rich_layer: Layer, tmp_path: Path) -> None:
+    r = Reader.from_bytes(rich_layer.blob)
+    c = r.chunks("data/prio.txt")[0]
+    start, end = r.chunk_section(c)
+    bad = bytearray(rich_layer.blob)
+    bad[start + 20] ^= 0x55
+    server = BlobServer({rich_layer.digest: bytes(bad)}).start()
+    try:
+        lay = _layer(server, rich_layer, tmp_path)
+        e = lay.reader.lookup("data/prio.txt")
+        assert e is not None
+        with pytest.raises(ChunkVerifyError):
+            lay.read_file(e, 0, 10)
+        assert lay.verify_failures == 1
+        f = lay.fetcher
+        assert not f.is_cached(start // f.region_size)
+        server.blobs[rich_layer.digest] = rich_layer.blob  # the server is fixed
+        assert lay.read_file(e, 0, len(PRIORITY)) == PRIORITY
+    finally:
+        server.stop()
+
+
+def test_async_cache_serves_pending_then_flushes(tmp_path: Path) -> None:
+    c = DiskCache(tmp_path / "c", async_writes=True)
+    gate = threading.Event()
+    real = c._write
+
+    def slow_write(key: str, data: bytes) -> None:
+        gate.wait(5)
+        real(key, data)
+
+    c._write = slow_write  # type: ignore[method-assign]
+    c.put("k", b"v" * 100)
+    assert c.get("k") == b"v" * 100 and "k" in c  # from memory
+    assert not any(p.is_file() for p in (tmp_path / "c").glob("??/*"))
+    gate.set()
+    c.flush()
+    files = list((tmp_path / "c").glob("??/*"))
+    assert len(files) == 1 and files[0].read_bytes() == b"v" * 100
+    assert c.get("k") == b"v" * 100
+
+
+def test_aread_at(served: BlobServer, rich_layer: Layer) -> None:
+    f = BlobFetcher(served.url(rich_layer.digest))
+    assert asyncio.run(f.aread_at(100, 50)) == rich_layer.blob[100:150]
