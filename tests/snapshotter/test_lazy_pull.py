@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from peerstar.estargz import TOC_DIGEST_ANNOTATION, build
+from peerstar.estargz import TOC_DIGEST_ANNOTATION, Reader, build
 from peerstar.sample import (
     MEDIA_TYPE_OCI_CONFIG,
     MEDIA_TYPE_OCI_LAYER_GZIP,
@@ -74,19 +74,35 @@ def push_blob(base: str, repo: str, data: bytes) -> str:
     return digest
 
 
-def push_image(base: str, repo: str, tag: str, *, estargz: bool) -> list[PushedLayer]:
+def tamper(blob: bytes, path: str) -> bytes:
+    """`blob` with one byte changed inside the compressed payload of file `path`; the TOC
+    (and so the TOC digest) is untouched, only that chunk's digest no longer matches."""
+    reader = Reader.open(lambda off, n: blob[off:off + n], len(blob))
+    entry = reader.lookup(path)
+    assert entry is not None and entry.size > 0
+    at = entry.offset + 4096  # past the member's gzip header, inside the file's bytes
+    return blob[:at] + bytes([blob[at] ^ 0xFF]) + blob[at + 1:]
+
+
+def push_image(base: str, repo: str, tag: str, *, estargz: bool,
+               tampered: str = "") -> list[PushedLayer]:
     """The sample image's layers (busybox; text files + EXTRA_MIB MiB) pushed as eStargz
-    (the sample text prioritized, so it comes with the prefetch) or as plain gzip."""
+    (the sample text prioritized, so it comes with the prefetch) or as plain gzip.
+    `tampered`: a file of the data layer whose bytes are corrupted in the pushed blob."""
     layers: list[PushedLayer] = []
     descs = []
     for i, entries in enumerate(sample_layer_entries(extra_mib=EXTRA_MIB)):
         tar = build_layer_tar(entries)
         if estargz:
             out = io.BytesIO()
+            # The tampered variant prioritizes nothing: another TOC, so another DiffID and
+            # chain id (with the same chain id containerd would reuse the good layer).
             res = build(io.BytesIO(tar), out, prioritized=(
-                ("etc/peerstar-sample.txt",) if i == 1 else ()))
+                ("etc/peerstar-sample.txt",) if i == 1 and not tampered else ()))
             blob = out.getvalue()
-            layer = PushedLayer(res.blob_digest, len(blob), res.diff_id, res.toc_digest)
+            if tampered and i == 1:
+                blob = tamper(blob, tampered)
+            layer = PushedLayer(sha(blob), len(blob), res.diff_id, res.toc_digest)
         else:
             blob = gzip_bytes(tar)
             layer = PushedLayer(sha(blob), len(blob), sha(tar), "")
@@ -274,3 +290,21 @@ def test_remote_layer_remounted_after_its_daemon_died(
             break
         time.sleep(0.5)
     assert proc.stdout.decode() == SAMPLE_TEXT.decode(), proc.stderr
+
+
+def test_tampered_chunk_is_eio_in_the_container(lazy_stack: Stack,
+                                                docker_registry: DockerRegistry) -> None:
+    bad = "opt/peerstar/random/extra-0.bin"
+    push_image(docker_registry.url, "snap/tampered", "v1", estargz=True, tampered=bad)
+    ref = f"{docker_registry.host}/snap/tampered:v1"
+    ctr = lazy_stack.containerd.ctr
+    ctr.remote("image", "rpull", "--plain-http", "--snapshotter", "peerstar", ref)
+    proc = ctr.run("run", "--snapshotter", "peerstar", "--rm", ref, "tampered-cat",
+                   "cat", "/" + bad, check=False)
+    assert proc.returncode != 0
+    assert proc.stdout == b""  # not one byte of the tampered chunk reached the reader
+    assert proc.stderr == b"cat: read error: Input/output error\n", proc.stderr
+    # The rest of the layer, and the node, are fine.
+    out = ctr.text("run", "--snapshotter", "peerstar", "--rm", ref, "tampered-ok", "cat",
+                   SAMPLE_TEXT_PATH, "/opt/peerstar/tree/a/one.txt")
+    assert out == SAMPLE_TEXT.decode() + "one\n"
