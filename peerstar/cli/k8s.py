@@ -73,9 +73,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.set_defaults(func=cmd_manifests)
 
     c = ks.add_parser("containerd-config", help="print the containerd config.toml snippet "
-                      "each node needs (proxy plugin + CRI snapshotter)")
+                      "each node needs (proxy plugin + CRI runtime with the peerstar snapshotter)")
     c.add_argument("--socket", default=manifests.SNAPSHOTTER_SOCKET,
                    help=f"snapshotter socket (default {manifests.SNAPSHOTTER_SOCKET})")
+    c.add_argument("--cgroupfs", action="store_true",
+                   help="the kubelet uses the cgroupfs cgroup driver (default: systemd)")
     c.set_defaults(func=cmd_containerd_config)
 
     k = ks.add_parser("kubo-config", help="(init container) set up an initialised kubo repo "
@@ -128,7 +130,7 @@ def cmd_manifests(args: argparse.Namespace) -> int:
 
 
 def cmd_containerd_config(args: argparse.Namespace) -> int:
-    sys.stdout.write(manifests.containerd_config(args.socket))
+    sys.stdout.write(manifests.containerd_config(args.socket, systemd_cgroup=not args.cgroupfs))
     return 0
 
 

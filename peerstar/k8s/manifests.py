@@ -3,7 +3,8 @@
 Owns: the bootstrap Secret (swarm key + the bootstrap peer's fixed identity), the
 bootstrap kubo Deployment + Service, the per-node DaemonSet (kubo, `peerstar registry`
 on the node's localhost:5050, `peerstar snapshotter` with FUSE and Bidirectional mount
-propagation), the Namespace, and the containerd config snippet each node needs.
+propagation), the Namespace, the RuntimeClass that selects the peerstar snapshotter, and
+the containerd config snippet each node needs.
 
 Compared with the seed deployment (REFERENCE.md section 3) these objects:
 - keep the IPFS repo (peer id, blocks, pins) across pod restarts: `ipfs init` runs only
@@ -54,6 +55,9 @@ HOST_SNAPSHOTTER_ROOT = "/var/lib/peerstar/snapshotter"
 HOST_RUN_DIR = "/run/peerstar"
 SNAPSHOTTER_SOCKET = f"{HOST_RUN_DIR}/snapshotter.sock"
 SNAPSHOTTER_NAME = "peerstar"
+RUNTIME_HANDLER = "peerstar"  # containerd runtime handler = RuntimeClass name
+# containerd 1.7 learns a pod's runtime handler at image-pull time from this annotation.
+RUNTIME_HANDLER_ANNOTATION = "io.containerd.cri.runtime-handler"
 
 _KUBO_API = "/ip4/127.0.0.1/tcp/5001"
 
@@ -346,13 +350,26 @@ def node_daemonset(opts: Options) -> Obj:
 def render_manifests(opts: Options | None = None) -> list[Obj]:
     """Everything but the Secret (which `bootstrap_secret` makes once per cluster)."""
     opts = opts or Options()
-    return [namespace(opts), bootstrap_service(opts), bootstrap_deployment(opts),
-            node_daemonset(opts)]
+    return [namespace(opts), runtime_class(), bootstrap_service(opts),
+            bootstrap_deployment(opts), node_daemonset(opts)]
 
 
 # -- containerd ------------------------------------------------------------------------------
-def containerd_config(socket: str = SNAPSHOTTER_SOCKET) -> str:
-    """The containerd (config version 2, containerd 1.6/1.7) snippet for every node."""
+def runtime_class() -> Obj:
+    """The RuntimeClass whose containerd handler uses the peerstar snapshotter.
+
+    Why a runtime handler and not containerd's default snapshotter: the snapshotter runs
+    in a pod of the DaemonSet, whose own images (and every system pod's) must be pulled
+    and unpacked before it exists. With the default left on overlayfs, only pods that ask
+    for `runtimeClassName: peerstar` go through peerstar (containerd >= 1.7).
+    """
+    return {"apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass",
+            "metadata": {"name": RUNTIME_HANDLER, "labels": _labels("runtime-class")},
+            "handler": RUNTIME_HANDLER}
+
+
+def containerd_config(socket: str = SNAPSHOTTER_SOCKET, *, systemd_cgroup: bool = True) -> str:
+    """The containerd (>= 1.7, config version 2) snippet for every node."""
     return f"""\
 # peerstar: containerd reaches the snapshotter through a proxy plugin on this socket.
 [proxy_plugins]
@@ -360,10 +377,18 @@ def containerd_config(socket: str = SNAPSHOTTER_SOCKET) -> str:
     type = "snapshot"
     address = "{socket}"
 
-# The CRI plugin (kubelet's pulls) uses it, and passes the layer annotations it needs.
+# CRI passes each layer's annotations (TOC digest, ipfs URLs) to the snapshotter.
 [plugins."io.containerd.grpc.v1.cri".containerd]
-  snapshotter = "{SNAPSHOTTER_NAME}"
   disable_snapshot_annotations = false
+
+# The CRI snapshotter for pods of RuntimeClass "{RUNTIME_HANDLER}" (containerd >= 1.7). The
+# default snapshotter stays overlayfs: the snapshotter's own pod and system pods must run
+# before peerstar does. SystemdCgroup must match the kubelet's cgroupDriver.
+[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{RUNTIME_HANDLER}]
+  runtime_type = "io.containerd.runc.v2"
+  snapshotter = "{SNAPSHOTTER_NAME}"
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{RUNTIME_HANDLER}.options]
+    SystemdCgroup = {"true" if systemd_cgroup else "false"}
 """
 
 

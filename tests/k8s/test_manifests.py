@@ -69,8 +69,8 @@ def test_every_object_validates(version: str) -> None:
     objs = all_objects(Options(namespace="other", kubo_image="reg.example/kubo:v1",
                                peerstar_image="reg.example/peerstar@sha256:" + "a" * 64,
                                storage_max="200GiB"))
-    assert [o["kind"] for o in objs] == ["Secret", "Namespace", "Service", "Deployment",
-                                         "DaemonSet"]
+    assert [o["kind"] for o in objs] == ["Secret", "Namespace", "RuntimeClass", "Service",
+                                         "Deployment", "DaemonSet"]
     for obj in objs:
         kubernetes_validate.validate(obj, version, strict=True)
 
@@ -93,11 +93,14 @@ def test_cli_output_parses_and_validates() -> None:
                  "--peerstar-image", "peerstar:y", "--storage-max", "7GB")
     assert r.returncode == 0, r.stderr
     docs = list(yaml.safe_load_all(r.stdout))
-    assert [d["kind"] for d in docs] == ["Namespace", "Service", "Deployment", "DaemonSet"]
+    assert [d["kind"] for d in docs] == ["Namespace", "RuntimeClass", "Service", "Deployment",
+                                         "DaemonSet"]
     assert docs == render_manifests(Options("ps", "kubo:x", "peerstar:y", "7GB"))
     for d in docs:
         kubernetes_validate.validate(d, K8S_VERSIONS[-1], strict=True)
-        assert d["metadata"].get("namespace", d["metadata"]["name"]) == "ps"
+        if d["kind"] not in ("Namespace", "RuntimeClass"):  # the cluster-scoped ones
+            assert d["metadata"]["namespace"] == "ps"
+    assert docs[0]["metadata"]["name"] == "ps"
     images = {c["image"] for _, pod in pod_specs(docs) for c in containers(pod)}
     assert images == {"kubo:x", "peerstar:y"}
     assert "--storage-max" in r.stdout and "7GB" in r.stdout
@@ -197,7 +200,7 @@ def test_rpc_port_never_exposed() -> None:
                 if "hostPort" in p:  # only the registry, and only on the node's loopback
                     assert (c["name"], p["hostPort"], p["hostIP"]) == (
                         "registry", 5050, "127.0.0.1")
-    svc = objs[2]
+    (svc,) = [o for o in objs if o["kind"] == "Service"]
     assert [p["port"] for p in svc["spec"]["ports"]] == [4001]
     # Any mention of 5001 is a loopback multiaddr.
     for s in strings(objs):
@@ -266,8 +269,8 @@ def test_repo_persists_and_init_only_when_missing(tmp_path: Path) -> None:
 
 def test_bootstrap_deployment_uses_fixed_identity_no_httpd() -> None:
     objs = render_manifests()
-    dep = objs[2]
-    assert dep["kind"] == "Deployment" and dep["spec"]["replicas"] == 1
+    (dep,) = [o for o in objs if o["kind"] == "Deployment"]
+    assert dep["spec"]["replicas"] == 1
     assert dep["spec"]["strategy"]["type"] == "Recreate"
     pod = dep["spec"]["template"]["spec"]
     assert [c["name"] for c in pod["containers"]] == ["kubo"]
@@ -275,7 +278,7 @@ def test_bootstrap_deployment_uses_fixed_identity_no_httpd() -> None:
     cfg = by_name(pod["initContainers"], "ipfs-config")
     assert cfg["args"][:3] == ["peerstar", "k8s", "kubo-config"]
     assert "--identity-file" in cfg["args"]
-    svc = objs[1]
+    (svc,) = [o for o in objs if o["kind"] == "Service"]
     assert svc["spec"]["selector"] == dep["spec"]["template"]["metadata"]["labels"]
 
 
@@ -309,7 +312,18 @@ def test_snapshotter_container() -> None:
     toml = tomllib.loads(manifests.containerd_config())
     assert toml["proxy_plugins"]["peerstar"] == {"type": "snapshot", "address": sock}
     cri = toml["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]
-    assert cri == {"snapshotter": "peerstar", "disable_snapshot_annotations": False}
+    assert cri["disable_snapshot_annotations"] is False
+    # peerstar is the snapshotter of one runtime handler, not the node's default (the
+    # snapshotter's own pod could not start if it were): the RuntimeClass names it.
+    assert "snapshotter" not in cri
+    assert cri["runtimes"]["peerstar"] == {"runtime_type": "io.containerd.runc.v2",
+                                           "snapshotter": "peerstar",
+                                           "options": {"SystemdCgroup": True}}
+    (rc,) = [o for o in render_manifests() if o["kind"] == "RuntimeClass"]
+    assert rc["handler"] == "peerstar"
+    cgroupfs = tomllib.loads(peerstar("k8s", "containerd-config", "--cgroupfs").stdout)
+    runtime = cgroupfs["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"]
+    assert runtime["peerstar"]["options"]["SystemdCgroup"] is False
 
 
 def test_registry_container() -> None:
