@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             async def on_signal() -> None:
                 nonlocal terminated
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
-                    async for _ in sigs:
+                    async for signum in sigs:
+                        log.info("signal %d: unmounting", signum)
                         terminated = True
                         pyfuse3.terminate()
                         return

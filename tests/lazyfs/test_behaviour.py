@@ -4,6 +4,8 @@ Prometheus metrics, and the explicit no-verify option."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import gzip
 import json
 import os
@@ -132,6 +134,16 @@ def test_mount_survives_its_starter_and_writes_metrics(rich_layer: Layer, mnt: P
             " 1.0") for ln in prom.splitlines())
         assert "peerstar_lazyfs_prefetch_seconds_count" in prom
         assert "peerstar_lazyfs_on_demand_fetches_total" in prom
+        # The snapshotter's /metrics re-exposes every daemon's file.
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        from peerstar.lazyfs.metrics import MountsCollector
+
+        reg = CollectorRegistry()
+        reg.register(MountsCollector(cache_dir))
+        exposed = generate_latest(reg).decode()
+        assert f'peerstar_lazyfs_fetched_bytes_total{{kind="on_demand",layer="{label}"}}' \
+            in exposed
         m.unmount()
         assert not is_mounted(mnt)
         assert not os.path.exists(f"/proc/{pid}") or "Z" in Path(
@@ -169,5 +181,30 @@ def test_no_verify_is_explicit(rich_layer: Layer, mnt: Path, cache_dir: Path) ->
                 (mnt / "data/prio.txt").read_bytes()
         finally:
             m.unmount()
+    finally:
+        server.stop()
+
+
+def test_sigterm_unmounts(rich_layer: Layer, mnt: Path, cache_dir: Path) -> None:
+    server = BlobServer({rich_layer.digest: rich_layer.blob}).start()
+    try:
+        m = mount_layer(server.url(rich_layer.digest), rich_layer.digest,
+                        rich_layer.toc_digest, mnt, cache_dir, background=False)
+        fd = os.open(mnt / "data/prio.txt", os.O_RDONLY)  # even with a file open
+        try:
+            os.kill(m.pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while m.alive and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not m.alive
+            assert not is_mounted(mnt)  # detached although busy
+            with pytest.raises(OSError) as exc:
+                os.pread(fd, 10, 0)  # the daemon is gone: an error, not bytes or a hang
+            assert exc.value.errno == errno.ENOTCONN
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        log = m.paths.log.read_text()
+        assert "signal 15: unmounting" in log and "unmounted" in log
     finally:
         server.stop()
