@@ -42,32 +42,3 @@ def write_textfile(path: Path) -> None:
     """Write this process's metrics in the text format (node-exporter textfile style)."""
     write_to_textfile(str(path), REGISTRY)
 
-
-class MountsCollector:
-    """Re-exposes the metrics every mount daemon saved under `<cache_dir>/mounts/*.prom`.
-
-    The daemons are separate processes, so a host process (the snapshotter) serving
-    `/metrics` registers this on its own registry:
-    `registry.register(MountsCollector(cache_dir))`. Daemons that exited keep their last
-    file until it is removed, so counters never go backwards during a restart.
-    """
-
-    def __init__(self, cache_dir: Path) -> None:
-        self.dir = Path(cache_dir) / "mounts"
-
-    def collect(self):  # type: ignore[no-untyped-def]
-        from prometheus_client.parser import text_string_to_metric_families
-
-        merged: dict[str, object] = {}
-        for path in sorted(self.dir.glob("*.prom")):
-            try:
-                text = path.read_text()
-            except OSError:
-                continue
-            for fam in text_string_to_metric_families(text):
-                have = merged.get(fam.name)
-                if have is None:
-                    merged[fam.name] = fam
-                else:
-                    have.samples.extend(fam.samples)  # type: ignore[attr-defined]
-        yield from merged.values()
