@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,15 +184,27 @@ def mount_image(ref_text: str, target: Path, *, work_root: Path = DEFAULT_WORK_R
     work.mkdir(parents=True)
     mounts: list[LayerMount] = []
     try:
-        for i, layer in enumerate(layers):
+        def one(i: int, layer: RemoteLayer) -> LayerMount:
             mp = work / "layers" / str(i)
             mp.mkdir(parents=True)
-            mounts.append(mount_layer(layer.url, layer.digest, layer.toc_digest, mp, cache_dir,
-                                      prefetch_timeout=prefetch_timeout, verify=verify,
-                                      size=layer.size or None, background=background,
-                                      **({} if cache_bytes is None else {
-                                          "region_cache_bytes": cache_bytes,
-                                          "chunk_cache_bytes": cache_bytes})))
+            return mount_layer(layer.url, layer.digest, layer.toc_digest, mp, cache_dir,
+                               prefetch_timeout=prefetch_timeout, verify=verify,
+                               size=layer.size or None, background=background,
+                               **({} if cache_bytes is None else {
+                                   "region_cache_bytes": cache_bytes,
+                                   "chunk_cache_bytes": cache_bytes}))
+
+        # Layers mount in parallel: each daemon's start-up and prefetch are independent.
+        with ThreadPoolExecutor(max_workers=min(8, len(layers))) as pool:
+            futures = [pool.submit(one, i, layer) for i, layer in enumerate(layers)]
+            errors: list[Exception] = []
+            for fut in futures:  # collect every success, so a failure unmounts them all
+                try:
+                    mounts.append(fut.result())
+                except Exception as exc:
+                    errors.append(exc)
+        if errors:
+            raise errors[0]
         lowers = [str(m.mountpoint) for m in reversed(mounts)]  # overlay: top layer first
         if len(lowers) == 1:
             # Without an upper dir overlayfs wants two lower dirs; an empty one is neutral.

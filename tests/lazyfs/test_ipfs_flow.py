@@ -1,0 +1,71 @@
+"""The issue's headline flow with no external daemon: the sample image pushed with
+`peerstar push --estargz` into the embedded store, served by `peerstar registry serve`,
+mounted with `peerstar mount 127.0.0.1:PORT/ipfs/<CID> DIR`; a file reads byte-exact
+and only a small part of the image is fetched."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from peerstar.lazyfs.image import image_stats
+from peerstar.sample import build_sample_image
+from tests.lazyfs.conftest import is_mounted
+from tests.support.registry import free_port
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _peerstar(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "peerstar", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=str(REPO))
+
+
+def test_push_serve_mount_read(tmp_path: Path) -> None:
+    sample = build_sample_image(tmp_path / "layout", extra_mib=8)
+    root = tmp_path / "store"
+    res = _peerstar("push", "--estargz", "--root", str(root), f"oci:{tmp_path / 'layout'}:latest")
+    assert res.returncode == 0, res.stderr
+    cid = res.stdout.strip().splitlines()[-1]
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "peerstar", "registry", "serve", "--root",
+                               str(root), "--listen", f"127.0.0.1:{port}", "--no-access-log"],
+                              cwd=str(REPO), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+    target = tmp_path / "rootfs"
+    target.mkdir()
+    work_root = tmp_path / "work"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=2):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "registry did not start"
+                time.sleep(0.1)
+        res = _peerstar("mount", f"127.0.0.1:{port}/ipfs/{cid}", str(target), "--work-root",
+                        str(work_root), "--cache-dir", str(tmp_path / "cache"),
+                        "--no-background")
+        assert res.returncode == 0, res.stderr
+        try:
+            assert (target / "etc/peerstar-sample.txt").read_bytes() == \
+                sample.files["/etc/peerstar-sample.txt"]
+            assert (target / "opt/peerstar/tree/a/b/c/deep.txt").read_bytes() == \
+                b"deep in the tree\n"
+            stats = image_stats(target, work_root)
+            assert stats["size"] > 8 << 20
+            assert 0 < stats["fetchedSize"] < stats["size"] // 20  # type: ignore[operator]
+        finally:
+            res = _peerstar("unmount", str(target), "--work-root", str(work_root))
+            assert res.returncode == 0, res.stderr
+        assert not is_mounted(target)
+    finally:
+        server.terminate()
+        server.wait(10)
