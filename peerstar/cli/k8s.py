@@ -80,6 +80,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the kubelet uses the cgroupfs cgroup driver (default: systemd)")
     c.set_defaults(func=cmd_containerd_config)
 
+    kc = ks.add_parser("kind-config", help="print a kind cluster config with that containerd "
+                       "config on every node")
+    kc.add_argument("--workers", type=int, default=2, help="worker nodes (default 2)")
+    kc.set_defaults(func=cmd_kind_config)
+
     k = ks.add_parser("kubo-config", help="(init container) set up an initialised kubo repo "
                       "for the private swarm")
     k.add_argument("--repo", type=Path, default=Path(os.environ.get("IPFS_PATH", "~/.ipfs")),
@@ -131,6 +136,14 @@ def cmd_manifests(args: argparse.Namespace) -> int:
 
 def cmd_containerd_config(args: argparse.Namespace) -> int:
     sys.stdout.write(manifests.containerd_config(args.socket, systemd_cgroup=not args.cgroupfs))
+    return 0
+
+
+def cmd_kind_config(args: argparse.Namespace) -> int:
+    if not 0 <= args.workers <= 50:
+        raise PeerstarError("--workers must be between 0 and 50")
+    sys.stdout.write(manifests.to_yaml([manifests.kind_config(args.workers)],
+                                       header="kind create cluster --config <this file>"))
     return 0
 
 

@@ -46,6 +46,7 @@ BOOTSTRAP_NAME = "peerstar-bootstrap"
 NODE_NAME = "peerstar-node"
 
 REGISTRY_PORT = 5050
+METRICS_PORT = 9150  # the registry's Prometheus /metrics
 IPFS_PATH = "/data/ipfs"
 SECRET_FILE_MODE = 0o400
 
@@ -267,9 +268,11 @@ def node_daemonset(opts: Options) -> Obj:
         # 0.0.0.0 inside the pod so the hostPort DNAT reaches it; the hostPort itself is
         # bound to the node's 127.0.0.1 only, which is what `localhost:5050` images use.
         "args": ["peerstar", "registry", "serve", "--listen", f"0.0.0.0:{REGISTRY_PORT}",
-                    "--ipfs-address", _KUBO_API],
+                 "--ipfs-address", _KUBO_API, "--metrics-listen", f"0.0.0.0:{METRICS_PORT}"],
         "ports": [{"name": "registry", "containerPort": REGISTRY_PORT,
-                   "hostPort": REGISTRY_PORT, "hostIP": "127.0.0.1", "protocol": "TCP"}],
+                   "hostPort": REGISTRY_PORT, "hostIP": "127.0.0.1", "protocol": "TCP"},
+                  # Prometheus scrapes the pod IP; no host port.
+                  {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
         "readinessProbe": {"httpGet": {"path": "/v2/", "port": "registry"},
                            "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 3},
         "livenessProbe": {"httpGet": {"path": "/v2/", "port": "registry"},
@@ -338,7 +341,7 @@ def node_daemonset(opts: Options) -> Obj:
                 "metadata": {
                     "labels": _labels("node"),
                     "annotations": {"prometheus.io/scrape": "true",
-                                    "prometheus.io/port": str(REGISTRY_PORT),
+                                    "prometheus.io/port": str(METRICS_PORT),
                                     "prometheus.io/path": "/metrics"},
                 },
                 "spec": pod,
@@ -392,9 +395,25 @@ def containerd_config(socket: str = SNAPSHOTTER_SOCKET, *, systemd_cgroup: bool 
 """
 
 
+def kind_config(workers: int = 2) -> Obj:
+    """A kind cluster whose nodes have the containerd config above (kind >= 0.20 runs
+    containerd 1.7 with the systemd cgroup driver)."""
+    return {
+        "kind": "Cluster",
+        "apiVersion": "kind.x-k8s.io/v1alpha4",
+        "name": "peerstar",
+        "nodes": [{"role": "control-plane"}] + [{"role": "worker"} for _ in range(workers)],
+        "containerdConfigPatches": [containerd_config()],
+    }
+
+
 # -- YAML ------------------------------------------------------------------------------------
 class _Dumper(yaml.SafeDumper):
-    """Block style, multi-line strings as literal blocks."""
+    """Block style, multi-line strings as literal blocks, no anchors/aliases (kubectl and
+    humans read these; repeated values are written out)."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
 
 
 def _str_representer(dumper: yaml.SafeDumper, data: str) -> yaml.Node:

@@ -135,6 +135,10 @@ def test_deploy_copy_is_current() -> None:
     assert kust["kind"] == "Kustomization" and "peerstar.yaml" in kust["resources"]
     containerd = (REPO / "deploy/kubernetes/containerd-config.toml").read_text()
     assert containerd == manifests.containerd_config()
+    kind = yaml.safe_load((REPO / "deploy/kubernetes/kind-config.yaml").read_text())
+    assert kind == manifests.kind_config()
+    assert kind["containerdConfigPatches"] == [containerd]
+    assert [n["role"] for n in kind["nodes"]] == ["control-plane", "worker", "worker"]
 
 
 # -- the seed's defects, fixed ---------------------------------------------------------------
@@ -333,6 +337,12 @@ def test_registry_container() -> None:
     assert cmd[:3] == ["peerstar", "registry", "serve"]
     assert cmd[cmd.index("--ipfs-address") + 1] == "/ip4/127.0.0.1/tcp/5001"
     assert cmd[cmd.index("--listen") + 1].endswith(":5050")
+    metrics = cmd[cmd.index("--metrics-listen") + 1]
+    ports = {p["name"]: p for p in reg["ports"]}
+    assert ports["metrics"] == {"name": "metrics", "containerPort": 9150, "protocol": "TCP"}
+    assert metrics.endswith(":9150")
+    annotations = render_manifests()[-1]["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == "9150"
     assert reg["securityContext"]["runAsNonRoot"] is True
 
 
