@@ -153,6 +153,9 @@ class BlobFetcher:
             auth=auth or RegistryAuth(), follow_redirects=True,
             timeout=httpx.Timeout(timeout), headers={"User-Agent": "peerstar-lazyfs"})
         self._lock = threading.Lock()
+        # Regions known to be in the cache (fetched or hit by this process, or found by
+        # `scan_cached`): the stats' percentage without a disk scan per request.
+        self.cached_regions: set[int] = set()
         self._inflight: dict[int, Future[bytes]] = {}
         self._size = size
         self._label = self.digest[:19]
@@ -199,8 +202,20 @@ class BlobFetcher:
     def num_regions(self) -> int:
         return (self.size + self.region_size - 1) // self.region_size
 
+    @property
+    def lock(self) -> threading.Lock:
+        return self._lock
+
     def is_cached(self, index: int) -> bool:
         return self.cache is not None and self._key(index) in self.cache
+
+    def scan_cached(self) -> None:
+        """Note every region already in the cache (left by an earlier mount)."""
+        if self.cache is None:
+            return
+        found = {i for i in range(self.num_regions()) if self.is_cached(i)}
+        with self._lock:
+            self.cached_regions |= found
 
     def forget(self, offset: int, length: int) -> None:
         """Drop cached regions covering a byte range (bytes that failed verification)."""
@@ -239,6 +254,8 @@ class BlobFetcher:
                 missing.append(i)
             else:
                 result[i] = data
+                with self._lock:
+                    self.cached_regions.add(i)
         if not missing:
             return result
         mine: list[int] = []
@@ -287,6 +304,8 @@ class BlobFetcher:
                     out[i] = piece
                     if self.cache is not None:
                         self.cache.put(self._key(i), piece)
+                        with self._lock:
+                            self.cached_regions.add(i)
         return out
 
     # -- HTTP ------------------------------------------------------------------------

@@ -190,6 +190,10 @@ class LazyLayer:
         finally:
             metrics.PREFETCH_SECONDS.labels(self._label).observe(time.monotonic() - t0)
             self.prefetch_done.set()
+        try:
+            self.fetcher.scan_cached()  # regions earlier mounts left, for the stats
+        except FetchError:
+            pass
 
     def start_background(self, idle: float = 5.0, workers: int = 2) -> None:
         """Fetch the rest of the blob once no on-demand read happened for `idle` seconds."""
@@ -239,12 +243,8 @@ class LazyLayer:
     def stats(self) -> dict[str, object]:
         f = self.fetcher
         size = f.size
-        cached = 0
-        if f.cache is not None:
-            for i in range(f.num_regions()):
-                if f.is_cached(i):
-                    a, b = f.region_span(i)
-                    cached += b - a
+        with f.lock:
+            cached = sum(b - a for a, b in (f.region_span(i) for i in f.cached_regions))
         return {
             "digest": self.digest,
             "size": size,
