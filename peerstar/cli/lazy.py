@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from peerstar.errors import PeerstarError
+
+PASSWORD_ENV = "PEERSTAR_REGISTRY_PASSWORD"  # same variable the mount daemon reads
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="fetch only what is read (no idle-time fetch of the rest)")
     p.add_argument("--insecure-skip-verify", action="store_true",
                    help="DANGEROUS: serve chunks without checking their digests")
+    p.add_argument("--username", default=None,
+                   help="registry user (password from $PEERSTAR_REGISTRY_PASSWORD); "
+                        "anonymous and bearer-token registries need nothing")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_mount)
 
@@ -59,6 +65,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         prefetch_timeout=args.prefetch_timeout, verify=not args.insecure_skip_verify,
         plain_http=True if args.plain_http else None, background=not args.no_background,
         cache_bytes=None if args.cache_limit_mib is None else args.cache_limit_mib << 20,
+        username=args.username,
+        password=os.environ.get(PASSWORD_ENV) if args.username is not None else None,
         **_kw(args))  # type: ignore[arg-type]
     if args.json:
         print(json.dumps(summary, indent=1))

@@ -103,11 +103,13 @@ def host_arch() -> str:
 
 
 def resolve_layers(ref: RemoteRef, *, client: httpx.Client | None = None,
-                   plain_http: bool | None = None) -> list[RemoteLayer]:
+                   plain_http: bool | None = None, username: str | None = None,
+                   password: str | None = None) -> list[RemoteLayer]:
     """The image's layers, bottom first, each checked to be eStargz with a TOC digest."""
     base = registry_base(ref.host, plain_http)
     own = client is None
-    client = client or httpx.Client(auth=RegistryAuth(), follow_redirects=True, timeout=30)
+    client = client or httpx.Client(auth=RegistryAuth(username, password),
+                                    follow_redirects=True, timeout=30)
     try:
         def get(reference: str) -> tuple[str, dict]:
             url = f"{base}/v2/{ref.repository}/manifests/{reference}"
@@ -168,7 +170,8 @@ def work_dir_for(target: Path, work_root: Path = DEFAULT_WORK_ROOT) -> Path:
 def mount_image(ref_text: str, target: Path, *, work_root: Path = DEFAULT_WORK_ROOT,
                 cache_dir: Path = DEFAULT_CACHE_DIR, prefetch_timeout: float = 10.0,
                 verify: bool = True, plain_http: bool | None = None,
-                background: bool = True, cache_bytes: int | None = None
+                background: bool = True, cache_bytes: int | None = None,
+                username: str | None = None, password: str | None = None
                 ) -> dict[str, object]:
     """Mount every layer lazily and the overlay of them at `target`; returns a summary."""
     target = Path(target).resolve()
@@ -177,7 +180,7 @@ def mount_image(ref_text: str, target: Path, *, work_root: Path = DEFAULT_WORK_R
     if mount_fstype(target) is not None:
         raise ImageMountError(f"{target} is already a mount point")
     ref = parse_remote_ref(ref_text)
-    layers = resolve_layers(ref, plain_http=plain_http)
+    layers = resolve_layers(ref, plain_http=plain_http, username=username, password=password)
     work = work_dir_for(target, work_root)
     if work.exists():
         _teardown(work, target=None)
@@ -190,6 +193,7 @@ def mount_image(ref_text: str, target: Path, *, work_root: Path = DEFAULT_WORK_R
             return mount_layer(layer.url, layer.digest, layer.toc_digest, mp, cache_dir,
                                prefetch_timeout=prefetch_timeout, verify=verify,
                                size=layer.size or None, background=background,
+                               username=username, password=password,
                                **({} if cache_bytes is None else {
                                    "region_cache_bytes": cache_bytes,
                                    "chunk_cache_bytes": cache_bytes}))
