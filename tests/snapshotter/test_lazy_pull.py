@@ -34,7 +34,13 @@ from peerstar.sample import (
 )
 from peerstar.snapshotter._proto import snapshots_pb2 as pb
 from peerstar.snapshotter._proto import snapshots_pb2_grpc
-from tests.snapshotter.conftest import Stack, mounts_under, running_stack
+from tests.snapshotter.conftest import (
+    Stack,
+    mounts_under,
+    running_stack,
+    start_snapshotter,
+    stop_snapshotter,
+)
 from tests.support.registry import DockerRegistry, free_port
 
 pytestmark = pytest.mark.slow
@@ -308,3 +314,42 @@ def test_tampered_chunk_is_eio_in_the_container(lazy_stack: Stack,
     out = ctr.text("run", "--snapshotter", "peerstar", "--rm", ref, "tampered-ok", "cat",
                    SAMPLE_TEXT_PATH, "/opt/peerstar/tree/a/one.txt")
     assert out == SAMPLE_TEXT.decode() + "one\n"
+
+
+def test_cri_labels_mount_remotely_and_remove_unmounts(
+        estargz_image: tuple[str, list[PushedLayer]]) -> None:
+    """The labels CRI sends (`cri.image-ref`, `cri.layer-digest`, the TOC annotation),
+    straight over the socket of a snapshotter of its own (one shared with containerd
+    would see its snapshots garbage-collected: containerd removes backend snapshots it
+    does not know): remote mount, reads through it, Remove ends the mount."""
+    ref, layers = estargz_image
+    data = layers[1]
+    target = "sha256:" + "c" * 64
+    labels = {"containerd.io/snapshot.ref": target,
+              "containerd.io/snapshot/cri.image-ref": ref,
+              "containerd.io/snapshot/cri.layer-digest": data.digest,
+              "containerd.io/snapshot/cri.image-layers": ",".join(la.digest for la in layers),
+              "containerd.io/snapshot/stargz/toc.digest": data.toc_digest}
+    proc = start_snapshotter("[remote]\nbackground_fetch = false\n")
+    try:
+        root = proc.root
+        with grpc.insecure_channel(f"unix://{proc.address}") as ch:
+            stub = snapshots_pb2_grpc.SnapshotsStub(ch)
+            with pytest.raises(grpc.RpcError) as exc:
+                stub.Prepare(pb.PrepareSnapshotRequest(key="cri/extract-1", labels=labels))
+            assert exc.value.code() == grpc.StatusCode.ALREADY_EXISTS, proc.log()
+            info = stub.Stat(pb.StatSnapshotRequest(key=target)).info
+            assert info.kind == pb.COMMITTED and info.labels[REMOTE_LABEL] == "remote snapshot"
+            view = stub.View(pb.ViewSnapshotRequest(key="cri/view", parent=target)).mounts
+            assert [(m.type, list(m.options)) for m in view] == [("bind", ["ro", "rbind"])]
+            fs = Path(view[0].source)
+            assert mounts_under(root) == [str(fs)]
+            # Reads through the lazy mount itself.
+            assert (fs / SAMPLE_TEXT_PATH.lstrip("/")).read_bytes() == SAMPLE_TEXT
+            assert (fs / "opt/peerstar/tree/a/b/c/deep.txt").read_bytes() == \
+                b"deep in the tree\n"
+            stub.Remove(pb.RemoveSnapshotRequest(key="cri/view"))
+            stub.Remove(pb.RemoveSnapshotRequest(key=target))
+        assert mounts_under(root) == [] and not fs.exists()
+    finally:
+        stop_snapshotter(proc)
