@@ -172,6 +172,9 @@ def cmd_pull(args: argparse.Namespace) -> int:
         if progress is not None:
             progress.close()
     top = result.descriptor
+    if result.skipped_platforms:
+        print(f"note: not in IPFS, left out: platforms {', '.join(result.skipped_platforms)} "
+              "(pushed without --all-platforms)", file=sys.stderr)
     print(f"pulled ipfs://{result.cid}: {top['mediaType']} {top['digest']} "
           f"({_human(result.bytes_fetched)}) -> oci:{result.output}:{result.tag}",
           file=sys.stderr)

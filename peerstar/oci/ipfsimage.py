@@ -600,6 +600,7 @@ class _Puller:
         self.sem = asyncio.Semaphore(max(1, jobs))
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.bytes = 0
+        self.skipped: list[str] = []  # platforms of index entries not in IPFS
 
     async def _store_call(self, what: str, coro: Awaitable[Any]) -> Any:
         from peerstar.ipfs.errors import IPFSError
@@ -642,13 +643,30 @@ class _Puller:
             assert data is not None
             doc = parse_document(data, where=f"{self.name}: {what}")
             if kind == INDEX:
-                children = index_children(doc, where=f"{self.name}: {what}")
+                children = [c for c in index_children(doc, where=f"{self.name}: {what}")
+                            if not self._skippable(c)]
             else:
                 config, layers = manifest_children(doc, where=f"{self.name}: {what}")
                 children = [config, *layers]
             await asyncio.gather(*(self.fetch(c, f"{self.name}: {what}") for c in children))
         else:
             await self._download(desc, cid, what, show=True)
+
+    def _skippable(self, entry: Descriptor) -> bool:
+        """An index entry of another platform that is not in IPFS: nerdctl pushes only
+        the selected platforms and leaves the other entries unconverted, without URLs.
+        Like `ctr export --platform`, the layout then keeps the entry but not its blobs;
+        ctr import and skopeo use the host's platform. The host's own entry must be
+        there."""
+        urls = entry.get("urls")
+        if isinstance(urls, list) and any(isinstance(u, str) and u.startswith(IPFS_SCHEME)
+                                          for u in urls):
+            return False
+        plat = entry.get("platform")
+        if not isinstance(plat, dict) or _platform_matches(plat, host_platform()):
+            return False
+        self.skipped.append(_show_platform(plat))
+        return True
 
     async def _download(self, desc: Descriptor, cid: str, what: str, *,
                         show: bool) -> bytes | None:
@@ -708,9 +726,10 @@ class _Puller:
 
 async def pull_image(store: Any, cid: str, writer: LayoutWriter, *,
                      progress: Progress | None = None,
-                     jobs: int = DEFAULT_JOBS) -> tuple[Descriptor, int]:
+                     jobs: int = DEFAULT_JOBS) -> tuple[Descriptor, int, list[str]]:
     """Fetch the image named by `cid` from `store` into `writer` (not committed); return
-    the top descriptor and the number of blob bytes fetched."""
+    the top descriptor, the number of blob bytes fetched and the platforms left out
+    (index entries of other platforms that were not pushed into IPFS)."""
     name = IPFS_SCHEME + cid
     puller = _Puller(store, writer, name, progress or NoProgress(), jobs)
     top = await puller.resolve(cid)
@@ -721,7 +740,7 @@ async def pull_image(store: Any, cid: str, writer: LayoutWriter, *,
         for task in puller.tasks.values():
             task.cancel()
         await asyncio.gather(*puller.tasks.values(), return_exceptions=True)
-    return top, puller.bytes
+    return top, puller.bytes, puller.skipped
 
 
 @dataclass
@@ -731,6 +750,7 @@ class PullResult:
     output: Path
     tag: str | None
     bytes_fetched: int
+    skipped_platforms: list[str] = field(default_factory=list)
 
 
 def pull(image: str, output: str, *, ipfs_address: str | None = None,
@@ -748,15 +768,15 @@ def pull(image: str, output: str, *, ipfs_address: str | None = None,
     tag = out.tag or "latest"
     with LayoutWriter(out.path) as writer:
 
-        async def run() -> tuple[Descriptor, int]:
+        async def run() -> tuple[Descriptor, int, list[str]]:
             store = _open_store(ipfs_address, root, timeout, retries)
             try:
                 return await pull_image(store, cid, writer, progress=progress, jobs=jobs)
             finally:
                 await store.close()
 
-        top, fetched = asyncio.run(run())
+        top, fetched, skipped = asyncio.run(run())
         # index.json is not content-addressed: the entry needs no fetch hints.
         entry = {k: v for k, v in top.items() if k != "urls"}
         writer.commit(entry, tag)
-    return PullResult(cid, top, out.path, tag, fetched)
+    return PullResult(cid, top, out.path, tag, fetched, skipped)

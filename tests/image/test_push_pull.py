@@ -260,3 +260,43 @@ def test_skopeo_reads_pulled_layout(sample_image: SampleImage, tmp_path: Path) -
     subprocess.run([skopeo, "copy", f"oci:{out}:v2", f"oci:{tmp_path / 'copy'}:v2"],
                    check=True, capture_output=True, timeout=120)
     assert (tmp_path / "copy" / "index.json").is_file()
+
+
+def test_pull_skips_other_platforms_not_in_ipfs(store_args: list[str], tmp_path: Path) -> None:
+    """nerdctl pushes only the selected platform and leaves the other index entries
+    without URLs: pull takes the host's entry and leaves those out, saying so."""
+    from peerstar.oci.ipfsimage import host_platform
+
+    for path in sorted((NERDCTL / "ipfs").iterdir()):
+        assert add(store_args, path.read_bytes()) == path.name
+    root_cid = (NERDCTL / "ROOT_CID").read_text().strip()
+    top = json.loads((NERDCTL / "ipfs" / root_cid).read_bytes())
+    by_digest = {_sha(p.read_bytes()): p for p in (NERDCTL / "ipfs").iterdir()}
+    index = json.loads(by_digest[top["digest"]].read_bytes())
+    os_, arch, _ = host_platform()
+    [entry] = index["manifests"]
+    entry["platform"] = {"architecture": arch, "os": os_}
+    other = {"mediaType": entry["mediaType"], "digest": _sha(b"never pushed"), "size": 12,
+             "platform": {"architecture": "s390x" if arch != "s390x" else "ppc64le",
+                          "os": "linux"}}
+    index["manifests"] = [entry, other]
+
+    def push_index(doc: dict[str, Any]) -> str:
+        data = json.dumps(doc, separators=(",", ":")).encode()
+        icid = add(store_args, data)
+        return add(store_args, json.dumps({
+            "mediaType": doc["mediaType"], "digest": _sha(data), "size": len(data),
+            "urls": [f"ipfs://{icid}"]}, separators=(",", ":")).encode())
+
+    out = tmp_path / "pulled"
+    res = run_peerstar("pull", *store_args, push_index(index), "-o", f"oci:{out}")
+    assert res.code == 0, res.stderr
+    assert f"left out: platforms linux/{other['platform']['architecture']}" in res.stderr
+    blobs = {p.name for p in (out / "blobs" / "sha256").iterdir()}
+    assert entry["digest"].split(":")[1] in blobs
+    assert other["digest"].split(":")[1] not in blobs
+    # The host's own entry must be in IPFS.
+    index["manifests"] = [{k: v for k, v in entry.items() if k != "urls"}, other]
+    res = run_peerstar("pull", *store_args, push_index(index), "-o", f"oci:{tmp_path / 'o2'}")
+    assert_one_line_error(res, "has no ipfs:// URL", entry["digest"])
+    assert not (tmp_path / "o2").exists()
