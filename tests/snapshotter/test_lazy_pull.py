@@ -41,7 +41,7 @@ from tests.snapshotter.conftest import (
     start_snapshotter,
     stop_snapshotter,
 )
-from tests.support.registry import DockerRegistry, free_port
+from tests.support.registry import DockerRegistry, free_port, start_registry
 
 pytestmark = pytest.mark.slow
 
@@ -353,3 +353,56 @@ def test_cri_labels_mount_remotely_and_remove_unmounts(
         assert mounts_under(root) == [] and not fs.exists()
     finally:
         stop_snapshotter(proc)
+
+
+def _restart_same_port(reg: DockerRegistry, timeout: float = 30.0) -> None:
+    """Start `reg` again on its port (its config file holds it) after `_terminate()`."""
+    with open(reg.log_path, "ab") as log:
+        reg.process = subprocess.Popen(
+            ["docker-registry", "serve", str(reg.base / "config.yml")],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if reg.request("GET", "/v2/", timeout=2).status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"registry did not come back: {reg.log_tail()}")
+
+
+def test_registry_outage_after_prefetch() -> None:
+    """Registry gone after the pull: prefetched and already-read files still read,
+    others fail with EIO; once the registry is back they read correctly."""
+    far = "/opt/peerstar/random/extra-1.bin"  # 1 MiB, far from the prefetched start
+    expected = next(e.data for e in sample_layer_entries(extra_mib=EXTRA_MIB)[1]
+                    if e.path == far)
+    reg = start_registry()
+    try:
+        push_image(reg.url, "snap/outage", "v1", estargz=True)
+        ref = f"{reg.host}/snap/outage:v1"
+        config = "[remote]\nbackground_fetch = false\nretries = 1\nrequest_timeout = 5.0\n"
+        with running_stack(config) as st:
+            ctr = st.containerd.ctr
+
+            def run(name: str, *argv: str) -> subprocess.CompletedProcess[bytes]:
+                return ctr.run("run", "--snapshotter", "peerstar", "--rm", ref, name, *argv,
+                               check=False, timeout=120)
+
+            ctr.remote("image", "rpull", "--plain-http", "--snapshotter", "peerstar", ref)
+            # Read all of busybox once, so every later command runs from the cache.
+            assert run("warm", "sha256sum", "/bin/busybox").returncode == 0
+            reg._terminate()
+            ok = run("cached", "cat", SAMPLE_TEXT_PATH)
+            assert (ok.returncode, ok.stdout) == (0, SAMPLE_TEXT), ok.stderr
+            bad = run("uncached", "cat", far)
+            assert bad.returncode != 0 and bad.stdout == b""
+            assert bad.stderr == b"cat: read error: Input/output error\n"
+            _restart_same_port(reg)
+            back = run("back", "sha256sum", far)
+            assert back.returncode == 0, back.stderr
+            assert back.stdout.split()[0].decode() == hashlib.sha256(expected).hexdigest()
+    finally:
+        reg.stop()
