@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from peerstar.errors import PeerstarError
+from peerstar.oci.distribution import parse_credentials
 from peerstar.oci.ipfsimage import Progress, pull, push
 
 
@@ -53,6 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="push every platform of a multi-platform image")
     p.add_argument("--plain-http", action="store_true",
                    help="talk HTTP, not HTTPS, to the docker:// registry (local registries)")
+    p.add_argument("--creds", metavar="USER:PASSWORD",
+                   help="registry credentials (default: anonymous; bearer tokens are fetched "
+                        "either way)")
     _store_args(p)
     p.set_defaults(func=cmd_push)
 
@@ -141,6 +145,7 @@ def _check(args: argparse.Namespace) -> None:
 
 def cmd_push(args: argparse.Namespace) -> int:
     _check(args)
+    credentials = parse_credentials(args.creds)
     progress = _progress()
     try:
         result = push(
@@ -148,6 +153,7 @@ def cmd_push(args: argparse.Namespace) -> int:
             all_platforms=args.all_platforms, ipfs_address=args.ipfs_address, root=args.root,
             plain_http=args.plain_http, timeout=args.timeout, retries=args.retries,
             progress=_as_progress(progress), jobs=args.jobs,
+            credentials=credentials,
         )
     finally:
         if progress is not None:

@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import httpx
 
@@ -95,14 +95,23 @@ def parse_docker_ref(text: str) -> DockerImageRef:
 
 
 def _is_loopback(host: str) -> bool:
-    hostname = host.rsplit(":", 1)[0].strip("[]") if host.count(":") <= 1 or host.startswith(
-        "[") else host
+    hostname = urlsplit("//" + host).hostname or ""
     if hostname == "localhost":
         return True
     try:
         return ipaddress.ip_address(hostname).is_loopback
     except ValueError:
         return False
+
+
+def parse_credentials(text: str | None) -> tuple[str, str] | None:
+    """`USER:PASSWORD` (as skopeo's --creds) -> (user, password); None for None."""
+    if text is None:
+        return None
+    user, sep, password = text.partition(":")
+    if not user or not sep:
+        raise ImageReferenceError("--creds must be USER:PASSWORD")
+    return user, password
 
 
 class RegistryClient:

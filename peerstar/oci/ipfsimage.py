@@ -130,7 +130,8 @@ def cid_of(desc: Descriptor, *, where: str) -> str:
 # --- sources ----------------------------------------------------------------------------
 
 
-def open_source(text: str, *, plain_http: bool = False, timeout: float = 30.0) -> SourceImage:
+def open_source(text: str, *, plain_http: bool = False, timeout: float = 30.0,
+                credentials: tuple[str, str] | None = None) -> SourceImage:
     """Open `oci:DIR[:TAG]`, `docker-archive:FILE`, `docker://HOST/REPO:TAG` or a bare
     registry reference (which means `docker://`)."""
     transport, sep, _ = text.partition(":")
@@ -138,7 +139,13 @@ def open_source(text: str, *, plain_http: bool = False, timeout: float = 30.0) -
             transport not in SUPPORTED_TRANSPORTS and transport not in KNOWN_UNSUPPORTED):
         from peerstar.oci.distribution import RegistrySource, parse_docker_ref
 
-        return RegistrySource(parse_docker_ref(text), plain_http=plain_http, timeout=timeout)
+        if not text.startswith("docker:") and Path(text).exists():
+            kind = "oci:" if Path(text).is_dir() else "docker-archive:"
+            raise IPFSImageError(
+                f"source {text!r} is a local path, not a registry reference: write "
+                f"{kind}{text}")
+        return RegistrySource(parse_docker_ref(text), plain_http=plain_http, timeout=timeout,
+                              credentials=credentials)
     return open_image(text)
 
 
@@ -524,7 +531,7 @@ def push(source_text: str, *, estargz: bool = False, platforms: list[str] | None
          all_platforms: bool = False, ipfs_address: str | None = None,
          root: Path | None = None, plain_http: bool = False, timeout: float = 30.0,
          retries: int = 3, progress: Progress | None = None,
-         jobs: int = DEFAULT_JOBS) -> PushResult:
+         jobs: int = DEFAULT_JOBS, credentials: tuple[str, str] | None = None) -> PushResult:
     """`peerstar push`: open the source, select platforms, convert if asked, push.
 
     The store is asked for its identity first, so an unreachable daemon is reported
@@ -536,7 +543,8 @@ def push(source_text: str, *, estargz: bool = False, platforms: list[str] | None
             await store.id()
             with contextlib.ExitStack() as stack:
                 source = stack.enter_context(await asyncio.to_thread(
-                    open_source, source_text, plain_http=plain_http, timeout=timeout))
+                    open_source, source_text, plain_http=plain_http, timeout=timeout,
+                    credentials=credentials))
                 selected = await asyncio.to_thread(select_platforms, source, platforms,
                                                    all_platforms)
                 if selected is not source:

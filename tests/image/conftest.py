@@ -147,6 +147,7 @@ class FakeRegistry:
     layout: Path | None = None
     token: str | None = None  # require `Bearer <token>` on /v2/ routes
     token_status: int = 200  # what the token endpoint answers
+    token_user: tuple[str, str] | None = None  # basic credentials the token service wants
     fail_status: int | None = None  # answer every /v2/ request with this
     requests: list[tuple[str, str, str]] = field(default_factory=list)
     server: ThreadingHTTPServer | None = None
@@ -184,6 +185,14 @@ def _handler(reg: FakeRegistry) -> type[BaseHTTPRequestHandler]:
             auth = self.headers.get("Authorization", "")
             reg.requests.append((self.command, self.path, auth))
             if self.path.startswith("/token"):
+                if reg.token_user is not None:
+                    import base64
+
+                    want = "Basic " + base64.b64encode(
+                        ":".join(reg.token_user).encode()).decode()
+                    if auth != want:
+                        self._send(401, b'{"errors":[{"code":"UNAUTHORIZED"}]}')
+                        return
                 if reg.token_status != 200:
                     self._send(reg.token_status, b'{"errors":[{"code":"DENIED"}]}')
                 else:

@@ -193,6 +193,8 @@ def test_bad_arguments(sample_image: SampleImage, tmp_path: Path) -> None:
     assert_one_line_error(run_peerstar("push", *store, f"oci:{tmp_path / 'nope'}"),
                           "does not exist")
     assert_one_line_error(run_peerstar("push", *store, "dir:/x"), "unknown transport")
+    assert_one_line_error(run_peerstar("push", *store, str(sample_image.path)),
+                          "is a local path", f"write oci:{sample_image.path}")
     assert_one_line_error(run_peerstar("push", *store, "docker://Bad Name"),
                           "not a valid repository name")
     assert_one_line_error(run_peerstar("pull", *store, "notacid", "-o", f"oci:{tmp_path}/o"),

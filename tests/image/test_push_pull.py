@@ -195,6 +195,22 @@ def test_bearer_token_registry(fake_registry: Any, sample_image: SampleImage,
     assert authed and all(r[2] == "Bearer s3cret" for r in authed)
 
 
+def test_bearer_token_with_credentials(fake_registry: Any, sample_image: SampleImage,
+                                       tmp_path: Path) -> None:
+    reg: FakeRegistry = fake_registry(layout=sample_image.path, token="t0k",
+                                      token_user=("alice", "pw:with:colons"))
+    args = ["--root", str(tmp_path / "store")]
+    ref = f"docker://{reg.host}/private/sample:latest"
+    cid = _push(args, "--plain-http", "--creds", "alice:pw:with:colons", ref)
+    assert cid == _push(args, f"oci:{sample_image.path}")
+    res = run_peerstar("push", *args, "--plain-http", ref)
+    assert_one_line_error(res, "token service", "refused access (HTTP 401)")
+    res = run_peerstar("push", *args, "--plain-http", "--creds", "alice:wrong", ref)
+    assert_one_line_error(res, "refused access (HTTP 401)")
+    assert_one_line_error(run_peerstar("push", *args, "--creds", "nopassword", ref),
+                          "--creds must be USER:PASSWORD")
+
+
 def _two_platform_layout(sample_image: SampleImage, dst: Path) -> tuple[str, str]:
     """A copy of the sample layout whose top is an index of the sample manifest for
     linux/amd64 and for linux/arm64 (the same manifest bytes: enough for selection)."""
