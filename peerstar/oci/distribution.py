@@ -14,6 +14,7 @@ status and what to do.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import ipaddress
@@ -143,7 +144,9 @@ class RegistryClient:
             if self._token:
                 h["Authorization"] = f"Bearer {self._token}"
             elif self._credentials:
-                h["Authorization"] = httpx.BasicAuth(*self._credentials)._auth_header
+                user, password = self._credentials
+                h["Authorization"] = "Basic " + base64.b64encode(
+                    f"{user}:{password}".encode()).decode()
             try:
                 req = self._client.build_request(method, url, headers=h)
                 resp = self._client.send(req, stream=stream)
