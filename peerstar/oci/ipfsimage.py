@@ -376,7 +376,14 @@ class _Pusher:
         nodes = await asyncio.to_thread(lambda: list(self.source.walk()))
         for node in nodes:
             self.nodes[node.descriptor["digest"]] = node
-        top = await self.push(self.source.top_descriptor)
+        try:
+            top = await self.push(self.source.top_descriptor)
+        finally:
+            # On the first failure stop the other transfers (and collect their errors, so
+            # none is reported a second time as "never retrieved").
+            for task in self.tasks.values():
+                task.cancel()
+            await asyncio.gather(*self.tasks.values(), return_exceptions=True)
         # nerdctl adds the JSON of containerd's image target: mediaType, digest, size (+urls).
         desc = {k: top[k] for k in ("mediaType", "digest", "size", "urls")}
         async with self.sem:

@@ -259,3 +259,19 @@ def test_disk_full_while_pulling_leaves_nothing(sample_image: SampleImage,
         res = run_peerstar("pull", *store, res.last_line, "-o", f"oci:{out}")
         assert_one_line_error(res, "disk full", "nothing was written")
         assert list(small.iterdir()) == []
+
+
+def test_push_refuses_a_corrupt_source_blob(store_args: list[str], sample_image: SampleImage,
+                                            tmp_path: Path) -> None:
+    layout = tmp_path / "layout"
+    shutil.copytree(sample_image.path, layout)
+    # Both layers corrupted (same size): two transfers fail, one error is reported.
+    for digest in sample_image.layer_digests:
+        path = layout / "blobs" / "sha256" / digest.split(":")[1]
+        data = bytearray(path.read_bytes())
+        data[-100] ^= 0xFF
+        path.write_bytes(bytes(data))
+    res = run_peerstar("push", *store_args, f"oci:{layout}")
+    line = assert_one_line_error(res, "the image is corrupt or was modified")
+    assert any(d in line for d in sample_image.layer_digests)
+    assert res.stdout == ""
