@@ -15,6 +15,13 @@ def test_demo_runs_and_leaves_a_verified_estargz_image(tmp_path):
     assert p.returncode == 0, p.stderr
     assert "hello from the peerstar sample image" in p.stdout
     assert p.stdout.count(" ok ") >= 2
+    # the whole flow: embedded IPFS store -> registry -> lazy FUSE mount -> read
+    assert "through FUSE: 'hello from the peerstar sample image'" in p.stdout
+    fetched = [line for line in p.stdout.splitlines() if "from the registry" in line]
+    pct = float(fetched[0].split("(")[1].split("%")[0])
+    assert 0 < pct < 5, fetched
+    with open("/proc/self/mounts") as mounts:
+        assert str(tmp_path) not in mounts.read()
     out = tmp_path / "sample-estargz"
     index = json.loads((out / "index.json").read_text())
     mdesc = index["manifests"][0]

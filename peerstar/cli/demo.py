@@ -1,15 +1,23 @@
 """`peerstar demo`: the main job on the embedded default, with no daemon and no network.
 
 Builds the sample image locally, converts it to eStargz, verifies every layer (TOC
-digest, every chunk digest, DiffID against the config) and reads one file by range,
-showing how few of the blob's bytes a lazy reader needs.
+digest, every chunk digest, DiffID against the config) and reads one file by range.
+Then the whole flow: the image is pushed into the embedded IPFS store, served by
+`peerstar registry serve` on loopback, mounted lazily with `peerstar mount`, and a file
+is read, showing how few of the image's bytes were fetched.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
+import subprocess
+import sys
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 from rich.console import Console
@@ -29,6 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workdir", type=Path, help="where to write the images (default: a new "
                    "temporary directory)")
     p.add_argument("--extra-mib", type=int, default=8, help="MiB of extra files in the sample")
+    p.add_argument("--no-mount", action="store_true",
+                   help="stop after conversion (no push, registry or FUSE mount)")
     p.set_defaults(func=cmd_demo)
 
 
@@ -97,5 +107,66 @@ def cmd_demo(args: argparse.Namespace) -> int:
     console.print(f"[bold]4.[/] read {SAMPLE_TEXT_PATH} by range: {text.decode().strip()!r}")
     console.print(f"   fetched {fetched:,} bytes of the {top['size']:,}-byte layer "
                   f"({100 * fetched / top['size']:.2f}%); image layers total {total:,} bytes")
-    console.print(f"[bold green]done[/]: eStargz image in oci:{dst}:latest")
+    console.print(f"   eStargz image in oci:{dst}:latest")
+    if args.no_mount:
+        return 0
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
+        console.print("[yellow]skipping the lazy mount[/]: it needs root and /dev/fuse")
+        return 0
+    _lazy_flow(console, work, dst)
     return 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _lazy_flow(console: Console, work: Path, layout: Path) -> None:
+    # Imported here: the FUSE and HTTP stacks are only needed for this part.
+    from peerstar.lazyfs.image import image_stats, mount_image, unmount_image
+    from peerstar.oci.ipfsimage import push
+
+    store = work / "ipfs"
+    console.print(f"[bold]5.[/] pushing the eStargz image into the embedded IPFS store {store}")
+    cid = push(f"oci:{layout}:latest", root=store).cid
+    console.print(f"   image CID: [bold]{cid}[/]")
+    port = _free_port()
+    log = open(work / "registry.log", "wb")  # noqa: SIM115 - closed in the finally below
+    server = subprocess.Popen(
+        [sys.executable, "-m", "peerstar", "registry", "serve", "--root", str(store),
+         "--listen", f"127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
+    target = work / "rootfs"
+    target.mkdir(exist_ok=True)
+    mounted = False
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=2):
+                    break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise PeerstarError(
+                        f"the registry did not start; see {work / 'registry.log'}") from None
+                time.sleep(0.1)
+        ref = f"127.0.0.1:{port}/ipfs/{cid}"
+        console.print(f"[bold]6.[/] registry serving {ref}; mounting it lazily at {target}")
+        mount_image(ref, target, work_root=work / "mnt", cache_dir=work / "cache",
+                    background=False)
+        mounted = True
+        text = (target / SAMPLE_TEXT_PATH.lstrip("/")).read_bytes()
+        stats = image_stats(target, work / "mnt")
+        console.print(f"[bold]7.[/] read {SAMPLE_TEXT_PATH} through FUSE: "
+                      f"{text.decode().strip()!r}")
+        fetched, size = int(stats["fetchedSize"]), int(stats["size"])  # type: ignore[call-overload]
+        console.print(f"   fetched {fetched:,} bytes of the image's {size:,} "
+                      f"({100 * fetched / max(size, 1):.2f}%) from the registry")
+    finally:
+        if mounted:
+            unmount_image(target, work / "mnt")
+        server.terminate()
+        server.wait(10)
+        log.close()
+    console.print("[bold green]done[/]")
