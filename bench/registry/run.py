@@ -37,9 +37,17 @@ from tests.registry.ipfsimage import store_blob_image  # noqa: E402
 from tests.support.jsipfs import free_port, start_jsipfs  # noqa: E402
 
 
+def _combine(parts: list[tuple]) -> tuple[float, float, float, int]:
+    """Mean throughput; latency percentiles over all slices' samples."""
+    lat = sorted(x for p in parts for x in p[4])
+    p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+    return (statistics.fmean(p[0] for p in parts), statistics.median(lat) * 1000,
+            p99 * 1000, len(lat))
+
+
 async def _run(fetch, size: int, read: int, conc: int, seconds: float, seed: int
-               ) -> tuple[float, float, float, int]:
-    """(MB/s, p50 ms, p99 ms, reads) of `conc` workers calling fetch(offset, length)."""
+               ) -> tuple[float, float, float, int, list[float]]:
+    """(MB/s, p50 ms, p99 ms, reads, latencies) of `conc` workers calling fetch(off, n)."""
     lat: list[float] = []
     total = 0
     deadline = time.monotonic() + seconds
@@ -61,7 +69,8 @@ async def _run(fetch, size: int, read: int, conc: int, seconds: float, seed: int
     elapsed = time.monotonic() - t0
     lat.sort()
     p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
-    return total / elapsed / 1e6, statistics.median(lat) * 1000, p99 * 1000, len(lat)
+    return (total / elapsed / 1e6, statistics.median(lat) * 1000, p99 * 1000, len(lat),
+            lat)
 
 
 async def bench(api_url: str, registry_url: str, cid: str, size: int, seconds: float,
@@ -95,9 +104,13 @@ async def bench(api_url: str, registry_url: str, cid: str, size: int, seconds: f
                 # warm both paths (connection pools, daemon caches) before measuring
                 await _run(direct, size, read, conc, 1.0, 0)
                 await _run(via_registry, size, read, conc, 1.0, 0)
-                d = await _run(direct, size, read, conc, seconds, 1)
-                r = await _run(via_registry, size, read, conc, seconds, 1)
-                rows.append((conc, read, d, r))
+                # Interleave 1 s slices of each so drift in the daemon (its GC, page
+                # cache) hits both sides alike; then combine the slices.
+                d_parts, r_parts = [], []
+                for i in range(max(1, int(seconds))):
+                    d_parts.append(await _run(direct, size, read, conc, 1.0, i + 1))
+                    r_parts.append(await _run(via_registry, size, read, conc, 1.0, i + 1))
+                rows.append((conc, read, _combine(d_parts), _combine(r_parts)))
     return rows
 
 

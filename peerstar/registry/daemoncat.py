@@ -17,6 +17,7 @@ import json
 from collections.abc import AsyncIterator
 
 import aiohttp
+from yarl import URL
 
 from peerstar.ipfs.errors import IPFSError
 
@@ -38,16 +39,21 @@ class DaemonCat:
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
                 trust_env=False,
                 auto_decompress=False,
+                # bigger reads from the daemon: fewer wake-ups per MiB relayed
+                read_bufsize=1 << 20,
             )
         return self._session
 
     async def cat(self, cid: str, offset: int = 0, length: int | None = None
                   ) -> AsyncIterator[bytes]:
-        params = {"arg": cid, "offset": str(offset)}
-        if length is not None:
-            params["length"] = str(length)
+        # A pre-encoded URL: CIDs are base32/base58 and offsets digits, nothing to quote,
+        # and yarl's query building is a measurable part of a 64 KiB read.
+        query = f"arg={cid}&offset={offset}" + ("" if length is None else f"&length={length}")
+        if not cid.isalnum():
+            raise IPFSError(f"not a CID: {cid[:80]!r}")
+        url = URL(f"{self.api_url}/api/v0/cat?{query}", encoded=True)
         try:
-            async with self._client().post(f"{self.api_url}/api/v0/cat", params=params) as r:
+            async with self._client().post(url) as r:
                 if r.status != 200:
                     body = await r.read()
                     message = body.decode(errors="replace").strip()

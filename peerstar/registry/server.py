@@ -350,6 +350,9 @@ class RegistryServer:
                         if not prepared:
                             await resp.prepare(request)
                             prepared = True
+                            if request.transport is not None:
+                                # let a relayed chunk go out without waiting for drain
+                                request.transport.set_write_buffer_limits(high=1 << 20)
                         if head:
                             await self._write(request, resp, head)
                             head = b""

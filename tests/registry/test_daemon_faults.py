@@ -5,6 +5,7 @@ completes the response byte-exact, and a response that cannot be completed is cu
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import http.client
 import os
@@ -40,11 +41,27 @@ def _registry(daemon: JsIpfs) -> ThreadedRegistry:
         metrics=True)
 
 
+def _push(daemon: JsIpfs, blob: bytes) -> StoredImage:
+    # A generous timeout for the 64 MiB add: the registry's short one is for reads.
+    async def go() -> StoredImage:
+        store = open_store(daemon.api_multiaddr, timeout=120)
+        try:
+            return await store_blob_image(store, blob)
+        finally:
+            await store.close()
+    return asyncio.run(go())
+
+
+@pytest.fixture(scope="module")
+def stored(jsipfs_daemon: JsIpfs, blob: bytes) -> StoredImage:
+    return _push(jsipfs_daemon, blob)
+
+
 @pytest.fixture
-def stalling(jsipfs_daemon: JsIpfs, blob: bytes
+def stalling(jsipfs_daemon: JsIpfs, stored: StoredImage
              ) -> Iterator[tuple[ThreadedRegistry, JsIpfs, StoredImage]]:
     with _registry(jsipfs_daemon) as reg:
-        img = reg.run(store_blob_image(reg.store, blob))
+        img = stored
         try:
             yield reg, jsipfs_daemon, img
         finally:
@@ -132,7 +149,7 @@ def test_daemon_killed_mid_stream(blob: bytes) -> None:
     daemon = start_jsipfs()
     try:
         with _registry(daemon) as reg:
-            img = reg.run(store_blob_image(reg.store, blob))
+            img = _push(daemon, blob)
             conn = http.client.HTTPConnection("127.0.0.1", reg.port, timeout=60)
             conn.request("GET", _path(img))
             resp = conn.getresponse()

@@ -21,7 +21,7 @@ from peerstar.registry import check_bind_address
 from peerstar.sample import SampleImage
 from tests.registry.harness import ThreadedRegistry
 from tests.registry.helpers import MANIFEST_ACCEPT, parse_multipart, request
-from tests.registry.ipfsimage import StoredImage, store_layout
+from tests.registry.ipfsimage import StoredImage, store_blob_image, store_layout
 from tests.registry.memstore import Fault, MemoryStore, raw_cid
 
 BIG = 3 << 20  # a blob spanning many store chunks
@@ -399,8 +399,10 @@ def test_slowloris_is_cut(mem_registry: ThreadedRegistry) -> None:
     assert request(mem_registry.host, "GET", "/v2/").status == 200
 
 
-def test_slow_reader_is_dropped(mem_registry: ThreadedRegistry, big_blob) -> None:
-    root, digest, _data = big_blob
+def test_slow_reader_is_dropped(mem_registry: ThreadedRegistry) -> None:
+    # bigger than every buffer between us (kernel socket buffers, the transport's 1 MiB)
+    img = mem_registry.run(store_blob_image(mem_registry.store, os.urandom(32 << 20)))
+    root, digest = img.root_cid, img.layer_digests[0]
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     s.connect(("127.0.0.1", mem_registry.port))
