@@ -1,0 +1,164 @@
+"""The whole path on one "node": an image pushed on node A runs lazily on node B.
+
+Node B's network namespace holds its js-ipfs, its `peerstar registry serve` on B's own
+localhost:5050 and the peerstar snapshotter. The snapshotter and `ctr-remote` enter only
+B's network namespace (nsenter --net), not a mount namespace of their own (which
+`ip netns exec` would give them), so the FUSE mounts are those containerd and runc see.
+containerd itself needs no network for this: ctr-remote resolves and fetches in the
+client, the snapshotter fetches the layers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from peerstar.k8s.keys import generate_swarm_key
+from peerstar.sample import SAMPLE_TEXT, SAMPLE_TEXT_PATH, SampleImage, build_sample_image
+from tests.p2p import swarm
+from tests.p2p.test_registry_swarm import push
+from tests.snapshotter.conftest import SnapshotterProc, mounts_under, stop_snapshotter
+from tests.support.containerd import Containerd, HarnessError, start_containerd
+from tests.support.jsipfs import JsIpfs
+from tests.support.netns import Network, Node
+
+pytestmark = pytest.mark.slow
+
+SNAPSHOTTER_CONFIG = "[remote]\nprefetch_timeout = 5.0\nbackground_fetch = false\n"
+
+
+def netns_prefix(node: Node) -> list[str]:
+    """Enter the node's network namespace only (keep the host's mount namespace)."""
+    return ["nsenter", f"--net=/run/netns/{node.netns}"]
+
+
+class NodeSnapshotter(SnapshotterProc):
+    """`peerstar snapshotter serve` inside a node's network namespace."""
+
+    node: Node | None = None
+
+    def start(self, timeout: float = 30.0) -> SnapshotterProc:
+        assert self.node is not None
+        config = self.base / "snapshotter.toml"
+        config.write_text(self.config_text)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [*netns_prefix(self.node), sys.executable, "-m", "peerstar", "snapshotter",
+                 "serve", "--address", str(self.address), "--root", str(self.root),
+                 "--config", str(config), "--log-level", "info"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=dict(os.environ, PYTHONPATH=str(swarm.REPO)), start_new_session=True,
+                cwd=str(swarm.REPO))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise HarnessError(f"snapshotter exited:\n{self.log()[-3000:]}")
+            if "serving on" in self.log() and self.address.is_socket():
+                return self
+            time.sleep(0.05)
+        raise HarnessError(f"snapshotter not serving after {timeout} s:\n{self.log()[-3000:]}")
+
+
+@dataclass
+class NodeB:
+    a: Node
+    b: Node
+    daemons: dict[str, JsIpfs]
+    image: SampleImage
+    snapshotter: NodeSnapshotter
+    containerd: Containerd
+
+
+@pytest.fixture(scope="module")
+def node_b(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeB]:
+    import tempfile
+
+    work = tmp_path_factory.mktemp("p2p-lazy")
+    image = build_sample_image(work / "layout", extra_mib=8)
+    key = generate_swarm_key().encode()
+    daemons: dict[str, JsIpfs] = {}
+    try:
+        net = Network()
+    except HarnessError as exc:
+        pytest.fail(f"cannot create network namespaces: {exc}", pytrace=False)
+    snap: NodeSnapshotter | None = None
+    containerd: Containerd | None = None
+    failure = ""
+    try:
+        a, b = net.add_node("a"), net.add_node("b")
+        daemons["a"] = swarm.start_daemon(a, key)
+        daemons["b"] = swarm.start_daemon(b, key, [daemons["a"].swarm_multiaddr])
+        snap = NodeSnapshotter(Path(tempfile.mkdtemp(prefix="pss-", dir="/tmp")),
+                               SNAPSHOTTER_CONFIG)
+        snap.node = b
+        snap.start()
+        containerd = start_containerd(proxy_plugins={"peerstar": str(snap.address)})
+    except HarnessError as exc:
+        failure = f"cannot start node B's stack: {exc}"
+    try:
+        if failure:
+            pytest.fail(failure, pytrace=False)
+        assert snap is not None and containerd is not None
+        with swarm.registry(b, work / "registry-b.log"):
+            yield NodeB(a, b, daemons, image, snap, containerd)
+    finally:
+        # containerd first (its containers use the mounts), then the snapshotter (it
+        # unmounts the lazy layers), then the daemons and namespaces.
+        if containerd is not None:
+            containerd.stop()
+        if snap is not None:
+            stop_snapshotter(snap)
+        for d in daemons.values():
+            d.stop()
+        net.remove()
+
+
+def test_rpull_and_run_lazily_on_b(node_b: NodeB) -> None:
+    a_id = node_b.daemons["a"].peer_id
+    assert a_id in swarm.wait_for_peers(node_b.b, {a_id})
+    cid = push(node_b.a, node_b.image.path)
+    ref = f"localhost:{swarm.REGISTRY_PORT}/ipfs/{cid}:latest"
+    ctr = node_b.containerd.ctr
+    argv = [*netns_prefix(node_b.b), ctr.ctr_remote_binary, "--address", ctr.address,
+            "--namespace", ctr.namespace, "image", "rpull", "--plain-http", "--snapshotter",
+            "peerstar", ref]
+    proc = subprocess.run(argv, capture_output=True, timeout=300)
+    assert proc.returncode == 0, (proc.stderr.decode(errors="replace")[-3000:],
+                                  node_b.snapshotter.log()[-3000:])
+
+    # Every layer is a lazy FUSE mount; containerd's content store never got the layers.
+    fuse = mounts_under(node_b.snapshotter.root)
+    assert len(fuse) == len(node_b.image.layers), (fuse, node_b.snapshotter.log()[-3000:])
+    layers = {layer["digest"] for layer in manifest(node_b.b, cid)["layers"]}
+    assert len(layers) == len(node_b.image.layers)
+    content = {line.split()[0] for line in ctr.lines("content", "ls")[1:]}
+    assert content and not content & layers
+    out = ctr.text("run", "--snapshotter", "peerstar", "--rm", ref, "p2p-cat", "cat",
+                   SAMPLE_TEXT_PATH)
+    assert out == SAMPLE_TEXT.decode()
+
+    # Lazy and node to node: b holds only blocks it got from a, far from all of them.
+    b_blocks, a_blocks = swarm.local_blocks(node_b.b), swarm.local_blocks(node_b.a)
+    assert b_blocks and b_blocks <= a_blocks
+    assert len(b_blocks) < len(a_blocks) // 2
+
+
+def manifest(node: Node, cid: str) -> dict[str, Any]:
+    """The image manifest as the node's registry serves it (through the index if any)."""
+    accept = ("Accept: application/vnd.oci.image.index.v1+json, "
+              "application/vnd.oci.image.manifest.v1+json")
+    base = f"http://127.0.0.1:{swarm.REGISTRY_PORT}/v2/ipfs/{cid}/manifests"
+    doc = json.loads(swarm.http(node, "GET", f"{base}/latest", headers=[accept]))
+    if "manifests" in doc:
+        digest = doc["manifests"][0]["digest"]
+        doc = json.loads(swarm.http(node, "GET", f"{base}/{digest}", headers=[accept]))
+    return doc
