@@ -129,3 +129,51 @@ def test_load_random_ranges(backend: str, request: pytest.FixtureRequest, tmp_pa
     assert stats["other_status"] == 0
     assert stats["requests"] >= CLIENTS  # every client got answers
     assert stats["multi"] > 0
+
+
+def _peak_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) << 10
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.parametrize("backend", ["jsipfs", "embedded"])
+def test_full_blob_streams_in_bounded_memory(backend: str, request: pytest.FixtureRequest,
+                                             tmp_path: Path,
+                                             layer_file: tuple[Path, bytes]) -> None:
+    """A whole 200 MiB GET raises the registry's peak RSS by far less than the blob."""
+    import hashlib
+    import http.client
+
+    from peerstar.ipfs import EmbeddedStore, open_store
+
+    path, data = layer_file
+    if backend == "jsipfs":
+        daemon: JsIpfs = request.getfixturevalue("jsipfs_daemon")
+        img = _push(lambda: open_store(daemon.api_multiaddr, timeout=120), path)
+        args = ["--ipfs-address", daemon.api_multiaddr]
+    else:
+        root = tmp_path / "store"
+        img = _push(lambda: EmbeddedStore(root), path)
+        args = ["--root", str(root)]
+    port = free_port()
+    with serve([*args, "--listen", f"127.0.0.1:{port}", "--no-access-log"],
+               _clean_env()) as proc:
+        blob_path = f"/v2/ipfs/{img.root_cid}/blobs/{img.layer_digests[0]}"
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        conn.request("HEAD", blob_path)
+        conn.getresponse().read()
+        before = _peak_rss(proc.pid)
+        conn.request("GET", blob_path)
+        resp = conn.getresponse()
+        h = hashlib.sha256()
+        got = 0
+        while part := resp.read(1 << 20):
+            h.update(part)
+            got += len(part)
+        after = _peak_rss(proc.pid)
+        conn.close()
+    assert got == SIZE and h.digest() == hashlib.sha256(data).digest()
+    print(f"\npeak RSS {before >> 20} MiB -> {after >> 20} MiB for a {SIZE >> 20} MiB blob")
+    assert after - before < 48 << 20

@@ -1,0 +1,123 @@
+"""Descriptor-tree walking and its cache: what is recorded, what is refused, LRU bounds,
+one walk per CID under concurrency, failures not cached."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+
+import pytest
+from multiformats import CID
+
+from peerstar.registry.tree import TreeCache, TreeError, parse_image_cid, walk_tree
+from peerstar.sample import SampleImage
+from tests.registry.ipfsimage import store_layout
+from tests.registry.memstore import MemoryStore, raw_cid
+
+
+def _sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _reader(store: MemoryStore):
+    async def read_small(cid: str, n: int) -> bytes:
+        return await store.cat_bytes(cid, 0, n)
+    return read_small
+
+
+def test_walk_records_every_descriptor(sample_image: SampleImage) -> None:
+    async def go() -> None:
+        store = MemoryStore()
+        img = await store_layout(store, sample_image.path)
+        tree = await walk_tree(img.root_cid, _reader(store))
+        assert tree.top_digest == img.top_digest
+        assert set(tree.blobs) == {img.top_digest, img.config_digest, *img.layer_digests}
+        for digest, ref in tree.blobs.items():
+            assert ref.cid == img.cids[digest]
+            assert ref.size == len(img.content[digest])
+            assert ref.media_type == img.media_types[digest]
+        assert tree.manifests == {img.top_digest: img.content[img.top_digest]}
+        # the walk read the root and the manifest only, never config or layers
+        assert [c for c, _, _ in store.cats] == [img.root_cid, img.cids[img.top_digest]]
+    asyncio.run(go())
+
+
+async def _top(store: MemoryStore, manifest: bytes, **override) -> str:
+    cid = await store.add(manifest)
+    desc = {"mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": _sha(manifest), "size": len(manifest), "urls": [f"ipfs://{cid}"]}
+    desc.update(override)
+    return await store.add(json.dumps(desc).encode())
+
+
+@pytest.mark.parametrize(("build", "message"), [
+    (lambda s: s.add(b"\x00\x01 not json"), "not JSON"),
+    (lambda s: s.add(b'{"mediaType":"x","digest":"sha256:00","size":1}'), "invalid digest"),
+    (lambda s: _top(s, b'{"config":{},"layers":[]}', urls=None), "no urls"),
+    (lambda s: _top(s, b'{"config":{},"layers":[]}', urls=["https://x"]), "no ipfs:// url"),
+    (lambda s: _top(s, b'{"config":{},"layers":[]}', digest="sha256:" + "0" * 64),
+     "does not match digest"),
+    (lambda s: _top(s, b'{"config":{},"layers":[]}', size=-1), "invalid size"),
+    (lambda s: _top(s, b'{"layers":[]}'), "lacks config or layers"),
+    (lambda s: _top(s, b"[1,2]"), "not a JSON object"),
+])
+def test_walk_refuses_non_images(build, message: str) -> None:
+    async def go() -> None:
+        store = MemoryStore()
+        root = await build(store)
+        with pytest.raises(TreeError, match=message):
+            await walk_tree(root, _reader(store))
+    asyncio.run(go())
+
+
+def test_cache_shares_walks_bounds_memory_and_skips_failures(sample_image: SampleImage
+                                                             ) -> None:
+    async def go() -> None:
+        store = MemoryStore()
+        img = await store_layout(store, sample_image.path)
+        walks = 0
+        read = _reader(store)
+
+        async def counting(cid: str, n: int) -> bytes:
+            nonlocal walks
+            walks += cid == img.root_cid
+            await asyncio.sleep(0.01)
+            return await read(cid, n)
+
+        cache = TreeCache(counting)
+        trees = await asyncio.gather(*(cache.get(img.root_cid) for _ in range(20)))
+        assert walks == 1 and all(t is trees[0] for t in trees)
+        assert len(cache) == 1 and cache.misses == 1 and cache.hits == 19
+        # failures propagate and are not cached
+        missing = raw_cid(b"absent")
+        for _ in range(2):
+            with pytest.raises(Exception, match="not found"):
+                await cache.get(missing)
+        assert cache.misses == 3 and len(cache) == 1
+        # LRU by cost: room for about two trees of this size
+        cost = trees[0].cost()
+        small = TreeCache(read, max_bytes=2 * cost + cost // 2)
+        roots = [img.root_cid]
+        for tag in ("a", "b"):
+            man = img.content[img.top_digest] + b" " * (1 if tag == "a" else 2)
+            roots.append(await _top(store, man))
+        for r in roots:
+            await small.get(r)
+        assert len(small) == 2 and small.bytes <= 2 * cost + cost // 2
+        assert img.root_cid not in small._trees  # the oldest went first
+    asyncio.run(go())
+
+
+def test_parse_image_cid() -> None:
+    v1 = raw_cid(b"x")
+    assert parse_image_cid(v1) == v1
+    # CIDv0 (dag-pb) is normalised to CIDv1 base32 with the same multihash
+    v0 = "QmVkbauSDEaMP4Tkq6Epm9uW75mWm136n81YH8fGtfwdHU"
+    got = parse_image_cid(v0)
+    assert got.startswith("bafybei") and got.islower()
+    assert CID.decode(got).digest == CID.decode(v0).digest
+    assert CID.decode(got).version == 1 and CID.decode(got).codec.name == "dag-pb"
+    for bad in ("", "x" * 201, "bafy/..", "not-a-cid", "Qm"):
+        with pytest.raises(ValueError):
+            parse_image_cid(bad)
