@@ -31,8 +31,8 @@ class RegistryMetrics:
             registry=self.registry)
         self.aborted = Counter(
             "peerstar_registry_aborted_responses",
-            "Responses cut off after headers were sent (upstream failure mid-stream)",
-            registry=self.registry)
+            "Responses cut off after headers were sent "
+            "(reason=upstream|client_slow|client_gone)", ["reason"], registry=self.registry)
         self.tree_cache_images = Gauge(
             "peerstar_registry_tree_cache_images", "Image trees held in the cache",
             registry=self.registry)

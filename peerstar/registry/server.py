@@ -94,7 +94,15 @@ _STATE = web.RequestKey("peerstar_registry_state", _RequestState)
 
 
 class _Abort(Exception):
-    """Headers were sent and the body cannot be completed: close the connection."""
+    """Headers were sent and the body cannot be completed: close the connection.
+
+    `reason`: "upstream" (IPFS failed after the retries), "client_slow" (accepted no
+    bytes within the write timeout) or "client_gone" (hung up).
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class RegistryError(Exception):
@@ -202,7 +210,7 @@ class RegistryServer:
         state = request[_STATE] = _RequestState()
         status = 0
         error_code = None
-        aborted = False
+        aborted: str | None = None
         try:
             if request.method not in ("GET", "HEAD"):
                 raise RegistryError(405, "UNSUPPORTED",
@@ -214,10 +222,10 @@ class RegistryServer:
         except RegistryError as exc:
             status, error_code = exc.status, exc.code
             return exc.response()
-        except _Abort:
-            aborted = True
+        except _Abort as exc:
+            aborted = exc.reason
             status = state.status
-            self.metrics.aborted.inc()
+            self.metrics.aborted.labels(exc.reason).inc()
             if request.transport is not None:
                 request.transport.abort()
             # aiohttp needs a response object; the transport is gone, nothing is sent.
@@ -239,7 +247,7 @@ class RegistryServer:
                     "ms": round(elapsed * 1000, 2),
                     "range": request.headers.get("Range", "")[:200] or None,
                     "error": error_code,
-                    "aborted": aborted or None,
+                    "aborted": aborted,
                     "ua": request.headers.get("User-Agent", "")[:200] or None,
                 }, separators=(",", ":")))
 
@@ -361,7 +369,7 @@ class RegistryServer:
                 if not prepared:
                     raise _upstream_error(exc) from None
                 log.warning("aborting %s %s mid-stream: %s", request.method, request.path, exc)
-                raise _Abort() from None
+                raise _Abort("upstream") from None
         if not prepared:
             await resp.prepare(request)
         if layout is not None:
@@ -388,11 +396,11 @@ class RegistryServer:
         except TimeoutError:
             log.warning("client %s accepted no data for %g s; dropping it", request.remote,
                         self.options.write_timeout)
-            raise _Abort() from None
+            raise _Abort("client_slow") from None
         except (ConnectionError, RuntimeError):
             # the client went away (aiohttp raises ClientConnectionResetError, a
             # ConnectionResetError); stop reading upstream
-            raise _Abort() from None
+            raise _Abort("client_gone") from None
         request[_STATE].sent += len(data)
 
     # -- binding --------------------------------------------------------------------------

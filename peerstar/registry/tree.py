@@ -95,9 +95,9 @@ class ImageTree:
     def resolve_manifest(self, ref: str) -> str | None:
         """The digest of the manifest/index `ref` names, or None.
 
-        `latest` and any tag not named by a ref.name annotation resolve to the top
-        descriptor: the CID already pins one image, the tag adds nothing to find it.
-        A tag an index annotates resolves to that manifest; a digest must name a
+        A tag an index annotates (org.opencontainers.image.ref.name) resolves to that
+        manifest; `latest` and every other tag resolve to the top descriptor: the CID
+        already pins one image, the tag adds nothing to find it. A digest must name a
         manifest or index of this image.
         """
         if is_digest(ref):

@@ -344,7 +344,7 @@ def test_death_mid_stream_closes_connection(mem_registry: ThreadedRegistry, big_
     assert len(info.value.partial) == 1 << 20  # what arrived before the daemon died
     conn.close()
     metrics = request(mem_registry.metrics_url.split("/", 3)[2], "GET", "/metrics").body
-    assert b"peerstar_registry_aborted_responses_total 1.0" in metrics
+    assert b'peerstar_registry_aborted_responses_total{reason="upstream"} 1.0' in metrics
 
 
 def test_multirange_death_mid_stream(mem_registry: ThreadedRegistry, big_blob) -> None:
@@ -412,7 +412,7 @@ def test_slow_reader_is_dropped(mem_registry: ThreadedRegistry) -> None:
     try:
         while time.monotonic() < deadline:
             body = request(metrics_host, "GET", "/metrics").body
-            if b"peerstar_registry_aborted_responses_total 1.0" in body:
+            if b'aborted_responses_total{reason="client_slow"} 1.0' in body:
                 break
             time.sleep(0.25)
         else:
@@ -453,3 +453,24 @@ def test_bind_address_policy() -> None:
         check_bind_address(host, True)
     with pytest.raises(PeerstarError, match="no host"):
         check_bind_address("", True)
+
+
+def test_client_hanging_up_stops_the_upstream_read(mem_registry: ThreadedRegistry) -> None:
+    img = mem_registry.run(store_blob_image(mem_registry.store, os.urandom(32 << 20)))
+    path = f"/v2/ipfs/{img.root_cid}/blobs/{img.layer_digests[0]}"
+    s = socket.create_connection(("127.0.0.1", mem_registry.port), timeout=10)
+    s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert s.recv(65536).startswith(b"HTTP/1.1 200")
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    s.close()  # RST: the client is gone
+    metrics_host = mem_registry.metrics_url.split("/", 3)[2]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        body = request(metrics_host, "GET", "/metrics").body
+        if b'aborted_responses_total{reason="client_gone"} 1.0' in body:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the response to a vanished client was never stopped")
+    # far less than the blob was read from the store
+    assert mem_registry.store.bytes_read < 16 << 20
