@@ -85,7 +85,11 @@ def parse_docker_ref(text: str) -> DockerImageRef:
     if slash and ("." in first or ":" in first or first == "localhost"):
         host, repository = first, remainder
     else:
-        host, repository = DOCKER_HUB, name if slash else f"library/{name}"
+        host, repository = DOCKER_HUB, name
+    if host in ("docker.io", "index.docker.io"):
+        host = DOCKER_HUB  # Docker Hub's API host
+    if host == DOCKER_HUB and "/" not in repository:
+        repository = f"library/{repository}"  # official images
     if not _REPO_RE.match(repository):
         raise ImageReferenceError(
             f"image {text!r}: {repository!r} is not a valid repository name (lower-case "
