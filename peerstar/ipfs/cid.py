@@ -7,6 +7,7 @@ codecs and hash function kubo's `add --cid-version=1` uses.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 from multiformats import CID, multihash
@@ -34,6 +35,7 @@ def parse_cid(text: str) -> CID:
     return cid
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def normalize_cid(text: str | CID) -> str:
     """Return the CIDv1 base32 form of `text` (bafy.../bafk...), whatever base it came in."""
     cid = text if isinstance(text, CID) else parse_cid(text)
