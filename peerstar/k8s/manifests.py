@@ -47,6 +47,7 @@ NODE_NAME = "peerstar-node"
 
 REGISTRY_PORT = 5050
 METRICS_PORT = 9150  # the registry's Prometheus /metrics
+SNAPSHOTTER_METRICS_PORT = 9151
 IPFS_PATH = "/data/ipfs"
 SECRET_FILE_MODE = 0o400
 
@@ -286,7 +287,10 @@ def node_daemonset(opts: Options) -> Obj:
         "image": opts.peerstar_image,
         "imagePullPolicy": "IfNotPresent",
         "args": ["peerstar", "snapshotter", "serve", "--address", SNAPSHOTTER_SOCKET,
-                    "--root", HOST_SNAPSHOTTER_ROOT],
+                 "--root", HOST_SNAPSHOTTER_ROOT,
+                 "--metrics-address", f"0.0.0.0:{SNAPSHOTTER_METRICS_PORT}"],
+        "ports": [{"name": "snap-metrics", "containerPort": SNAPSHOTTER_METRICS_PORT,
+                   "protocol": "TCP"}],
         # FUSE mounts made here must be visible to containerd on the node: privileged is
         # required both for /dev/fuse + mount(2) and for Bidirectional propagation.
         "securityContext": {"privileged": True},
@@ -298,7 +302,9 @@ def node_daemonset(opts: Options) -> Obj:
         ],
         "startupProbe": _exec_probe(socket_probe, period=2, failures=60),
         "readinessProbe": _exec_probe(socket_probe, period=10),
-        "livenessProbe": _exec_probe(socket_probe, period=20),
+        # Lenient: a restart of this container ends its layer mount daemons (they are in
+        # its cgroup), and with them the lazy files of running containers on the node.
+        "livenessProbe": _exec_probe(socket_probe, period=20, failures=6),
         # No memory limit: an OOM kill would cut the FUSE mounts under running containers.
         "resources": _resources("100m", "256Mi"),
     }
@@ -335,8 +341,9 @@ def node_daemonset(opts: Options) -> Obj:
         "metadata": _meta(NODE_NAME, opts.namespace, "node"),
         "spec": {
             "selector": {"matchLabels": _labels("node")},
-            "updateStrategy": {"type": "RollingUpdate",
-                               "rollingUpdate": {"maxUnavailable": 1}},
+            # OnDelete: replacing a node's pod ends its snapshotter's FUSE mounts under the
+            # running containers there, so an upgrade is done node by node after a drain.
+            "updateStrategy": {"type": "OnDelete"},
             "template": {
                 "metadata": {
                     "labels": _labels("node"),

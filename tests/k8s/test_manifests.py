@@ -309,6 +309,12 @@ def test_snapshotter_container() -> None:
     assert vols["snapshotter-root"]["hostPath"]["path"] == root["mountPath"]
     cmd = snap["args"]
     assert cmd[:3] == ["peerstar", "snapshotter", "serve"]
+    assert cmd[cmd.index("--metrics-address") + 1] == "0.0.0.0:9151"
+    assert snap["ports"] == [{"name": "snap-metrics", "containerPort": 9151, "protocol": "TCP"}]
+    # Replacing the pod would end the FUSE mounts of running containers: never automatic.
+    ds = render_manifests()[-1]
+    assert ds["spec"]["updateStrategy"] == {"type": "OnDelete"}
+    assert snap["livenessProbe"]["failureThreshold"] * snap["livenessProbe"]["periodSeconds"] >= 120
     assert cmd[cmd.index("--root") + 1] == root["mountPath"]
     sock = cmd[cmd.index("--address") + 1]
     run_dir = vols["run-peerstar"]["hostPath"]["path"]
