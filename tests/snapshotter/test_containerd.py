@@ -7,8 +7,8 @@ through calls that reach us, or through our socket)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import re
-import time
 from pathlib import Path
 
 import grpc
@@ -53,6 +53,9 @@ def name_of(backend_key: str) -> str:
 def imported(stack: Stack, sample_image: SampleImage) -> str:
     refs = stack.containerd.ctr.import_oci_layout(sample_image.path, "docker.io/peerstar/snap")
     assert refs == ["docker.io/peerstar/snap:latest"]
+    # Unpack into our snapshots (ctr 1.6 has no `images unpack`; a run unpacks first).
+    stack.containerd.ctr.run("run", "--snapshotter", "peerstar", "--rm", refs[0], "unpack-0",
+                             "/bin/busybox", "true")
     return refs[0]
 
 
@@ -80,7 +83,6 @@ def test_ctr_snapshots_prepare_mounts_usage_rm(stack: Stack, sample_image: Sampl
                                                imported: str) -> None:
     ctr = stack.containerd.ctr
     top = chain_ids(sample_image.diff_ids)[-1]
-    ctr.run("images", "unpack", "--snapshotter", "peerstar", imported, check=False)
     ctr.run(*SN, "prepare", "work-1", top)
     mount = ctr.text(*SN, "mounts", "/mnt/x", "work-1").strip()
     m = re.fullmatch(r"mount -t overlay overlay /mnt/x -o (.*)", mount)
@@ -100,17 +102,19 @@ def test_ctr_snapshots_prepare_mounts_usage_rm(stack: Stack, sample_image: Sampl
     ctr.run(*SN, "label", "done-1", "containerd.io/snapshot/team=peerstar", "plain=1")
     labels = dict(our_snapshots(stack)["done-1"].labels)
     assert labels.get("containerd.io/snapshot/team") == "peerstar" and "plain" not in labels
-    ctr.run(*SN, "view", "view-1", "done-1")
-    view = ctr.text(*SN, "mounts", "/mnt/y", "view-1").strip()
-    assert view.startswith("mount -t overlay overlay /mnt/y -o ")
-    assert "upperdir" not in view and view.count(":") == 2  # three lowerdirs
+    ctr.run(*SN, "prepare", "child-1", "done-1")
     rm = ctr.run(*SN, "rm", "done-1", check=False)
-    assert rm.returncode != 0  # it has a child (the view)
-    ctr.run(*SN, "rm", "view-1")
+    assert rm.returncode != 0 and b"with child" in rm.stderr
+    ctr.run(*SN, "rm", "child-1")
     ctr.run(*SN, "rm", "done-1")
-    # containerd removes backend snapshots in its garbage collector, shortly after.
-    deadline = time.monotonic() + 20
-    while "done-1" in our_snapshots(stack) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert "done-1" not in our_snapshots(stack) and "view-1" not in our_snapshots(stack)
-    assert not Path(opts["upperdir"]).exists()
+    # `ctr snapshots view` sets no gc.root label, so containerd's GC may remove the view
+    # at any moment (and containerd 1.6's GC then leaves its parent believing it still
+    # has a child): view the image's top layer, which nothing removes, and take the
+    # mounts from the View call itself. Go's mount.Mount has no json tags.
+    view = json.loads(ctr.text(*SN, "view", "--mounts", "view-1", top))
+    assert [m["Type"] for m in view] == ["overlay"]
+    lower = [o for o in view[0]["Options"] if o.startswith("lowerdir=")]
+    assert lower == ["lowerdir=" + opts["lowerdir"]]  # the image's two layers, top first
+    assert not any(o.startswith(("upperdir=", "workdir=")) for o in view[0]["Options"])
+    # Removal in the backend happens later, in containerd's garbage collector (the gRPC
+    # Remove itself is checked in test_grpc.py).
