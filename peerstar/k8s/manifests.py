@@ -184,8 +184,12 @@ def _secret_volume(name: str, item: str) -> Obj:
 
 # -- the objects -----------------------------------------------------------------------------
 def namespace(opts: Options) -> Obj:
+    labels = _labels("namespace")
+    # The snapshotter must be privileged (FUSE, Bidirectional propagation): clusters that
+    # enforce Pod Security Standards by default would reject it in a baseline namespace.
+    labels["pod-security.kubernetes.io/enforce"] = "privileged"
     return {"apiVersion": "v1", "kind": "Namespace",
-            "metadata": {"name": opts.namespace, "labels": _labels("namespace")}}
+            "metadata": {"name": opts.namespace, "labels": labels}}
 
 
 def bootstrap_secret(namespace_: str = DEFAULT_NAMESPACE, *, swarm_key: str | None = None,

@@ -101,6 +101,7 @@ def test_cli_output_parses_and_validates() -> None:
         if d["kind"] not in ("Namespace", "RuntimeClass"):  # the cluster-scoped ones
             assert d["metadata"]["namespace"] == "ps"
     assert docs[0]["metadata"]["name"] == "ps"
+    assert docs[0]["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "privileged"
     images = {c["image"] for _, pod in pod_specs(docs) for c in containers(pod)}
     assert images == {"kubo:x", "peerstar:y"}
     assert "--storage-max" in r.stdout and "7GB" in r.stdout
