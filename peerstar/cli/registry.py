@@ -144,10 +144,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     options = ServerOptions(policy=ReadPolicy(timeout=timeout, retries=retries),
                             cache_bytes=cache)
-    return asyncio.run(_serve(
+    return _run_loop(_serve(
         ipfs_address, Path(root) if root else None, options, host, port,
         allow_remote=listen_flag, metrics=metrics, metrics_remote=metrics_flag,
         timeout=timeout))
+
+
+def _run_loop(main):  # type: ignore[no-untyped-def]
+    """Run on uvloop when it is installed: it halves the per-request event-loop cost,
+    which is most of the registry's latency over a direct `cat`."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 async def _serve(ipfs_address: str | None, root: Path | None, options, host: str,
