@@ -112,6 +112,7 @@ class Snapshotter:
         # Directory creation/removal and mounting are not part of the SQL transaction;
         # one lock keeps a Remove from racing a Prepare on the same parent.
         self._lock = threading.RLock()
+        self._remount_lock = threading.Lock()
 
     def close(self) -> None:
         self.meta.close()
@@ -134,6 +135,7 @@ class Snapshotter:
 
     def _mounts(self, snap: Snapshot) -> list[Mount]:
         parents = self.meta.chain(snap)
+        self._heal_chain(parents)
         if not parents:
             flag = "rw" if snap.kind == Kind.ACTIVE else "ro"
             return [Mount("bind", str(self.fs_path(snap)), (flag, "rbind"))]
@@ -301,29 +303,39 @@ class Snapshotter:
 
     # -- restart ---------------------------------------------------------------------
 
+    def _ensure_mounted(self, snap: Snapshot) -> str:
+        """Mount remote snapshot `snap` again if its mount is gone; "alive" | "remounted"
+        | "failed: why". One at a time per snapshotter (the lock), so two calls never
+        race to mount the same directory."""
+        assert snap.remote is not None
+        fs = self.fs_path(snap)
+        with self._remount_lock:
+            if self.mounter.is_mounted(fs):
+                return "alive"
+            self.mounter.unmount(fs)  # a dead FUSE mount (ENOTCONN) must go first
+            try:
+                self.mounter.mount(RemoteLayer.from_json(snap.remote), fs)
+            except (MountError, OSError) as exc:
+                log.error("remote snapshot %s (layer %s): cannot mount again: %s; its "
+                          "containers will get I/O errors", snap.key,
+                          snap.remote.get("digest"), exc)
+                return f"failed: {exc}"
+        log.warning("remote snapshot %s (layer %s): its mount was gone; mounted again",
+                    snap.key, snap.remote.get("digest"))
+        return "remounted"
+
+    def _heal_chain(self, parents: list[Snapshot]) -> None:
+        # A mount daemon that died (crash, OOM kill) leaves a dead FUSE mount; containers
+        # already running on it cannot be saved, but new ones get a fresh mount.
+        for p in parents:
+            if p.remote:
+                self._ensure_mounted(p)
+
     def restore_remote_mounts(self) -> dict[str, str]:
         """Mount every remote snapshot whose mount is gone (snapshotter/node restart).
 
         Live mounts (their daemons survived us) are kept: running containers keep using
         them. Returns key -> "alive" | "remounted" | "failed: why".
         """
-        result: dict[str, str] = {}
-        for snap in self.meta.all():
-            if not snap.remote:
-                continue
-            fs = self.fs_path(snap)
-            if self.mounter.is_mounted(fs):
-                result[snap.key] = "alive"
-                continue
-            self.mounter.unmount(fs)  # a dead FUSE mount (ENOTCONN) must go first
-            try:
-                self.mounter.mount(RemoteLayer.from_json(snap.remote), fs)
-                result[snap.key] = "remounted"
-                log.info("remote snapshot %s (layer %s) mounted again", snap.key,
-                         snap.remote.get("digest"))
-            except (MountError, OSError) as exc:
-                result[snap.key] = f"failed: {exc}"
-                log.error("remote snapshot %s (layer %s): cannot mount again: %s; its "
-                          "containers will get I/O errors", snap.key,
-                          snap.remote.get("digest"), exc)
-        return result
+        return {snap.key: self._ensure_mounted(snap) for snap in self.meta.all()
+                if snap.remote}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import signal
 import subprocess
 import time
@@ -406,3 +407,29 @@ def test_registry_outage_after_prefetch() -> None:
             assert back.stdout.split()[0].decode() == hashlib.sha256(expected).hexdigest()
     finally:
         reg.stop()
+
+
+def test_crashed_mount_daemon_is_replaced_for_new_containers(
+        lazy_stack: Stack, estargz_image: tuple[str, list[PushedLayer]]) -> None:
+    ref, layers = estargz_image
+    ctr = lazy_stack.containerd.ctr
+    snap = lazy_stack.snapshotter
+    ctr.remote("image", "rpull", "--plain-http", "--snapshotter", "peerstar", ref)
+    states = [json.loads(p.read_text())
+              for p in (snap.root / "cache" / "mounts").glob("*.json")
+              if not p.name.endswith(".stats.json")]
+    victim = next(s for s in states if s["digest"] == layers[1].digest)
+    os.kill(victim["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while True:  # the FUSE mount is dead once its server is gone
+        try:
+            os.stat(victim["mountpoint"])
+        except OSError:
+            break
+        assert time.monotonic() < deadline, "mount still answers after its daemon died"
+        time.sleep(0.05)
+    out = ctr.text("run", "--snapshotter", "peerstar", "--rm", ref, "after-crash", "cat",
+                   SAMPLE_TEXT_PATH)
+    assert out == SAMPLE_TEXT.decode()
+    assert "its mount was gone; mounted again" in snap.log()
+    assert Path(victim["mountpoint"], SAMPLE_TEXT_PATH.lstrip("/")).read_bytes() == SAMPLE_TEXT
