@@ -120,7 +120,9 @@ def _kubo_init_container(image: str) -> Obj:
         "env": [{"name": "IPFS_PATH", "value": IPFS_PATH}],
         "volumeMounts": [{"name": "ipfs-repo", "mountPath": IPFS_PATH}],
         "resources": _resources("50m", "64Mi"),
-        "securityContext": dict(_NO_CAPS),
+        # Every container writing the repo runs as uid 0 (without capabilities, it can
+        # only use files it owns): one owner whatever user the images default to.
+        "securityContext": {**_NO_CAPS, "runAsUser": 0},
     }
 
 
@@ -135,7 +137,7 @@ def _kubo_config_container(opts: Options, args: list[str], extra: Obj) -> Obj:
                     "--storage-max", opts.storage_max, *args],
         "volumeMounts": [{"name": "ipfs-repo", "mountPath": IPFS_PATH}],
         "resources": _resources("50m", "64Mi"),
-        "securityContext": dict(_NO_CAPS),
+        "securityContext": {**_NO_CAPS, "runAsUser": 0},
     }
     for key, value in extra.items():
         if key == "volumeMounts":

@@ -195,6 +195,19 @@ def test_kubo_has_pnet_forced_and_the_key_in_its_repo() -> None:
         assert k["securityContext"]["capabilities"]["drop"] == ["ALL"]
 
 
+def test_repo_has_one_owner() -> None:
+    """Every container mounting the kubo repo runs as uid 0 without capabilities, so none
+    writes files another cannot read back (no CAP_DAC_OVERRIDE to paper over it)."""
+    seen = 0
+    for _, pod in pod_specs(all_objects()):
+        for c in containers(pod):
+            if any(m["name"] == "ipfs-repo" for m in c.get("volumeMounts", [])):
+                assert c["securityContext"]["runAsUser"] == 0, c["name"]
+                assert c["securityContext"]["capabilities"]["drop"] == ["ALL"], c["name"]
+                seen += 1
+    assert seen == 6  # ipfs-init, ipfs-config, kubo in each of the two pods
+
+
 def test_rpc_port_never_exposed() -> None:
     objs = all_objects()
     for _, pod in pod_specs(objs):
