@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,7 +113,8 @@ class Snapshotter:
         # Directory creation/removal and mounting are not part of the SQL transaction;
         # one lock keeps a Remove from racing a Prepare on the same parent.
         self._lock = threading.RLock()
-        self._remount_lock = threading.Lock()
+        self._remount_guard = threading.Lock()
+        self._remount_locks: dict[int, threading.Lock] = {}
 
     def close(self) -> None:
         self.meta.close()
@@ -305,11 +307,13 @@ class Snapshotter:
 
     def _ensure_mounted(self, snap: Snapshot) -> str:
         """Mount remote snapshot `snap` again if its mount is gone; "alive" | "remounted"
-        | "failed: why". One at a time per snapshotter (the lock), so two calls never
-        race to mount the same directory."""
+        | "failed: why". A lock per snapshot: two calls never race to mount the same
+        directory, different layers mount in parallel."""
         assert snap.remote is not None
         fs = self.fs_path(snap)
-        with self._remount_lock:
+        with self._remount_guard:
+            lock = self._remount_locks.setdefault(snap.id, threading.Lock())
+        with lock:
             if self.mounter.is_mounted(fs):
                 return "alive"
             self.mounter.unmount(fs)  # a dead FUSE mount (ENOTCONN) must go first
@@ -337,5 +341,12 @@ class Snapshotter:
         Live mounts (their daemons survived us) are kept: running containers keep using
         them. Returns key -> "alive" | "remounted" | "failed: why".
         """
-        return {snap.key: self._ensure_mounted(snap) for snap in self.meta.all()
-                if snap.remote}
+        remote = [snap for snap in self.meta.all() if snap.remote]
+        if not remote:
+            return {}
+        # In parallel: with the registry unreachable each mount waits for its timeout,
+        # and containerd cannot reach us until this is done.
+        with ThreadPoolExecutor(max_workers=min(8, len(remote)),
+                                thread_name_prefix="restore") as pool:
+            results = list(pool.map(self._ensure_mounted, remote))
+        return {snap.key: r for snap, r in zip(remote, results, strict=True)}

@@ -6,9 +6,9 @@ Owns: reading the labels containerd passes with a layer's Prepare (ctr-remote's
 `containerd.io/snapshot/stargz/toc.digest` annotation), resolving the registry from the
 image reference (docker.io normalisation, plain HTTP for localhost/127.0.0.1/::1 and
 configured insecure hosts, HTTPS otherwise -- containerd's rule), and `LayerMounter`,
-which runs one `peerstar.lazyfs.mountd` process per layer in its own session, so a
-snapshotter restart does not take running containers' layers down, and waits for its
-readiness line.
+the snapshotter's view of `peerstar.lazyfs`'s mount API (`mount_layer`, `find_mount`):
+one mount daemon process per layer, in its own session, so a snapshotter restart does
+not take running containers' layers down.
 
 Every reason not to go remote is a `NotRemote` with a sentence a log line can carry.
 """
