@@ -212,6 +212,7 @@ class Snapshotter:
             self.mounter.unmount(fs)
             self.remove(snap.key)
             return True
+        shutil.rmtree(self.work_path(snap), ignore_errors=True)  # no upperdir to serve
         REMOTE_PREPARES.labels("remote").inc()
         log.info("prepare %s: layer %s mounted lazily from %s as %s (%s)", snap.key,
                  layer.digest, layer.url, target, report)

@@ -186,9 +186,11 @@ class LayerMounter:
         return m
 
     def is_mounted(self, mountpoint: Path) -> bool:
-        """A live lazy mount is at `mountpoint`: its daemon runs and the FUSE mount
-        answers (a dead FUSE server fails the stat with ENOTCONN)."""
-        if self._find(mountpoint) is None:
+        """A live FUSE mount is at `mountpoint`. Judged from the mount table and a stat
+        (a mount whose daemon died fails it with ENOTCONN), not from the daemon's state
+        file, which says less: it can be missing while the mount serves fine."""
+        mountpoint = Path(mountpoint).resolve()
+        if not (_mount_fstype(mountpoint) or "").startswith("fuse"):
             return False
         try:
             os.stat(mountpoint)

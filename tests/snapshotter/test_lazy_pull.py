@@ -283,9 +283,17 @@ def test_remote_layer_remounted_after_its_daemon_died(
     snap = lazy_stack.snapshotter
     ctr.remote("image", "rpull", "--plain-http", "--snapshotter", "peerstar", ref)
     snap.stop()
+    daemons = [json.loads(p.read_text())["pid"]
+               for p in (snap.root / "cache" / "mounts").glob("*.json")
+               if not p.name.endswith(".stats.json")]
+    assert len(daemons) >= 2
     for point in mounts_under(snap.root):  # the daemons exit on umount
         assert subprocess.run(["umount", "-l", point]).returncode == 0
     assert mounts_under(snap.root) == []
+    deadline = time.monotonic() + 20  # like a reboot: the old daemons are gone for good
+    while any(Path(f"/proc/{pid}").exists() for pid in daemons):
+        assert time.monotonic() < deadline, "mount daemons did not exit after umount"
+        time.sleep(0.05)
     snap.start()
     assert len(mounts_under(snap.root)) == 2
     assert snap.log().count("'remounted'") >= 2
