@@ -9,6 +9,7 @@ layers left under its root: their mount daemons run in their own sessions on pur
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -97,10 +98,30 @@ class SnapshotterProc:
                 self.process.wait()
         self.process = None
 
-    def unmount_all(self) -> None:
+    def daemon_pids(self) -> list[int]:
+        """Pids of the lazy mount daemons serving under this root (from their state)."""
+        pids = []
+        for p in (self.root / "cache" / "mounts").glob("*.json"):
+            if p.name.endswith(".stats.json"):
+                continue
+            try:
+                pids.append(int(json.loads(p.read_text())["pid"]))
+            except (OSError, ValueError, KeyError):
+                continue
+        return pids
+
+    def unmount_all(self, timeout: float = 15.0) -> None:
+        """Unmount every lazy layer, then wait for the daemons to exit (they write their
+        last statistics on the way out, which must not land in a removed directory)."""
+        pids = self.daemon_pids()
         for point in mounts_under(self.root):
             if subprocess.run(["umount", point], capture_output=True).returncode != 0:
                 subprocess.run(["umount", "-l", point], capture_output=True)
+        deadline = time.monotonic() + timeout
+        while any(Path(f"/proc/{pid}").exists() for pid in pids):
+            if time.monotonic() > deadline:
+                break  # leave the directory then; never kill what may not be ours
+            time.sleep(0.05)
 
 
 def start_snapshotter(config_text: str = "") -> SnapshotterProc:
