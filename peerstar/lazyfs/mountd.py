@@ -169,8 +169,11 @@ def main(argv: list[str] | None = None) -> int:
         pyfuse3.close(unmount=terminated)
         regions.flush()  # what was fetched stays useful for the next mount
         chunks.flush()
-        write_stats()
-        paths.state.unlink(missing_ok=True)
+        # After `umount -l` a new daemon may already serve this mountpoint: its state
+        # files are not ours to overwrite or remove.
+        if _state_is_mine(paths.state):
+            write_stats()
+            paths.state.unlink(missing_ok=True)
         fetcher.close()
     log.info("layer %s at %s: unmounted", args.digest, mountpoint)
     return 0
@@ -178,3 +181,10 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _state_is_mine(path: Path) -> bool:
+    try:
+        return int(json.loads(path.read_text()).get("pid", -1)) == os.getpid()
+    except (OSError, ValueError, AttributeError):
+        return False

@@ -172,3 +172,30 @@ def test_find_mount_reattaches(pushed_rich: str, rich_layer: Layer, mnt: Path,
         if m.alive:
             m.unmount()
     assert find_mount(mnt, cache_dir) is None
+
+
+def test_old_daemon_leaves_a_new_mounts_state_alone(pushed_rich: str, rich_layer: Layer,
+                                                    mnt: Path, cache_dir: Path) -> None:
+    """After `umount -l` a busy daemon lives on; a new daemon mounts the same path. When
+    the old one finally exits it must not delete the new one's state file."""
+    old = _mount(pushed_rich, rich_layer, mnt, cache_dir)
+    new = None
+    try:
+        some_file = next(Path(d) / f for d, _, fs in os.walk(mnt) for f in fs
+                         if (Path(d) / f).is_file() and not (Path(d) / f).is_symlink())
+        busy = open(some_file, "rb")  # noqa: SIM115 - keeps the old FUSE session alive
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+        assert old.alive and not is_mounted(mnt)
+        new = _mount(pushed_rich, rich_layer, mnt, cache_dir)
+        busy.close()
+        deadline = time.monotonic() + 10
+        while old.alive and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not old.alive
+        again = find_mount(mnt, cache_dir)
+        assert again is not None and again.pid == new.pid
+    finally:
+        if new is not None and new.alive:
+            new.unmount()
+        if old.alive:
+            old.unmount(lazy=True)
