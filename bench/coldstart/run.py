@@ -526,6 +526,16 @@ def build_stargzd(cache: Path) -> Path | None:
     return binary
 
 
+def _remove_tree(path: Path, timeout: float = 10.0) -> None:
+    """rmtree, retried while exiting layer daemons still write their last stats files."""
+    deadline = time.monotonic() + timeout
+    while True:
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists() or time.monotonic() > deadline:
+            return
+        time.sleep(0.2)
+
+
 @dataclass
 class GoSnapshotter:
     binary: Path
@@ -568,7 +578,7 @@ class GoSnapshotter:
             if subprocess.run(["umount", point], capture_output=True).returncode != 0:
                 subprocess.run(["umount", "-l", point], capture_output=True)
         if not mounts_under(self.base):
-            shutil.rmtree(self.base, ignore_errors=True)
+            _remove_tree(self.base)
 
 
 # --- trials ----------------------------------------------------------------------------
@@ -648,7 +658,7 @@ def one_trial(mode: str, ref: str, proxy: CountingProxy, stargzd: Path | None,
             if "trial" in locals():
                 trial.notes = peerstar_profile(snap)
             if not mounts_under(snap.base):
-                shutil.rmtree(snap.base, ignore_errors=True)
+                _remove_tree(snap.base)
         elif snap is not None:
             snap.stop()
 
