@@ -8,8 +8,9 @@ Subdirectory conftest.py files (tests/estargz/, tests/ipfs/, ...) add their own 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -21,16 +22,19 @@ if _REPO not in sys.path:
 
 from peerstar.sample import SampleImage, build_sample_image  # noqa: E402
 from tests.support.containerd import Containerd, HarnessError, start_containerd  # noqa: E402
+from tests.support.jsipfs import JsIpfs, start_jsipfs  # noqa: E402
 from tests.support.registry import DockerRegistry, start_registry  # noqa: E402
 
+T = TypeVar("T")
 
-@pytest.fixture(scope="session")
-def containerd() -> Iterator[Containerd]:
-    """A private containerd (CRI off) for the session; `.ctr` runs ctr/ctr-remote on it."""
+
+def _session_daemon(start: Callable[[], T], what: str) -> Iterator[T]:
+    """Start a real part for the session; a start-up failure fails the test with a
+    one-line reason (say, "run scripts/install.sh"), never skips it."""
     try:
-        daemon = start_containerd()
+        daemon = start()
     except HarnessError as exc:
-        failure = f"cannot start containerd: {exc}"
+        failure = f"cannot start {what}: {exc}"
     else:
         failure = ""
     if failure:  # outside the except block: no chained traceback in the report
@@ -38,24 +42,39 @@ def containerd() -> Iterator[Containerd]:
     try:
         yield daemon
     finally:
-        daemon.stop()
+        daemon.stop()  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="session")
+def containerd() -> Iterator[Containerd]:
+    """A private containerd (CRI off) for the session; `.ctr` runs ctr/ctr-remote on it."""
+    yield from _session_daemon(start_containerd, "containerd")
 
 
 @pytest.fixture(scope="session")
 def docker_registry() -> Iterator[DockerRegistry]:
     """A private docker-registry on 127.0.0.1; `.host` is `127.0.0.1:PORT`."""
-    try:
-        registry = start_registry()
-    except HarnessError as exc:
-        failure = f"cannot start docker-registry: {exc}"
-    else:
-        failure = ""
-    if failure:
-        pytest.fail(failure, pytrace=False)
-    try:
-        yield registry
-    finally:
-        registry.stop()
+    yield from _session_daemon(start_registry, "docker-registry")
+
+
+@pytest.fixture(scope="session")
+def jsipfs() -> Iterator[JsIpfs]:
+    """One js-ipfs 0.66.1 daemon on free 127.0.0.1 ports, shared by the whole session
+    (starting one takes seconds). Tests that stop it (SIGSTOP) resume it; tests that
+    kill a daemon start their own."""
+    yield from _session_daemon(start_jsipfs, "js-ipfs")
+
+
+@pytest.fixture
+def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh HOME with no IPFS settings, so no real ~/.ipfs/api or
+    ~/.local/share/peerstar on the machine is ever read or written."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("IPFS_PATH", raising=False)
+    monkeypatch.delenv("XDG_DATA_HOME", raising=False)
+    return home
 
 
 @pytest.fixture(scope="session")

@@ -274,16 +274,24 @@ class Reader:
             raise IsADirectoryError(f"{path!r} is a {e.type}, not a regular file")
         if offset < 0:
             raise ValueError("offset must not be negative")
-        end = e.size if size < 0 else min(e.size, offset + size)
+        return self.read_entry(e, offset, size)
+
+    def read_entry(self, entry: TOCEntry, offset: int, size: int = -1, *,
+                   read_chunk: Callable[[TOCEntry], bytes] | None = None) -> bytes:
+        """Bytes [offset, offset+size) of the regular file `entry`, from the chunks that
+        cover them; `read_chunk` (default: fetch and verify) lets a caller serve chunks
+        from a cache."""
+        end = entry.size if size < 0 else min(entry.size, offset + size)
         if offset >= end:
             return b""
-        chunks = self._chunks[e.name]
+        get = read_chunk or self.read_chunk
+        chunks = self._chunks[entry.name]
         starts = [c.chunk_offset for c in chunks]
-        i = bisect_right(starts, offset) - 1
+        i = max(0, bisect_right(starts, offset) - 1)
         out = []
         while i < len(chunks) and chunks[i].chunk_offset < end:
             c = chunks[i]
-            data = self.read_chunk(c)
+            data = get(c)
             lo = max(offset, c.chunk_offset) - c.chunk_offset
             hi = min(end, c.chunk_offset + c.chunk_size) - c.chunk_offset
             out.append(data[lo:hi])

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from bisect import bisect_right
 from collections import OrderedDict
 from concurrent.futures import Future
 
@@ -141,22 +140,9 @@ class LazyLayer:
         """`size` bytes of regular file `entry` at `offset` (raises ChunkVerifyError,
         FetchError)."""
         self.last_foreground = time.monotonic()
-        end = min(entry.size, offset + size)
-        if offset >= end:
-            return b""
-        chunks = self.reader.chunks(entry.name)
-        starts = [c.chunk_offset for c in chunks]
-        i = max(0, bisect_right(starts, offset) - 1)
-        out = []
-        while i < len(chunks) and chunks[i].chunk_offset < end:
-            c = chunks[i]
-            data = self.chunk_bytes(c)
-            lo = max(offset, c.chunk_offset) - c.chunk_offset
-            hi = min(end, c.chunk_offset + c.chunk_size) - c.chunk_offset
-            out.append(data[lo:hi])
-            i += 1
+        data = self.reader.read_entry(entry, offset, size, read_chunk=self.chunk_bytes)
         self.last_foreground = time.monotonic()
-        return b"".join(out)
+        return data
 
     # -- prefetch and background fetch ----------------------------------------------
 

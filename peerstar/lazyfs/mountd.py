@@ -179,12 +179,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def _state_is_mine(path: Path) -> bool:
     try:
         return int(json.loads(path.read_text()).get("pid", -1)) == os.getpid()
     except (OSError, ValueError, AttributeError):
         return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

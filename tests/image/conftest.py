@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 
 from peerstar.sample import SampleImage
-from tests.support.containerd import Containerd, HarnessError
-from tests.support.jsipfs import JsIpfs, start_jsipfs
+from tests.support.containerd import Containerd
+from tests.support.jsipfs import JsIpfs
 from tests.support.registry import DockerRegistry
 
 REPO = Path(__file__).resolve().parents[2]
@@ -73,29 +73,13 @@ def leftovers(parent: Path) -> list[str]:
 
 
 @pytest.fixture(autouse=True)
-def _isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.delenv("IPFS_PATH", raising=False)
-    monkeypatch.delenv("XDG_DATA_HOME", raising=False)
+def _isolated_env(isolated_home: Path) -> None:
+    """Every test here runs with a fresh HOME (see tests/conftest.py)."""
 
 
 @pytest.fixture(scope="session")
-def image_jsipfs() -> Iterator[JsIpfs]:
-    """A js-ipfs 0.66.1 daemon on free 127.0.0.1 ports for this directory's tests."""
-    try:
-        daemon = start_jsipfs()
-    except HarnessError as exc:
-        failure = f"cannot start js-ipfs: {exc}"
-    else:
-        failure = ""
-    if failure:
-        pytest.fail(failure, pytrace=False)
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
+def image_jsipfs(jsipfs: JsIpfs) -> JsIpfs:
+    return jsipfs
 
 
 @pytest.fixture(params=["embedded", "jsipfs"])

@@ -8,15 +8,13 @@ XDG_DATA_HOME point at temporary directories for every test.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
 from peerstar.ipfs import ContentStore, EmbeddedStore, open_store
-from tests.support.containerd import HarnessError
-from tests.support.jsipfs import JsIpfs, start_jsipfs
 
 T = TypeVar("T")
 
@@ -26,29 +24,8 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 
 
 @pytest.fixture(autouse=True)
-def _isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.delenv("IPFS_PATH", raising=False)
-    monkeypatch.delenv("XDG_DATA_HOME", raising=False)
-
-
-@pytest.fixture(scope="session")
-def jsipfs() -> Iterator[JsIpfs]:
-    """A js-ipfs 0.66.1 daemon on free 127.0.0.1 ports for the whole session."""
-    try:
-        daemon = start_jsipfs()
-    except HarnessError as exc:
-        failure = f"cannot start js-ipfs: {exc}"
-    else:
-        failure = ""
-    if failure:
-        pytest.fail(failure, pytrace=False)
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
+def _isolated_env(isolated_home: Path) -> None:
+    """Every test here runs with a fresh HOME (see tests/conftest.py)."""
 
 
 @pytest.fixture(params=["rpc", "embedded"])

