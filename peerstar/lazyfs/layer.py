@@ -15,6 +15,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future
+from pathlib import Path
 
 from peerstar.estargz import Reader
 from peerstar.estargz.errors import VerifyError
@@ -46,7 +47,12 @@ class LazyLayer:
         self.verify = verify
         self.digest = fetcher.digest
         self._label = self.digest[:19]
-        self.last_foreground = 0.0  # monotonic time of the last on-demand read
+        # The idle clock starts at mount: a layer just mounted is about to be read.
+        self.last_foreground = time.monotonic()  # of the last on-demand read
+        # Shared by every layer mounted with the same cache: background fetch waits
+        # until no layer of the node was read lately, as the reference does.
+        self.activity_file: Path | None = None
+        self._activity_touched = 0.0
         self.prefetch_done = threading.Event()
         self.prefetch_error: str | None = None
         self._stop = threading.Event()
@@ -139,10 +145,31 @@ class LazyLayer:
     def read_file(self, entry: TOCEntry, offset: int, size: int) -> bytes:
         """`size` bytes of regular file `entry` at `offset` (raises ChunkVerifyError,
         FetchError)."""
-        self.last_foreground = time.monotonic()
+        self._mark_foreground()
         data = self.reader.read_entry(entry, offset, size, read_chunk=self.chunk_bytes)
-        self.last_foreground = time.monotonic()
+        self._mark_foreground()
         return data
+
+    def _mark_foreground(self) -> None:
+        now = time.monotonic()
+        self.last_foreground = now
+        if self.activity_file is not None and now - self._activity_touched > 0.5:
+            self._activity_touched = now
+            try:
+                self.activity_file.touch()
+            except OSError:
+                pass
+
+    def quiet_seconds(self) -> float:
+        """Seconds since the last on-demand read of this layer or any other sharing the
+        activity file."""
+        quiet = time.monotonic() - self.last_foreground
+        if self.activity_file is not None:
+            try:
+                quiet = min(quiet, time.time() - self.activity_file.stat().st_mtime)
+            except OSError:
+                pass
+        return quiet
 
     # -- prefetch and background fetch ----------------------------------------------
 
@@ -201,7 +228,7 @@ class LazyLayer:
         except FetchError:
             return
         while not self._stop.is_set():
-            quiet = time.monotonic() - self.last_foreground
+            quiet = self.quiet_seconds()
             if quiet < idle:  # an on-demand read is recent: let it have the bandwidth
                 self._stop.wait(idle - quiet)
                 continue

@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                               timeout=args.timeout, retries=args.retries, auth=auth)
         layer = LazyLayer.open(fetcher, toc_digest=args.toc_digest or None,
                                chunk_cache=chunks, verify=not args.no_verify)
+        layer.activity_file = Path(args.cache_dir) / "last-on-demand-read"
         fs = LayerFS(layer)
         options = set(pyfuse3.default_options)  # default_permissions: kernel checks modes
         options |= {"ro", "allow_other", "fsname=peerstar-lazyfs", "subtype=peerstar"}

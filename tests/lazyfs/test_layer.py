@@ -111,3 +111,26 @@ def test_async_cache_serves_pending_then_flushes(tmp_path: Path) -> None:
 def test_aread_at(served: BlobServer, rich_layer: Layer) -> None:
     f = BlobFetcher(served.url(rich_layer.digest))
     assert asyncio.run(f.aread_at(100, 50)) == rich_layer.blob[100:150]
+
+
+def test_background_fetch_waits_for_idle_from_mount_time_and_across_layers(
+        served: BlobServer, rich_layer: Layer, tmp_path: Path) -> None:
+    """Background fetch must not start the moment a layer is mounted (the container is
+    about to read it), and a read of another layer of the node defers it too."""
+    lay = _layer(served, rich_layer, tmp_path)
+    lay.activity_file = tmp_path / "activity"
+    before = served.bytes_served
+    lay.start_background(0.6)
+    try:
+        time.sleep(0.3)
+        assert served.bytes_served == before  # still inside the idle window after mount
+        lay.activity_file.touch()  # another layer sharing the cache was just read
+        lay.last_foreground = time.monotonic() - 10
+        time.sleep(0.3)
+        assert served.bytes_served == before
+        deadline = time.monotonic() + 10
+        while served.bytes_served == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert served.bytes_served > before  # idle now: the rest of the layer is fetched
+    finally:
+        lay.stop()
