@@ -11,6 +11,8 @@ APT_PACKAGES=(
   containerd runc stargz-snapshotter skopeo docker-registry
   golang-go golang-github-containerd-stargz-snapshotter-dev golang-github-containerd-containerd-dev
   fuse3 libfuse3-dev pkg-config busybox-static zstd iproute2 ca-certificates
+  # bench/coldstart: the image's content (a Debian Python tree) and the file recorder
+  strace python3-minimal libpython3.11-stdlib gcc-12
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
