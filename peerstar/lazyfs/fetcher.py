@@ -19,6 +19,7 @@ URLs: `http://HOST/v2/REPO/blobs/DIGEST` for localhost / 127.0.0.1 registries,
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Iterable
@@ -37,6 +38,27 @@ DEFAULT_REGION_SIZE = 50_000
 # Ranges per request: servers (ours included, see peerstar.registry.ranges.MAX_RANGES)
 # refuse absurd Range headers; a read rarely has more gaps than this anyway.
 MAX_RANGES_PER_REQUEST = 32
+
+
+_tls_lock = threading.Lock()
+_tls: ssl.SSLContext | None = None
+
+
+def tls_context() -> ssl.SSLContext:
+    """The TLS context of every fetcher in this process, built once: httpx would load
+    the CA bundle again (~25 ms) for each client. Same trust as httpx's default
+    (`verify=True`, SSL_CERT_FILE/SSL_CERT_DIR honoured)."""
+    global _tls
+    with _tls_lock:
+        if _tls is None:
+            _tls = httpx.create_ssl_context(verify=True, trust_env=True)
+        return _tls
+
+
+def warm_up() -> None:
+    """Build what each mount daemon would otherwise build again (the zygote calls this
+    before forking daemons, so they inherit it)."""
+    tls_context()
 
 
 class FetchError(Exception):
@@ -150,7 +172,7 @@ class BlobFetcher:
         self.stats = FetchStats()
         self._own_client = client is None
         self._client = client or httpx.Client(
-            auth=auth or RegistryAuth(), follow_redirects=True,
+            auth=auth or RegistryAuth(), follow_redirects=True, verify=tls_context(),
             timeout=httpx.Timeout(timeout), headers={"User-Agent": "peerstar-lazyfs"})
         self._lock = threading.Lock()
         # Regions known to be in the cache (fetched or hit by this process, or found by

@@ -35,6 +35,7 @@ from peerstar.lazyfs.auth import RegistryAuth
 from peerstar.lazyfs.fetcher import blob_url, registry_base
 from peerstar.lazyfs.mount import LayerMount, MountError, find_mount, mount_layer
 from peerstar.lazyfs.state import mount_fstype, write_json_atomic
+from peerstar.lazyfs.zygote import Zygote
 
 log = logging.getLogger("peerstar.lazyfs.image")
 
@@ -180,6 +181,29 @@ def mount_image(ref_text: str, target: Path, *, work_root: Path = DEFAULT_WORK_R
     if mount_fstype(target) is not None:
         raise ImageMountError(f"{target} is already a mount point")
     ref = parse_remote_ref(ref_text)
+    # The layer daemons fork from a zygote: its imports (~0.4 s, once) overlap the
+    # manifest resolution, and each layer then costs a fork, not a Python start-up.
+    try:
+        zygote: Zygote | None = Zygote.start()
+    except OSError as exc:
+        log.warning("no mount daemon zygote (%s): layer daemons start with python -m", exc)
+        zygote = None
+    try:
+        return _mount_image(ref_text, ref, target, work_root=work_root, cache_dir=cache_dir,
+                            prefetch_timeout=prefetch_timeout, verify=verify,
+                            plain_http=plain_http, background=background,
+                            cache_bytes=cache_bytes, username=username, password=password,
+                            zygote=zygote)
+    finally:
+        if zygote is not None:
+            zygote.close()  # the layer daemons are not its children: they stay
+
+
+def _mount_image(ref_text: str, ref: RemoteRef, target: Path, *, work_root: Path,
+                 cache_dir: Path, prefetch_timeout: float, verify: bool,
+                 plain_http: bool | None, background: bool, cache_bytes: int | None,
+                 username: str | None, password: str | None, zygote: Zygote | None
+                 ) -> dict[str, object]:
     layers = resolve_layers(ref, plain_http=plain_http, username=username, password=password)
     work = work_dir_for(target, work_root)
     if work.exists():
@@ -193,12 +217,12 @@ def mount_image(ref_text: str, target: Path, *, work_root: Path = DEFAULT_WORK_R
             return mount_layer(layer.url, layer.digest, layer.toc_digest, mp, cache_dir,
                                prefetch_timeout=prefetch_timeout, verify=verify,
                                size=layer.size or None, background=background,
-                               username=username, password=password,
+                               username=username, password=password, zygote=zygote,
                                **({} if cache_bytes is None else {
                                    "region_cache_bytes": cache_bytes,
                                    "chunk_cache_bytes": cache_bytes}))
 
-        # Layers mount in parallel: each daemon's start-up and prefetch are independent.
+        # Layers mount in parallel: each daemon's TOC fetch and prefetch are independent.
         with ThreadPoolExecutor(max_workers=min(8, len(layers))) as pool:
             futures = [pool.submit(one, i, layer) for i, layer in enumerate(layers)]
             errors: list[Exception] = []

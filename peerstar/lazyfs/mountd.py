@@ -85,7 +85,8 @@ def _report(fd: int, msg: dict[str, object]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        force=True)  # forked from a zygote: its handlers are not ours
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
     t0 = time.monotonic()
     mountpoint = args.mountpoint.resolve()

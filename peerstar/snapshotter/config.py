@@ -25,6 +25,8 @@ File format (every key optional):
     retries = 3
     mount_timeout = 60.0          # seconds to wait for a layer mount as a whole
     insecure_hosts = []           # extra registries spoken to over plain HTTP
+    zygote = true                 # fork layer daemons from a pre-warmed process
+                                  # (false: a fresh `python -m` per layer, ~0.3 s slower)
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class RemoteConfig:
     retries: int = 3
     mount_timeout: float = 60.0
     insecure_hosts: list[str] = field(default_factory=list)
+    zygote: bool = True
 
 
 @dataclass

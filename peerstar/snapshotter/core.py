@@ -117,6 +117,9 @@ class Snapshotter:
         self._remount_locks: dict[int, threading.Lock] = {}
 
     def close(self) -> None:
+        close_mounter = getattr(self.mounter, "close", None)
+        if close_mounter is not None:  # stops the zygote; layer daemons keep serving
+            close_mounter()
         self.meta.close()
 
     # -- paths -----------------------------------------------------------------------

@@ -148,6 +148,11 @@ def start_server(cfg: SnapshotterConfig, core: Snapshotter | None = None,
                  workers: int = 32) -> tuple[grpc.Server, Snapshotter]:
     """Bind and start the gRPC server (remote layers re-mounted first); returns it."""
     core = core or Snapshotter(cfg.root, cfg.remote)
+    start_zygote = getattr(core.mounter, "start_zygote", None)
+    if start_zygote is not None:
+        # Warm the mount daemons' fork server while we bind; the re-mounts and the first
+        # Prepare fork from it instead of starting a Python per layer.
+        start_zygote()
     restored = core.restore_remote_mounts()
     if restored:
         log.info("remote snapshots at start: %s", restored)

@@ -58,5 +58,6 @@ def test_bad_config_is_one_line_error(tmp_path: Path) -> None:
     assert res.stderr.strip().splitlines() == [
         f"peerstar: error: {cfg}: unknown key 'remote.verfiy' (known: background_fetch, "
         "chunk_cache_bytes, enable, insecure_hosts, mount_timeout, prefetch_size, "
-        "prefetch_timeout, region_cache_bytes, region_size, request_timeout, retries, verify)"]
+        "prefetch_timeout, region_cache_bytes, region_size, request_timeout, retries, verify, "
+        "zygote)"]
     assert not (tmp_path / "s.sock").exists()
