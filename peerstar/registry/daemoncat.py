@@ -21,6 +21,11 @@ from yarl import URL
 
 from peerstar.ipfs.errors import IPFSError
 
+# Relay in pieces of this size: each piece costs a timeout scope, a metrics update and a
+# write+drain on the way out, so 64 KiB network reads relayed one by one made a 1 MiB
+# response cost ~3 ms more than a direct cat.
+_RELAY_PIECE = 256 * 1024
+
 
 class DaemonCat:
     """`cat(cid, offset, length)` against `<api_url>/api/v0/cat` (POST, as kubo wants)."""
@@ -63,7 +68,7 @@ class DaemonCat:
                         pass
                     raise IPFSError(f"IPFS daemon at {self.api_url}: cat {cid} failed: "
                                     f"HTTP {r.status} {message[:300]}")
-                async for chunk in r.content.iter_any():
+                async for chunk in r.content.iter_chunked(_RELAY_PIECE):
                     yield chunk
         except aiohttp.ClientError as exc:
             raise IPFSError(f"IPFS daemon at {self.api_url}: cat {cid}: {exc}") from None
