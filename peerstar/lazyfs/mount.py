@@ -42,6 +42,8 @@ class MountError(PeerstarError):
 
 
 def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False  # os.kill(0 or -1, ...) would mean a whole group
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -109,6 +111,8 @@ class LayerMount:
             self._reap()
             return
         for sig in (signal.SIGTERM, signal.SIGKILL):
+            if self.pid <= 0:
+                break
             try:
                 os.kill(self.pid, sig)
             except ProcessLookupError:
@@ -198,18 +202,23 @@ def mount_layer(
     rfd, wfd = os.pipe()
     proc: subprocess.Popen[bytes] | None = None
     pid = 0
+    lost = ""  # the zygote got the request but gave no pid: the ready pipe will tell
     try:
         with open(paths.log, "ab") as logf:
             if zygote is not None:
-                from peerstar.lazyfs.zygote import ZygoteError
+                from peerstar.lazyfs.zygote import ZygoteError, ZygoteLost
 
                 try:
                     pid = zygote.spawn(args, ready_fd=wfd, log_fd=logf.fileno(),
-                                       env=secrets)
+                                       env=secrets, timeout=min(30.0, open_timeout))
+                except ZygoteLost as exc:
+                    # Maybe a daemon runs: starting another could mount twice here.
+                    lost = str(exc)
+                    log.warning("mount of %s: %s", digest, exc)
                 except ZygoteError as exc:
                     log.warning("mount of %s: zygote unavailable (%s); starting the "
                                 "daemon with python -m", digest, exc)
-            if not pid:
+            if not pid and not lost:
                 proc = _popen_daemon(args, wfd, logf.fileno(), secrets)
                 pid = proc.pid
     finally:
@@ -224,9 +233,12 @@ def mount_layer(
             msg = json.loads(line)
         except ValueError:
             msg = {}
+    if not pid:
+        pid = int(msg.get("pid") or 0)  # type: ignore[call-overload]
     if not msg.get("ok"):
         _stop_failed(pid, proc)
-        reason = msg.get("error") or _tail(paths.log) or "the mount daemon exited without a word"
+        reason = (msg.get("error") or _tail(paths.log) or lost
+                  or "the mount daemon exited without a word")
         raise MountError(f"cannot mount layer {digest} at {mountpoint}: {reason}")
     return LayerMount(mountpoint, digest, pid, paths,
                       mount_seconds=float(msg.get("mount_seconds", 0.0)),  # type: ignore[arg-type]
@@ -260,6 +272,8 @@ def _stop_failed(pid: int, proc: subprocess.Popen[bytes] | None) -> None:
                 proc.kill()
                 proc.wait()
         return
+    if pid <= 0:
+        return  # unknown (os.kill(0, ...) would signal our own process group)
     # Forked by the zygote: not our child, so poll its pid instead of waiting on it.
     for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
         if not _pid_alive(pid):

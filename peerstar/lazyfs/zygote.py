@@ -49,7 +49,14 @@ _FDS_PER_REQUEST = 2  # ready pipe (write end), log file
 
 
 class ZygoteError(Exception):
-    """The zygote is not available (not started, dead, or refused); fall back."""
+    """The zygote is not available (not started, dead): the request was not sent, so
+    starting the daemon another way is safe."""
+
+
+class ZygoteLost(ZygoteError):
+    """The request was sent but no pid came back (the zygote died, hung, or could not
+    fork): a daemon may or may not run. Do not start another one for the same mount;
+    its ready pipe tells (a daemon reports there; EOF means there is none)."""
 
 
 # --- owner side ------------------------------------------------------------------------
@@ -135,18 +142,35 @@ class Zygote:
             self._sock.settimeout(timeout)
             try:
                 self._sock.sendmsg([req], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+            except OSError as exc:
+                self._sock.settimeout(None)
+                raise ZygoteError(f"zygote request failed: {exc}") from None
+            try:
                 data = self._sock.recv(MAX_MSG)
             except OSError as exc:
-                raise ZygoteError(f"zygote request failed: {exc}") from None
+                # A late answer would be read as the next request's: this zygote is
+                # done for (its daemons, if any, are not its children and stay).
+                self._break_locked()
+                raise ZygoteLost(f"no answer from the zygote: {exc}") from None
             finally:
-                self._sock.settimeout(None)
+                if not self._closed:
+                    self._sock.settimeout(None)
+            if not data:
+                self._break_locked()
+                raise ZygoteLost("the zygote exited before answering")
         try:
-            msg = json.loads(data) if data else {}
+            msg = json.loads(data)
         except ValueError:
             msg = {}
         if not msg.get("pid"):
-            raise ZygoteError(f"the zygote could not fork: {msg.get('error') or 'it exited'}")
+            raise ZygoteLost(f"the zygote could not fork: {msg.get('error') or data!r}")
         return int(msg["pid"])
+
+    def _break_locked(self) -> None:
+        self._closed = True
+        self._sock.close()
+        with contextlib.suppress(OSError):
+            self.proc.kill()
 
     def close(self, timeout: float = 5.0) -> None:
         """Close the control socket: the zygote exits (its daemons do not)."""

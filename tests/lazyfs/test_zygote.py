@@ -185,3 +185,28 @@ def test_fallback_without_a_working_zygote(rich_layer: Layer, mnt: Path, cache_d
         assert b"peerstar.lazyfs.mountd" in Path(f"/proc/{m.pid}/cmdline").read_bytes()
     finally:
         m.unmount()
+
+
+def test_zygote_lost_mid_request_does_not_start_a_second_daemon(
+        rich_layer: Layer, mnt: Path, cache_dir: Path, server: BlobServer) -> None:
+    """The request reached the zygote but no pid came back (here: it hangs): a daemon may
+    exist, so no fallback daemon is started; the ready pipe decides (EOF: none)."""
+    z = Zygote.start()
+    z.wait_ready()
+    os.kill(z.proc.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(MountError, match="no answer from the zygote"):
+            mount_layer(server.url(rich_layer.digest), rich_layer.digest,
+                        rich_layer.toc_digest, mnt, cache_dir, background=False, zygote=z,
+                        open_timeout=1.0)
+        assert not is_mounted(mnt)
+        assert not m_log_has_daemon(cache_dir)
+        assert not z.alive  # broken off: a late answer must not be read as another's
+        assert _wait(lambda: z.proc.poll() is not None)
+    finally:
+        z.close()
+
+
+def m_log_has_daemon(cache_dir: Path) -> bool:
+    """Any mount daemon wrote to a log under `cache_dir` (none should have started)."""
+    return any(p.read_text().strip() for p in (cache_dir / "mounts").glob("*.log"))
