@@ -105,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         layer = LazyLayer.open(fetcher, toc_digest=args.toc_digest or None,
                                chunk_cache=chunks, verify=not args.no_verify)
         layer.activity_file = Path(args.cache_dir) / "last-on-demand-read"
+        # Prefetch starts now, not after the mount: its fetch overlaps building the
+        # inode tree and the FUSE init (it only fills the caches; reads verify as ever).
+        threading.Thread(target=layer.prefetch, args=(args.prefetch_size,),
+                         daemon=True, name="prefetch").start()
         fs = LayerFS(layer)
         options = set(pyfuse3.default_options)  # default_permissions: kernel checks modes
         options |= {"ro", "allow_other", "fsname=peerstar-lazyfs", "subtype=peerstar"}
@@ -149,8 +153,6 @@ def main(argv: list[str] | None = None) -> int:
 
             nursery.start_soon(fuse_main)
             nursery.start_soon(on_signal)
-            threading.Thread(target=layer.prefetch, args=(args.prefetch_size,),
-                             daemon=True, name="prefetch").start()
             with trio.move_on_after(args.prefetch_timeout):
                 while not layer.prefetch_done.is_set():
                     await trio.sleep(0.01)
