@@ -1,7 +1,8 @@
 """The mount daemon: one process serving one lazy layer over FUSE until it is unmounted.
 
 Run as `python -m peerstar.lazyfs.mountd --url URL --digest D --toc-digest T
---mountpoint DIR --cache-dir DIR [options]` (see `--help`). It opens the layer (footer,
+--mountpoint DIR --cache-dir DIR [options]` (see `--help`), or forked from the zygote
+(`peerstar.lazyfs.zygote`, which calls `main` with the same arguments). It opens the layer (footer,
 TOC, TOC digest check), mounts it (pyfuse3 keeps one session per process, hence one
 process per layer), prefetches the prioritized files for at most `--prefetch-timeout`
 seconds, then reports readiness as one JSON line on `--ready-fd` and serves until
