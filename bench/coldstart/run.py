@@ -856,10 +856,10 @@ def print_report(results: dict[str, list[Trial]], legacy: list[Layer], lazy: lis
                   " | " + " | ".join(mib(mednote(f"bytes_{k}")) for k in kinds) + " |")
 
     if startup:
-        print(f"\nOne peerstar mount daemon's start-up (`python -m peerstar.lazyfs.mountd "
-              f"--help`, interpreter + imports): {startup:.2f} s; containerd prepares layers "
-              f"one at a time, so {len(lazy)} layers put ~{startup * len(lazy):.2f} s of it "
-              "on the pull's critical path.")
+        print(f"\nA cold Python start of the mount daemon (`python -m peerstar.lazyfs.mountd "
+              f"--help`, interpreter + imports) takes {startup:.2f} s; the snapshotter pays it "
+              "once, in its zygote at start-up, and forks each layer's daemon from there "
+              "(the fallback without a zygote pays it per layer).")
 
 
 if __name__ == "__main__":
