@@ -23,12 +23,12 @@ import os
 import platform
 import posixpath
 import tarfile
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from peerstar.errors import PeerstarError
+from peerstar.localfile import atomic_write
 
 # Fixed timestamp for every tar entry and the config's `created` (2024-01-01T00:00:00Z).
 SAMPLE_MTIME = 1704067200
@@ -431,19 +431,8 @@ def _build(extra_mib: int, busybox: Path, gzip_level: int) -> _Built:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    # Temp file in the same directory, then rename: readers never see a partial file.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_write(path) as f:  # readers never see a partial file
+        f.write(data)
 
 
 def _check_tag(tag: str) -> None:
@@ -560,29 +549,18 @@ def write_oci_archive(layout_dir: Path, archive: Path) -> Path:
                             "index.json)")
     archive = Path(archive)
     archive.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{archive.name}.", suffix=".tmp", dir=archive.parent)
-    try:
-        with os.fdopen(fd, "wb") as f, tarfile.open(fileobj=f, mode="w",
-                                                    format=tarfile.PAX_FORMAT) as tar:
-            for root, dirs, names in os.walk(layout_dir):
-                dirs.sort()
-                rel_root = os.path.relpath(root, layout_dir)
-                if rel_root != ".":
-                    _tar_add_dir(tar, rel_root.replace(os.sep, "/"))
-                for name in sorted(names):
-                    if name.startswith("."):
-                        continue
-                    rel = name if rel_root == "." else f"{rel_root}/{name}"
-                    _tar_add_bytes(tar, rel.replace(os.sep, "/"),
-                                   Path(root, name).read_bytes())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, archive)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_write(archive) as f, tarfile.open(fileobj=f, mode="w",
+                                                  format=tarfile.PAX_FORMAT) as tar:
+        for root, dirs, names in os.walk(layout_dir):
+            dirs.sort()
+            rel_root = os.path.relpath(root, layout_dir)
+            if rel_root != ".":
+                _tar_add_dir(tar, rel_root.replace(os.sep, "/"))
+            for name in sorted(names):
+                if name.startswith("."):
+                    continue
+                rel = name if rel_root == "." else f"{rel_root}/{name}"
+                _tar_add_bytes(tar, rel.replace(os.sep, "/"), Path(root, name).read_bytes())
     return archive
 
 
@@ -623,33 +601,23 @@ def build_sample_docker_archive(
     }])
     repositories = _json_bytes({repository: {tag: layer_ids[-1]}})
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f, tarfile.open(fileobj=f, mode="w",
-                                                    format=tarfile.PAX_FORMAT) as tar:
-            members: list[tuple[str, bytes | None]] = []
-            for i, lid in enumerate(layer_ids):
-                v1 = {"id": lid, "created": SAMPLE_CREATED, "os": "linux"}
-                if i:
-                    v1["parent"] = layer_ids[i - 1]
-                members += [(lid, None), (f"{lid}/VERSION", b"1.0"),
-                            (f"{lid}/json", _json_bytes(v1)),
-                            (f"{lid}/layer.tar", built.layer_tars[i])]
-            members += [(config_name, built.config), ("manifest.json", manifest_json),
-                        ("repositories", repositories)]
-            for name, data in sorted(members, key=lambda m: m[0]):
-                if data is None:
-                    _tar_add_dir(tar, name)
-                else:
-                    _tar_add_bytes(tar, name, data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_write(path) as f, tarfile.open(fileobj=f, mode="w",
+                                               format=tarfile.PAX_FORMAT) as tar:
+        members: list[tuple[str, bytes | None]] = []
+        for i, lid in enumerate(layer_ids):
+            v1 = {"id": lid, "created": SAMPLE_CREATED, "os": "linux"}
+            if i:
+                v1["parent"] = layer_ids[i - 1]
+            members += [(lid, None), (f"{lid}/VERSION", b"1.0"),
+                        (f"{lid}/json", _json_bytes(v1)),
+                        (f"{lid}/layer.tar", built.layer_tars[i])]
+        members += [(config_name, built.config), ("manifest.json", manifest_json),
+                    ("repositories", repositories)]
+        for name, data in sorted(members, key=lambda m: m[0]):
+            if data is None:
+                _tar_add_dir(tar, name)
+            else:
+                _tar_add_bytes(tar, name, data)
     # containers/image (skopeo) describes every docker-archive layer with the gzip media
     # type even though the tars are plain; use the same so `manifest_digest` matches.
     docker_layers = [

@@ -10,24 +10,16 @@ from __future__ import annotations
 import argparse
 import sys
 import threading
-from pathlib import Path
 from typing import Any
 
+from peerstar.cli.ipfs import add_store_args
 from peerstar.errors import PeerstarError
 from peerstar.oci.distribution import parse_credentials
 from peerstar.oci.ipfsimage import Progress, pull, push
 
 
 def _store_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ipfs-address", metavar="ADDR",
-                   help="IPFS RPC API (multiaddr /ip4/H/tcp/P or URL); default: the api file "
-                        "of $IPFS_PATH or ~/.ipfs, else the embedded store")
-    p.add_argument("--root", type=Path, metavar="DIR",
-                   help="data dir of the embedded store (default ~/.local/share/peerstar)")
-    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
-                   help="per-call timeout for the IPFS daemon and the registry (default 30)")
-    p.add_argument("--retries", type=int, default=3, metavar="N",
-                   help="retries of a failed IPFS call, with backoff (default 3)")
+    add_store_args(p)
     p.add_argument("--jobs", type=int, default=4, metavar="N",
                    help="blobs transferred at the same time (default 4)")
 

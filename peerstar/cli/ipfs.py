@@ -16,7 +16,8 @@ from peerstar.errors import PeerstarError
 from peerstar.ipfs import ContentStore, EmbeddedStore, open_store
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def add_store_args(p: argparse.ArgumentParser) -> None:
+    """The flags choosing an IPFS store (daemon or embedded), shared by every command."""
     p.add_argument("--ipfs-address", metavar="A",
                    help="IPFS HTTP API (multiaddr /ip4/H/tcp/P or URL); default: "
                         "$IPFS_PATH/api or ~/.ipfs/api, else the embedded store")
@@ -36,14 +37,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("file", help="file to add ('-' for stdin)")
     a.add_argument("--only-hash", action="store_true", help="compute the CID, store nothing")
     a.add_argument("--no-pin", action="store_true", help="do not pin the content")
-    _common(a)
+    add_store_args(a)
     a.set_defaults(func=cmd_add)
 
     c = s.add_parser("cat", help="write the content of a CID to stdout")
     c.add_argument("cid")
     c.add_argument("--offset", type=int, default=0, metavar="N")
     c.add_argument("--length", type=int, default=None, metavar="N")
-    _common(c)
+    add_store_args(c)
     c.set_defaults(func=cmd_cat)
 
     g = s.add_parser("gc", help="remove unpinned blocks from the embedded store")
