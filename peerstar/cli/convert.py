@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from peerstar.cli.progress import Bars, human
 from peerstar.errors import PeerstarError
 from peerstar.oci.convert import (
     ConvertOptions,
@@ -105,14 +106,6 @@ def _options(args: argparse.Namespace) -> ConvertOptions:
     )
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
 def _short(digest: str | None) -> str:
     return (digest or "")[7:19]
 
@@ -125,7 +118,7 @@ class _PlainProgress:
 
     def layer_started(self, digest: str, size: int) -> None:
         with self._lock:
-            print(f"converting layer {_short(digest)} ({_human(size)})", file=sys.stderr)
+            print(f"converting layer {_short(digest)} ({human(size)})", file=sys.stderr)
 
     def layer_advanced(self, digest: str, nbytes: int) -> None:
         pass
@@ -134,7 +127,7 @@ class _PlainProgress:
         how = "kept (already verified eStargz)" if report.kept else "converted"
         with self._lock:
             print(f"layer {_short(digest)} {how} -> {_short(report.blob_digest)} "
-                  f"({_human(report.blob_size)})", file=sys.stderr)
+                  f"({human(report.blob_size)})", file=sys.stderr)
 
     def close(self) -> None:
         pass
@@ -144,46 +137,23 @@ class _RichProgress:
     """A rich progress display on stderr: one bar per layer (bytes of file data)."""
 
     def __init__(self) -> None:
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-
-        self._progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
-            TimeElapsedColumn(), console=Console(stderr=True), transient=False,
-        )
-        self._tasks: dict[str, Any] = {}
-        self._lock = threading.Lock()
-        self._progress.start()
+        self._bars = Bars()
 
     def layer_started(self, digest: str, size: int) -> None:
-        with self._lock:
-            # The builder reports file bytes of the decompressed tar, so the total is
-            # unknown up front: an indeterminate bar that shows the bytes done.
-            self._tasks[digest] = self._progress.add_task(f"layer {_short(digest)}", total=None)
+        # The builder reports file bytes of the decompressed tar, so the total is
+        # unknown up front: an indeterminate bar that shows the bytes done.
+        self._bars.start(digest, f"layer {_short(digest)}", None)
 
     def layer_advanced(self, digest: str, nbytes: int) -> None:
-        with self._lock:
-            task = self._tasks.get(digest)
-            if task is not None:
-                self._progress.advance(task, nbytes)
+        self._bars.advance(digest, nbytes)
 
     def layer_finished(self, digest: str, report: LayerReport) -> None:
-        with self._lock:
-            task = self._tasks.get(digest)
-            if task is not None:
-                how = "kept" if report.kept else "done"
-                done = self._progress.tasks[task].completed or report.uncompressed_size
-                self._progress.update(task, total=done, completed=done,
-                                      description=f"layer {_short(digest)} {how}")
+        how = "kept" if report.kept else "done"
+        self._bars.finish(digest, label=f"layer {_short(digest)} {how}",
+                          fallback=report.uncompressed_size)
 
     def close(self) -> None:
-        self._progress.stop()
+        self._bars.close()
 
 
 def _make_progress(quiet: bool) -> _PlainProgress | _RichProgress | None:
@@ -248,7 +218,7 @@ def _convert_layer(args: argparse.Namespace, options: ConvertOptions) -> int:
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
-        print(f"{args.dst}: {report.blob_digest} ({_human(report.blob_size)})")
+        print(f"{args.dst}: {report.blob_digest} ({human(report.blob_size)})")
         print(f"  TOC digest   {report.toc_digest}")
         print(f"  DiffID       {report.diff_id}")
         print(f"  uncompressed {report.uncompressed_size} bytes")
@@ -275,7 +245,7 @@ def _convert_image(args: argparse.Namespace, src: Any, dst: Any,
     print(f"  {len(report.manifests)} image manifest(s), {len(report.layers)} layer(s) "
           f"({kept} kept as already eStargz)")
     for la in report.layers:
-        print(f"  {la.source_digest} -> {la.blob_digest} ({_human(la.blob_size)}, "
+        print(f"  {la.source_digest} -> {la.blob_digest} ({human(la.blob_size)}, "
               f"TOC {la.toc_digest})")
         if la.note:
             print(f"    note: {la.note}")

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
-from typing import Any
 
 from peerstar.cli.ipfs import add_store_args
+from peerstar.cli.progress import Bars, human
 from peerstar.errors import PeerstarError
 from peerstar.oci.distribution import parse_credentials
 from peerstar.oci.ipfsimage import Progress, pull, push
@@ -69,57 +68,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=cmd_pull)
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
 class _RichProgress:
     """One rich bar per blob on stderr; events may come from worker threads."""
 
     def __init__(self) -> None:
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TransferSpeedColumn,
-        )
-
-        self._progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
-            TransferSpeedColumn(), TimeElapsedColumn(), console=Console(stderr=True),
-        )
-        self._tasks: dict[str, Any] = {}
-        self._lock = threading.Lock()
-        self._progress.start()
+        self._bars = Bars(speed=True)
 
     def blob_started(self, key: str, label: str, size: int) -> None:
-        with self._lock:
-            # A conversion reports decompressed bytes: its total is unknown up front.
-            total = None if key.startswith("convert ") else size
-            self._tasks[key] = self._progress.add_task(label, total=total)
+        # A conversion reports decompressed bytes: its total is unknown up front.
+        self._bars.start(key, label, None if key.startswith("convert ") else size)
 
     def blob_advanced(self, key: str, nbytes: int) -> None:
-        with self._lock:
-            task = self._tasks.get(key)
-            if task is not None:
-                self._progress.advance(task, nbytes)
+        self._bars.advance(key, nbytes)
 
     def blob_finished(self, key: str) -> None:
-        with self._lock:
-            task = self._tasks.get(key)
-            if task is not None:
-                done = self._progress.tasks[task].completed
-                self._progress.update(task, total=done, completed=done)
+        self._bars.finish(key)
 
     def close(self) -> None:
-        self._progress.stop()
+        self._bars.close()
 
 
 def _progress() -> _RichProgress | None:
@@ -152,7 +118,7 @@ def cmd_push(args: argparse.Namespace) -> int:
             progress.close()
     top = result.descriptor
     print(f"pushed {top['mediaType']} {top['digest']} ({len(result.blobs)} blobs, "
-          f"{_human(result.bytes_added)} of layers and configs)", file=sys.stderr)
+          f"{human(result.bytes_added)} of layers and configs)", file=sys.stderr)
     print(result.cid)  # the last line of stdout, as nerdctl prints it
     return 0
 
@@ -174,7 +140,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
         print(f"note: not in IPFS, left out: platforms {', '.join(result.skipped_platforms)} "
               "(pushed without --all-platforms)", file=sys.stderr)
     print(f"pulled ipfs://{result.cid}: {top['mediaType']} {top['digest']} "
-          f"({_human(result.bytes_fetched)}) -> oci:{result.output}:{result.tag}",
+          f"({human(result.bytes_fetched)}) -> oci:{result.output}:{result.tag}",
           file=sys.stderr)
     print(f"{top['digest']}")
     return 0
