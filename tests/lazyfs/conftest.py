@@ -15,7 +15,6 @@ import io
 import json
 import subprocess
 import tarfile
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,8 @@ from peerstar.sample import (
     pseudo_random_bytes,
     sample_layer_entries,
 )
-from tests.support.registry import DockerRegistry
+from tests.support.registry import DockerRegistry, put_manifest
+from tests.support.registry import upload_blob as push_blob
 
 MTIME = 1700000000
 CHUNK = 256 << 10  # small chunks so a few MiB make many chunks
@@ -126,26 +126,6 @@ def rich_layer() -> Layer:
 # --- registry upload (distribution HTTP API, monolithic uploads) ---------------------
 
 
-def _request(method: str, url: str, data: bytes | None = None,
-             headers: dict[str, str] | None = None) -> tuple[int, dict[str, str]]:
-    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        return resp.status, dict(resp.headers.items())
-
-
-def push_blob(registry_url: str, repo: str, data: bytes) -> str:
-    digest = sha(data)
-    _, headers = _request("POST", f"{registry_url}/v2/{repo}/blobs/uploads/", b"")
-    loc = headers["Location"]
-    if loc.startswith("/"):
-        loc = registry_url + loc
-    sep = "&" if "?" in loc else "?"
-    status, _ = _request("PUT", f"{loc}{sep}digest={digest}", data,
-                         {"Content-Type": "application/octet-stream"})
-    assert status == 201
-    return digest
-
-
 def push_image(registry_url: str, repo: str, tag: str, layers: list[Layer],
                *, estargz: bool = True) -> str:
     """Push layers + config + manifest; returns the manifest digest."""
@@ -167,10 +147,7 @@ def push_image(registry_url: str, repo: str, tag: str, layers: list[Layer],
         "config": {"mediaType": MEDIA_TYPE_OCI_CONFIG, "digest": sha(config),
                    "size": len(config)},
         "layers": descs}).encode()
-    status, _ = _request("PUT", f"{registry_url}/v2/{repo}/manifests/{tag}", manifest,
-                         {"Content-Type": MEDIA_TYPE_OCI_MANIFEST})
-    assert status == 201
-    return sha(manifest)
+    return put_manifest(registry_url, repo, tag, manifest, MEDIA_TYPE_OCI_MANIFEST)
 
 
 @pytest.fixture(scope="session")

@@ -42,7 +42,8 @@ from tests.snapshotter.conftest import (
     start_snapshotter,
     stop_snapshotter,
 )
-from tests.support.registry import DockerRegistry, free_port, start_registry
+from tests.support.registry import DockerRegistry, free_port, put_manifest, start_registry
+from tests.support.registry import upload_blob as push_blob
 
 pytestmark = pytest.mark.slow
 
@@ -60,25 +61,6 @@ class PushedLayer:
     size: int
     diff_id: str
     toc_digest: str  # "" for a plain gzip layer
-
-
-def _http(method: str, url: str, data: bytes | None = None,
-          headers: dict[str, str] | None = None) -> tuple[int, dict[str, str]]:
-    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
-    with urllib.request.urlopen(req, timeout=60) as resp:
-        return resp.status, dict(resp.headers.items())
-
-
-def push_blob(base: str, repo: str, data: bytes) -> str:
-    """A monolithic upload (POST then PUT ?digest=) of the distribution API."""
-    digest = sha(data)
-    _, headers = _http("POST", f"{base}/v2/{repo}/blobs/uploads/", b"")
-    loc = headers["Location"]
-    loc = base + loc if loc.startswith("/") else loc
-    status, _ = _http("PUT", f"{loc}{'&' if '?' in loc else '?'}digest={digest}", data,
-                      {"Content-Type": "application/octet-stream"})
-    assert status == 201
-    return digest
 
 
 def tamper(blob: bytes, path: str) -> bytes:
@@ -134,9 +116,7 @@ def push_image(base: str, repo: str, tag: str, *, estargz: bool,
         "config": {"mediaType": MEDIA_TYPE_OCI_CONFIG, "digest": sha(config),
                    "size": len(config)},
         "layers": descs}).encode()
-    status, _ = _http("PUT", f"{base}/v2/{repo}/manifests/{tag}", manifest,
-                      {"Content-Type": MEDIA_TYPE_OCI_MANIFEST})
-    assert status == 201
+    put_manifest(base, repo, tag, manifest, MEDIA_TYPE_OCI_MANIFEST)
     return layers
 
 

@@ -7,6 +7,7 @@ answers 200, small HTTP helpers for assertions, and stopping it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import socket
@@ -149,6 +150,34 @@ class DockerRegistry:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _http(method: str, url: str, data: bytes | None = None,
+          headers: dict[str, str] | None = None) -> tuple[int, dict[str, str]]:
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        return resp.status, dict(resp.headers.items())
+
+
+def upload_blob(base: str, repo: str, data: bytes) -> str:
+    """A monolithic upload (POST, then PUT ?digest=) of the distribution API to the
+    registry at `base` (http://HOST:PORT); returns the blob's digest."""
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    _, headers = _http("POST", f"{base}/v2/{repo}/blobs/uploads/", b"")
+    loc = headers["Location"]
+    loc = base + loc if loc.startswith("/") else loc
+    status, _ = _http("PUT", f"{loc}{'&' if '?' in loc else '?'}digest={digest}", data,
+                      {"Content-Type": "application/octet-stream"})
+    assert status == 201, status
+    return digest
+
+
+def put_manifest(base: str, repo: str, tag: str, manifest: bytes, media_type: str) -> str:
+    """PUT a manifest under `tag`; returns its digest."""
+    status, _ = _http("PUT", f"{base}/v2/{repo}/manifests/{tag}", manifest,
+                      {"Content-Type": media_type})
+    assert status == 201, status
+    return "sha256:" + hashlib.sha256(manifest).hexdigest()
 
 
 def start_registry(base: Path | None = None) -> DockerRegistry:
