@@ -24,7 +24,8 @@ Mount API (for the snapshotter)
         region_size=50_000,      # fetch granularity in bytes
         region_cache_bytes=4 << 30, chunk_cache_bytes=4 << 30,  # bounds of the cache dir
         request_timeout=30.0, retries=3, background=True, background_idle=5.0,
-        username=None, password=None, token=None,   # registry auth (anonymous by default)
+        username=None, password=None, token=None,   # registry auth (anonymous by default;
+        refresh_token=None,      # all passed to the daemon in its environment, never argv)
         zygote=None,             # a running lazyfs.zygote.Zygote: fork the daemon from it
     )
     m.mountpoint, m.pid, m.mount_seconds, m.prefetch_done

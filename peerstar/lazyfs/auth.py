@@ -1,21 +1,31 @@
-"""Registry authentication for blob and manifest requests: anonymous or bearer token.
+"""Registry authentication for blob and manifest requests: anonymous, basic, or bearer.
 
 Owns: `RegistryAuth`, an `httpx.Auth` that answers a `401` carrying
 `WWW-Authenticate: Bearer realm=...,service=...,scope=...` by fetching a token from the
-realm (anonymously, or with basic credentials when given) and retrying once; and
-`Basic` challenges when credentials are given. Tokens are kept per scope.
+realm (anonymously, with basic credentials, or -- given an OAuth2 refresh token, which is
+what a docker config's `identitytoken` is -- by the `grant_type=refresh_token` POST
+containerd's authorizer makes) and retrying once; and `Basic` challenges when
+credentials are given. Tokens are kept per auth object (one blob per mount daemon).
+
+Also owns how a mount daemon receives its credentials: environment variables (never
+argv, which `ps` shows to every user), read by `RegistryAuth.from_env`.
 """
 
 from __future__ import annotations
 
 import base64
+import os
 import re
 import threading
 from collections.abc import Generator
 
 import httpx
 
+from peerstar.lazyfs.state import PASSWORD_ENV, REFRESH_TOKEN_ENV, TOKEN_ENV, USERNAME_ENV
+
 _PARAM_RE = re.compile(r'(\w+)="([^"]*)"')
+# The client id containerd sends with refresh-token grants; registries only log it.
+OAUTH_CLIENT_ID = "peerstar"
 
 
 def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
@@ -30,11 +40,27 @@ class RegistryAuth(httpx.Auth):
     requires_response_body = True
 
     def __init__(self, username: str | None = None, password: str | None = None,
-                 token: str | None = None) -> None:
-        self.username = username
+                 token: str | None = None, refresh_token: str | None = None) -> None:
+        self.username = username or None
         self.password = password
+        self.refresh_token = refresh_token or None
         self._lock = threading.Lock()
         self._token = token  # the last token obtained (or given); reused until a 401
+        # Set once the registry asked for Basic and accepted ours: from then on every
+        # request carries it, instead of one 401 round trip per range read.
+        self._basic_accepted = False
+
+    @classmethod
+    def from_env(cls, username: str | None = None) -> RegistryAuth:
+        """Credentials handed to a mount daemon in its environment (`username`, if given
+        on its command line by an older starter, wins over the environment's)."""
+        env = os.environ
+        return cls(username or env.get(USERNAME_ENV), env.get(PASSWORD_ENV),
+                   env.get(TOKEN_ENV), env.get(REFRESH_TOKEN_ENV))
+
+    @property
+    def anonymous(self) -> bool:
+        return not (self.username or self._token or self.refresh_token)
 
     def _basic(self) -> str:
         raw = f"{self.username}:{self.password or ''}".encode()
@@ -43,22 +69,37 @@ class RegistryAuth(httpx.Auth):
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         with self._lock:
             token = self._token
+            basic = self._basic_accepted
         if token:
             request.headers["Authorization"] = f"Bearer {token}"
+        elif basic:
+            request.headers["Authorization"] = self._basic()
         response = yield request
         if response.status_code != 401:
             return
         scheme, params = parse_challenge(response.headers.get("WWW-Authenticate", ""))
         if scheme == "basic" and self.username is not None:
+            if basic:
+                return  # ours was sent and refused: the 401 stands
             request.headers["Authorization"] = self._basic()
-            yield request
+            retried = yield request
+            if retried.status_code != 401:
+                with self._lock:
+                    self._basic_accepted = True
             return
         if scheme != "bearer" or "realm" not in params:
             return
-        query = {k: v for k, v in params.items() if k in ("service", "scope")}
-        token_req = httpx.Request("GET", params["realm"], params=query)
-        if self.username is not None:
-            token_req.headers["Authorization"] = self._basic()
+        if self.refresh_token:
+            # OAuth2 refresh-token grant (docker config `identitytoken`), as containerd.
+            form = {"grant_type": "refresh_token", "refresh_token": self.refresh_token,
+                    "client_id": OAUTH_CLIENT_ID}
+            form.update({k: v for k, v in params.items() if k in ("service", "scope")})
+            token_req = httpx.Request("POST", params["realm"], data=form)
+        else:
+            query = {k: v for k, v in params.items() if k in ("service", "scope")}
+            token_req = httpx.Request("GET", params["realm"], params=query)
+            if self.username is not None:
+                token_req.headers["Authorization"] = self._basic()
         token_resp = yield token_req
         if token_resp.status_code != 200:
             return

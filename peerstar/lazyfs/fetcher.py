@@ -14,17 +14,25 @@ threads (`trio.to_thread`), so one slow fetch never blocks other reads.
 
 URLs: `http://HOST/v2/REPO/blobs/DIGEST` for localhost / 127.0.0.1 registries,
 `https://...` otherwise (`blob_url` builds them); auth is `RegistryAuth`.
+
+TLS trust (`tls_context`): SSL_CERT_FILE / SSL_CERT_DIR if set (httpx's rule), else
+certifi's bundle plus the system's (what containerd trusts), plus the PEM bundle named by
+`$PEERSTAR_REGISTRY_CA_FILE` (the snapshotter's `[remote] ca_file`). A certificate the
+trust refuses, a 401 and a 403 are not retried: each fails the read at once with a
+sentence saying which host and what to do.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -40,19 +48,50 @@ DEFAULT_REGION_SIZE = 50_000
 MAX_RANGES_PER_REQUEST = 32
 
 
+# A PEM bundle of extra CAs to trust besides the usual ones (the snapshotter's
+# `[remote] ca_file`); an environment variable, so the zygote and every mount daemon
+# inherit it without a flag.
+CA_FILE_ENV = "PEERSTAR_REGISTRY_CA_FILE"
+
 _tls_lock = threading.Lock()
-_tls: ssl.SSLContext | None = None
+_tls: dict[str, ssl.SSLContext] = {}
+
+
+class TLSConfigError(Exception):
+    """The extra CA file cannot be used (missing, unreadable, not PEM)."""
 
 
 def tls_context() -> ssl.SSLContext:
-    """The TLS context of every fetcher in this process, built once: httpx would load
-    the CA bundle again (~25 ms) for each client. Same trust as httpx's default
-    (`verify=True`, SSL_CERT_FILE/SSL_CERT_DIR honoured)."""
-    global _tls
+    """The TLS context of every fetcher in this process, built once per CA file: httpx
+    would load the CA bundle again (~25 ms) for each client. Trust: SSL_CERT_FILE or
+    SSL_CERT_DIR when set (httpx's rule), else certifi plus the system store; plus
+    the PEM bundle named by `$PEERSTAR_REGISTRY_CA_FILE`."""
+    ca_file = os.environ.get(CA_FILE_ENV, "")
     with _tls_lock:
-        if _tls is None:
-            _tls = httpx.create_ssl_context(verify=True, trust_env=True)
-        return _tls
+        ctx = _tls.get(ca_file)
+        if ctx is None:
+            ctx = httpx.create_ssl_context(verify=True, trust_env=True)
+            if not (os.environ.get("SSL_CERT_FILE") or os.environ.get("SSL_CERT_DIR")):
+                # httpx trusts only certifi; containerd (Go) trusts the system store, and
+                # a node's private CA is installed there (update-ca-certificates).
+                ctx.load_default_certs()
+            if ca_file:
+                load_ca_file(ctx, ca_file)
+            _tls[ca_file] = ctx
+        return ctx
+
+
+def load_ca_file(ctx: ssl.SSLContext, ca_file: str) -> None:
+    """Add the PEM bundle `ca_file` to `ctx`'s trust; TLSConfigError saying why not."""
+    try:
+        ctx.load_verify_locations(cafile=ca_file)
+    except FileNotFoundError:
+        raise TLSConfigError(f"CA file {ca_file} does not exist") from None
+    except OSError as exc:
+        raise TLSConfigError(f"CA file {ca_file}: {exc.strerror or exc}") from None
+    except ssl.SSLError as exc:
+        raise TLSConfigError(f"CA file {ca_file} holds no usable PEM certificate "
+                             f"({exc.reason or exc})") from None
 
 
 def warm_up() -> None:
@@ -83,6 +122,19 @@ def registry_base(host: str, plain_http: bool | None = None) -> str:
 
 def blob_url(host: str, repository: str, digest: str, plain_http: bool | None = None) -> str:
     return f"{registry_base(host, plain_http)}/v2/{repository}/blobs/{digest}"
+
+
+def _cert_error(exc: BaseException) -> str | None:
+    """The verification failure behind a transport error, if a certificate was refused."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, ssl.SSLCertVerificationError):
+            return e.verify_message or str(e)
+        e = e.__cause__ or e.__context__
+    text = str(exc)
+    return text if "CERTIFICATE_VERIFY_FAILED" in text else None
 
 
 @dataclass
@@ -338,6 +390,15 @@ class BlobFetcher:
             try:
                 return fn()
             except (httpx.TransportError, FetchError) as exc:
+                cert = _cert_error(exc)
+                if cert is not None:
+                    # Retrying cannot make an untrusted certificate trusted: fail now, so
+                    # the snapshotter falls back at once instead of after the retries.
+                    host = urlsplit(self.url).netloc
+                    raise FetchError(
+                        f"{self.url}: TLS certificate of {host} not trusted ({cert}); "
+                        f"add its CA to [remote] ca_file or SSL_CERT_FILE",
+                        retryable=False) from None
                 retryable = not isinstance(exc, FetchError) or exc.retryable
                 if not retryable or attempt == self.retries:
                     if isinstance(exc, FetchError):
@@ -352,6 +413,12 @@ class BlobFetcher:
     def _raise_for(self, resp: httpx.Response) -> None:
         if resp.status_code < 300:
             return
+        if resp.status_code in (401, 403):
+            host = urlsplit(self.url).netloc
+            what = ("Unauthorized: credentials missing or rejected" if resp.status_code == 401
+                    else "Forbidden: these credentials may not read it")
+            raise FetchError(f"{self.url}: HTTP {resp.status_code} {what} by registry {host}",
+                             retryable=False)
         retryable = resp.status_code >= 500 or resp.status_code in (408, 429)
         raise FetchError(f"{self.url}: HTTP {resp.status_code}", retryable=retryable)
 

@@ -25,7 +25,10 @@ from peerstar.lazyfs.cache import DEFAULT_MAX_BYTES
 from peerstar.lazyfs.fetcher import DEFAULT_REGION_SIZE
 from peerstar.lazyfs.state import (
     PASSWORD_ENV,
+    REFRESH_TOKEN_ENV,
+    SECRET_ENVS,
     TOKEN_ENV,
+    USERNAME_ENV,
     StatePaths,
     is_fuse_mounted,
     state_paths,
@@ -150,6 +153,7 @@ def mount_layer(
     username: str | None = None,
     password: str | None = None,
     token: str | None = None,
+    refresh_token: str | None = None,
     open_timeout: float = 60.0,
     debug: bool = False,
     zygote: Zygote | None = None,
@@ -188,17 +192,15 @@ def mount_layer(
         args.append("--no-verify")
     if not background:
         args.append("--no-background")
-    if username is not None:
-        args += ["--username", username]
     if debug:
         args.append("--debug")
-    # Secrets go by environment, never argv; the starter's own ones pass through as
-    # they always did with `python -m`.
-    secrets = {k: os.environ[k] for k in (PASSWORD_ENV, TOKEN_ENV) if k in os.environ}
-    if password is not None:
-        secrets[PASSWORD_ENV] = password
-    if token is not None:
-        secrets[TOKEN_ENV] = token
+    # Credentials (the user name too) go by environment, never argv, which `ps` shows
+    # to every user; the starter's own ones pass through as they always did.
+    secrets = {k: os.environ[k] for k in SECRET_ENVS if k in os.environ}
+    for k, v in ((USERNAME_ENV, username), (PASSWORD_ENV, password), (TOKEN_ENV, token),
+                 (REFRESH_TOKEN_ENV, refresh_token)):
+        if v is not None:
+            secrets[k] = v
     rfd, wfd = os.pipe()
     proc: subprocess.Popen[bytes] | None = None
     pid = 0

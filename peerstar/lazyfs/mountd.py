@@ -34,7 +34,7 @@ from peerstar.lazyfs.cache import DEFAULT_MAX_BYTES, DiskCache
 from peerstar.lazyfs.fetcher import DEFAULT_REGION_SIZE, BlobFetcher
 from peerstar.lazyfs.fs import LayerFS
 from peerstar.lazyfs.layer import LazyLayer
-from peerstar.lazyfs.state import PASSWORD_ENV, TOKEN_ENV, state_paths, write_json_atomic
+from peerstar.lazyfs.state import PASSWORD_ENV, USERNAME_ENV, state_paths, write_json_atomic
 
 log = logging.getLogger("peerstar.lazyfs.mountd")
 
@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retries", type=int, default=3)
     p.add_argument("--no-background", action="store_true", help="no idle-time full fetch")
     p.add_argument("--background-idle", type=float, default=5.0)
-    p.add_argument("--username", default=None, help=f"registry user (password in ${PASSWORD_ENV})")
+    p.add_argument("--username", default=None, help=f"registry user (or ${USERNAME_ENV}; "
+                   f"password in ${PASSWORD_ENV})")
     p.add_argument("--ready-fd", type=int, default=-1)
     p.add_argument("--debug", action="store_true")
     return p
@@ -98,8 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                             async_writes=True)
         chunks = DiskCache(args.cache_dir / "chunks", args.chunk_cache_bytes,
                            async_writes=True)
-        auth = RegistryAuth(args.username, os.environ.get(PASSWORD_ENV),
-                            os.environ.get(TOKEN_ENV))
+        auth = RegistryAuth.from_env(args.username)  # credentials come in the environment
         fetcher = BlobFetcher(args.url, digest=args.digest, size=args.size,
                               region_size=args.region_size, cache=regions,
                               timeout=args.timeout, retries=args.retries, auth=auth)

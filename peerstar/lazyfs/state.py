@@ -15,8 +15,11 @@ from pathlib import Path
 
 # Registry secrets reach the mount daemon in its environment, never on its command line
 # (which `ps` shows to every user).
+USERNAME_ENV = "PEERSTAR_REGISTRY_USERNAME"
 PASSWORD_ENV = "PEERSTAR_REGISTRY_PASSWORD"
-TOKEN_ENV = "PEERSTAR_REGISTRY_TOKEN"
+TOKEN_ENV = "PEERSTAR_REGISTRY_TOKEN"  # a bearer token sent as is
+REFRESH_TOKEN_ENV = "PEERSTAR_REGISTRY_REFRESH_TOKEN"  # OAuth2 (docker `identitytoken`)
+SECRET_ENVS = (USERNAME_ENV, PASSWORD_ENV, TOKEN_ENV, REFRESH_TOKEN_ENV)
 
 
 @dataclass(frozen=True)

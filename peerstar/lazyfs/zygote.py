@@ -78,9 +78,9 @@ class Zygote:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         environ = dict(os.environ if env is None else env)
         # Registry secrets travel per request, never in the zygote's environment.
-        from peerstar.lazyfs.state import PASSWORD_ENV, TOKEN_ENV
-        environ.pop(PASSWORD_ENV, None)
-        environ.pop(TOKEN_ENV, None)
+        from peerstar.lazyfs.state import SECRET_ENVS
+        for k in SECRET_ENVS:
+            environ.pop(k, None)
         pkg_root = str(Path(__file__).resolve().parent.parent.parent)
         environ["PYTHONPATH"] = pkg_root + (os.pathsep + environ["PYTHONPATH"] if environ.get(
             "PYTHONPATH") else "")
@@ -226,8 +226,8 @@ def _run_daemon(sock: socket.socket, req: dict[str, object], ready_fd: int,
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
     os.close(log_fd)
-    from peerstar.lazyfs.state import PASSWORD_ENV, TOKEN_ENV
-    for k in (PASSWORD_ENV, TOKEN_ENV):
+    from peerstar.lazyfs.state import SECRET_ENVS
+    for k in SECRET_ENVS:
         os.environ.pop(k, None)
     env = req.get("env") or {}
     assert isinstance(env, dict)
