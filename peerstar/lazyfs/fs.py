@@ -60,9 +60,13 @@ class LayerFS(pyfuse3.Operations):
 
     enable_writeback_cache = False
 
-    def __init__(self, layer: LazyLayer, *, read_threads: int = 16) -> None:
+    def __init__(self, layer: LazyLayer, *, read_threads: int = 16,
+                 prefetch_deadline: float | None = None) -> None:
         super().__init__()
         self.layer = layer
+        # time.monotonic() until which reads of prioritized files wait for the prefetch
+        # (the containers-wait-for-prefetch rule); None: they never wait.
+        self.prefetch_deadline = prefetch_deadline
         self._nodes: dict[int, _Node] = {}
         self._limiter = trio.CapacityLimiter(read_threads)
         self._build()
@@ -257,6 +261,13 @@ class LayerFS(pyfuse3.Operations):
         e = node.entry
         assert e is not None
         t0 = time.monotonic()
+        if self.prefetch_deadline is not None and self.layer.in_prefetch(e):
+            # The prefetch is fetching these bytes already: wait for it rather than
+            # fetch them twice (its request is one range; ours would be another).
+            left = self.prefetch_deadline - t0
+            if left > 0:
+                await trio.to_thread.run_sync(self.layer.prefetch_fetched.wait, left,
+                                              cancellable=True)
         try:
             return await trio.to_thread.run_sync(self.layer.read_file, e, off, size,
                                                   limiter=self._limiter)

@@ -54,6 +54,10 @@ class LazyLayer:
         self.activity_file: Path | None = None
         self._activity_touched = 0.0
         self.prefetch_done = threading.Event()
+        # Set once the bytes of `[0, prefetch_end)` are in the region cache (or prefetch
+        # gave up): from then on a read of a prioritized file needs no network.
+        self.prefetch_fetched = threading.Event()
+        self.prefetch_end: int | None = None  # set by `plan_prefetch`
         self.prefetch_error: str | None = None
         self._stop = threading.Event()
         self._bg_thread: threading.Thread | None = None
@@ -185,12 +189,16 @@ class LazyLayer:
 
     def prefetch(self, default_size: int = 0) -> None:
         """Fetch `[0, prefetch_range)` in one go, then decompress and verify the chunks in
-        it into the chunk cache, so the prioritized files read without the network."""
+        it into the chunk cache, so the prioritized files read without the network.
+
+        Runs beside the mount, not before it: a read of a file in the range meanwhile
+        waits for `prefetch_fetched` (see `in_prefetch`), then shares the chunk work."""
         t0 = time.monotonic()
         try:
-            end = self.prefetch_range(default_size)
+            end = self.plan_prefetch(default_size)
             if end > 0:
                 self.fetcher.read_at(0, end, "prefetch")
+                self.prefetch_fetched.set()
                 for e in self.reader.entries:
                     if e.is_data and e.chunk_size > 0 and e.offset < end:
                         try:
@@ -201,12 +209,25 @@ class LazyLayer:
             self.prefetch_error = str(exc)
             log.warning("layer %s: prefetch failed: %s", self.digest, exc)
         finally:
+            self.prefetch_fetched.set()
             metrics.PREFETCH_SECONDS.labels(self._label).observe(time.monotonic() - t0)
             self.prefetch_done.set()
         try:
             self.fetcher.scan_cached()  # regions earlier mounts left, for the stats
         except FetchError:
             pass
+
+    def plan_prefetch(self, default_size: int = 0) -> int:
+        """Fix the prefetch range before the filesystem serves reads (idempotent)."""
+        if self.prefetch_end is None:
+            self.prefetch_end = self.prefetch_range(default_size)
+        return self.prefetch_end
+
+    def in_prefetch(self, entry: TOCEntry) -> bool:
+        """Whether reading `entry` should wait for the prefetch: its data starts in the
+        prefetch range, whose bytes are still on the way."""
+        end = self.prefetch_end
+        return end is not None and not self.prefetch_fetched.is_set() and entry.offset < end
 
     def start_background(self, idle: float = 5.0, workers: int = 2) -> None:
         """Fetch the rest of the blob once no on-demand read happened for `idle` seconds."""

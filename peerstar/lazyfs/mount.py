@@ -140,6 +140,7 @@ def mount_layer(
     cache_dir: Path,
     *,
     prefetch_timeout: float = 10.0,
+    wait_prefetch: bool = False,
     verify: bool = True,
     size: int | None = None,
     prefetch_size: int = 0,
@@ -160,9 +161,10 @@ def mount_layer(
 ) -> LayerMount:
     """Mount the eStargz layer at `url` read-only at `mountpoint`; return when it is ready.
 
-    Ready means: TOC fetched and verified against `toc_digest`, FUSE mounted, and the
-    prioritized files prefetched (or `prefetch_timeout` seconds passed). Raises
-    `MountError` with the daemon's reason otherwise (nothing is left mounted).
+    Ready means: TOC fetched and verified against `toc_digest` and FUSE mounted; the
+    prioritized files are being prefetched, and reads of them wait for that for up to
+    `prefetch_timeout` seconds from the start (with `wait_prefetch`, so does this call).
+    Raises `MountError` with the daemon's reason otherwise (nothing is left mounted).
 
     With `zygote` (a running `peerstar.lazyfs.zygote.Zygote`) the daemon is forked from
     it (milliseconds) instead of started as `python -m peerstar.lazyfs.mountd` (the
@@ -192,6 +194,8 @@ def mount_layer(
         args.append("--no-verify")
     if not background:
         args.append("--no-background")
+    if wait_prefetch:
+        args.append("--wait-prefetch")
     if debug:
         args.append("--debug")
     # Credentials (the user name too) go by environment, never argv, which `ps` shows

@@ -4,8 +4,9 @@ Run as `python -m peerstar.lazyfs.mountd --url URL --digest D --toc-digest T
 --mountpoint DIR --cache-dir DIR [options]` (see `--help`), or forked from the zygote
 (`peerstar.lazyfs.zygote`, which calls `main` with the same arguments). It opens the layer (footer,
 TOC, TOC digest check), mounts it (pyfuse3 keeps one session per process, hence one
-process per layer), prefetches the prioritized files for at most `--prefetch-timeout`
-seconds, then reports readiness as one JSON line on `--ready-fd` and serves until
+process per layer), starts prefetching the prioritized files (reads of them wait for it
+for at most `--prefetch-timeout` seconds; with `--wait-prefetch` so does readiness),
+reports readiness as one JSON line on `--ready-fd` and serves until
 `umount DIR` (clean exit 0) or SIGTERM/SIGINT (unmounts itself). It runs in its own
 session, so the process that started it (the snapshotter, `peerstar mount`) may exit or
 restart without taking the mount down. While it runs it keeps `<state>.json` (pid,
@@ -48,7 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mountpoint", required=True, type=Path)
     p.add_argument("--cache-dir", required=True, type=Path)
     p.add_argument("--size", type=int, default=None, help="blob size if known (skips a request)")
-    p.add_argument("--prefetch-timeout", type=float, default=10.0)
+    p.add_argument("--prefetch-timeout", type=float, default=10.0,
+                   help="seconds (from the start) reads of prioritized files wait for the "
+                        "prefetch; with --wait-prefetch, the readiness report waits too")
+    p.add_argument("--wait-prefetch", action="store_true",
+                   help="report readiness only once the prefetch is done (or timed out)")
     p.add_argument("--prefetch-size", type=int, default=0,
                    help="bytes to prefetch when the layer has no landmark")
     p.add_argument("--no-verify", action="store_true",
@@ -106,11 +111,14 @@ def main(argv: list[str] | None = None) -> int:
         layer = LazyLayer.open(fetcher, toc_digest=args.toc_digest or None,
                                chunk_cache=chunks, verify=not args.no_verify)
         layer.activity_file = Path(args.cache_dir) / "last-on-demand-read"
-        # Prefetch starts now, not after the mount: its fetch overlaps building the
-        # inode tree and the FUSE init (it only fills the caches; reads verify as ever).
+        # Prefetch starts now and runs on after the mount is reported ready: its fetch
+        # overlaps building the inode tree, the FUSE init and the mounts of the image's
+        # other layers (containerd prepares them one by one). Reads of prioritized files
+        # wait for it, up to the prefetch timeout; it only fills the caches.
+        layer.plan_prefetch(args.prefetch_size)
         threading.Thread(target=layer.prefetch, args=(args.prefetch_size,),
                          daemon=True, name="prefetch").start()
-        fs = LayerFS(layer)
+        fs = LayerFS(layer, prefetch_deadline=t0 + args.prefetch_timeout)
         options = set(pyfuse3.default_options)  # default_permissions: kernel checks modes
         options |= {"ro", "allow_other", "fsname=peerstar-lazyfs", "subtype=peerstar"}
         pyfuse3.init(fs, str(mountpoint), options)
@@ -154,9 +162,11 @@ def main(argv: list[str] | None = None) -> int:
 
             nursery.start_soon(fuse_main)
             nursery.start_soon(on_signal)
-            with trio.move_on_after(args.prefetch_timeout):
-                while not layer.prefetch_done.is_set():
-                    await trio.sleep(0.01)
+            if args.wait_prefetch:
+                with trio.move_on_after(max(0.0, t0 + args.prefetch_timeout
+                                            - time.monotonic())):
+                    while not layer.prefetch_done.is_set():
+                        await trio.sleep(0.01)
             elapsed = time.monotonic() - t0
             metrics.MOUNT_SECONDS.labels(label).observe(elapsed)
             _report(args.ready_fd, {"ok": True, "pid": os.getpid(),

@@ -32,6 +32,7 @@ class BlobServer:
         self.bytes_served = 0
         self.ranges: list[str] = []  # Range headers of blob GETs, in order
         self.token_requests = 0
+        self.delays: dict[str, float] = {}  # Range header prefix -> seconds to stall it
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
@@ -63,6 +64,10 @@ class BlobServer:
             self.bytes_served += size
             return web.Response(body=data)
         self.ranges.append(header)
+        for prefix, seconds in self.delays.items():
+            if header.startswith(prefix):
+                await asyncio.sleep(seconds)
+                break
         spans = []
         for spec in header.removeprefix("bytes=").split(","):
             a, _, b = spec.strip().partition("-")

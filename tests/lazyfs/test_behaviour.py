@@ -35,7 +35,8 @@ def test_prefetch_is_exactly_the_landmark_range(rich_layer: Layer, mnt: Path,
     server = BlobServer({rich_layer.digest: rich_layer.blob}).start()
     try:
         m = mount_layer(server.url(rich_layer.digest), rich_layer.digest,
-                        rich_layer.toc_digest, mnt, cache_dir, background=False)
+                        rich_layer.toc_digest, mnt, cache_dir, background=False,
+                        wait_prefetch=True)
         try:
             end = Reader.from_bytes(rich_layer.blob).prefetch_end()
             assert end is not None and end > len(PRIORITY) // 100
@@ -48,6 +49,53 @@ def test_prefetch_is_exactly_the_landmark_range(rich_layer: Layer, mnt: Path,
             assert len(server.ranges) == n
             assert (mnt / "data/big.bin").read_bytes()[:10] == BIG[:10]
             assert len(server.ranges) > n  # big.bin is after the landmark: fetched now
+        finally:
+            m.unmount()
+    finally:
+        server.stop()
+
+
+def test_mount_is_ready_before_prefetch_and_reads_wait_for_it(rich_layer: Layer, mnt: Path,
+                                                              cache_dir: Path) -> None:
+    server = BlobServer({rich_layer.digest: rich_layer.blob}).start()
+    server.delays["bytes=0-49999"] = 1.5  # the prefetch range comes late
+    try:
+        t0 = time.monotonic()
+        m = mount_layer(server.url(rich_layer.digest), rich_layer.digest,
+                        rich_layer.toc_digest, mnt, cache_dir, background=False,
+                        prefetch_timeout=10)
+        try:
+            assert not m.prefetch_done and time.monotonic() - t0 < 1.5
+            # A prioritized file waits for the prefetch instead of fetching on its own:
+            # one request for the range, none after it.
+            assert (mnt / "data/prio.txt").read_bytes() == PRIORITY
+            assert time.monotonic() - t0 >= 1.5
+            assert server.ranges.count("bytes=0-49999") == 1
+            assert server.ranges[-1] == "bytes=0-49999"
+            assert _stats(mnt, rich_layer)["prefetchDone"] is True
+        finally:
+            m.unmount()
+    finally:
+        server.stop()
+
+
+def test_files_outside_the_prefetch_range_do_not_wait(rich_layer: Layer, mnt: Path,
+                                                       cache_dir: Path) -> None:
+    server = BlobServer({rich_layer.digest: rich_layer.blob}).start()
+    server.delays["bytes=0-"] = 4.0  # the prefetch request, whatever its rounding
+    try:
+        t0 = time.monotonic()
+        m = mount_layer(server.url(rich_layer.digest), rich_layer.digest,
+                        rich_layer.toc_digest, mnt, cache_dir, background=False,
+                        prefetch_timeout=0.5, region_size=4096,
+                        size=len(rich_layer.blob))  # no size probe: it is bytes=0-1
+        try:
+            # The last chunk of a file outside the prefetch range reads at once.
+            with open(mnt / "data/big.bin", "rb") as f:
+                f.seek(len(BIG) - 100)
+                assert f.read() == BIG[-100:]
+            assert time.monotonic() - t0 < 3.0
+            assert not _stats(mnt, rich_layer)["prefetchDone"]
         finally:
             m.unmount()
     finally:

@@ -98,7 +98,8 @@ def test_registry_outage_after_prefetch(rich_layer: Layer, mnt: Path, cache_dir:
         push_image(reg.url, "lazyfs/outage", "latest", [rich_layer])
         url = f"{reg.url}/v2/lazyfs/outage/blobs/{rich_layer.digest}"
         m = mount_layer(url, rich_layer.digest, rich_layer.toc_digest, mnt, cache_dir,
-                        background=False, retries=0, request_timeout=5, prefetch_timeout=10)
+                        background=False, retries=0, request_timeout=5, prefetch_timeout=10,
+                        wait_prefetch=True)
         try:
             assert m.prefetch_done
             reg._terminate()  # the registry is down from here on

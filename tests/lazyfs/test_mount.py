@@ -30,7 +30,7 @@ def _mount(url: str, layer: Layer, mnt: Path, cache_dir: Path, **kw):  # type: i
 
 def test_attributes_links_xattrs_and_bytes(pushed_rich: str, rich_layer: Layer, mnt: Path,
                                            cache_dir: Path) -> None:
-    m = _mount(pushed_rich, rich_layer, mnt, cache_dir)
+    m = _mount(pushed_rich, rich_layer, mnt, cache_dir, wait_prefetch=True)
     try:
         assert m.prefetch_done
         _type = {tarfile.REGTYPE: stat.S_IFREG, tarfile.DIRTYPE: stat.S_IFDIR,

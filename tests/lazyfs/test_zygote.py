@@ -57,7 +57,8 @@ def test_forked_mount_is_fast_and_in_its_own_session(rich_layer: Layer, mnt: Pat
         z.wait_ready()
         t0 = time.monotonic()
         m = mount_layer(server.url(rich_layer.digest), rich_layer.digest,
-                        rich_layer.toc_digest, mnt, cache_dir, background=False, zygote=z)
+                        rich_layer.toc_digest, mnt, cache_dir, background=False, zygote=z,
+                        wait_prefetch=True)
         took = time.monotonic() - t0
         try:
             assert m.prefetch_done and is_mounted(mnt)
@@ -161,7 +162,8 @@ def test_failing_mount_reports_its_reason(rich_layer: Layer, mnt: Path, cache_di
         assert not is_mounted(mnt)
         # The zygote is unharmed and serves the next mount.
         m = mount_layer(server.url(rich_layer.digest), rich_layer.digest,
-                        rich_layer.toc_digest, mnt, cache_dir, background=False, zygote=z)
+                        rich_layer.toc_digest, mnt, cache_dir, background=False, zygote=z,
+                        wait_prefetch=True)
         m.unmount()
 
 

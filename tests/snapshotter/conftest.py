@@ -110,6 +110,19 @@ class SnapshotterProc:
                 continue
         return pids
 
+    def wait_prefetched(self, timeout: float = 20.0) -> None:
+        """Wait until every lazy layer's prefetch is done (prefetch runs on after the
+        mount is ready), read from each mount's live stats file."""
+        deadline = time.monotonic() + timeout
+        for p in (self.root / "cache" / "mounts").glob("*.json"):
+            if p.name.endswith(".stats.json"):
+                continue
+            state = json.loads(p.read_text())
+            stats = Path(state["mountpoint"]) / ".peerstar-lazyfs" / f"{state['digest']}.json"
+            while not json.loads(stats.read_text())["prefetchDone"]:
+                assert time.monotonic() < deadline, f"prefetch of {state['digest']} not done"
+                time.sleep(0.05)
+
     def unmount_all(self, timeout: float = 15.0) -> None:
         """Unmount every lazy layer, then wait for the daemons to exit (they write their
         last statistics on the way out, which must not land in a removed directory)."""

@@ -383,6 +383,7 @@ def test_registry_outage_after_prefetch() -> None:
             ctr.remote("image", "rpull", "--plain-http", "--snapshotter", "peerstar", ref)
             # Read all of busybox once, so every later command runs from the cache.
             assert run("warm", "sha256sum", "/bin/busybox").returncode == 0
+            st.snapshotter.wait_prefetched()
             reg._terminate()
             ok = run("cached", "cat", SAMPLE_TEXT_PATH)
             assert (ok.returncode, ok.stdout) == (0, SAMPLE_TEXT), ok.stderr
