@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   containerd runc stargz-snapshotter skopeo docker-registry
   golang-go golang-github-containerd-stargz-snapshotter-dev golang-github-containerd-containerd-dev
-  fuse3 libfuse3-dev pkg-config busybox-static zstd iproute2 ca-certificates
+  fuse3 libfuse3-dev pkg-config busybox-static zstd iproute2 ca-certificates openssl
   # bench/coldstart: the image's content (a Debian Python tree) and the file recorder
   strace python3-minimal libpython3.11-stdlib gcc-12
 )

@@ -134,3 +134,71 @@ class Network:
 
 def netns_exists(name: str) -> bool:
     return name in _ip("netns", "list").stdout.split()
+
+
+HOST_LINK_NET = "10.78"  # 10.78.<n>.0/30 per host-linked node; never routed beyond it
+
+
+@dataclass
+class HostLinkedNode:
+    """A namespace joined to the host by one veth pair, so the host itself (containerd,
+    the snapshotter) reaches a server in it at a non-loopback address: host side
+    `host_addr`, namespace side `node.addr`, a /30 of 10.78.<n>.0 picked unused.
+
+    This adds one interface and its /30 route to the host, for the test's lifetime;
+    `remove()` (or the context manager) kills what runs in the namespace and deletes it,
+    which takes the veth pair along."""
+
+    label: str
+    token: str = field(default_factory=lambda: secrets.token_hex(3))
+    node: Node = field(init=False)
+    host_ifname: str = field(init=False)
+    host_addr: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        if os.geteuid() != 0:
+            raise HarnessError("network namespaces need root (CI runs the tests as root)")
+        if not self.label.isalnum() or len(self.label) > 10:
+            raise ValueError(f"bad node label {self.label!r}")
+        used = _ip("-4", "route", "show").stdout + _ip("-4", "addr", "show").stdout
+        free = [n for n in range(1, 255) if f"{HOST_LINK_NET}.{n}." not in used]
+        if not free:
+            raise HarnessError(f"no free {HOST_LINK_NET}.N.0/30 for a host-linked namespace")
+        n = free[secrets.randbelow(len(free))]  # concurrent sessions rarely pick the same
+        self.host_ifname = f"psh{self.token}"  # <= 15 characters (IFNAMSIZ)
+        self.host_addr = f"{HOST_LINK_NET}.{n}.1"
+        self.node = Node(self.label, f"peerstar-{self.token}-{self.label}",
+                         f"{HOST_LINK_NET}.{n}.2")
+        _ip("netns", "add", self.node.netns)
+        try:
+            _ip("link", "add", self.host_ifname, "type", "veth", "peer", "name", "eth0",
+                "netns", self.node.netns)
+            _ip("addr", "add", f"{self.host_addr}/30", "dev", self.host_ifname)
+            _ip("link", "set", self.host_ifname, "up")
+            _ip("-n", self.node.netns, "addr", "add", f"{self.node.addr}/30", "dev", "eth0")
+            _ip("-n", self.node.netns, "link", "set", "eth0", "up")
+            _ip("-n", self.node.netns, "link", "set", "lo", "up")
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        """Kill what runs in the namespace (only it: `ip netns pids`), delete it."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            pids = self.node.pids() if netns_exists(self.node.netns) else []
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + 5
+            while pids and time.monotonic() < deadline and self.node.pids():
+                time.sleep(0.1)
+        _ip("netns", "del", self.node.netns, check=False)
+        _ip("link", "del", self.host_ifname, check=False)  # gone with the namespace, or not
+
+    def __enter__(self) -> HostLinkedNode:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()

@@ -3,14 +3,23 @@
 Owns: writing its config (filesystem storage in a temp dir, no auth, delete enabled,
 listening on 127.0.0.1 only), starting it on a free port, waiting until `GET /v2/`
 answers 200, small HTTP helpers for assertions, and stopping it.
+
+Also `PrivateRegistry`: the same registry the way a real private one is set up -- HTTPS
+with a certificate of a test CA for its IP address, htpasswd basic auth -- inside a
+network namespace joined to the host by a veth (`tests.support.netns.HostLinkedNode`),
+so clients on the host reach it at a 10.78.n.2 address and treat it as a remote HTTPS
+registry. The upload helpers (`upload_blob`, `put_manifest`) reach it once its base URL
+is registered with `register_access` (CA and credentials per base URL).
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -20,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.support.containerd import HarnessError, require_binaries
+from tests.support.netns import HostLinkedNode
 
 MANIFEST_ACCEPT = ", ".join([
     "application/vnd.oci.image.index.v1+json",
@@ -152,10 +162,49 @@ class DockerRegistry:
         self.stop()
 
 
+@dataclass(frozen=True)
+class RegistryAccess:
+    """How the upload helpers reach a registry: the CA to trust and basic credentials."""
+
+    cafile: str | None = None
+    username: str | None = None
+    password: str | None = None
+
+    def context(self) -> ssl.SSLContext | None:
+        return ssl.create_default_context(cafile=self.cafile) if self.cafile else None
+
+    def headers(self) -> dict[str, str]:
+        if self.username is None:
+            return {}
+        raw = f"{self.username}:{self.password or ''}".encode()
+        return {"Authorization": "Basic " + base64.b64encode(raw).decode()}
+
+
+_ACCESS: dict[str, RegistryAccess] = {}  # base URL (scheme://host:port) -> access
+
+
+def register_access(base: str, access: RegistryAccess) -> None:
+    """Use `access` for every upload-helper request to `base` (until `forget_access`)."""
+    _ACCESS[base.rstrip("/")] = access
+
+
+def forget_access(base: str) -> None:
+    _ACCESS.pop(base.rstrip("/"), None)
+
+
+def _access_for(url: str) -> RegistryAccess:
+    for base, access in _ACCESS.items():
+        if url == base or url.startswith(base + "/"):
+            return access
+    return RegistryAccess()
+
+
 def _http(method: str, url: str, data: bytes | None = None,
           headers: dict[str, str] | None = None) -> tuple[int, dict[str, str]]:
-    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
-    with urllib.request.urlopen(req, timeout=60) as resp:
+    access = _access_for(url)
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={**access.headers(), **(headers or {})})
+    with urllib.request.urlopen(req, timeout=60, context=access.context()) as resp:
         return resp.status, dict(resp.headers.items())
 
 
@@ -190,4 +239,119 @@ def start_registry(base: Path | None = None) -> DockerRegistry:
         return registry.start()
     except BaseException:
         registry.stop()  # also removes the temp dir we made
+        raise
+
+
+PRIVATE_PORT = 5000  # inside the registry's own namespace: never collides
+
+
+@dataclass
+class PrivateRegistry:
+    """docker-registry over HTTPS (certificate for its IP, signed by a test CA) with
+    htpasswd basic auth, in a network namespace reached from the host over a veth.
+    `host` is `10.78.n.2:5000`; `ca` the CA certificate clients must trust."""
+
+    base: Path
+    username: str
+    password: str
+    link: HostLinkedNode | None = None
+    process: subprocess.Popen[bytes] | None = None
+    ca: Path = Path()
+
+    @property
+    def host(self) -> str:
+        assert self.link is not None
+        return f"{self.link.node.addr}:{PRIVATE_PORT}"
+
+    @property
+    def url(self) -> str:
+        return f"https://{self.host}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.base / "registry.log"
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return "(no log)"
+
+    def status(self, path: str = "/v2/", *, auth: bool = True, timeout: float = 5.0) -> int:
+        """The HTTP status of `GET path` (trusting our CA; with or without credentials)."""
+        access = RegistryAccess(str(self.ca), *((self.username, self.password) if auth
+                                                 else (None, None)))
+        req = urllib.request.Request(self.url + path, headers=access.headers())
+        try:
+            with urllib.request.urlopen(req, timeout=timeout, context=access.context()) as r:
+                return r.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    def start(self, timeout: float = 30.0) -> PrivateRegistry:
+        from tests.support.tls import htpasswd_line, issue_server_cert, make_ca
+
+        binary = require_binaries("docker-registry", "ip")["docker-registry"]
+        self.link = HostLinkedNode("registry")
+        ca = make_ca(self.base / "pki")
+        self.ca = ca.cert
+        server = issue_server_cert(ca, self.base / "pki", self.link.node.addr)
+        htpasswd = self.base / "htpasswd"
+        htpasswd.write_text(htpasswd_line(self.username, self.password))
+        storage = self.base / "storage"
+        storage.mkdir(parents=True, exist_ok=True)
+        config = self.base / "config.yml"
+        config.write_text(json.dumps({
+            "version": 0.1,
+            "log": {"level": "info", "accesslog": {"disabled": True}},
+            "storage": {"filesystem": {"rootdirectory": str(storage)},
+                        "delete": {"enabled": True},
+                        "maintenance": {"uploadpurging": {"enabled": False}}},
+            "http": {"addr": f"{self.link.node.addr}:{PRIVATE_PORT}",
+                     "tls": {"certificate": str(server.cert), "key": str(server.key)}},
+            "auth": {"htpasswd": {"realm": "peerstar-test", "path": str(htpasswd)}},
+        }, indent=2))
+        with open(self.log_path, "ab") as log:
+            self.process = self.link.node.popen(
+                [binary, "serve", str(config)], stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                break
+            try:
+                if self.status(timeout=2) == 200:
+                    register_access(self.url, RegistryAccess(str(self.ca), self.username,
+                                                             self.password))
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise HarnessError(f"private docker-registry at {self.url} did not answer GET /v2/ "
+                           f"with 200; log:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        """Stop the registry and remove its namespace and directory (idempotent)."""
+        if self.link is not None:
+            forget_access(self.url)
+            self.link.remove()  # kills the registry: it runs in the namespace
+        if self.process is not None:
+            try:
+                self.process.wait(timeout=10)  # `ip netns exec`, ended with its child
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
+        self.link = None
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def start_private_registry(username: str, password: str) -> PrivateRegistry:
+    """A `PrivateRegistry` with one htpasswd user, in a new temp dir (removed on stop)."""
+    reg = PrivateRegistry(Path(tempfile.mkdtemp(prefix="peerstar-privreg-")), username,
+                          password)
+    try:
+        return reg.start()
+    except BaseException:
+        reg.stop()
         raise
