@@ -1,16 +1,24 @@
 """A private containerd for tests, and `Ctr`, a runner for `ctr` / `ctr-remote` against it.
 
 Owns: writing the containerd config (own root, state, gRPC/ttrpc sockets, opt path, CRI
-disabled, optional proxy snapshotter plugins), starting the daemon, waiting until it
-answers `ctr version`, and a clean shutdown that leaves nothing behind: tasks killed and
-deleted, containers removed, the daemon stopped, leftover shims of this daemon killed, and
-every mount under its root/state unmounted.
+disabled unless asked for, optional proxy snapshotter plugins), starting the daemon,
+waiting until it answers `ctr version` (and, with CRI, until the CRI plugin is up), and
+a clean shutdown that leaves nothing behind: tasks killed and deleted, containers
+removed, the daemon stopped, leftover shims of this daemon killed, and every mount under
+its root/state unmounted.
 
 Facts this relies on (docs REFERENCE.md section 5): containerd 1.6 needs
 `disabled_plugins = ["io.containerd.grpc.v1.cri"]` (the per-plugin `disable` does not
 work); the runc shim keeps its state under /run/containerd/runc/<namespace> whatever our
 root is, so every harness uses a namespace unique to its process, which keeps concurrent
 test sessions on one machine from colliding.
+
+With `cri=CriOptions(...)` the CRI plugin (built into Debian's containerd 1.6) is left enabled and
+configured the way a Kubernetes node is (`[plugins."io.containerd.grpc.v1.cri"]`): its
+snapshotter, `disable_snapshot_annotations`, its CNI directories under our base (no CNI
+is installed: the plugin logs that the network is not ready, which image pulls do not
+need) and a stream server on a random loopback port. CRI is served on the same gRPC
+socket (`address`) and always works in containerd namespace `k8s.io`.
 """
 
 from __future__ import annotations
@@ -132,17 +140,53 @@ def _toml_str(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+CRI_PLUGIN = "io.containerd.grpc.v1.cri"
+CRI_NAMESPACE = "k8s.io"  # the containerd namespace the CRI plugin keeps everything in
+
+
+@dataclass(frozen=True)
+class CriOptions:
+    """The CRI plugin's settings a test chooses (the rest stay containerd's defaults)."""
+
+    snapshotter: str = "overlayfs"
+    # false: CRI passes the layer annotations (cri.image-ref, cri.layer-digest, ...) to the
+    # snapshotter as Prepare labels -- what a remote snapshotter needs.
+    disable_snapshot_annotations: bool = False
+
+
+def _cri_toml(base: Path, cri: CriOptions) -> list[str]:
+    return [
+        f'[plugins."{CRI_PLUGIN}"]',
+        '  stream_server_address = "127.0.0.1"',
+        '  stream_server_port = "0"',
+        "",
+        f'[plugins."{CRI_PLUGIN}".containerd]',
+        f"  snapshotter = {_toml_str(cri.snapshotter)}",
+        "  disable_snapshot_annotations = "
+        f"{'true' if cri.disable_snapshot_annotations else 'false'}",
+        "",
+        f'[plugins."{CRI_PLUGIN}".cni]',
+        f"  bin_dir = {_toml_str(str(base / 'cni' / 'bin'))}",
+        f"  conf_dir = {_toml_str(str(base / 'cni' / 'net.d'))}",
+        "",
+    ]
+
+
 def render_config(base: Path, *, proxy_plugins: Mapping[str, str] | None = None,
-                  extra_toml: str = "") -> str:
+                  extra_toml: str = "", cri: CriOptions | None = None) -> str:
     """The containerd config (version 2) for a daemon living entirely under `base`.
 
     proxy_plugins: name -> unix socket of a snapshotter proxy plugin.
+    cri: None disables the CRI plugin (the default); options enable and configure it.
     """
     lines = [
         "version = 2",
         f"root = {_toml_str(str(base / 'root'))}",
         f"state = {_toml_str(str(base / 'state'))}",
-        'disabled_plugins = ["io.containerd.grpc.v1.cri"]',
+    ]
+    if cri is None:
+        lines.append(f'disabled_plugins = ["{CRI_PLUGIN}"]')
+    lines += [
         "",
         "[grpc]",
         f"  address = {_toml_str(str(base / 'containerd.sock'))}",
@@ -164,6 +208,8 @@ def render_config(base: Path, *, proxy_plugins: Mapping[str, str] | None = None,
             f"  address = {_toml_str(str(socket))}",
             "",
         ]
+    if cri is not None:
+        lines += _cri_toml(base, cri)
     if extra_toml:
         lines.append(extra_toml.rstrip() + "\n")
     return "\n".join(lines)
@@ -210,6 +256,7 @@ class Containerd:
     namespace: str
     proxy_plugins: dict[str, str] = field(default_factory=dict)
     extra_toml: str = ""
+    cri: CriOptions | None = None  # None: the CRI plugin is disabled
     remove_base: bool = False  # delete `base` after stop (set when the harness made it)
     process: subprocess.Popen[bytes] | None = None
     ctr: Ctr = field(init=False)
@@ -255,7 +302,8 @@ class Containerd:
                                "a shorter base directory")
         self.base.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(render_config(
-            self.base, proxy_plugins=self.proxy_plugins, extra_toml=self.extra_toml))
+            self.base, proxy_plugins=self.proxy_plugins, extra_toml=self.extra_toml,
+            cri=self.cri))
         # The child keeps its own copy of the log fd; ours can close right away.
         with open(self.log_path, "ab") as log:
             # Own session: a Ctrl-C in the test runner does not kill it before cleanup.
@@ -272,12 +320,28 @@ class Containerd:
             if os.path.exists(self.address):
                 proc = self.ctr.run("version", check=False, timeout=10)
                 if proc.returncode == 0 and b"Server:" in proc.stdout:
-                    return self
-                last = proc.stderr.decode(errors="replace")
+                    if self.cri is None or self._cri_ready():
+                        return self
+                    last = "the CRI plugin is not loaded yet"
+                else:
+                    last = proc.stderr.decode(errors="replace")
             time.sleep(0.05)
         self.stop()
         raise HarnessError(f"containerd did not answer `ctr version` within {timeout} s "
                            f"({last.strip()}); log:\n{self.log_tail()}")
+
+    def _cri_ready(self) -> bool:
+        """The CRI plugin loaded ("ok" in `ctr plugins ls`); HarnessError if it failed."""
+        for line in self.ctr.lines("plugins", "ls", check=False, timeout=10):
+            fields = line.split()
+            if len(fields) >= 2 and fields[1] == "cri":
+                if fields[-1] == "error":
+                    error = HarnessError("containerd's CRI plugin failed to load; log:\n"
+                                         f"{self.log_tail()}")
+                    self.stop()
+                    raise error
+                return fields[-1] == "ok"
+        return False
 
     def _cleanup_namespace(self, ns: str) -> None:
         for task_line in self.ctr.lines("tasks", "ls", "-q", namespace=ns, check=False):
@@ -321,10 +385,11 @@ class Containerd:
                 subprocess.run(["umount", "-l", point], capture_output=True, check=False)
         self.process = None
         # runc keeps per-namespace state outside our root; drop the dir once it is empty.
-        try:
-            os.rmdir(f"/run/containerd/runc/{self.namespace}")
-        except OSError:
-            pass
+        for ns in {self.namespace, *([CRI_NAMESPACE] if self.cri is not None else [])}:
+            try:
+                os.rmdir(f"/run/containerd/runc/{ns}")
+            except OSError:
+                pass
         if self.remove_base and not _mounts_under([self.base]):
             shutil.rmtree(self.base, ignore_errors=True)
 
@@ -337,8 +402,9 @@ class Containerd:
 
 def start_containerd(base: Path | None = None, *, namespace: str | None = None,
                      proxy_plugins: Mapping[str, str] | None = None,
-                     extra_toml: str = "") -> Containerd:
-    """Start a private containerd under `base` (a new short temp dir if None)."""
+                     extra_toml: str = "", cri: CriOptions | None = None) -> Containerd:
+    """Start a private containerd under `base` (a new short temp dir if None); `cri`
+    enables the CRI plugin with those options."""
     remove_base = base is None
     if base is None:
         # /tmp keeps socket paths well under the sun_path limit.
@@ -348,6 +414,7 @@ def start_containerd(base: Path | None = None, *, namespace: str | None = None,
         namespace=namespace or f"peerstar-test-{os.getpid()}",
         proxy_plugins=dict(proxy_plugins or {}),
         extra_toml=extra_toml,
+        cri=cri,
         remove_base=remove_base,
     )
     try:

@@ -1,0 +1,253 @@
+"""End to end through containerd's real CRI plugin, the way a Kubernetes node pulls: a
+containerd of its own with CRI enabled and configured as peerstar/snapshotter/README.md
+says (`proxy_plugins.peerstar`, CRI `snapshotter = "peerstar"`,
+`disable_snapshot_annotations = false`), images pulled with the CRI
+`runtime.v1.ImageService/PullImage` call (tests/support/cri), then run with
+`ctr -n k8s.io run` (a pod would need CNI and a pause image; the rootfs is the same).
+
+An eStargz image must reach the snapshotter with CRI's labels (`cri.image-ref`,
+`cri.layer-digest`, the TOC digest annotation), be mounted lazily and committed as
+remote snapshots, its layer blobs never in containerd's content store; a plain gzip
+image takes the fallback path; RemoveImage lets containerd's garbage collector remove
+the snapshots, which ends the lazy mounts. Also: the committed CRI stubs are what
+tests/support/cri/protogen.py makes of its api.proto (not slow)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from peerstar.sample import SAMPLE_TEXT, SAMPLE_TEXT_PATH
+from peerstar.snapshotter._proto import snapshots_pb2 as pb
+from peerstar.snapshotter._proto import snapshots_pb2_grpc
+from tests.snapshotter.conftest import (
+    SnapshotterProc,
+    mounts_under,
+    start_snapshotter,
+    stop_snapshotter,
+)
+from tests.snapshotter.test_lazy_pull import PushedLayer, push_image
+from tests.support.containerd import (
+    CRI_NAMESPACE,
+    Containerd,
+    CriOptions,
+    Ctr,
+    HarnessError,
+    start_containerd,
+)
+from tests.support.cri import protogen
+from tests.support.cri.client import CriImages, api_pb2
+from tests.support.registry import DockerRegistry
+
+REMOTE_LABEL = "containerd.io/snapshot/remote"
+CRI_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
+CRI_LAYER_DIGEST = "containerd.io/snapshot/cri.layer-digest"
+CRI_IMAGE_LAYERS = "containerd.io/snapshot/cri.image-layers"
+CRI_MANIFEST_DIGEST = "containerd.io/snapshot/cri.manifest-digest"
+TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
+
+
+@dataclass
+class CriStack:
+    snapshotter: SnapshotterProc
+    containerd: Containerd
+    images: CriImages  # the CRI image service on containerd's socket
+    ctr: Ctr  # ctr in the CRI plugin's namespace, k8s.io
+
+
+@contextmanager
+def running_cri_stack(config_text: str) -> Iterator[CriStack]:
+    if os.geteuid() != 0:
+        pytest.fail("snapshotter tests must run as root (overlay and FUSE mounts)",
+                    pytrace=False)
+    try:
+        snap = start_snapshotter(config_text)
+    except HarnessError as exc:
+        pytest.fail(f"cannot start the snapshotter: {exc}", pytrace=False)
+    try:
+        daemon = start_containerd(
+            proxy_plugins={"peerstar": str(snap.address)},
+            cri=CriOptions(snapshotter="peerstar", disable_snapshot_annotations=False))
+    except HarnessError as exc:
+        stop_snapshotter(snap)
+        pytest.fail(f"cannot start containerd with CRI: {exc}", pytrace=False)
+    images = CriImages(daemon.address, timeout=120)
+    try:
+        yield CriStack(snap, daemon, images, Ctr(daemon.address, CRI_NAMESPACE))
+    finally:
+        images.close()
+        daemon.stop()
+        stop_snapshotter(snap)
+
+
+@pytest.fixture(scope="module")
+def cri() -> Iterator[CriStack]:
+    with running_cri_stack("[remote]\nprefetch_timeout = 5.0\nbackground_fetch = false\n"
+                           ) as s:
+        yield s
+
+
+@dataclass
+class Pushed:
+    ref: str
+    manifest_digest: str
+    layers: list[PushedLayer]
+
+
+def _push(reg: DockerRegistry, repo: str, *, estargz: bool) -> Pushed:
+    layers = push_image(reg.url, repo, "v1", estargz=estargz)
+    res = reg.get_manifest(repo, "v1")
+    assert res.status == 200, res
+    return Pushed(f"{reg.host}/{repo}:v1", res.headers["docker-content-digest"], layers)
+
+
+@pytest.fixture(scope="module")
+def estargz_image(docker_registry: DockerRegistry) -> Pushed:
+    return _push(docker_registry, "snap/cri-lazy", estargz=True)
+
+
+@pytest.fixture(scope="module")
+def gzip_image(docker_registry: DockerRegistry) -> Pushed:
+    return _push(docker_registry, "snap/cri-plain", estargz=False)
+
+
+def backend_infos(stack: CriStack) -> list[pb.Info]:
+    """Every snapshot as the peerstar snapshotter itself has it (labels it received)."""
+    with grpc.insecure_channel(f"unix://{stack.snapshotter.address}") as ch:
+        stub = snapshots_pb2_grpc.SnapshotsStub(ch)
+        return [i for r in stub.List(pb.ListSnapshotsRequest()) for i in r.info]
+
+
+def remote_by_layer(stack: CriStack) -> dict[str, pb.Info]:
+    """The snapshotter's remote snapshots, by the CRI layer digest label they came with."""
+    return {i.labels[CRI_LAYER_DIGEST]: i for i in backend_infos(stack)
+            if REMOTE_LABEL in i.labels}
+
+
+def content_digests(stack: CriStack) -> set[str]:
+    return {line.split()[0] for line in stack.ctr.lines("content", "ls")[1:]}
+
+
+def containerd_snapshots(stack: CriStack) -> dict[str, dict[str, object]]:
+    """containerd's own records of the peerstar snapshots in k8s.io (key -> info JSON)."""
+    keys = [line.split()[0] for line in
+            stack.ctr.lines("snapshots", "--snapshotter", "peerstar", "ls")[1:]]
+    return {key: json.loads(stack.ctr.text("snapshots", "--snapshotter", "peerstar", "info",
+                                           key)) for key in keys}
+
+
+def run_cat(stack: CriStack, ref: str, name: str, path: str) -> str:
+    cid = f"{name}-{os.getpid()}"  # runc state of k8s.io is machine-wide: unique ids
+    return stack.ctr.text("run", "--snapshotter", "peerstar", "--rm", ref, cid, "cat", path)
+
+
+@pytest.mark.slow
+def test_cri_pull_mounts_estargz_layers_remotely(cri: CriStack, estargz_image: Pushed) -> None:
+    img = estargz_image
+    image_id = cri.images.pull(img.ref)
+    # The snapshotter got CRI's labels for each layer and mounted both lazily.
+    remote = remote_by_layer(cri)
+    assert sorted(remote) == sorted(la.digest for la in img.layers), cri.snapshotter.log()
+    for i, layer in enumerate(img.layers):
+        labels = remote[layer.digest].labels
+        assert remote[layer.digest].kind == pb.COMMITTED
+        assert labels[REMOTE_LABEL] == "remote snapshot"
+        assert labels[CRI_IMAGE_REF] == img.ref
+        assert labels[CRI_MANIFEST_DIGEST] == img.manifest_digest
+        # containerd lists this layer and the ones above it (what a snapshotter may prefetch).
+        assert labels[CRI_IMAGE_LAYERS] == ",".join(la.digest for la in img.layers[i:])
+        assert labels[TOC_DIGEST] == layer.toc_digest
+        # ctr-remote's labels were not involved.
+        assert not any(k.startswith("containerd.io/snapshot/remote/stargz.") for k in labels)
+    fuse = mounts_under(cri.snapshotter.root)
+    assert len(fuse) == 2 and all(Path(p).name == "fs" for p in fuse)
+    # containerd records them as remote snapshots too (committed, under chain ids).
+    recorded = containerd_snapshots(cri)
+    remote_keys = {k for k, info in recorded.items()
+                   if REMOTE_LABEL in (info.get("Labels") or {})}
+    assert len(remote_keys) == 2, recorded
+    assert all(recorded[k]["Kind"] == "Committed" for k in remote_keys)
+    # The layer blobs never entered containerd's content store; manifest and config did.
+    content = content_digests(cri)
+    assert not content & {la.digest for la in img.layers}
+    assert {img.manifest_digest, image_id} <= content
+    # ImageStatus and ListImages report the image under its tag and digest.
+    status = cri.images.status(img.ref)
+    assert status.HasField("image")
+    assert status.image.id == image_id
+    assert list(status.image.repo_tags) == [img.ref]
+    assert list(status.image.repo_digests) == [
+        f"{img.ref.rsplit(':', 1)[0]}@{img.manifest_digest}"]
+    assert status.image.size > 0
+    assert [i.id for i in cri.images.list(img.ref)] == [image_id]
+    # A container of the image reads its files through the lazy mounts.
+    assert run_cat(cri, img.ref, "cri-lazy", SAMPLE_TEXT_PATH) == SAMPLE_TEXT.decode()
+    assert run_cat(cri, img.ref, "cri-deep", "/opt/peerstar/tree/a/b/c/deep.txt") == \
+        "deep in the tree\n"
+
+
+@pytest.mark.slow
+def test_cri_pull_of_plain_gzip_image_falls_back(cri: CriStack, gzip_image: Pushed) -> None:
+    img = gzip_image
+    before = set(remote_by_layer(cri))
+    image_id = cri.images.pull(img.ref)
+    assert set(remote_by_layer(cri)) == before  # nothing new went remote
+    # containerd downloaded and unpacked the layers itself.
+    assert {la.digest for la in img.layers} | {image_id} <= content_digests(cri)
+    # The snapshotter saw CRI's layer labels and turned the layer down for the TOC digest.
+    log = cri.snapshotter.log()
+    for layer in img.layers:
+        assert f"layer {layer.digest} has no {TOC_DIGEST} label (not eStargz)" in log
+    assert cri.images.status(img.ref).image.id == image_id
+    assert run_cat(cri, img.ref, "cri-plain", SAMPLE_TEXT_PATH) == SAMPLE_TEXT.decode()
+
+
+@pytest.mark.slow
+def test_cri_status_of_missing_image_and_remove_unmounts(
+        cri: CriStack, estargz_image: Pushed) -> None:
+    img = estargz_image
+    missing = cri.images.status(img.ref.rsplit(":", 1)[0] + ":absent")
+    assert not missing.HasField("image")
+    image_id = cri.images.pull(img.ref)  # a no-op if the first test pulled it
+    points = {info.name: info for info in remote_by_layer(cri).values()}
+    assert len(points) == 2
+    fuse_before = set(mounts_under(cri.snapshotter.root))
+    assert len(fuse_before) >= 2
+    cri.images.remove(img.ref)
+    assert not cri.images.status(img.ref).HasField("image")
+    assert image_id not in {i.id for i in cri.images.list()}
+    cri.images.remove(img.ref)  # idempotent
+    # containerd's garbage collector removes the image's snapshots from the backend;
+    # removing a remote snapshot ends its lazy mount.
+    deadline = time.monotonic() + 30
+    while set(remote_by_layer(cri)) & {la.digest for la in img.layers}:
+        assert time.monotonic() < deadline, (backend_infos(cri), cri.snapshotter.log()[-3000:])
+        time.sleep(0.2)
+    fuse_after = set(mounts_under(cri.snapshotter.root))
+    assert len(fuse_before - fuse_after) == 2 and not fuse_after - fuse_before
+
+
+def test_cri_stubs_are_up_to_date(tmp_path: Path) -> None:
+    written = protogen.generate(out_root=tmp_path)
+    assert [p.name for p in written] == ["api_pb2.py", "api_pb2_grpc.py"]
+    committed = Path(protogen.__file__).parent
+    for path in written:
+        assert path.read_bytes() == (committed / path.name).read_bytes(), path.name
+    # The names on the wire are the kubelet's: method paths and message fields by number.
+    service = api_pb2.DESCRIPTOR.services_by_name["ImageService"]
+    assert service.full_name == "runtime.v1.ImageService"
+    assert [m.name for m in service.methods] == [
+        "ListImages", "ImageStatus", "PullImage", "RemoveImage"]
+    fields = {f.name: f.number for f in api_pb2.Image.DESCRIPTOR.fields}
+    assert fields == {"id": 1, "repo_tags": 2, "repo_digests": 3, "size": 4, "uid": 5,
+                      "username": 6, "spec": 7}
+    assert {f.name: f.number for f in api_pb2.PullImageRequest.DESCRIPTOR.fields} == {
+        "image": 1, "auth": 2}
