@@ -87,11 +87,11 @@ def load_ca_file(ctx: ssl.SSLContext, ca_file: str) -> None:
         ctx.load_verify_locations(cafile=ca_file)
     except FileNotFoundError:
         raise TLSConfigError(f"CA file {ca_file} does not exist") from None
-    except OSError as exc:
-        raise TLSConfigError(f"CA file {ca_file}: {exc.strerror or exc}") from None
-    except ssl.SSLError as exc:
+    except ssl.SSLError as exc:  # an OSError too: caught first
         raise TLSConfigError(f"CA file {ca_file} holds no usable PEM certificate "
                              f"({exc.reason or exc})") from None
+    except OSError as exc:
+        raise TLSConfigError(f"CA file {ca_file}: {exc.strerror or exc}") from None
 
 
 def warm_up() -> None:

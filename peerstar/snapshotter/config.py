@@ -27,6 +27,13 @@ File format (every key optional):
     insecure_hosts = []           # extra registries spoken to over plain HTTP
     zygote = true                 # fork layer daemons from a pre-warmed process
                                   # (false: a fresh `python -m` per layer, ~0.3 s slower)
+    auth_file = ""                # docker config with registry credentials; "" (default):
+                                  # $DOCKER_CONFIG/config.json, else ~/.docker/config.json
+    ca_file = ""                  # PEM bundle of CAs trusted for registries besides the
+                                  # system's (SSL_CERT_FILE replaces the system's)
+
+`auth_file` and `ca_file` are checked when the file is loaded: a named file that is
+missing or unusable stops the start with a message saying which and why.
 """
 
 from __future__ import annotations
@@ -64,6 +71,8 @@ class RemoteConfig:
     mount_timeout: float = 60.0
     insecure_hosts: list[str] = field(default_factory=list)
     zygote: bool = True
+    auth_file: str = ""
+    ca_file: str = ""
 
 
 @dataclass
@@ -136,6 +145,7 @@ def load_config(path: Path | None, *, address: Path | None = None, root: Path | 
     except OSError as exc:
         raise ConfigError(f"config file {path}: {exc.strerror}") from None
     cfg = parse_config(data, str(path))
+    check_remote_files(cfg.remote, str(path))
     if address is not None:
         cfg.address = Path(address)
     if root is not None:
@@ -143,3 +153,24 @@ def load_config(path: Path | None, *, address: Path | None = None, root: Path | 
     if metrics_address is not None:
         cfg.metrics_address = metrics_address
     return cfg
+
+
+def check_remote_files(remote: RemoteConfig, source: str = "config") -> None:
+    """`ca_file` loads as PEM and `auth_file` reads as a docker config, or ConfigError:
+    better to refuse to start than to fall back on every layer later."""
+    # Imported here: these pull in ssl/httpx, which a config check needs only with files.
+    from peerstar.lazyfs.fetcher import TLSConfigError, load_ca_file
+    from peerstar.snapshotter.credentials import CredentialsError, Keychain
+
+    if remote.ca_file:
+        import ssl
+
+        try:
+            load_ca_file(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), remote.ca_file)
+        except TLSConfigError as exc:
+            raise ConfigError(f"{source}: remote.ca_file: {exc}") from None
+    if remote.auth_file:
+        try:
+            Keychain(remote.auth_file).check()
+        except CredentialsError as exc:
+            raise ConfigError(f"{source}: remote.auth_file: {exc}") from None

@@ -8,7 +8,11 @@ image reference (docker.io normalisation, plain HTTP for localhost/127.0.0.1/::1
 configured insecure hosts, HTTPS otherwise -- containerd's rule), and `LayerMounter`,
 the snapshotter's view of `peerstar.lazyfs`'s mount API (`mount_layer`, `find_mount`):
 one mount daemon process per layer, in its own session, so a snapshotter restart does
-not take running containers' layers down.
+not take running containers' layers down. `LayerMounter` also hands each daemon the
+registry credentials for its layer's host (`peerstar.snapshotter.credentials`: looked up
+at every mount, never stored in the snapshot database, passed in the daemon's
+environment) and the extra CA file (`[remote] ca_file`, through the environment the
+zygote and the daemons inherit).
 
 Every reason not to go remote is a `NotRemote` with a sentence a log line can carry.
 """
@@ -23,8 +27,10 @@ import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from peerstar.snapshotter.config import RemoteConfig
+from peerstar.snapshotter.credentials import Credentials, CredentialsError, Keychain
 
 log = logging.getLogger("peerstar.snapshotter.remote")
 
@@ -158,6 +164,18 @@ class LayerMounter:
         self._zygote: Any = None  # peerstar.lazyfs.zygote.Zygote
         self._zygote_lock = threading.Lock()
         self._closed = False
+        self.keychain = Keychain(cfg.auth_file)
+        try:
+            self.keychain.check()
+        except CredentialsError as exc:  # the default file: say so now, not per layer
+            log.warning("%s; layers from registries needing credentials will be pulled "
+                        "by containerd", exc)
+        if cfg.ca_file:
+            from peerstar.lazyfs.fetcher import CA_FILE_ENV
+
+            # Set before the zygote starts: it builds the TLS context every daemon forks
+            # with, and a `python -m` daemon inherits our environment.
+            os.environ[CA_FILE_ENV] = str(Path(cfg.ca_file).resolve())
 
     def start_zygote(self) -> None:
         """Start the zygote now, without waiting for its imports (~0.4 s): by the first
@@ -207,6 +225,11 @@ class LayerMounter:
         mountpoint = Path(mountpoint).resolve()
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         c = self.cfg
+        host = urlsplit(layer.url).netloc
+        try:
+            creds = self.keychain.lookup(host) or Credentials()
+        except CredentialsError as exc:
+            raise MountError(f"registry credentials for {host}: {exc}") from None
         try:
             m = lazyfs.mount_layer(
                 layer.url, layer.digest, layer.toc_digest, mountpoint, self.cache_dir,
@@ -215,9 +238,15 @@ class LayerMounter:
                 region_cache_bytes=c.region_cache_bytes,
                 chunk_cache_bytes=c.chunk_cache_bytes, request_timeout=c.request_timeout,
                 retries=c.retries, background=c.background_fetch,
-                open_timeout=c.mount_timeout, zygote=self._get_zygote())
+                open_timeout=c.mount_timeout, zygote=self._get_zygote(),
+                username=creds.username, password=creds.password,
+                token=creds.registry_token, refresh_token=creds.identity_token)
         except lazyfs.MountError as exc:
-            raise MountError(str(exc)) from None
+            # Which credentials were used (never their value): a 401 reads at once as
+            # "none configured" or "these were refused".
+            used = (f"credentials for {host} from {creds.source}" if not creds.empty else
+                    f"no credentials for {host} in {self.keychain.path}")
+            raise MountError(f"{exc} ({used})") from None
         with self._lock:
             self._mounts[mountpoint] = m
         return {"pid": m.pid, "mount_seconds": m.mount_seconds,
