@@ -9,13 +9,19 @@ An eStargz image must reach the snapshotter with CRI's labels (`cri.image-ref`,
 `cri.layer-digest`, the TOC digest annotation), be mounted lazily and committed as
 remote snapshots, its layer blobs never in containerd's content store; a plain gzip
 image takes the fallback path; RemoveImage lets containerd's garbage collector remove
-the snapshots, which ends the lazy mounts. Also: the committed CRI stubs are what
-tests/support/cri/protogen.py makes of its api.proto (not slow)."""
+the snapshots, which ends the lazy mounts; and the README's IPFS flow with CRI in
+place of ctr-remote: `peerstar push --estargz` into the embedded store, `peerstar
+registry serve`, CRI PullImage of `127.0.0.1:PORT/ipfs/<CID>:latest`. Also: the
+committed CRI stubs are what tests/support/cri/protogen.py makes of its api.proto (not
+slow)."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,10 +31,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from peerstar.sample import SAMPLE_TEXT, SAMPLE_TEXT_PATH
+from peerstar.sample import SAMPLE_TEXT, SAMPLE_TEXT_PATH, build_sample_image
 from peerstar.snapshotter._proto import snapshots_pb2 as pb
 from peerstar.snapshotter._proto import snapshots_pb2_grpc
 from tests.snapshotter.conftest import (
+    REPO,
     SnapshotterProc,
     mounts_under,
     start_snapshotter,
@@ -45,7 +52,7 @@ from tests.support.containerd import (
 )
 from tests.support.cri import protogen
 from tests.support.cri.client import CriImages, api_pb2
-from tests.support.registry import DockerRegistry
+from tests.support.registry import DockerRegistry, free_port
 
 REMOTE_LABEL = "containerd.io/snapshot/remote"
 CRI_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
@@ -233,6 +240,93 @@ def test_cri_status_of_missing_image_and_remove_unmounts(
         time.sleep(0.2)
     fuse_after = set(mounts_under(cri.snapshotter.root))
     assert len(fuse_before - fuse_after) == 2 and not fuse_after - fuse_before
+
+
+@pytest.mark.slow
+def test_layers_rpulled_in_another_namespace_serve_the_cri_pull(
+        estargz_image: Pushed) -> None:
+    """A node where `ctr-remote image rpull` already mounted the image (namespace of the
+    harness) and the kubelet then pulls it (k8s.io): the CRI pull reuses the lazy mounts
+    (one per layer, no new mount), and removing it on one side keeps them for the other."""
+    img = estargz_image
+    with running_cri_stack("[remote]\nbackground_fetch = false\n") as st:
+        st.containerd.ctr.remote("image", "rpull", "--plain-http", "--snapshotter",
+                                 "peerstar", img.ref)
+        fuse = mounts_under(st.snapshotter.root)
+        names = sorted(i.name for i in backend_infos(st))
+        assert len(fuse) == 2 and len(names) == 2
+        image_id = st.images.pull(img.ref)
+        assert sorted(i.name for i in backend_infos(st)) == names
+        assert mounts_under(st.snapshotter.root) == fuse
+        assert st.snapshotter.log().count("mounted lazily") == 2
+        assert run_cat(st, img.ref, "cri-shared", SAMPLE_TEXT_PATH) == SAMPLE_TEXT.decode()
+        assert not content_digests(st) & {la.digest for la in img.layers}
+        st.images.remove(img.ref)
+        assert image_id not in {i.id for i in st.images.list()}
+        # The harness namespace still holds the image: its layers stay mounted and run.
+        time.sleep(2)  # give containerd's garbage collector the time to act (it must not)
+        assert sorted(i.name for i in backend_infos(st)) == names
+        assert mounts_under(st.snapshotter.root) == fuse
+        out = st.containerd.ctr.text("run", "--snapshotter", "peerstar", "--rm", img.ref,
+                                     "rpulled", "cat", SAMPLE_TEXT_PATH)
+        assert out == SAMPLE_TEXT.decode()
+        st.containerd.ctr.run("images", "rm", "--sync", img.ref)
+        deadline = time.monotonic() + 30
+        while backend_infos(st) or mounts_under(st.snapshotter.root):
+            assert time.monotonic() < deadline, st.snapshotter.log()[-3000:]
+            time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_cri_pull_from_the_ipfs_registry_bridge(cri: CriStack, tmp_path: Path) -> None:
+    extra_mib = 8
+    image = build_sample_image(tmp_path / "layout", extra_mib=extra_mib)
+    store = tmp_path / "store"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PEERSTAR_")}
+    env.update(IPFS_PATH="/nonexistent-peerstar-test", PYTHONPATH=str(REPO))  # embedded
+    push = subprocess.run(
+        [sys.executable, "-m", "peerstar", "push", "--estargz", "--root", str(store),
+         f"oci:{image.path}:latest"], capture_output=True, text=True, env=env, cwd=REPO,
+        timeout=300)
+    assert push.returncode == 0, push.stderr
+    cid = push.stdout.strip().splitlines()[-1]
+    port = free_port()
+    log_path = tmp_path / "registry.log"
+    with open(log_path, "wb") as log:
+        registry = subprocess.Popen(
+            [sys.executable, "-m", "peerstar", "registry", "serve", "--root", str(store),
+             "--listen", f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=log,
+            env=env, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 30
+        while "listening on" not in log_path.read_text():
+            assert registry.poll() is None and time.monotonic() < deadline, \
+                log_path.read_text()
+            time.sleep(0.05)
+        ref = f"127.0.0.1:{port}/ipfs/{cid}:latest"
+        before = set(remote_by_layer(cri))
+        image_id = cri.images.pull(ref)
+        new = {d: i for d, i in remote_by_layer(cri).items() if d not in before}
+        assert len(new) == 2, cri.snapshotter.log()[-3000:]
+        assert all(i.labels[CRI_IMAGE_REF] == ref for i in new.values())
+        assert cri.images.status(ref).image.id == image_id
+        assert run_cat(cri, ref, "cri-ipfs", SAMPLE_TEXT_PATH) == SAMPLE_TEXT.decode()
+        content = content_digests(cri)
+        assert not content & set(new)
+        registry.send_signal(signal.SIGTERM)
+        registry.wait(15)
+    finally:
+        if registry.poll() is None:
+            registry.kill()
+            registry.wait()
+    # The bridge served the layers in ranges only, far less than the image.
+    entries = [json.loads(line) for line in log_path.read_text().splitlines()
+               if line.startswith("{")]
+    layer_reads = [e for e in entries if e["path"].rsplit("/", 1)[1] in new]
+    assert layer_reads, entries
+    assert all(e["range"] for e in layer_reads if e["method"] == "GET"), layer_reads
+    served = sum(e["bytes"] for e in layer_reads)
+    assert 0 < served < (extra_mib << 20) // 4, served
 
 
 def test_cri_stubs_are_up_to_date(tmp_path: Path) -> None:
