@@ -277,7 +277,7 @@ def test_mounter_bad_credentials_file_fails_the_mount(
 def test_mounter_exports_the_ca_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from peerstar.lazyfs.fetcher import CA_FILE_ENV
 
-    monkeypatch.delenv(CA_FILE_ENV, raising=False)
+    monkeypatch.setenv(CA_FILE_ENV, "")  # recorded: the mounter's value is undone after
     ca = write(tmp_path / "ca.pem", "x")
     LayerMounter(RemoteConfig(ca_file=str(ca), zygote=False), tmp_path / "c")
     assert os.environ[CA_FILE_ENV] == str(ca.resolve())
