@@ -840,8 +840,8 @@ def print_report(results: dict[str, list[Trial]], legacy: list[Layer], lazy: lis
     prof = {m: ts for m, ts in results.items() if m in "bcBC" and ts}
     if prof:
         print("\nWhere peerstar's time and bytes go (medians; mount = footer + TOC + FUSE "
-              "mount + prefetch inside the layer daemons; bytes by kind as the "
-              "daemons' stats said ~2.5 s after the output):\n")
+              "mount inside the layer daemons -- the prefetch runs on after it; bytes "
+              "by kind as the daemons' stats said ~2.5 s after the output):\n")
         kinds = ("toc", "prefetch", "on_demand", "background")
         print("| mode | pull (s) | layers | sum of mounts (s) | pull outside mounts (s) | "
               + " | ".join(kinds) + " |")
