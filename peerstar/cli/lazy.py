@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--work-root", type=Path, default=None,
                    help="where layer mounts live (default /var/lib/peerstar/mounts)")
     p.add_argument("--prefetch-timeout", type=float, default=10.0,
-                   help="seconds to wait for the prioritized files (default 10)")
+                   help="seconds reads of prioritized files wait for their prefetch (default 10)")
     p.add_argument("--plain-http", action="store_true",
                    help="plain HTTP even for a non-localhost registry")
     p.add_argument("--no-background", action="store_true",

@@ -17,7 +17,8 @@ Mount API (for the snapshotter)
         toc_digest,     # annotation containerd.io/snapshot/stargz/toc.digest
         mountpoint,     # an existing empty directory
         cache_dir,      # shared by all layers: regions/, chunks/, mounts/ (state, logs)
-        prefetch_timeout=10.0,   # wait at most this long for the prioritized files
+        prefetch_timeout=10.0,   # reads of prioritized files wait this long for the prefetch
+        wait_prefetch=False,     # True: return only once the prefetch is done (or timed out)
         verify=True,             # False only by explicit configuration
         size=None,               # blob size if known (descriptor size): saves a request
         prefetch_size=0,         # bytes to prefetch when the layer has no landmark
