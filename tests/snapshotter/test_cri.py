@@ -9,11 +9,12 @@ An eStargz image must reach the snapshotter with CRI's labels (`cri.image-ref`,
 `cri.layer-digest`, the TOC digest annotation), be mounted lazily and committed as
 remote snapshots, its layer blobs never in containerd's content store; a plain gzip
 image takes the fallback path; RemoveImage lets containerd's garbage collector remove
-the snapshots, which ends the lazy mounts; and the README's IPFS flow with CRI in
+the snapshots, which ends the lazy mounts; layers already mounted by `ctr-remote`
+in another namespace serve a CRI pull; and the README's IPFS flow with CRI in
 place of ctr-remote: `peerstar push --estargz` into the embedded store, `peerstar
 registry serve`, CRI PullImage of `127.0.0.1:PORT/ipfs/<CID>:latest`. Also: the
-committed CRI stubs are what tests/support/cri/protogen.py makes of its api.proto (not
-slow)."""
+committed CRI stubs are what tests/support/cri/protogen.py makes of its api.proto, and
+the containerd config used here is the README's (not slow)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,10 +46,12 @@ from tests.snapshotter.conftest import (
 from tests.snapshotter.test_lazy_pull import PushedLayer, push_image
 from tests.support.containerd import (
     CRI_NAMESPACE,
+    CRI_PLUGIN,
     Containerd,
     CriOptions,
     Ctr,
     HarnessError,
+    render_config,
     start_containerd,
 )
 from tests.support.cri import protogen
@@ -60,6 +64,8 @@ CRI_LAYER_DIGEST = "containerd.io/snapshot/cri.layer-digest"
 CRI_IMAGE_LAYERS = "containerd.io/snapshot/cri.image-layers"
 CRI_MANIFEST_DIGEST = "containerd.io/snapshot/cri.manifest-digest"
 TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
+# CRI as peerstar/snapshotter/README.md configures it (test_harness_config_is_the_readmes).
+CRI_OPTIONS = CriOptions(snapshotter="peerstar", disable_snapshot_annotations=False)
 
 
 @dataclass
@@ -82,7 +88,7 @@ def running_cri_stack(config_text: str) -> Iterator[CriStack]:
     try:
         daemon = start_containerd(
             proxy_plugins={"peerstar": str(snap.address)},
-            cri=CriOptions(snapshotter="peerstar", disable_snapshot_annotations=False))
+            cri=CRI_OPTIONS)
     except HarnessError as exc:
         stop_snapshotter(snap)
         pytest.fail(f"cannot start containerd with CRI: {exc}", pytrace=False)
@@ -345,3 +351,19 @@ def test_cri_stubs_are_up_to_date(tmp_path: Path) -> None:
                       "username": 6, "spec": 7}
     assert {f.name: f.number for f in api_pb2.PullImageRequest.DESCRIPTOR.fields} == {
         "image": 1, "auth": 2}
+
+
+def test_harness_config_is_the_readmes() -> None:
+    """The containerd configuration these tests run with is the README's snippet."""
+    text = (REPO / "peerstar" / "snapshotter" / "README.md").read_text()
+    section = text.split("## containerd `config.toml`", 1)[1]
+    readme = tomllib.loads(section.split("```toml\n", 1)[1].split("```", 1)[0])
+    socket = readme["proxy_plugins"]["peerstar"]["address"]
+    ours = tomllib.loads(render_config(Path("/tmp/x"), proxy_plugins={"peerstar": socket},
+                                       cri=CRI_OPTIONS))
+    assert ours["version"] == readme["version"] == 2
+    assert ours["proxy_plugins"] == readme["proxy_plugins"]
+    assert ours["plugins"][CRI_PLUGIN]["containerd"] == \
+        readme["plugins"][CRI_PLUGIN]["containerd"] == {
+            "snapshotter": "peerstar", "disable_snapshot_annotations": False}
+    assert CRI_PLUGIN not in ours.get("disabled_plugins", [])
