@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 import tomllib
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -315,6 +316,16 @@ def test_cri_pull_from_the_ipfs_registry_bridge(cri: CriStack, tmp_path: Path) -
         new = {d: i for d, i in remote_by_layer(cri).items() if d not in before}
         assert len(new) == 2, cri.snapshotter.log()[-3000:]
         assert all(i.labels[CRI_IMAGE_REF] == ref for i in new.values())
+        # The layer descriptors carry `urls: ["ipfs://<cid>"]`, but CRI, unlike
+        # ctr-remote, passes no URL labels: the blob is located by reference + digest.
+        manifest = json.loads(urllib.request.urlopen(urllib.request.Request(
+            f"http://127.0.0.1:{port}/v2/ipfs/{cid}/manifests/latest",
+            headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}),
+            timeout=10).read())
+        assert {la["digest"] for la in manifest["layers"]} == set(new)
+        assert all(la["urls"][0].startswith("ipfs://") for la in manifest["layers"])
+        assert not [k for i in new.values() for k in i.labels
+                    if k.startswith("containerd.io/snapshot/remote/")]
         assert cri.images.status(ref).image.id == image_id
         assert run_cat(cri, ref, "cri-ipfs", SAMPLE_TEXT_PATH) == SAMPLE_TEXT.decode()
         content = content_digests(cri)
