@@ -9,33 +9,19 @@ import tarfile
 from collections.abc import Callable
 
 from peerstar.estargz.footer import estargz_footer, parse_footer
+from tests.support.tars import Entry, write_tar
 
 
 def make_tar(entries: list[dict], fmt: int = tarfile.PAX_FORMAT) -> bytes:
     """entries: dicts with name, and optional type/data/mode/uid/gid/uname/gname/mtime/
-    linkname/devmajor/devminor/pax."""
-    bio = io.BytesIO()
-    with tarfile.open(fileobj=bio, mode="w", format=fmt) as tf:
-        for spec in entries:
-            ti = tarfile.TarInfo(spec["name"])
-            ti.type = spec.get("type", tarfile.REGTYPE)
-            ti.mode = spec.get("mode", 0o644)
-            ti.uid = spec.get("uid", 0)
-            ti.gid = spec.get("gid", 0)
-            ti.uname = spec.get("uname", "")
-            ti.gname = spec.get("gname", "")
-            ti.mtime = spec.get("mtime", 1_700_000_000)
-            ti.linkname = spec.get("linkname", "")
-            ti.devmajor = spec.get("devmajor", 0)
-            ti.devminor = spec.get("devminor", 0)
-            ti.pax_headers = spec.get("pax", {})
-            data = spec.get("data")
-            if data is not None:
-                ti.size = len(data)
-                tf.addfile(ti, io.BytesIO(data))
-            else:
-                tf.addfile(ti)
-    return bio.getvalue()
+    linkname/devmajor/devminor/pax (written by `tests.support.tars.write_tar`)."""
+    return write_tar(Entry(
+        spec["name"], spec.get("type", tarfile.REGTYPE), spec.get("data") or b"",
+        mode=spec.get("mode", 0o644), uid=spec.get("uid", 0), gid=spec.get("gid", 0),
+        uname=spec.get("uname", ""), gname=spec.get("gname", ""),
+        mtime=spec.get("mtime", 1_700_000_000), linkname=spec.get("linkname", ""),
+        devmajor=spec.get("devmajor", 0), devminor=spec.get("devminor", 0),
+        pax=spec.get("pax", {}), format=fmt) for spec in entries)
 
 
 def all_kinds_tar() -> bytes:

@@ -16,7 +16,7 @@ import json
 import subprocess
 import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -35,6 +35,7 @@ from peerstar.sample import (
 )
 from tests.support.registry import DockerRegistry, put_manifest
 from tests.support.registry import upload_blob as push_blob
+from tests.support.tars import Entry, write_tar
 
 MTIME = 1700000000
 CHUNK = 256 << 10  # small chunks so a few MiB make many chunks
@@ -46,58 +47,30 @@ def sha(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-@dataclass
-class TarItem:
-    name: str
-    type: bytes = tarfile.REGTYPE
-    data: bytes = b""
-    mode: int = 0o644
-    uid: int = 0
-    gid: int = 0
-    link: str = ""
-    devmajor: int = 0
-    devminor: int = 0
-    xattrs: dict[str, str] = field(default_factory=dict)
-
-
 RICH_ITEMS = [
-    TarItem("bin/", tarfile.DIRTYPE, mode=0o755),
-    TarItem("bin/tool", data=b"#!/bin/sh\necho tool\n", mode=0o4755, uid=1000, gid=1001),
-    TarItem("dev/", tarfile.DIRTYPE, mode=0o755),
-    TarItem("dev/null", tarfile.CHRTYPE, mode=0o666, devmajor=1, devminor=3),
-    TarItem("dev/sda", tarfile.BLKTYPE, mode=0o660, devmajor=8, devminor=0, gid=6),
-    TarItem("dev/pipe", tarfile.FIFOTYPE, mode=0o600),
-    TarItem("data/", tarfile.DIRTYPE, mode=0o750, uid=33, gid=33,
-            xattrs={"user.dir": "on a dir"}),
-    TarItem("data/big.bin", data=BIG, xattrs={"user.checksum": "abc", "user.empty": ""}),
-    TarItem("data/empty", data=b""),
-    TarItem("data/prio.txt", data=PRIORITY),
-    TarItem("data/hard", tarfile.LNKTYPE, link="data/prio.txt"),
-    TarItem("data/rel-link", tarfile.SYMTYPE, link="big.bin", mode=0o777),
-    TarItem("data/abs-link", tarfile.SYMTYPE, link="/bin/tool", mode=0o777),
-    TarItem("data/.wh.gone", data=b""),
-    TarItem("opaque/", tarfile.DIRTYPE, mode=0o755),
-    TarItem("opaque/.wh..wh..opq", data=b""),
-    TarItem("opaque/kept.txt", data=b"kept\n"),
+    Entry("bin/", tarfile.DIRTYPE, mode=0o755),
+    Entry("bin/tool", data=b"#!/bin/sh\necho tool\n", mode=0o4755, uid=1000, gid=1001),
+    Entry("dev/", tarfile.DIRTYPE, mode=0o755),
+    Entry("dev/null", tarfile.CHRTYPE, mode=0o666, devmajor=1, devminor=3),
+    Entry("dev/sda", tarfile.BLKTYPE, mode=0o660, devmajor=8, devminor=0, gid=6),
+    Entry("dev/pipe", tarfile.FIFOTYPE, mode=0o600),
+    Entry("data/", tarfile.DIRTYPE, mode=0o750, uid=33, gid=33,
+          xattrs={"user.dir": b"on a dir"}),
+    Entry("data/big.bin", data=BIG, xattrs={"user.checksum": b"abc", "user.empty": b""}),
+    Entry("data/empty", data=b""),
+    Entry("data/prio.txt", data=PRIORITY),
+    Entry("data/hard", tarfile.LNKTYPE, linkname="data/prio.txt"),
+    Entry("data/rel-link", tarfile.SYMTYPE, linkname="big.bin", mode=0o777),
+    Entry("data/abs-link", tarfile.SYMTYPE, linkname="/bin/tool", mode=0o777),
+    Entry("data/.wh.gone", data=b""),
+    Entry("opaque/", tarfile.DIRTYPE, mode=0o755),
+    Entry("opaque/.wh..wh..opq", data=b""),
+    Entry("opaque/kept.txt", data=b"kept\n"),
 ]
 
 
 def rich_tar() -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for it in RICH_ITEMS:
-            info = tarfile.TarInfo(it.name)
-            info.type = it.type
-            info.mode = it.mode
-            info.uid, info.gid = it.uid, it.gid
-            info.mtime = MTIME
-            info.linkname = it.link
-            info.devmajor, info.devminor = it.devmajor, it.devminor
-            info.size = len(it.data) if it.type == tarfile.REGTYPE else 0
-            if it.xattrs:
-                info.pax_headers = {f"SCHILY.xattr.{k}": v for k, v in it.xattrs.items()}
-            tar.addfile(info, io.BytesIO(it.data) if it.type == tarfile.REGTYPE else None)
-    return buf.getvalue()
+    return write_tar(replace(it, mtime=MTIME) for it in RICH_ITEMS)
 
 
 @dataclass

@@ -39,26 +39,26 @@ def test_attributes_links_xattrs_and_bytes(pushed_rich: str, rich_layer: Layer, 
         checked = 0
         for it in RICH_ITEMS:
             base = it.name.rstrip("/").rsplit("/", 1)[-1]
-            if base.startswith(".wh.") or it.type == tarfile.LNKTYPE:
+            if base.startswith(".wh.") or it.kind == tarfile.LNKTYPE:
                 continue
             p = mnt / it.name.rstrip("/")
             st = os.lstat(p)
-            assert stat.S_IFMT(st.st_mode) == _type[it.type], it.name
-            if it.type != tarfile.SYMTYPE:
+            assert stat.S_IFMT(st.st_mode) == _type[it.kind], it.name
+            if it.kind != tarfile.SYMTYPE:
                 assert stat.S_IMODE(st.st_mode) == it.mode, it.name
             assert (st.st_uid, st.st_gid) == (it.uid, it.gid), it.name
             assert int(st.st_mtime) == MTIME, it.name
-            if it.type == tarfile.REGTYPE:
+            if it.kind == tarfile.REGTYPE:
                 assert st.st_size == len(it.data)
                 assert p.read_bytes() == it.data, it.name
-            if it.type in (tarfile.CHRTYPE, tarfile.BLKTYPE):
+            if it.kind in (tarfile.CHRTYPE, tarfile.BLKTYPE):
                 assert (os.major(st.st_rdev), os.minor(st.st_rdev)) == (it.devmajor,
                                                                         it.devminor)
-            if it.type == tarfile.SYMTYPE:
-                assert os.readlink(p) == it.link
-                assert st.st_size == len(it.link)
+            if it.kind == tarfile.SYMTYPE:
+                assert os.readlink(p) == it.linkname
+                assert st.st_size == len(it.linkname)
             for k, v in it.xattrs.items():
-                assert os.getxattr(p, k, follow_symlinks=False) == v.encode()
+                assert os.getxattr(p, k, follow_symlinks=False) == v
             if it.xattrs:
                 assert sorted(os.listxattr(p)) == sorted(it.xattrs)
             checked += 1

@@ -60,6 +60,7 @@ class Entry:
     devmajor: int = 0
     devminor: int = 0
     xattrs: dict[str, bytes] = field(default_factory=dict)
+    pax: dict[str, str] = field(default_factory=dict)  # other PAX records, as given
     format: int = tarfile.PAX_FORMAT
 
 
@@ -77,10 +78,10 @@ def write_tar(entries: Iterable[Entry]) -> bytes:
             ti.devmajor, ti.devminor = e.devmajor, e.devminor
             # tarfile carries PAX values as str; non-UTF-8 bytes survive through
             # surrogateescape and tarfile then marks the header hdrcharset=BINARY.
-            ti.pax_headers = {
+            ti.pax_headers = {**e.pax, **{
                 f"SCHILY.xattr.{k}": v.decode("utf-8", "surrogateescape")
                 for k, v in e.xattrs.items()
-            }
+            }}
             ti.size = len(e.data) if e.kind == tarfile.REGTYPE else 0
             # The archive's format is consulted per member, so switching it between
             # members gives a tar mixing PAX and GNU long-name encodings, as real
