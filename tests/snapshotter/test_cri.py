@@ -23,6 +23,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 import urllib.request
@@ -282,6 +283,36 @@ def test_layers_rpulled_in_another_namespace_serve_the_cri_pull(
         while backend_infos(st) or mounts_under(st.snapshotter.root):
             assert time.monotonic() < deadline, st.snapshotter.log()[-3000:]
             time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_concurrent_cri_pulls_of_images_sharing_layers(docker_registry: DockerRegistry) -> None:
+    """The kubelet with parallel image pulls: three images with the same layers pulled at
+    once through CRI: one lazy mount per layer, no mount left over, every image runs."""
+    imgs = [_push(docker_registry, f"snap/cri-shared{i}", estargz=True) for i in range(3)]
+    assert len({tuple(la.digest for la in im.layers) for im in imgs}) == 1
+    with running_cri_stack("[remote]\nbackground_fetch = false\n") as st:
+        results: dict[str, str | BaseException] = {}
+
+        def pull(ref: str) -> None:
+            try:
+                results[ref] = st.images.pull(ref)
+            except BaseException as exc:  # reported by the assertion below
+                results[ref] = exc
+
+        threads = [threading.Thread(target=pull, args=(im.ref,)) for im in imgs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=180)
+        assert len({str(v) for v in results.values()}) == 1, results  # one image id
+        assert str(results[imgs[0].ref]).startswith("sha256:"), results
+        assert sorted(remote_by_layer(st)) == sorted(la.digest for la in imgs[0].layers)
+        assert len(backend_infos(st)) == 2  # no leftover active snapshot
+        assert len(mounts_under(st.snapshotter.root)) == 2
+        for k, im in enumerate(imgs):
+            assert run_cat(st, im.ref, f"cri-shared{k}", SAMPLE_TEXT_PATH) == \
+                SAMPLE_TEXT.decode()
 
 
 @pytest.mark.slow
