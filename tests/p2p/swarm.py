@@ -17,11 +17,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 from multiformats import CID, multihash
 
+from peerstar.k8s.keys import generate_swarm_key
 from tests.support.containerd import HarnessError
 from tests.support.jsipfs import JsIpfs
-from tests.support.netns import Node
+from tests.support.netns import Network, Node
 
 REPO = Path(__file__).resolve().parents[2]
 API_PORT, SWARM_PORT, GATEWAY_PORT, RPC_PORT = 5001, 4001, 8080, 5003
@@ -161,6 +163,34 @@ def start_daemon(node: Node, swarm_key: bytes | None, bootstrap: Sequence[str] =
         daemon.stop()
         raise
     return daemon
+
+
+@contextmanager
+def private_swarm(labels: str) -> Iterator[tuple[dict[str, Node], dict[str, JsIpfs]]]:
+    """One node (network namespace) per label, each with js-ipfs on a fresh swarm key,
+    all bootstrapping from the first; daemons stopped and namespaces removed on exit.
+    A harness failure fails the test with its reason (no traceback)."""
+    key = generate_swarm_key().encode()
+    daemons: dict[str, JsIpfs] = {}
+    try:
+        net = Network()
+    except HarnessError as exc:
+        pytest.fail(f"cannot create network namespaces: {exc}", pytrace=False)
+    try:
+        try:
+            nodes = {label: net.add_node(label) for label in labels}
+            first = labels[0]
+            daemons[first] = start_daemon(nodes[first], key)
+            for label in labels[1:]:
+                daemons[label] = start_daemon(nodes[label], key,
+                                              [daemons[first].swarm_multiaddr])
+        except HarnessError as exc:
+            pytest.fail(f"cannot start the swarm: {exc}", pytrace=False)
+        yield nodes, daemons
+    finally:
+        for d in daemons.values():
+            d.stop()
+        net.remove()
 
 
 @contextmanager

@@ -22,14 +22,13 @@ from typing import Any
 
 import pytest
 
-from peerstar.k8s.keys import generate_swarm_key
 from peerstar.sample import SAMPLE_TEXT, SAMPLE_TEXT_PATH, SampleImage, build_sample_image
 from tests.p2p import swarm
 from tests.p2p.test_registry_swarm import push
 from tests.snapshotter.conftest import SnapshotterProc, mounts_under, stop_snapshotter
 from tests.support.containerd import Containerd, HarnessError, start_containerd
 from tests.support.jsipfs import JsIpfs
-from tests.support.netns import Network, Node
+from tests.support.netns import Node
 
 pytestmark = pytest.mark.slow
 
@@ -84,42 +83,28 @@ def node_b(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeB]:
 
     work = tmp_path_factory.mktemp("p2p-lazy")
     image = build_sample_image(work / "layout", extra_mib=8)
-    key = generate_swarm_key().encode()
-    daemons: dict[str, JsIpfs] = {}
-    try:
-        net = Network()
-    except HarnessError as exc:
-        pytest.fail(f"cannot create network namespaces: {exc}", pytrace=False)
-    snap: NodeSnapshotter | None = None
-    containerd: Containerd | None = None
-    failure = ""
-    try:
-        a, b = net.add_node("a"), net.add_node("b")
-        daemons["a"] = swarm.start_daemon(a, key)
-        daemons["b"] = swarm.start_daemon(b, key, [daemons["a"].swarm_multiaddr])
-        snap = NodeSnapshotter(Path(tempfile.mkdtemp(prefix="pss-", dir="/tmp")),
-                               SNAPSHOTTER_CONFIG)
-        snap.node = b
-        snap.start()
-        containerd = start_containerd(proxy_plugins={"peerstar": str(snap.address)})
-    except HarnessError as exc:
-        failure = f"cannot start node B's stack: {exc}"
-    try:
-        if failure:
-            pytest.fail(failure, pytrace=False)
-        assert snap is not None and containerd is not None
-        with swarm.registry(b, work / "registry-b.log"):
-            yield NodeB(a, b, daemons, image, snap, containerd)
-    finally:
-        # containerd first (its containers use the mounts), then the snapshotter (it
-        # unmounts the lazy layers), then the daemons and namespaces.
-        if containerd is not None:
-            containerd.stop()
-        if snap is not None:
-            stop_snapshotter(snap)
-        for d in daemons.values():
-            d.stop()
-        net.remove()
+    with swarm.private_swarm("ab") as (nodes, daemons):
+        a, b = nodes["a"], nodes["b"]
+        snap: NodeSnapshotter | None = None
+        containerd: Containerd | None = None
+        try:
+            try:
+                snap = NodeSnapshotter(Path(tempfile.mkdtemp(prefix="pss-", dir="/tmp")),
+                                       SNAPSHOTTER_CONFIG)
+                snap.node = b
+                snap.start()
+                containerd = start_containerd(proxy_plugins={"peerstar": str(snap.address)})
+            except HarnessError as exc:
+                pytest.fail(f"cannot start node B's stack: {exc}", pytrace=False)
+            with swarm.registry(b, work / "registry-b.log"):
+                yield NodeB(a, b, daemons, image, snap, containerd)
+        finally:
+            # containerd first (its containers use the mounts), then the snapshotter (it
+            # unmounts the lazy layers); the swarm goes last.
+            if containerd is not None:
+                containerd.stop()
+            if snap is not None:
+                stop_snapshotter(snap)
 
 
 def test_rpull_and_run_lazily_on_b(node_b: NodeB) -> None:

@@ -18,12 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from peerstar.k8s.keys import generate_swarm_key
 from peerstar.sample import SAMPLE_TEXT, SAMPLE_TEXT_PATH, SampleImage, build_sample_image
 from tests.p2p import swarm
-from tests.support.containerd import HarnessError
 from tests.support.jsipfs import JsIpfs
-from tests.support.netns import Network, Node
+from tests.support.netns import Node
 
 pytestmark = pytest.mark.slow
 
@@ -43,29 +41,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     work = tmp_path_factory.mktemp("p2p-registry")
     # 8 MiB of extra file data: a read of one small file must fetch far less than that.
     image = build_sample_image(work / "layout", extra_mib=8)
-    key = generate_swarm_key().encode()
-    daemons: dict[str, JsIpfs] = {}
-    try:
-        net = Network()
-    except HarnessError as exc:
-        pytest.fail(f"cannot create network namespaces: {exc}", pytrace=False)
-    failure = ""
-    try:
-        nodes = {label: net.add_node(label) for label in "abc"}
-        daemons["a"] = swarm.start_daemon(nodes["a"], key)
-        for label in "bc":
-            daemons[label] = swarm.start_daemon(nodes[label], key,
-                                                [daemons["a"].swarm_multiaddr])
-    except HarnessError as exc:
-        failure = f"cannot start the swarm: {exc}"
-    try:
-        if failure:
-            pytest.fail(failure, pytrace=False)
+    with swarm.private_swarm("abc") as (nodes, daemons):
         yield Cluster(nodes, daemons, image, work)
-    finally:
-        for d in daemons.values():
-            d.stop()
-        net.remove()
 
 
 def push(node: Node, layout: Path) -> str:
