@@ -56,8 +56,9 @@ def test_bad_config_is_one_line_error(tmp_path: Path) -> None:
         capture_output=True, text=True, cwd=REPO, timeout=60)
     assert res.returncode == 1
     assert res.stderr.strip().splitlines() == [
-        f"peerstar: error: {cfg}: unknown key 'remote.verfiy' (known: background_fetch, "
-        "chunk_cache_bytes, enable, insecure_hosts, mount_timeout, prefetch_size, "
+        f"peerstar: error: {cfg}: unknown key 'remote.verfiy' (known: auth_file, "
+        "background_fetch, ca_file, chunk_cache_bytes, enable, insecure_hosts, mount_timeout, "
+        "prefetch_size, "
         "prefetch_timeout, region_cache_bytes, region_size, request_timeout, retries, verify, "
         "zygote)"]
     assert not (tmp_path / "s.sock").exists()
