@@ -10,7 +10,8 @@ An eStargz image must reach the snapshotter with CRI's labels (`cri.image-ref`,
 remote snapshots, its layer blobs never in containerd's content store; a plain gzip
 image takes the fallback path; RemoveImage lets containerd's garbage collector remove
 the snapshots, which ends the lazy mounts; layers already mounted by `ctr-remote`
-in another namespace serve a CRI pull; and the README's IPFS flow with CRI in
+in another namespace serve a CRI pull; concurrent CRI pulls of images sharing layers
+mount each layer once; and the README's IPFS flow with CRI in
 place of ctr-remote: `peerstar push --estargz` into the embedded store, `peerstar
 registry serve`, CRI PullImage of `127.0.0.1:PORT/ipfs/<CID>:latest`. Also: the
 committed CRI stubs are what tests/support/cri/protogen.py makes of its api.proto, and
@@ -88,9 +89,8 @@ def running_cri_stack(config_text: str) -> Iterator[CriStack]:
     except HarnessError as exc:
         pytest.fail(f"cannot start the snapshotter: {exc}", pytrace=False)
     try:
-        daemon = start_containerd(
-            proxy_plugins={"peerstar": str(snap.address)},
-            cri=CRI_OPTIONS)
+        daemon = start_containerd(proxy_plugins={"peerstar": str(snap.address)},
+                                  cri=CRI_OPTIONS)
     except HarnessError as exc:
         stop_snapshotter(snap)
         pytest.fail(f"cannot start containerd with CRI: {exc}", pytrace=False)
