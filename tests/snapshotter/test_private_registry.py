@@ -123,20 +123,27 @@ def assert_fell_back(stack: Stack, ref: str, layers: list[PushedLayer]) -> str:
 BASE_CONFIG = "[remote]\nprefetch_timeout = 5.0\nbackground_fetch = false\n"
 
 
+@pytest.mark.parametrize("zygote", [True, False], ids=["zygote", "python-m"])
 def test_private_https_registry_lazy_with_auth_file_and_ca_file(
         private_registry: PrivateRegistry, private_image: tuple[str, list[PushedLayer]],
-        tmp_path: Path) -> None:
+        tmp_path: Path, zygote: bool) -> None:
+    """Both ways a layer daemon starts: forked from the zygote (credentials in the
+    request's environment) and `python -m` (its command line is in `ps`)."""
     ref, layers = private_image
     auth = docker_config(tmp_path / "creds", private_registry.host, USER, PASSWORD)
     config = BASE_CONFIG + f'auth_file = "{auth}"\nca_file = "{private_registry.ca}"\n'
+    config += f"zygote = {'true' if zygote else 'false'}\n"
     with running_stack(config) as stack:
         rpull(stack, private_registry, ref)
         assert_lazy(stack, ref, layers)
         log = stack.snapshotter.log()
         assert f"mounted lazily from https://{private_registry.host}/v2/snap/private/" in log
         # The secret is in no command line, no log and not in the snapshot database.
-        for pid in stack.snapshotter.daemon_pids():
+        pids = stack.snapshotter.daemon_pids()
+        assert len(pids) == len(layers)
+        for pid in pids:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            assert (b"peerstar.lazyfs.mountd" in cmdline) is not zygote, cmdline
             assert PASSWORD.encode() not in cmdline and USER.encode() not in cmdline
         assert PASSWORD not in log
         for p in (stack.snapshotter.root / "cache" / "mounts").glob("*.log"):
