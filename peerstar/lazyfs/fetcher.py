@@ -395,10 +395,12 @@ class BlobFetcher:
                     # Retrying cannot make an untrusted certificate trusted: fail now, so
                     # the snapshotter falls back at once instead of after the retries.
                     host = urlsplit(self.url).netloc
+                    advice = ("it was issued for another name or address" if "mismatch" in
+                              cert.lower() else
+                              "add its CA to [remote] ca_file or SSL_CERT_FILE")
                     raise FetchError(
                         f"{self.url}: TLS certificate of {host} not trusted ({cert}); "
-                        f"add its CA to [remote] ca_file or SSL_CERT_FILE",
-                        retryable=False) from None
+                        f"{advice}", retryable=False) from None
                 retryable = not isinstance(exc, FetchError) or exc.retryable
                 if not retryable or attempt == self.retries:
                     if isinstance(exc, FetchError):

@@ -199,3 +199,15 @@ def test_ca_file_or_ssl_cert_file_trusts_it(tls_server: tuple[str, Path], how: s
     if how == CA_FILE_ENV:  # added to, not instead of, the usual trust
         ctx = tls_context()
         assert len(ctx.get_ca_certs()) > 1
+
+
+def test_certificate_for_another_name_says_so(tls_server: tuple[str, Path],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    url, ca = tls_server
+    monkeypatch.setenv(CA_FILE_ENV, str(ca))  # trusted CA, but issued for 127.0.0.1 only
+    f = BlobFetcher(url.replace("127.0.0.1", "localhost"), retries=3, backoff=5.0)
+    with pytest.raises(FetchError) as exc:
+        f.read_at(0, 1)
+    assert "not trusted" in str(exc.value) and "mismatch" in str(exc.value)
+    assert "issued for another name or address" in str(exc.value)
+    f.close()
