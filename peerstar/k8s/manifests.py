@@ -393,7 +393,7 @@ def containerd_config(socket: str = SNAPSHOTTER_SOCKET, *, systemd_cgroup: bool 
     type = "snapshot"
     address = "{socket}"
 
-# CRI passes each layer's annotations (TOC digest, ipfs URLs) to the snapshotter.
+# CRI passes each layer's digest, TOC digest and the image reference to the snapshotter.
 [plugins."io.containerd.grpc.v1.cri".containerd]
   disable_snapshot_annotations = false
 
