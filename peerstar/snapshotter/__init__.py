@@ -7,7 +7,8 @@ layer) when a Prepare carries the remote-snapshot labels. Metadata lives in SQLi
 the root; remote layers are mounted again when the daemon starts.
 
 Modules: `config` (TOML + flags), `metadata` (SQLite), `filters` (List filters),
-`remote` (labels -> layer, mount daemons), `core` (snapshot semantics, handshake),
+`remote` (labels -> layer, mount daemons), `credentials` (registry credentials from a
+docker config file), `core` (snapshot semantics, handshake),
 `service` (gRPC), `protogen` (regenerates the committed stubs in `_proto/`).
 
 containerd `config.toml` (version 2)::
