@@ -32,7 +32,7 @@ import httpx
 from peerstar.errors import PeerstarError
 from peerstar.estargz.toc import TOC_DIGEST_ANNOTATION
 from peerstar.lazyfs.auth import RegistryAuth
-from peerstar.lazyfs.fetcher import blob_url, registry_base
+from peerstar.lazyfs.fetcher import blob_url, registry_base, tls_context
 from peerstar.lazyfs.mount import LayerMount, MountError, find_mount, mount_layer
 from peerstar.lazyfs.state import mount_fstype, write_json_atomic
 from peerstar.lazyfs.zygote import Zygote
@@ -109,8 +109,10 @@ def resolve_layers(ref: RemoteRef, *, client: httpx.Client | None = None,
     """The image's layers, bottom first, each checked to be eStargz with a TOC digest."""
     base = registry_base(ref.host, plain_http)
     own = client is None
+    # The layer daemons' trust (SSL_CERT_FILE, the system store, $PEERSTAR_REGISTRY_CA_FILE):
+    # the manifest must not be refused where the layers would be read.
     client = client or httpx.Client(auth=RegistryAuth(username, password),
-                                    follow_redirects=True, timeout=30)
+                                    follow_redirects=True, timeout=30, verify=tls_context())
     try:
         def get(reference: str) -> tuple[str, dict]:
             url = f"{base}/v2/{ref.repository}/manifests/{reference}"

@@ -211,3 +211,23 @@ def test_certificate_for_another_name_says_so(tls_server: tuple[str, Path],
     assert "not trusted" in str(exc.value) and "mismatch" in str(exc.value)
     assert "issued for another name or address" in str(exc.value)
     f.close()
+
+
+def test_image_manifests_use_the_layer_trust(tls_server: tuple[str, Path],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """`peerstar mount` resolves the manifest with the same trust as the layer reads."""
+    from peerstar.lazyfs.image import ImageMountError, parse_remote_ref, resolve_layers
+
+    url, ca = tls_server
+    ref = parse_remote_ref(url.split("/")[2] + "/app:latest")
+    for k in (CA_FILE_ENV, "SSL_CERT_FILE", "SSL_CERT_DIR"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(ImageMountError) as untrusted:
+        resolve_layers(ref, plain_http=False)
+    assert "CERTIFICATE_VERIFY_FAILED" in str(untrusted.value)
+    monkeypatch.setenv(CA_FILE_ENV, str(ca))
+    # Trusted now: the TLS handshake passes and the (blob-serving) test server's answer
+    # is refused as a manifest instead.
+    with pytest.raises(ImageMountError) as reached:
+        resolve_layers(ref, plain_http=False)
+    assert str(reached.value).endswith("/v2/app/manifests/latest: manifest is not JSON")
