@@ -261,14 +261,13 @@ class LayerFS(pyfuse3.Operations):
         e = node.entry
         assert e is not None
         t0 = time.monotonic()
-        if self.prefetch_deadline is not None and self.layer.in_prefetch(e):
-            # The prefetch is fetching these bytes already: wait for it rather than
-            # fetch them twice (its request is one range; ours would be another).
-            left = self.prefetch_deadline - t0
-            if left > 0:
-                await trio.to_thread.run_sync(self.layer.prefetch_fetched.wait, left,
-                                              cancellable=True)
         try:
+            if self.prefetch_deadline is not None and self.layer.in_prefetch(e):
+                # The prefetch is fetching these bytes already: wait for it rather than
+                # fetch them twice (its request is one range; ours would be another).
+                left = self.prefetch_deadline - t0
+                if left > 0:
+                    await trio.to_thread.run_sync(self.layer.prefetch_fetched.wait, left)
             return await trio.to_thread.run_sync(self.layer.read_file, e, off, size,
                                                   limiter=self._limiter)
         except ChunkVerifyError:
