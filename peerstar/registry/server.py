@@ -12,6 +12,10 @@ never reads content. Headers are only sent once the first upstream bytes are in 
 so a daemon that is down or stalled yields a 502/504 with a message; a failure after
 that closes the connection, and as every response carries an exact Content-Length, a
 cut-off body can never pass for a complete one.
+
+Content read from a daemon over plain HTTP on Linux is relayed with splice(2)
+(`splice.SpliceCat`): the body goes daemon socket -> pipe -> client socket without being
+copied through Python; the same per-read timeout, retries and abort rules apply.
 """
 
 from __future__ import annotations
@@ -21,11 +25,12 @@ import contextlib
 import ipaddress
 import json
 import logging
+import os
 import secrets
 import socket
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -42,6 +47,7 @@ from peerstar.registry.ranges import (
     multipart_layout,
     parse_range,
 )
+from peerstar.registry.splice import Pipe, SpliceCat, Spliced, splice_reader_for
 from peerstar.registry.tree import (
     BlobRef,
     ImageTree,
@@ -79,6 +85,10 @@ class ServerOptions:
     # A connection that does not complete a request's headers in this time is closed
     # (slowloris); aiohttp applies its keep-alive timer from the connection's start.
     header_timeout: float = 30.0
+    # Relay daemon reads to clients with splice(2) (Linux, daemon over plain HTTP);
+    # PEERSTAR_REGISTRY_ZERO_COPY=0 turns it off (then bytes are copied through Python).
+    zero_copy: bool = field(default_factory=lambda: os.environ.get(
+        "PEERSTAR_REGISTRY_ZERO_COPY", "1").strip() not in ("0", "false", "no"))
 
 
 @dataclass
@@ -142,6 +152,8 @@ class RegistryServer:
         self._fast = fast_reader_for(store)
         self._reader: ContentStore = self._fast or store
         self.options = options or ServerOptions()
+        self._splice: SpliceCat | None = (splice_reader_for(store) if self.options.zero_copy
+                                          else None)
         self.metrics = RegistryMetrics()
         self.trees = TreeCache(self._read_small, max_bytes=self.options.cache_bytes)
         self._runners: list[web.AppRunner] = []
@@ -345,9 +357,34 @@ class RegistryServer:
             await resp.prepare(request)
             await resp.write_eof()
             return resp
+        out = self._splice_target(request) if cached is None else None
+        pipe = self._splice.pipes.get() if out is not None and self._splice else None
+        try:
+            await self._send_ranges(request, resp, ranges, info, cached, layout, pipe, out)
+        finally:
+            if out is not None:
+                os.close(out)
+            if pipe is not None and self._splice is not None:
+                self._splice.pipes.put(pipe)  # closed instead unless it was drained
+        return resp
+
+    def _splice_target(self, request: web.Request) -> int | None:
+        """A descriptor of the client's socket to splice into, if this request can."""
+        if self._splice is None or request.transport is None:
+            return None
+        sock = request.transport.get_extra_info("socket")
+        if sock is None or request.transport.get_extra_info("sslcontext") is not None:
+            return None
+        # A duplicate: its own epoll registration for writability, and the socket stays
+        # valid until we are done even if aiohttp closes its descriptor meanwhile.
+        return os.dup(sock.fileno())
+
+    async def _send_ranges(self, request: web.Request, resp: web.StreamResponse,
+                           ranges: list[ByteRange], info: BlobRef, cached: bytes | None,
+                           layout, pipe: Pipe | None, out: int | None) -> None:
         prepared = False
         for i, r in enumerate(ranges):
-            pieces = self._pieces(info, cached, r)
+            pieces = self._pieces(info, cached, r, pipe)
             try:
                 async with contextlib.aclosing(pieces):
                     if layout is not None:
@@ -364,7 +401,11 @@ class RegistryServer:
                         if head:
                             await self._write(request, resp, head)
                             head = b""
-                        await self._write(request, resp, chunk)
+                        if isinstance(chunk, Spliced):
+                            assert pipe is not None and out is not None
+                            await self._relay(request, pipe, out, chunk.n)
+                        else:
+                            await self._write(request, resp, chunk)
             except UpstreamError as exc:
                 if not prepared:
                     raise _upstream_error(exc) from None
@@ -375,18 +416,44 @@ class RegistryServer:
         if layout is not None:
             await self._write(request, resp, layout.tail)
         await resp.write_eof()
-        return resp
 
-    async def _pieces(self, info: BlobRef, cached: bytes | None,
-                      r: ByteRange) -> AsyncIterator[bytes]:
+    async def _pieces(self, info: BlobRef, cached: bytes | None, r: ByteRange,
+                      pipe: Pipe | None) -> AsyncIterator[bytes | Spliced]:
         if cached is not None:
             yield cached[r.start:r.end + 1]
             return
-        async for chunk in read_stream(self._reader, info.cid, r.start, r.length,
+        reader: ContentStore = self._reader
+        if pipe is not None and self._splice is not None:
+            reader = _PipeReader(self._splice, pipe)
+        async for chunk in read_stream(reader, info.cid, r.start, r.length,
                                        self.options.policy,
                                        on_failure=self._on_upstream_failure):
             self.metrics.upstream_bytes.inc(len(chunk))
             yield chunk
+
+    async def _relay(self, request: web.Request, pipe: Pipe, out: int, n: int) -> None:
+        """Move `n` spliced bytes from `pipe` to the client, after what aiohttp holds."""
+        transport = request.transport
+        try:
+            # Headers (and multipart heads) go through aiohttp; they must be on the wire
+            # before the body bytes that follow them.
+            writer = request.writer
+            send_headers = getattr(writer, "send_headers", None)
+            if send_headers is not None:
+                send_headers()
+            async with asyncio.timeout(self.options.write_timeout):
+                while transport is not None and transport.get_write_buffer_size():
+                    await asyncio.sleep(0.001)
+                if transport is None or transport.is_closing():
+                    raise ConnectionResetError
+            await pipe.drain_to(out, n, self.options.write_timeout)
+        except TimeoutError:
+            log.warning("client %s accepted no data for %g s; dropping it", request.remote,
+                        self.options.write_timeout)
+            raise _Abort("client_slow") from None
+        except OSError:
+            raise _Abort("client_gone") from None
+        request[_STATE].sent += n
 
     async def _write(self, request: web.Request, resp: web.StreamResponse,
                      data: bytes) -> None:
@@ -449,6 +516,25 @@ class RegistryServer:
             await runner.cleanup()
         if self._fast is not None:
             await self._fast.close()
+        if self._splice is not None:
+            await self._splice.close()
+
+
+class _PipeReader:
+    """The store interface `read_stream` wants, splicing into one request's pipe."""
+
+    __slots__ = ("_pipe", "_splice")
+
+    def __init__(self, splice: SpliceCat, pipe: Pipe) -> None:
+        self._splice = splice
+        self._pipe = pipe
+
+    def cat(self, cid: str, offset: int = 0, length: int | None = None
+            ) -> AsyncIterator[Spliced]:
+        return self._splice.cat_into(self._pipe, cid, offset, length)
+
+    async def close(self) -> None:
+        pass
 
 
 def _upstream_error(exc: UpstreamError) -> RegistryError:

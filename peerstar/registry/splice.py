@@ -1,0 +1,476 @@
+"""Zero-copy relay of a daemon's `cat` body to a registry client (Linux splice(2)).
+
+Owns: `SpliceCat`, a minimal HTTP/1.1 client for kubo's `POST /api/v0/cat` over raw
+non-blocking sockets with a keep-alive pool, whose `cat` moves the response body from the
+daemon's socket into a `Pipe` with splice(2) and yields `Spliced(n)` markers (never the
+bytes); `Pipe.drain_to`, which moves those bytes on from the pipe into the client's
+socket; and `splice_reader_for`, which picks this path for stores that talk to a daemon
+over plain HTTP on Linux.
+
+Why: js-ipfs computes a 1 MiB `cat` for ~2.5 ms and then sends the whole MiB within
+~0.4 ms, so a relay's per-byte cost is not hidden behind the daemon: it adds straight to
+the latency of every large read. Copying through Python (recv into bytes, HTTP chunk
+parsing, send) cost ~1.5 ms of CPU per MiB in the registry, measured on this project's
+2-CPU machine, and kept 1 MiB reads at concurrency 1 near 0.65x of a direct `cat`; a bare
+recv+send relay loop alone costs ~0.7 ms per MiB there, splice ~0.1-0.3 ms, as the
+pages are handed from one socket to the other through the pipe without being copied.
+
+The HTTP framing (status line, headers, chunk-size lines) is read with MSG_PEEK and then
+consumed to the exact byte, so no body byte is ever read into user space. The caller
+(`upstream.read_stream`) bounds every `__anext__` with the per-read timeout and retries
+from the first byte not yet yielded; this generator therefore only awaits while every
+byte it spliced has already been yielded, so a stall or error never leaves unreported
+bytes in the pipe and the retry resumes at exactly the right offset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import socket
+import sys
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
+
+from peerstar.ipfs.errors import IPFSError
+
+log = logging.getLogger("peerstar.registry.splice")
+
+_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+_F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ, not exported by Python 3.11
+# A pipe holds this much; a 1 MiB read passes in one or two hand-overs.
+PIPE_BYTES = 1 << 20
+_MAX_HEAD = 16 << 10
+_MAX_ERROR_BODY = 64 << 10
+_IDLE_CONNECTIONS = 64
+_IDLE_PIPES = 64
+# How long a finished response may take to deliver its last-chunk marker before its
+# connection is dropped instead of being kept for the next read.
+_FINISH_TIMEOUT = 2.0
+
+
+def available() -> bool:
+    """Whether splice(2) can be used here (Linux, Python exposing os.splice)."""
+    return sys.platform.startswith("linux") and hasattr(os, "splice")
+
+
+class Spliced:
+    """`n` bytes of the requested range now sit in the request's pipe (in order)."""
+
+    __slots__ = ("n",)
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class Pipe:
+    """A kernel pipe the relayed bytes pass through; reusable only once drained."""
+
+    def __init__(self) -> None:
+        self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        with contextlib.suppress(OSError):  # a smaller default pipe still works
+            fcntl.fcntl(self.w, _F_SETPIPE_SZ, PIPE_BYTES)
+        self.pending = 0  # bytes written in and not yet drained
+
+    def close(self) -> None:
+        for fd in (self.r, self.w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.r = self.w = -1
+
+    async def drain_to(self, fd: int, n: int, timeout: float) -> None:
+        """Move `n` bytes from the pipe into socket `fd` (non-blocking), waiting for it
+        to accept data at most `timeout` seconds at a time.
+
+        Raises TimeoutError if the peer accepts nothing for `timeout`, OSError
+        (ConnectionError, BrokenPipeError) if it went away.
+        """
+        loop = asyncio.get_running_loop()
+        while n > 0:
+            try:
+                moved = os.splice(self.r, fd, n, flags=_FLAGS)
+            except BlockingIOError:
+                async with asyncio.timeout(timeout):
+                    await _wait_fd(loop, fd, write=True)
+                continue
+            if moved == 0:  # the pipe is empty: our own accounting is wrong
+                raise OSError("relay pipe ran dry")
+            n -= moved
+            self.pending -= moved
+
+
+class PipePool:
+    """Pipes kept for reuse (a pipe costs four syscalls to make and close)."""
+
+    def __init__(self) -> None:
+        self._idle: list[Pipe] = []
+
+    def get(self) -> Pipe:
+        return self._idle.pop() if self._idle else Pipe()
+
+    def put(self, pipe: Pipe) -> None:
+        if pipe.pending == 0 and len(self._idle) < _IDLE_PIPES:
+            self._idle.append(pipe)
+        else:
+            pipe.close()
+
+    def close(self) -> None:
+        while self._idle:
+            self._idle.pop().close()
+
+
+async def _wait_fd(loop: asyncio.AbstractEventLoop, fd: int, *, write: bool) -> None:
+    """Until `fd` is readable (or writable); the caller bounds the wait."""
+    fut = loop.create_future()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    if write:
+        loop.add_writer(fd, ready)
+    else:
+        loop.add_reader(fd, ready)
+    try:
+        await fut
+    finally:
+        if write:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
+
+
+class _Conn:
+    __slots__ = ("reused", "sock")
+
+    def __init__(self, sock: socket.socket, reused: bool) -> None:
+        self.sock = sock
+        self.reused = reused
+
+
+class _Stale(Exception):
+    """A kept-alive connection turned out to be closed before any response byte."""
+
+
+class SpliceCat:
+    """`cat` of a kubo-compatible daemon at `api_url` (http://host:port), body spliced."""
+
+    def __init__(self, api_url: str) -> None:
+        parts = urlsplit(api_url)
+        if parts.scheme != "http" or not parts.hostname or parts.port is None:
+            raise ValueError(f"not an http://host:port URL: {api_url}")
+        self.api_url = api_url.rstrip("/")
+        self.host = parts.hostname
+        self.port = parts.port
+        self._host_header = parts.netloc
+        self._addr: tuple | None = None
+        self._family = socket.AF_INET
+        self._idle: list[socket.socket] = []
+        self._finishing: set[asyncio.Task] = set()
+        self.pipes = PipePool()
+
+    # -- connections ----------------------------------------------------------------------
+
+    async def _connect(self) -> socket.socket:
+        loop = asyncio.get_running_loop()
+        if self._addr is None:
+            infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+            self._family, _, _, _, self._addr = infos[0]
+        sock = socket.socket(self._family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            async with asyncio.timeout(10):
+                await loop.sock_connect(sock, self._addr)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def _acquire(self) -> _Conn:
+        while self._idle:
+            sock = self._idle.pop()
+            try:
+                sock.recv(1, socket.MSG_PEEK)
+            except BlockingIOError:
+                return _Conn(sock, True)  # open, nothing unexpected waiting
+            except OSError:
+                pass
+            sock.close()  # EOF or stray bytes: not reusable
+        return _Conn(await self._connect(), False)
+
+    def _release(self, sock: socket.socket) -> None:
+        if len(self._idle) < _IDLE_CONNECTIONS:
+            self._idle.append(sock)
+        else:
+            sock.close()
+
+    async def close(self) -> None:
+        for task in list(self._finishing):
+            task.cancel()
+        for task in list(self._finishing):
+            with contextlib.suppress(BaseException):
+                await task
+        while self._idle:
+            self._idle.pop().close()
+        self.pipes.close()
+
+    # -- framing --------------------------------------------------------------------------
+
+    @staticmethod
+    def _take_until(sock: socket.socket, term: bytes, limit: int, have: bytearray
+                    ) -> bytes | None:
+        """Consume up to and including `term` if it has arrived, else what arrived so far
+        (into `have`) and None. Never consumes a byte past `term`."""
+        while True:
+            try:
+                peek = sock.recv(limit, socket.MSG_PEEK)
+            except BlockingIOError:
+                return None
+            if not peek:
+                raise EOFError
+            start = max(0, len(have) - len(term) + 1)
+            joined = bytes(have) + peek
+            idx = joined.find(term, start)
+            if idx >= 0:
+                need = idx + len(term) - len(have)
+                got = sock.recv(need)
+                if len(got) != need:  # the peeked bytes cannot vanish
+                    raise OSError("short read of peeked bytes")
+                return joined[:idx + len(term)]
+            if len(joined) > limit:
+                raise IPFSError("daemon sent an oversized HTTP header or chunk line")
+            have.extend(sock.recv(len(peek)))
+
+    async def _read_until(self, sock: socket.socket, term: bytes, limit: int) -> bytes:
+        loop = asyncio.get_running_loop()
+        have = bytearray()
+        while True:
+            got = self._take_until(sock, term, limit, have)
+            if got is not None:
+                return got
+            await _wait_fd(loop, sock.fileno(), write=False)
+
+    async def _read_exact(self, sock: socket.socket, n: int) -> bytes:
+        loop = asyncio.get_running_loop()
+        parts = []
+        while n > 0:
+            try:
+                data = sock.recv(min(n, 1 << 16))
+            except BlockingIOError:
+                await _wait_fd(loop, sock.fileno(), write=False)
+                continue
+            if not data:
+                raise EOFError
+            parts.append(data)
+            n -= len(data)
+        return b"".join(parts)
+
+    async def _error_body(self, sock: socket.socket, headers: dict[str, str]) -> bytes:
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            parts, total = [], 0
+            while total < _MAX_ERROR_BODY:
+                size = int((await self._read_until(sock, b"\r\n", 1024)).split(b";")[0], 16)
+                if size == 0:
+                    break
+                parts.append(await self._read_exact(sock, min(size, _MAX_ERROR_BODY)))
+                total += size
+                await self._read_until(sock, b"\r\n", 1024)
+            return b"".join(parts)
+        length = int(headers.get("content-length", "0") or 0)
+        return await self._read_exact(sock, min(length, _MAX_ERROR_BODY))
+
+    # -- cat ------------------------------------------------------------------------------
+
+    async def _send_request(self, conn: _Conn, cid: str, offset: int, length: int
+                            ) -> tuple[bool, int]:
+        """Send the request and read the response head: (chunked, content length)."""
+        loop = asyncio.get_running_loop()
+        sock = conn.sock
+        req = (f"POST /api/v0/cat?arg={cid}&offset={offset}&length={length} HTTP/1.1\r\n"
+               f"Host: {self._host_header}\r\nContent-Length: 0\r\n\r\n").encode()
+        try:
+            await loop.sock_sendall(sock, req)
+            head = await self._read_until(sock, b"\r\n\r\n", _MAX_HEAD)
+        except (EOFError, ConnectionError) as exc:
+            if conn.reused:
+                raise _Stale from None
+            if isinstance(exc, EOFError):
+                raise IPFSError(f"IPFS daemon at {self.api_url} closed the connection "
+                                f"before answering cat {cid}") from None
+            raise
+        lines = head.decode("latin-1").split("\r\n")
+        try:
+            status = int(lines[0].split(" ", 2)[1])
+        except (IndexError, ValueError):
+            raise IPFSError(f"IPFS daemon at {self.api_url}: bad status line "
+                            f"{lines[0][:100]!r}") from None
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if sep:
+                headers[name.strip().lower()] = value.strip()
+        if status != 200:
+            body = await self._error_body(sock, headers)
+            message = body.decode(errors="replace").strip()
+            with contextlib.suppress(ValueError, AttributeError):
+                import json
+                message = json.loads(body).get("Message") or message
+            raise IPFSError(f"IPFS daemon at {self.api_url}: cat {cid} failed: "
+                            f"HTTP {status} {message[:300]}")
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            return True, -1
+        if "content-length" in headers:
+            return False, int(headers["content-length"])
+        raise IPFSError(f"IPFS daemon at {self.api_url}: cat {cid}: response has neither "
+                        "chunked encoding nor a length")
+
+    def cat_into(self, pipe: Pipe, cid: str, offset: int = 0, length: int | None = None
+                 ) -> AsyncIterator[Spliced]:
+        """`length` bytes of `cid` from `offset` into `pipe`, yielded as `Spliced` counts."""
+        if length is None:
+            raise ValueError("a spliced cat needs a length")
+        if not cid.isalnum():
+            raise IPFSError(f"not a CID: {cid[:80]!r}")
+        return self._cat(pipe, cid, offset, length)
+
+    async def _cat(self, pipe: Pipe, cid: str, offset: int, length: int
+                   ) -> AsyncIterator[Spliced]:
+        loop = asyncio.get_running_loop()
+        conn = await self._acquire()
+        clean = False  # the connection may serve another request
+        inpipe = 0  # spliced into the pipe, not yet yielded
+        try:
+            try:
+                chunked, body_left = await self._send_request(conn, cid, offset, length)
+            except _Stale:
+                conn.sock.close()
+                conn = _Conn(await self._connect(), False)
+                chunked, body_left = await self._send_request(conn, cid, offset, length)
+            sock = conn.sock
+            fd = sock.fileno()
+            remaining = length
+            chunk_left = 0 if chunked else body_left
+            while remaining > 0:
+                if chunk_left == 0:
+                    if not chunked:
+                        break  # the body ended short of `length`: the caller sees it
+                    # a chunk-size line, or the CRLF that closes the previous chunk's data
+                    have = bytearray()
+                    while (line := self._take_until(sock, b"\r\n", 1024, have)) is None:
+                        if inpipe:  # never await with unreported bytes in the pipe
+                            yield Spliced(inpipe)
+                            inpipe = 0
+                        await _wait_fd(loop, fd, write=False)
+                    line = line.strip()
+                    if not line:
+                        continue
+                    chunk_left = int(line.split(b";")[0], 16)
+                    if chunk_left == 0:
+                        break  # the last chunk came early: the body ended short
+                    continue
+                try:
+                    n = os.splice(fd, pipe.w, min(chunk_left, remaining, PIPE_BYTES - inpipe),
+                                  flags=_FLAGS)
+                except BlockingIOError:
+                    if inpipe:
+                        yield Spliced(inpipe)
+                        inpipe = 0
+                    else:
+                        await _wait_fd(loop, fd, write=False)
+                    continue
+                if n == 0:
+                    raise EOFError
+                pipe.pending += n
+                inpipe += n
+                chunk_left -= n
+                remaining -= n
+                if inpipe >= PIPE_BYTES and remaining > 0:
+                    yield Spliced(inpipe)
+                    inpipe = 0
+            if remaining == 0 and chunk_left == 0:
+                # Before the last yield: the caller closes this generator once it has
+                # all it asked for, so code after that yield would not run.
+                clean = True
+                self._finish(sock, chunked)
+            if inpipe:
+                yield Spliced(inpipe)
+                inpipe = 0
+        except Exception as exc:
+            # Report what is in the pipe before the failure, so a retry resumes after it.
+            if inpipe:
+                yield Spliced(inpipe)
+                inpipe = 0
+            if isinstance(exc, EOFError):
+                raise IPFSError(f"IPFS daemon at {self.api_url} closed the connection "
+                                f"in the middle of cat {cid}") from None
+            if isinstance(exc, ValueError):  # a chunk-size line that is not hex
+                raise IPFSError(f"IPFS daemon at {self.api_url}: cat {cid}: bad chunked "
+                                f"encoding") from None
+            raise
+        finally:
+            if not clean:
+                conn.sock.close()
+
+    # -- end of a response ----------------------------------------------------------------
+
+    def _finish(self, sock: socket.socket, chunked: bool) -> None:
+        """Keep the connection once the rest of the response (chunked: the CRLF after the
+        data, the last chunk, trailers) has been read; the request does not wait for it."""
+        if not chunked:
+            self._release(sock)
+            return
+        tail = b"\r\n0\r\n\r\n"
+        try:
+            peek = sock.recv(len(tail), socket.MSG_PEEK)
+        except BlockingIOError:
+            peek = b""
+        except OSError:
+            sock.close()
+            return
+        if peek == tail:
+            sock.recv(len(tail))
+            self._release(sock)
+            return
+        task = asyncio.get_running_loop().create_task(self._finish_later(sock))
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
+
+    async def _finish_later(self, sock: socket.socket) -> None:
+        try:
+            async with asyncio.timeout(_FINISH_TIMEOUT):
+                if await self._read_until(sock, b"\r\n", 1024) != b"\r\n":
+                    raise IPFSError("more data than asked")
+                if (await self._read_until(sock, b"\r\n", 1024)).strip() != b"0":
+                    raise IPFSError("more data than asked")
+                while (await self._read_until(sock, b"\r\n", _MAX_HEAD)) != b"\r\n":
+                    pass  # a trailer (X-Stream-Error would have cut the body short)
+        except asyncio.CancelledError:
+            sock.close()
+            raise
+        except Exception:  # EOF, reset, more data than asked, slow: just drop it
+            sock.close()
+            return
+        self._release(sock)
+
+
+def splice_reader_for(store: object) -> SpliceCat | None:
+    """A SpliceCat for stores that talk to a daemon over plain HTTP, on Linux; else None."""
+    if not available():
+        return None
+    try:
+        from peerstar.ipfs.rpc import RPCStore
+    except ImportError:  # pragma: no cover - peerstar.ipfs is part of the package
+        return None
+    if not isinstance(store, RPCStore):
+        return None
+    try:
+        return SpliceCat(store.api.url)
+    except ValueError:
+        return None
