@@ -68,6 +68,7 @@ from peerstar.registry.upstream import (
 log = logging.getLogger("peerstar.registry")
 access_log = logging.getLogger("peerstar.registry.access")
 
+_CORK = os.environ.get("XC", "1") == "1"
 API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
 _CID_PATTERN = r"[A-Za-z0-9]{1,200}"
 # Loose on purpose: a malformed ref or digest gets its specific error from the handler.
@@ -384,6 +385,8 @@ class RegistryServer:
                            layout, pipe: Pipe | None, out: int | None) -> None:
         prepared = False
         for i, r in enumerate(ranges):
+            if pipe is not None:
+                pipe.out = -1  # this range's multipart head goes first, through aiohttp
             pieces = self._pieces(info, cached, r, pipe)
             try:
                 async with contextlib.aclosing(pieces):
@@ -403,7 +406,7 @@ class RegistryServer:
                             head = b""
                         if isinstance(chunk, Spliced):
                             assert pipe is not None and out is not None
-                            await self._relay(request, pipe, out, chunk.n)
+                            await self._relay(request, pipe, out)
                         else:
                             await self._write(request, resp, chunk)
             except UpstreamError as exc:
@@ -431,29 +434,42 @@ class RegistryServer:
             self.metrics.upstream_bytes.inc(len(chunk))
             yield chunk
 
-    async def _relay(self, request: web.Request, pipe: Pipe, out: int, n: int) -> None:
-        """Move `n` spliced bytes from `pipe` to the client, after what aiohttp holds."""
+    async def _relay(self, request: web.Request, pipe: Pipe, out: int) -> None:
+        """Pass what `pipe` holds on to the client, after all aiohttp holds for it."""
         transport = request.transport
+        os_sock = transport.get_extra_info("socket") if transport is not None else None
         try:
-            # Headers (and multipart heads) go through aiohttp; they must be on the wire
-            # before the body bytes that follow them.
-            writer = request.writer
-            send_headers = getattr(writer, "send_headers", None)
-            if send_headers is not None:
-                send_headers()
-            async with asyncio.timeout(self.options.write_timeout):
-                while transport is not None and transport.get_write_buffer_size():
-                    await asyncio.sleep(0.001)
-                if transport is None or transport.is_closing():
-                    raise ConnectionResetError
-            await pipe.drain_to(out, n, self.options.write_timeout)
+            corked = False
+            if pipe.out < 0:
+                # Headers (and multipart heads) go through aiohttp; they must be on the
+                # wire before the body bytes that follow them. Corked, they leave in the
+                # same segment as the first body bytes: one wake-up of the client, not two.
+                if _CORK:
+                    os_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+                    corked = True
+                send_headers = getattr(request.writer, "send_headers", None)
+                if send_headers is not None:
+                    send_headers()
+                async with asyncio.timeout(self.options.write_timeout):
+                    while transport is not None and transport.get_write_buffer_size():
+                        await asyncio.sleep(0.001)
+                    if transport is None or transport.is_closing():
+                        raise ConnectionResetError
+                pipe.out = out
+            sent = pipe.pending
+            try:
+                await pipe.drain_to(out, self.options.write_timeout)
+            finally:
+                if corked:
+                    os_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
         except TimeoutError:
             log.warning("client %s accepted no data for %g s; dropping it", request.remote,
                         self.options.write_timeout)
             raise _Abort("client_slow") from None
         except OSError:
             raise _Abort("client_gone") from None
-        request[_STATE].sent += n
+        request[_STATE].sent += sent + pipe.delivered
+        pipe.delivered = 0
 
     async def _write(self, request: web.Request, resp: web.StreamResponse,
                      data: bytes) -> None:

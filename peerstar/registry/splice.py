@@ -58,7 +58,8 @@ def available() -> bool:
 
 
 class Spliced:
-    """`n` bytes of the requested range now sit in the request's pipe (in order)."""
+    """`n` more bytes of the requested range were taken from the daemon, in order: they
+    sit in the request's pipe or were already passed on to the client (`Pipe.pass_on`)."""
 
     __slots__ = ("n",)
 
@@ -77,6 +78,10 @@ class Pipe:
         with contextlib.suppress(OSError):  # a smaller default pipe still works
             fcntl.fcntl(self.w, _F_SETPIPE_SZ, PIPE_BYTES)
         self.pending = 0  # bytes written in and not yet drained
+        # The client socket bytes may go to straight from the read loop, or -1: set by
+        # the server once everything aiohttp had to send for this response is out.
+        self.out = -1
+        self.delivered = 0  # bytes moved on to `out` by the read loop itself
 
     def close(self) -> None:
         for fd in (self.r, self.w):
@@ -84,15 +89,27 @@ class Pipe:
                 os.close(fd)
         self.r = self.w = -1
 
-    async def drain_to(self, fd: int, n: int, timeout: float) -> None:
-        """Move `n` bytes from the pipe into socket `fd` (non-blocking), waiting for it
-        to accept data at most `timeout` seconds at a time.
+    def pass_on(self) -> None:
+        """Move what the pipe holds to `out` if it takes it now (never waits); a client
+        that is slow or gone is left to `drain_to`, which waits or reports it."""
+        if self.out < 0 or not self.pending:
+            return
+        try:
+            moved = os.splice(self.r, self.out, self.pending, flags=_FLAGS)
+        except OSError:  # BlockingIOError, or the client went away: drain_to tells
+            return
+        self.pending -= moved
+        self.delivered += moved
+
+    async def drain_to(self, fd: int, timeout: float) -> None:
+        """Move everything the pipe holds into socket `fd` (non-blocking), waiting for
+        it to accept data at most `timeout` seconds at a time.
 
         Raises TimeoutError if the peer accepts nothing for `timeout`, OSError
         (ConnectionError, BrokenPipeError) if it went away.
         """
         loop = asyncio.get_running_loop()
-        while n > 0:
+        while (n := self.pending) > 0:
             try:
                 moved = os.splice(self.r, fd, n, flags=_FLAGS)
             except BlockingIOError:
@@ -101,7 +118,6 @@ class Pipe:
                 continue
             if moved == 0:  # the pipe is empty: our own accounting is wrong
                 raise OSError("relay pipe ran dry")
-            n -= moved
             self.pending -= moved
 
 
@@ -115,6 +131,8 @@ class PipePool:
         return self._idle.pop() if self._idle else Pipe()
 
     def put(self, pipe: Pipe) -> None:
+        pipe.out = -1  # that request's socket descriptor is closed now
+        pipe.delivered = 0
         if pipe.pending == 0 and len(self._idle) < _IDLE_PIPES:
             self._idle.append(pipe)
         else:
@@ -376,7 +394,8 @@ class SpliceCat:
                         break  # the last chunk came early: the body ended short
                     continue
                 try:
-                    n = os.splice(fd, pipe.w, min(chunk_left, remaining, PIPE_BYTES - inpipe),
+                    n = os.splice(fd, pipe.w,
+                                  min(chunk_left, remaining, PIPE_BYTES - pipe.pending),
                                   flags=_FLAGS)
                 except BlockingIOError:
                     if inpipe:
@@ -391,7 +410,11 @@ class SpliceCat:
                 inpipe += n
                 chunk_left -= n
                 remaining -= n
-                if inpipe >= PIPE_BYTES and remaining > 0:
+                # Straight on to the client once its response is under way: it gets
+                # each piece as soon as the daemon sent it, with no trip through the
+                # generators above (they only account, and wait when it is slow).
+                pipe.pass_on()
+                if pipe.pending >= PIPE_BYTES and remaining > 0:
                     yield Spliced(inpipe)
                     inpipe = 0
             if remaining == 0 and chunk_left == 0:
