@@ -68,7 +68,6 @@ from peerstar.registry.upstream import (
 log = logging.getLogger("peerstar.registry")
 access_log = logging.getLogger("peerstar.registry.access")
 
-_CORK = os.environ.get("XC", "1") == "1"
 API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
 _CID_PATTERN = r"[A-Za-z0-9]{1,200}"
 # Loose on purpose: a malformed ref or digest gets its specific error from the handler.
@@ -425,14 +424,17 @@ class RegistryServer:
         if cached is not None:
             yield cached[r.start:r.end + 1]
             return
-        reader: ContentStore = self._reader
         if pipe is not None and self._splice is not None:
-            reader = _PipeReader(self._splice, pipe)
-        async for chunk in read_stream(reader, info.cid, r.start, r.length,
-                                       self.options.policy,
-                                       on_failure=self._on_upstream_failure):
-            self.metrics.upstream_bytes.inc(len(chunk))
-            yield chunk
+            pieces: AsyncIterator[bytes | Spliced] = self._splice.relay(
+                pipe, info.cid, r.start, r.length, self.options.policy,
+                self._on_upstream_failure)
+        else:
+            pieces = read_stream(self._reader, info.cid, r.start, r.length,
+                                 self.options.policy, on_failure=self._on_upstream_failure)
+        async with contextlib.aclosing(pieces):  # type: ignore[type-var]
+            async for chunk in pieces:
+                self.metrics.upstream_bytes.inc(len(chunk))
+                yield chunk
 
     async def _relay(self, request: web.Request, pipe: Pipe, out: int) -> None:
         """Pass what `pipe` holds on to the client, after all aiohttp holds for it."""
@@ -444,7 +446,7 @@ class RegistryServer:
                 # Headers (and multipart heads) go through aiohttp; they must be on the
                 # wire before the body bytes that follow them. Corked, they leave in the
                 # same segment as the first body bytes: one wake-up of the client, not two.
-                if _CORK:
+                if os_sock is not None:
                     os_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
                     corked = True
                 send_headers = getattr(request.writer, "send_headers", None)
@@ -534,23 +536,6 @@ class RegistryServer:
             await self._fast.close()
         if self._splice is not None:
             await self._splice.close()
-
-
-class _PipeReader:
-    """The store interface `read_stream` wants, splicing into one request's pipe."""
-
-    __slots__ = ("_pipe", "_splice")
-
-    def __init__(self, splice: SpliceCat, pipe: Pipe) -> None:
-        self._splice = splice
-        self._pipe = pipe
-
-    def cat(self, cid: str, offset: int = 0, length: int | None = None
-            ) -> AsyncIterator[Spliced]:
-        return self._splice.cat_into(self._pipe, cid, offset, length)
-
-    async def close(self) -> None:
-        pass
 
 
 def _upstream_error(exc: UpstreamError) -> RegistryError:

@@ -1,11 +1,12 @@
 """Zero-copy relay of a daemon's `cat` body to a registry client (Linux splice(2)).
 
 Owns: `SpliceCat`, a minimal HTTP/1.1 client for kubo's `POST /api/v0/cat` over raw
-non-blocking sockets with a keep-alive pool, whose `cat` moves the response body from the
-daemon's socket into a `Pipe` with splice(2) and yields `Spliced(n)` markers (never the
-bytes); `Pipe.drain_to`, which moves those bytes on from the pipe into the client's
-socket; and `splice_reader_for`, which picks this path for stores that talk to a daemon
-over plain HTTP on Linux.
+non-blocking sockets with a keep-alive pool, whose `relay` moves the response body from
+the daemon's socket into a `Pipe` with splice(2) and on into the client's socket
+(`Pipe.pass_on` / `Pipe.drain_to`), never reading a body byte into Python, with the
+registry's per-read timeout and retries (`upstream.ReadPolicy`); and
+`splice_reader_for`, which picks this path for stores that talk to a daemon over plain
+HTTP on Linux.
 
 Why: js-ipfs computes a 1 MiB `cat` for ~2.5 ms and then sends the whole MiB within
 ~0.4 ms, so a relay's per-byte cost is not hidden behind the daemon: it adds straight to
@@ -14,13 +15,15 @@ parsing, send) cost ~1.5 ms of CPU per MiB in the registry, measured on this pro
 2-CPU machine, and kept 1 MiB reads at concurrency 1 near 0.65x of a direct `cat`; a bare
 recv+send relay loop alone costs ~0.7 ms per MiB there, splice ~0.1-0.3 ms, as the
 pages are handed from one socket to the other through the pipe without being copied.
+For the same reason the burst is relayed inside one loop (`SpliceCat._cat`): each piece
+goes on to the client as soon as it is in the pipe, and the server's generators are only
+resumed for the headers, a slow client and the end of the range.
 
 The HTTP framing (status line, headers, chunk-size lines) is read with MSG_PEEK and then
-consumed to the exact byte, so no body byte is ever read into user space. The caller
-(`upstream.read_stream`) bounds every `__anext__` with the per-read timeout and retries
-from the first byte not yet yielded; this generator therefore only awaits while every
-byte it spliced has already been yielded, so a stall or error never leaves unreported
-bytes in the pipe and the retry resumes at exactly the right offset.
+consumed to the exact byte, so no body byte is ever read into user space. Every byte
+spliced out of the daemon's socket is counted at once (`_Progress`), so when a wait on
+the daemon times out or the connection fails, the retry asks for exactly the bytes not
+yet taken; those taken are a valid prefix, already with the client or still in the pipe.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 from peerstar.ipfs.errors import IPFSError
+from peerstar.registry.upstream import OnFailure, ReadPolicy, UpstreamError
 
 log = logging.getLogger("peerstar.registry.splice")
 
@@ -113,8 +117,7 @@ class Pipe:
             try:
                 moved = os.splice(self.r, fd, n, flags=_FLAGS)
             except BlockingIOError:
-                async with asyncio.timeout(timeout):
-                    await _wait_fd(loop, fd, write=True)
+                await _wait_fd(loop, fd, write=True, timeout=timeout)
                 continue
             if moved == 0:  # the pipe is empty: our own accounting is wrong
                 raise OSError("relay pipe ran dry")
@@ -143,25 +146,44 @@ class PipePool:
             self._idle.pop().close()
 
 
-async def _wait_fd(loop: asyncio.AbstractEventLoop, fd: int, *, write: bool) -> None:
-    """Until `fd` is readable (or writable); the caller bounds the wait."""
+async def _wait_fd(loop: asyncio.AbstractEventLoop, fd: int, *, write: bool,
+                   timeout: float | None = None) -> None:
+    """Until `fd` is readable (or writable); TimeoutError after `timeout` seconds.
+
+    The deadline is a plain timer on the future, cheaper than an `asyncio.timeout`
+    scope (no task cancellation), as this wait runs a few times per relayed read.
+    """
     fut = loop.create_future()
 
     def ready() -> None:
         if not fut.done():
             fut.set_result(None)
 
+    def expire() -> None:
+        if not fut.done():
+            fut.set_exception(TimeoutError())
+
     if write:
         loop.add_writer(fd, ready)
     else:
         loop.add_reader(fd, ready)
+    timer = loop.call_later(timeout, expire) if timeout is not None else None
     try:
         await fut
     finally:
+        if timer is not None:
+            timer.cancel()
         if write:
             loop.remove_writer(fd)
         else:
             loop.remove_reader(fd)
+
+
+class _Progress:
+    __slots__ = ("taken",)
+
+    def __init__(self) -> None:
+        self.taken = 0
 
 
 class _Conn:
@@ -195,7 +217,7 @@ class SpliceCat:
 
     # -- connections ----------------------------------------------------------------------
 
-    async def _connect(self) -> socket.socket:
+    async def _connect(self, timeout: float) -> socket.socket:
         loop = asyncio.get_running_loop()
         if self._addr is None:
             infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
@@ -204,14 +226,14 @@ class SpliceCat:
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            async with asyncio.timeout(10):
+            async with asyncio.timeout(min(10.0, timeout)):
                 await loop.sock_connect(sock, self._addr)
         except BaseException:
             sock.close()
             raise
         return sock
 
-    async def _acquire(self) -> _Conn:
+    async def _acquire(self, timeout: float) -> _Conn:
         while self._idle:
             sock = self._idle.pop()
             try:
@@ -221,7 +243,7 @@ class SpliceCat:
             except OSError:
                 pass
             sock.close()  # EOF or stray bytes: not reusable
-        return _Conn(await self._connect(), False)
+        return _Conn(await self._connect(timeout), False)
 
     def _release(self, sock: socket.socket) -> None:
         if len(self._idle) < _IDLE_CONNECTIONS:
@@ -266,23 +288,24 @@ class SpliceCat:
                 raise IPFSError("daemon sent an oversized HTTP header or chunk line")
             have.extend(sock.recv(len(peek)))
 
-    async def _read_until(self, sock: socket.socket, term: bytes, limit: int) -> bytes:
+    async def _read_until(self, sock: socket.socket, term: bytes, limit: int,
+                          timeout: float | None) -> bytes:
         loop = asyncio.get_running_loop()
         have = bytearray()
         while True:
             got = self._take_until(sock, term, limit, have)
             if got is not None:
                 return got
-            await _wait_fd(loop, sock.fileno(), write=False)
+            await _wait_fd(loop, sock.fileno(), write=False, timeout=timeout)
 
-    async def _read_exact(self, sock: socket.socket, n: int) -> bytes:
+    async def _read_exact(self, sock: socket.socket, n: int, timeout: float) -> bytes:
         loop = asyncio.get_running_loop()
         parts = []
         while n > 0:
             try:
                 data = sock.recv(min(n, 1 << 16))
             except BlockingIOError:
-                await _wait_fd(loop, sock.fileno(), write=False)
+                await _wait_fd(loop, sock.fileno(), write=False, timeout=timeout)
                 continue
             if not data:
                 raise EOFError
@@ -290,32 +313,40 @@ class SpliceCat:
             n -= len(data)
         return b"".join(parts)
 
-    async def _error_body(self, sock: socket.socket, headers: dict[str, str]) -> bytes:
+    async def _error_body(self, sock: socket.socket, headers: dict[str, str],
+                          timeout: float) -> bytes:
         if headers.get("transfer-encoding", "").lower() == "chunked":
             parts, total = [], 0
             while total < _MAX_ERROR_BODY:
-                size = int((await self._read_until(sock, b"\r\n", 1024)).split(b";")[0], 16)
+                line = await self._read_until(sock, b"\r\n", 1024, timeout)
+                size = int(line.split(b";")[0], 16)
                 if size == 0:
                     break
-                parts.append(await self._read_exact(sock, min(size, _MAX_ERROR_BODY)))
+                parts.append(await self._read_exact(sock, min(size, _MAX_ERROR_BODY), timeout))
                 total += size
-                await self._read_until(sock, b"\r\n", 1024)
+                await self._read_until(sock, b"\r\n", 1024, timeout)
             return b"".join(parts)
         length = int(headers.get("content-length", "0") or 0)
-        return await self._read_exact(sock, min(length, _MAX_ERROR_BODY))
+        return await self._read_exact(sock, min(length, _MAX_ERROR_BODY), timeout)
 
     # -- cat ------------------------------------------------------------------------------
 
-    async def _send_request(self, conn: _Conn, cid: str, offset: int, length: int
-                            ) -> tuple[bool, int]:
+    async def _send_request(self, conn: _Conn, cid: str, offset: int, length: int,
+                            timeout: float) -> tuple[bool, int]:
         """Send the request and read the response head: (chunked, content length)."""
         loop = asyncio.get_running_loop()
         sock = conn.sock
         req = (f"POST /api/v0/cat?arg={cid}&offset={offset}&length={length} HTTP/1.1\r\n"
                f"Host: {self._host_header}\r\nContent-Length: 0\r\n\r\n").encode()
         try:
-            await loop.sock_sendall(sock, req)
-            head = await self._read_until(sock, b"\r\n\r\n", _MAX_HEAD)
+            try:
+                sent = sock.send(req)  # a few hundred bytes: an idle socket takes them
+            except BlockingIOError:
+                sent = 0
+            if sent < len(req):
+                async with asyncio.timeout(timeout):
+                    await loop.sock_sendall(sock, req[sent:])
+            head = await self._read_until(sock, b"\r\n\r\n", _MAX_HEAD, timeout)
         except (EOFError, ConnectionError) as exc:
             if conn.reused:
                 raise _Stale from None
@@ -335,7 +366,7 @@ class SpliceCat:
             if sep:
                 headers[name.strip().lower()] = value.strip()
         if status != 200:
-            body = await self._error_body(sock, headers)
+            body = await self._error_body(sock, headers, timeout)
             message = body.decode(errors="replace").strip()
             with contextlib.suppress(ValueError, AttributeError):
                 import json
@@ -349,28 +380,72 @@ class SpliceCat:
         raise IPFSError(f"IPFS daemon at {self.api_url}: cat {cid}: response has neither "
                         "chunked encoding nor a length")
 
-    def cat_into(self, pipe: Pipe, cid: str, offset: int = 0, length: int | None = None
-                 ) -> AsyncIterator[Spliced]:
-        """`length` bytes of `cid` from `offset` into `pipe`, yielded as `Spliced` counts."""
-        if length is None:
-            raise ValueError("a spliced cat needs a length")
-        if not cid.isalnum():
-            raise IPFSError(f"not a CID: {cid[:80]!r}")
-        return self._cat(pipe, cid, offset, length)
+    async def relay(self, pipe: Pipe, cid: str, offset: int, length: int,
+                    policy: ReadPolicy, on_failure: OnFailure | None = None
+                    ) -> AsyncIterator[Spliced]:
+        """Exactly `length` bytes of `cid` from `offset` through `pipe`, or UpstreamError.
 
-    async def _cat(self, pipe: Pipe, cid: str, offset: int, length: int
-                   ) -> AsyncIterator[Spliced]:
+        Yields `Spliced(n)` (n bytes taken from the daemon since the last yield) when the
+        caller has to act: the first bytes are in hand (send the headers, then set
+        `pipe.out`), the pipe is full (the client is slow: drain it), or the range is
+        complete. The same rules as `upstream.read_stream`: every wait on the daemon is
+        bounded by `policy.timeout`, a failed or stalled read is retried from the first
+        byte not yet taken, up to `policy.retries` times in a row, progress resets that
+        budget. Bytes taken stay valid across a retry (they are the range's prefix, in
+        the pipe or already with the client), so the count is exact at every await.
+        """
+        if not cid.isalnum():
+            raise UpstreamError(f"not a CID: {cid[:80]!r}", timed_out=False)
+        progress = _Progress()
+        failures = 0
+        while progress.taken < length:
+            before = progress.taken
+            timed_out = False
+            try:
+                async with contextlib.aclosing(self._cat(
+                        pipe, cid, offset + before, length - before, policy.timeout,
+                        progress)) as pieces:
+                    async for piece in pieces:
+                        yield piece
+                if progress.taken >= length:
+                    return
+                why = f"stream ended after {progress.taken} of {length} bytes"
+            except TimeoutError:
+                timed_out = True
+                why = f"no data for {policy.timeout:g} s"
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # IPFSError, connection errors, ...
+                why = f"{type(exc).__name__}: {exc}"
+            if progress.taken > before:
+                failures = 0  # progress: this stall gets the full retry budget
+            failures += 1
+            if on_failure is not None:
+                on_failure("timeout" if timed_out else "error")
+            log.warning("ipfs read of %s at %d failed (attempt %d of %d): %s", cid,
+                        offset + progress.taken, failures, policy.retries + 1, why)
+            if failures > policy.retries:
+                raise UpstreamError(
+                    f"reading {cid} from IPFS failed at byte {offset + progress.taken}: "
+                    f"{why} ({failures} attempts)", timed_out=timed_out)
+            await asyncio.sleep(min(0.05 * 2 ** failures, 1.0))
+
+    async def _cat(self, pipe: Pipe, cid: str, offset: int, length: int, timeout: float,
+                   progress: _Progress) -> AsyncIterator[Spliced]:
+        """One `cat` attempt; `progress.taken` counts every byte spliced, at once."""
         loop = asyncio.get_running_loop()
-        conn = await self._acquire()
+        conn = await self._acquire(timeout)
         clean = False  # the connection may serve another request
-        inpipe = 0  # spliced into the pipe, not yet yielded
+        unreported = 0  # taken since the last yield
         try:
             try:
-                chunked, body_left = await self._send_request(conn, cid, offset, length)
+                chunked, body_left = await self._send_request(conn, cid, offset, length,
+                                                              timeout)
             except _Stale:
                 conn.sock.close()
-                conn = _Conn(await self._connect(), False)
-                chunked, body_left = await self._send_request(conn, cid, offset, length)
+                conn = _Conn(await self._connect(timeout), False)
+                chunked, body_left = await self._send_request(conn, cid, offset, length,
+                                                              timeout)
             sock = conn.sock
             fd = sock.fileno()
             remaining = length
@@ -380,12 +455,7 @@ class SpliceCat:
                     if not chunked:
                         break  # the body ended short of `length`: the caller sees it
                     # a chunk-size line, or the CRLF that closes the previous chunk's data
-                    have = bytearray()
-                    while (line := self._take_until(sock, b"\r\n", 1024, have)) is None:
-                        if inpipe:  # never await with unreported bytes in the pipe
-                            yield Spliced(inpipe)
-                            inpipe = 0
-                        await _wait_fd(loop, fd, write=False)
+                    line = await self._read_until(sock, b"\r\n", 1024, timeout)
                     line = line.strip()
                     if not line:
                         continue
@@ -398,45 +468,39 @@ class SpliceCat:
                                   min(chunk_left, remaining, PIPE_BYTES - pipe.pending),
                                   flags=_FLAGS)
                 except BlockingIOError:
-                    if inpipe:
-                        yield Spliced(inpipe)
-                        inpipe = 0
-                    else:
-                        await _wait_fd(loop, fd, write=False)
+                    if pipe.pending >= PIPE_BYTES:  # full: the client is slow
+                        yield Spliced(unreported)
+                        unreported = 0
+                        continue
+                    await _wait_fd(loop, fd, write=False, timeout=timeout)
                     continue
                 if n == 0:
                     raise EOFError
                 pipe.pending += n
-                inpipe += n
+                progress.taken += n
+                unreported += n
                 chunk_left -= n
                 remaining -= n
                 # Straight on to the client once its response is under way: it gets
-                # each piece as soon as the daemon sent it, with no trip through the
-                # generators above (they only account, and wait when it is slow).
+                # each piece as soon as the daemon sent it, with no round trip through
+                # the generators above (they account, and wait when the client is slow).
                 pipe.pass_on()
-                if pipe.pending >= PIPE_BYTES and remaining > 0:
-                    yield Spliced(inpipe)
-                    inpipe = 0
+                if remaining > 0 and (pipe.out < 0 or pipe.pending >= PIPE_BYTES):
+                    yield Spliced(unreported)
+                    unreported = 0
             if remaining == 0 and chunk_left == 0:
                 # Before the last yield: the caller closes this generator once it has
                 # all it asked for, so code after that yield would not run.
                 clean = True
                 self._finish(sock, chunked)
-            if inpipe:
-                yield Spliced(inpipe)
-                inpipe = 0
-        except Exception as exc:
-            # Report what is in the pipe before the failure, so a retry resumes after it.
-            if inpipe:
-                yield Spliced(inpipe)
-                inpipe = 0
-            if isinstance(exc, EOFError):
-                raise IPFSError(f"IPFS daemon at {self.api_url} closed the connection "
-                                f"in the middle of cat {cid}") from None
-            if isinstance(exc, ValueError):  # a chunk-size line that is not hex
-                raise IPFSError(f"IPFS daemon at {self.api_url}: cat {cid}: bad chunked "
-                                f"encoding") from None
-            raise
+            if unreported:
+                yield Spliced(unreported)
+        except EOFError:
+            raise IPFSError(f"IPFS daemon at {self.api_url} closed the connection in the "
+                            f"middle of cat {cid}") from None
+        except ValueError:  # a chunk-size line that is not hex
+            raise IPFSError(f"IPFS daemon at {self.api_url}: cat {cid}: bad chunked "
+                            "encoding") from None
         finally:
             if not clean:
                 conn.sock.close()
@@ -468,11 +532,11 @@ class SpliceCat:
     async def _finish_later(self, sock: socket.socket) -> None:
         try:
             async with asyncio.timeout(_FINISH_TIMEOUT):
-                if await self._read_until(sock, b"\r\n", 1024) != b"\r\n":
+                if await self._read_until(sock, b"\r\n", 1024, None) != b"\r\n":
                     raise IPFSError("more data than asked")
-                if (await self._read_until(sock, b"\r\n", 1024)).strip() != b"0":
+                if (await self._read_until(sock, b"\r\n", 1024, None)).strip() != b"0":
                     raise IPFSError("more data than asked")
-                while (await self._read_until(sock, b"\r\n", _MAX_HEAD)) != b"\r\n":
+                while (await self._read_until(sock, b"\r\n", _MAX_HEAD, None)) != b"\r\n":
                     pass  # a trailer (X-Stream-Error would have cut the body short)
         except asyncio.CancelledError:
             sock.close()
