@@ -1,0 +1,416 @@
+"""The zero-copy relay (`peerstar.registry.splice`): HTTP framing, retries and timeouts
+against a scripted fake daemon (chunk lines split across TCP writes, short and cut
+bodies, stalls, errors, more bytes than asked, keep-alive and stale connections), then
+byte-exact Range reads, slow and vanishing clients through the registry over js-ipfs."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import os
+import random
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from peerstar.ipfs import open_store
+from peerstar.registry import ReadPolicy, ServerOptions, UpstreamError
+from peerstar.registry.splice import PIPE_BYTES, Pipe, SpliceCat, available
+from tests.registry.harness import ThreadedRegistry
+from tests.registry.helpers import parse_multipart, request
+from tests.registry.ipfsimage import StoredImage, store_blob_image
+from tests.support.jsipfs import JsIpfs
+
+pytestmark = pytest.mark.skipif(not available(), reason="splice(2) is Linux-only")
+
+DATA = random.Random(7).randbytes(3 << 20)
+CID = "bafkqaaa"  # only its shape matters to the fake daemon
+
+
+# -- a scripted daemon ---------------------------------------------------------------------
+
+@dataclass
+class FakeDaemon:
+    """Answers `POST /api/v0/cat?arg&offset&length` from DATA, misbehaving on request."""
+
+    # How the n-th request is answered (the last entry repeats): ok | cl (Content-Length)
+    # | short (last chunk after half) | cut (closed after half) | stall (silent after
+    # half) | stall0 (silent after the head) | error (HTTP 500) | more (5000 bytes too
+    # many) | close (connection closed after a good response)
+    modes: list[str] = field(default_factory=lambda: ["ok"])
+    chunk: int = 262144
+    requests: list[tuple[int, int]] = field(default_factory=list)
+    connections: int = 0
+    port: int = 0
+    _server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> FakeDaemon:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+                      ) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                target = head.split(b" ", 2)[1].decode()
+                q = parse_qs(urlsplit(target).query)
+                off, n = int(q["offset"][0]), int(q["length"][0])
+                self.requests.append((off, n))
+                mode = self.modes[min(len(self.requests), len(self.modes)) - 1]
+                if not await self._answer(writer, off, n, mode):
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def _write_split(self, writer: asyncio.StreamWriter, data: bytes) -> None:
+        # arbitrary TCP write boundaries: framing must not depend on them
+        rnd = random.Random(len(self.requests))
+        pos = 0
+        while pos < len(data):
+            step = rnd.choice([1, 2, 3, 7, 100, 4096, 70000])
+            writer.write(data[pos:pos + step])
+            pos += step
+            if rnd.random() < 0.3:
+                await writer.drain()
+                await asyncio.sleep(0)
+        await writer.drain()
+
+    async def _answer(self, writer: asyncio.StreamWriter, off: int, n: int, mode: str
+                      ) -> bool:
+        if mode == "error":
+            body = b'{"Message":"boom: no such block","Code":0,"Type":"error"}'
+            writer.write(b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: "
+                         b"application/json\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(body), body))
+            await writer.drain()
+            return True
+        data = DATA[off:off + n]
+        if mode == "stall0":
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(3600)
+        if mode == "more":
+            data = DATA[off:off + n + 5000]
+        if mode == "cl":
+            await self._write_split(writer, b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n"
+                                    % len(data) + data)
+            return True
+        out = [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
+               b"Trailer: X-Stream-Error\r\n\r\n"]
+        half = len(data) // 2
+        for i in range(0, len(data), self.chunk):
+            part = data[i:i + self.chunk]
+            if mode in ("short", "cut", "stall") and i + len(part) > half:
+                part = part[:max(0, half - i)]
+                if part:
+                    out.append(b"%x\r\n%s\r\n" % (len(part), part))
+                break
+            out.append(b"%x;ext=1\r\n%s\r\n" % (len(part), part))
+        if mode in ("cut", "stall"):
+            await self._write_split(writer, b"".join(out))
+            if mode == "stall":
+                await asyncio.sleep(3600)
+            return False  # cut: close mid-body
+        out.append(b"0\r\n\r\n" if mode != "short" else
+                   b"0\r\nX-Stream-Error: context canceled\r\n\r\n")
+        await self._write_split(writer, b"".join(out))
+        return mode != "close"
+
+
+async def _collect(sc: SpliceCat, pipe: Pipe, off: int, n: int, policy: ReadPolicy,
+                   failures: list[str] | None = None) -> bytes:
+    """What `relay` puts through the pipe (pipe.out unset: it yields every piece)."""
+    out = bytearray()
+    async for piece in sc.relay(pipe, CID, off, n, policy,
+                                failures.append if failures is not None else None):
+        assert len(piece) >= 0
+        while pipe.pending:
+            chunk = os.read(pipe.r, pipe.pending)
+            pipe.pending -= len(chunk)
+            out += chunk
+    return bytes(out)
+
+
+def _run(modes: list[str], coro_fn, **kw):  # type: ignore[no-untyped-def]
+    async def main():  # type: ignore[no-untyped-def]
+        daemon = await FakeDaemon(modes=modes, **kw).start()
+        sc = SpliceCat(daemon.url)
+        pipe = Pipe()
+        try:
+            return await coro_fn(daemon, sc, pipe)
+        finally:
+            pipe.close()
+            await sc.close()
+            await daemon.stop()
+    return asyncio.run(main())
+
+
+FAST = ReadPolicy(timeout=0.5, retries=2)
+
+
+@pytest.mark.parametrize("mode", ["ok", "cl"])
+def test_framing_byte_exact_over_split_writes(mode: str) -> None:
+    rnd = random.Random(3)
+    ranges = [(0, 1), (0, 262144), (262143, 2), (len(DATA) - 1, 1), (0, len(DATA)),
+              (5, PIPE_BYTES + 17)]
+    ranges += [(o, rnd.randrange(1, len(DATA) - o + 1))
+               for o in (rnd.randrange(len(DATA)) for _ in range(12))]
+
+    async def go(daemon: FakeDaemon, sc: SpliceCat, pipe: Pipe) -> None:
+        for off, n in ranges:
+            assert await _collect(sc, pipe, off, n, FAST) == DATA[off:off + n], (off, n)
+            await asyncio.sleep(0.01)  # let a deferred end-of-response read finish
+        # keep-alive: one connection served them all
+        assert daemon.connections == 1
+
+    _run([mode], go, chunk=100_000)
+
+
+@pytest.mark.parametrize("mode", ["short", "cut"])
+def test_short_or_cut_body_is_retried_from_the_first_missing_byte(mode: str) -> None:
+    async def go(daemon: FakeDaemon, sc: SpliceCat, pipe: Pipe) -> None:
+        failures: list[str] = []
+        off, n = 1000, 2 << 20
+        assert await _collect(sc, pipe, off, n, FAST, failures) == DATA[off:off + n]
+        assert failures == ["error"]
+        assert daemon.requests == [(off, n), (off + n // 2, n - n // 2)]
+
+    _run([mode, "ok"], go)
+
+
+def test_stall_times_out_per_wait_and_gives_up_after_the_retries() -> None:
+    async def go(daemon: FakeDaemon, sc: SpliceCat, pipe: Pipe) -> None:
+        failures: list[str] = []
+        t0 = time.monotonic()
+        with pytest.raises(UpstreamError) as info:
+            await _collect(sc, pipe, 0, 2 << 20, FAST, failures)
+        elapsed = time.monotonic() - t0
+        assert info.value.timed_out and "at byte 1048576" in str(info.value)
+        # progress (the first half) reset the budget: then retries + 1 stalls in a row
+        assert failures == ["timeout"] * 3
+        assert 3 * FAST.timeout <= elapsed < 3 * FAST.timeout + 2
+        # each retry asked for exactly the bytes not yet taken
+        assert daemon.requests == [(0, 2 << 20)] + [(1 << 20, 1 << 20)] * 2
+
+    _run(["stall", "stall0"], go)
+
+
+def test_stall_before_the_first_byte_is_a_timeout() -> None:
+    async def go(daemon: FakeDaemon, sc: SpliceCat, pipe: Pipe) -> None:
+        with pytest.raises(UpstreamError) as info:
+            await _collect(sc, pipe, 0, 10, FAST)
+        assert info.value.timed_out and len(daemon.requests) == 3
+
+    _run(["stall0"], go)
+
+
+def test_stall_healed_within_retries_is_byte_exact() -> None:
+    async def go(daemon: FakeDaemon, sc: SpliceCat, pipe: Pipe) -> None:
+        failures: list[str] = []
+        assert await _collect(sc, pipe, 7, 2 << 20, FAST, failures) == DATA[7:7 + (2 << 20)]
+        assert failures == ["timeout"]
+
+    _run(["stall", "ok"], go)
+
+
+def test_daemon_error_is_reported_with_its_message() -> None:
+    async def go(daemon: FakeDaemon, sc: SpliceCat, pipe: Pipe) -> None:
+        with pytest.raises(UpstreamError) as info:
+            await _collect(sc, pipe, 0, 10, ReadPolicy(timeout=1, retries=1))
+        assert not info.value.timed_out
+        assert "HTTP 500" in str(info.value) and "boom: no such block" in str(info.value)
+        assert len(daemon.requests) == 2
+
+    _run(["error"], go)
+
+
+def test_more_bytes_than_asked_are_cut_and_the_connection_dropped() -> None:
+    async def go(daemon: FakeDaemon, sc: SpliceCat, pipe: Pipe) -> None:
+        assert await _collect(sc, pipe, 10, 300_000, FAST) == DATA[10:300_010]
+        assert await _collect(sc, pipe, 20, 1000, FAST) == DATA[20:1020]
+        assert daemon.connections == 2
+
+    _run(["more", "ok"], go)
+
+
+def test_connection_closed_by_the_daemon_after_a_response_is_not_a_failure() -> None:
+    async def go(daemon: FakeDaemon, sc: SpliceCat, pipe: Pipe) -> None:
+        failures: list[str] = []
+        for off in range(0, 10 * 4096, 4096):
+            await asyncio.sleep(0.02)  # the close reaches us before the next request
+            assert await _collect(sc, pipe, off, 5000, FAST, failures) == \
+                DATA[off:off + 5000]
+        assert failures == []
+        assert daemon.connections == 10
+
+    _run(["close"], go)
+
+
+def test_daemon_down_is_an_error_not_a_hang() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    async def go() -> None:
+        sc = SpliceCat(f"http://127.0.0.1:{port}")
+        pipe = Pipe()
+        try:
+            with pytest.raises(UpstreamError) as info:
+                await _collect(sc, pipe, 0, 10, FAST)
+            assert not info.value.timed_out
+        finally:
+            pipe.close()
+            await sc.close()
+
+    asyncio.run(go())
+
+
+# -- through the registry, over js-ipfs ----------------------------------------------------
+
+SIZE = 8 << 20
+
+
+@pytest.fixture(scope="module")
+def blob() -> bytes:
+    return random.Random(11).randbytes(SIZE)
+
+
+@pytest.fixture(scope="module")
+def stored(jsipfs_daemon: JsIpfs, blob: bytes) -> StoredImage:
+    async def go() -> StoredImage:
+        store = open_store(jsipfs_daemon.api_multiaddr, timeout=120)
+        try:
+            return await store_blob_image(store, blob)
+        finally:
+            await store.close()
+    return asyncio.run(go())
+
+
+def _registry(daemon: JsIpfs, **options: object) -> ThreadedRegistry:
+    opts = ServerOptions(policy=ReadPolicy(timeout=5, retries=1), write_timeout=3.0,
+                         **options)  # type: ignore[arg-type]
+    return ThreadedRegistry(lambda: open_store(daemon.api_multiaddr, timeout=30, retries=0),
+                            opts, metrics=True)
+
+
+@pytest.fixture
+def spliced(jsipfs_daemon: JsIpfs, stored: StoredImage) -> Iterator[ThreadedRegistry]:
+    with _registry(jsipfs_daemon) as reg:
+        assert reg.server is not None and reg.server._splice is not None
+        yield reg
+
+
+def _path(img: StoredImage) -> str:
+    return f"/v2/ipfs/{img.root_cid}/blobs/{img.layer_digests[0]}"
+
+
+def _ranges() -> list[tuple[int, int]]:
+    rnd = random.Random(5)
+    edges = [(0, 0), (0, 262143), (262143, 262144), (SIZE - 1, SIZE - 1),
+             (SIZE - 262144, SIZE - 1), (1, 3 << 20), (4 << 20, (4 << 20) + 65535)]
+    rand = []
+    for _ in range(30):
+        a = rnd.randrange(SIZE)
+        rand.append((a, min(SIZE - 1, a + rnd.choice([0, 1, 4095, 65535, 1 << 20,
+                                                      rnd.randrange(2 << 20)]))))
+    return edges + rand
+
+
+def test_spliced_ranges_byte_exact_on_one_keepalive_connection(
+        spliced: ThreadedRegistry, stored: StoredImage, blob: bytes) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", spliced.port, timeout=30)
+    try:
+        for a, b in _ranges():
+            conn.request("GET", _path(stored), headers={"Range": f"bytes={a}-{b}"})
+            resp = conn.getresponse()
+            body = resp.read()
+            assert resp.status == 206
+            assert resp.headers["Content-Range"] == f"bytes {a}-{b}/{SIZE}"
+            assert body == blob[a:b + 1], (a, b)
+        conn.request("GET", _path(stored))
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.read() == blob
+    finally:
+        conn.close()
+    # kept-alive daemon connections were reused, not one per read
+    server = spliced.server
+    assert server is not None and server._splice is not None
+    assert len(server._splice._idle) <= 2
+
+
+def test_spliced_multi_range(spliced: ThreadedRegistry, stored: StoredImage,
+                             blob: bytes) -> None:
+    spec = [(0, 9), (262140, 262150), (SIZE - 2 * PIPE_BYTES, SIZE - 1)]
+    r = request(spliced.host, "GET", _path(stored),
+                {"Range": "bytes=" + ",".join(f"{a}-{b}" for a, b in spec)})
+    assert r.status == 206
+    parts = parse_multipart(r.headers["content-type"], r.body)
+    assert [p[2] for p in parts] == [blob[a:b + 1] for a, b in spec]
+    assert int(r.headers["content-length"]) == len(r.body)
+
+
+def test_zero_copy_off_gives_the_same_bytes(jsipfs_daemon: JsIpfs, stored: StoredImage,
+                                            blob: bytes) -> None:
+    with _registry(jsipfs_daemon, zero_copy=False) as reg:
+        assert reg.server is not None and reg.server._splice is None
+        for a, b in _ranges()[:10]:
+            r = request(reg.host, "GET", _path(stored), {"Range": f"bytes={a}-{b}"})
+            assert r.status == 206 and r.body == blob[a:b + 1]
+
+
+def test_spliced_slow_reader_gets_every_byte(spliced: ThreadedRegistry,
+                                             stored: StoredImage, blob: bytes) -> None:
+    # A small receive buffer and pauses: the pipe fills and the relay waits on the client.
+    with socket.create_connection(("127.0.0.1", spliced.port), timeout=30) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        s.sendall(f"GET {_path(stored)} HTTP/1.1\r\nHost: x\r\nRange: bytes=100-"
+                  f"{100 + (3 << 20) - 1}\r\n\r\n".encode())
+        buf = bytearray()
+        while b"\r\n\r\n" not in buf:
+            buf += s.recv(4096)
+        head, _, body = bytes(buf).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 206")
+        got = bytearray(body)
+        while len(got) < 3 << 20:
+            part = s.recv(65536)
+            assert part, "connection closed early"
+            got += part
+            if len(got) < 1 << 20:
+                time.sleep(0.002)
+        assert bytes(got) == blob[100:100 + (3 << 20)]
+
+
+def test_spliced_client_hanging_up_is_an_abort_and_serving_goes_on(
+        spliced: ThreadedRegistry, stored: StoredImage, blob: bytes) -> None:
+    s = socket.create_connection(("127.0.0.1", spliced.port), timeout=30)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.sendall(f"GET {_path(stored)} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert s.recv(4096).startswith(b"HTTP/1.1 200")
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    s.close()  # RST with most of the 8 MiB unsent
+    deadline = time.monotonic() + 10
+    while True:
+        metrics = request(spliced.metrics_url.split("/", 3)[2], "GET", "/metrics").body
+        if b'aborted_responses_total{reason="client_gone"} 1.0' in metrics:
+            break
+        assert time.monotonic() < deadline, "the aborted relay was not noticed"
+        time.sleep(0.1)
+    r = request(spliced.host, "GET", _path(stored), {"Range": "bytes=5-100004"})
+    assert r.status == 206 and r.body == blob[5:100005]
