@@ -8,9 +8,8 @@ for a fixed time against (a) the registry (`GET .../blobs/<digest>` with `Range`
 (b) the daemon's RPC (`POST /api/v0/cat?offset&length`), with the same aiohttp client,
 and prints MB/s, p50/p99 latency and the registry/direct ratio (target >= 0.8x).
 
-Run: `python bench/registry/run.py [--mib 256] [--seconds 8] [--embedded]`.
---embedded also measures the registry over the embedded store (no direct baseline then:
-its "direct" column is an in-process `cat` from the same store).
+Run (holding the bench lock, as every benchmark on the shared machine):
+`flock -x /tmp/peerstar-bench.lock python bench/registry/run.py [--mib 256] [--seconds 8]`.
 """
 
 from __future__ import annotations
