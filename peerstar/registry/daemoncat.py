@@ -1,5 +1,6 @@
-"""The registry's hot path to a kubo-compatible daemon: `cat` with offset/length over
-aiohttp, used instead of the store's own client for content reads.
+"""The registry's copying path to a kubo-compatible daemon: `cat` with offset/length over
+aiohttp, used instead of the store's own client for the descriptor-tree walk and for
+content reads when the zero-copy relay (`splice.py`) is off or unavailable.
 
 Why: every registry request is one `cat`, so its fixed cost is the registry's latency
 floor. Measured on this project's bench (js-ipfs, 64 KiB reads), a cat through

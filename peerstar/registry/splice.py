@@ -89,8 +89,8 @@ class Pipe:
         with contextlib.suppress(OSError):  # a smaller default pipe still works
             fcntl.fcntl(self.w, _F_SETPIPE_SZ, PIPE_BYTES)
         self.pending = 0  # bytes written in and not yet drained
-        # The client socket bytes may go to straight from the read loop, or -1: set by
-        # the server once everything aiohttp had to send for this response is out.
+        # The client's socket, which the read loop may pass bytes on to directly; -1
+        # until the server has put on the wire all aiohttp holds for this response.
         self.out = -1
         self.delivered = 0  # bytes moved on to `out` by the read loop itself
 
