@@ -462,8 +462,9 @@ class RegistryServer:
             try:
                 await pipe.drain_to(out, self.options.write_timeout)
             finally:
-                if corked:
-                    os_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+                if corked:  # a socket already gone must not hide why the drain failed
+                    with contextlib.suppress(OSError):
+                        os_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
         except TimeoutError:
             log.warning("client %s accepted no data for %g s; dropping it", request.remote,
                         self.options.write_timeout)
