@@ -19,8 +19,10 @@ For the same reason the burst is relayed inside one loop (`SpliceCat._cat`): eac
 goes on to the client as soon as it is in the pipe, and the server's generators are only
 resumed for the headers, a slow client and the end of the range.
 
-The HTTP framing (status line, headers, chunk-size lines) is read with MSG_PEEK and then
-consumed to the exact byte, so no body byte is ever read into user space. Every byte
+The request is written and the response head (status line, headers) parsed by h11; the
+head and the chunk-size lines are read with MSG_PEEK and then consumed to the exact byte,
+so no body byte is ever read into user space (h11 would hand body bytes over by copying
+them, so the chunk-size lines of the body -- hex digits and CRLF -- are read here). Every byte
 spliced out of the daemon's socket is counted at once (`_Progress`), so when a wait on
 the daemon times out or the connection fails, the retry asks for exactly the bytes not
 yet taken; those taken are a valid prefix, already with the client or still in the pipe.
@@ -37,6 +39,8 @@ import socket
 import sys
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
+
+import h11
 
 from peerstar.ipfs.errors import IPFSError
 from peerstar.registry.upstream import OnFailure, ReadPolicy, UpstreamError
@@ -305,36 +309,29 @@ class SpliceCat:
                 return got
             await _wait_fd(loop, sock.fileno(), write=False, timeout=timeout)
 
-    async def _read_exact(self, sock: socket.socket, n: int, timeout: float) -> bytes:
-        loop = asyncio.get_running_loop()
-        parts = []
-        while n > 0:
-            try:
-                data = sock.recv(min(n, 1 << 16))
-            except BlockingIOError:
-                await _wait_fd(loop, sock.fileno(), write=False, timeout=timeout)
-                continue
-            if not data:
-                raise EOFError
-            parts.append(data)
-            n -= len(data)
-        return b"".join(parts)
-
-    async def _error_body(self, sock: socket.socket, headers: dict[str, str],
+    async def _error_body(self, sock: socket.socket, h: h11.Connection,
                           timeout: float) -> bytes:
-        if headers.get("transfer-encoding", "").lower() == "chunked":
-            parts, total = [], 0
+        """The start (at most `_MAX_ERROR_BODY` bytes) of an error response's body, framed
+        by h11: an error is small and ends the connection, so copying it is fine."""
+        loop = asyncio.get_running_loop()
+        parts: list[bytes] = []
+        total = 0
+        with contextlib.suppress(h11.RemoteProtocolError):
             while total < _MAX_ERROR_BODY:
-                line = await self._read_until(sock, b"\r\n", 1024, timeout)
-                size = int(line.split(b";")[0], 16)
-                if size == 0:
-                    break
-                parts.append(await self._read_exact(sock, min(size, _MAX_ERROR_BODY), timeout))
-                total += size
-                await self._read_until(sock, b"\r\n", 1024, timeout)
-            return b"".join(parts)
-        length = int(headers.get("content-length", "0") or 0)
-        return await self._read_exact(sock, min(length, _MAX_ERROR_BODY), timeout)
+                event = h.next_event()
+                if event is h11.NEED_DATA:
+                    try:
+                        data = sock.recv(1 << 16)
+                    except BlockingIOError:
+                        await _wait_fd(loop, sock.fileno(), write=False, timeout=timeout)
+                        continue
+                    h.receive_data(data)  # b"" is the end of the stream
+                    continue
+                if not isinstance(event, h11.Data):
+                    break  # EndOfMessage, ConnectionClosed
+                parts.append(event.data)
+                total += len(event.data)
+        return b"".join(parts)[:_MAX_ERROR_BODY]
 
     # -- cat ------------------------------------------------------------------------------
 
@@ -343,8 +340,13 @@ class SpliceCat:
         """Send the request and read the response head: (chunked, content length)."""
         loop = asyncio.get_running_loop()
         sock = conn.sock
-        req = (f"POST /api/v0/cat?arg={cid}&offset={offset}&length={length} HTTP/1.1\r\n"
-               f"Host: {self._host_header}\r\nContent-Length: 0\r\n\r\n").encode()
+        # h11 writes the request and parses the response head (status, headers, framing);
+        # only the body bypasses it, since h11 would hand body bytes over by copying them.
+        h = h11.Connection(h11.CLIENT)
+        req = h.send(h11.Request(
+            method="POST", target=f"/api/v0/cat?arg={cid}&offset={offset}&length={length}",
+            headers=[("Host", self._host_header), ("Content-Length", "0")]))
+        req += h.send(h11.EndOfMessage())
         try:
             try:
                 sent = sock.send(req)  # a few hundred bytes: an idle socket takes them
@@ -361,19 +363,19 @@ class SpliceCat:
                 raise IPFSError(f"IPFS daemon at {self.api_url} closed the connection "
                                 f"before answering cat {cid}") from None
             raise
-        lines = head.decode("latin-1").split("\r\n")
         try:
-            status = int(lines[0].split(" ", 2)[1])
-        except (IndexError, ValueError):
-            raise IPFSError(f"IPFS daemon at {self.api_url}: bad status line "
-                            f"{lines[0][:100]!r}") from None
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if sep:
-                headers[name.strip().lower()] = value.strip()
+            h.receive_data(head)
+            event = h.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise IPFSError(f"IPFS daemon at {self.api_url}: bad HTTP response head: "
+                            f"{exc}") from None
+        if not isinstance(event, h11.Response):  # a 1xx, or a head h11 did not finish
+            raise IPFSError(f"IPFS daemon at {self.api_url}: unexpected answer to cat "
+                            f"{cid}: {head[:100]!r}")
+        status = event.status_code
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in event.headers}
         if status != 200:
-            body = await self._error_body(sock, headers, timeout)
+            body = await self._error_body(sock, h, timeout)
             message = body.decode(errors="replace").strip()
             with contextlib.suppress(ValueError, AttributeError):
                 import json

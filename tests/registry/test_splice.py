@@ -39,8 +39,9 @@ class FakeDaemon:
 
     # How the n-th request is answered (the last entry repeats): ok | cl (Content-Length)
     # | short (last chunk after half) | cut (closed after half) | stall (silent after
-    # half) | stall0 (silent after the head) | error (HTTP 500) | more (5000 bytes too
-    # many) | close (connection closed after a good response)
+    # half) | stall0 (silent after the head) | error (HTTP 500) | error_chunked (HTTP 500,
+    # chunked body) | garbage (not an HTTP head) | more (5000 bytes too many) | close
+    # (connection closed after a good response)
     modes: list[str] = field(default_factory=lambda: ["ok"])
     chunk: int = 262144
     requests: list[tuple[int, int]] = field(default_factory=list)
@@ -101,6 +102,16 @@ class FakeDaemon:
                          % (len(body), body))
             await writer.drain()
             return True
+        if mode == "error_chunked":
+            body = b'{"Message":"boom: chunked","Code":0,"Type":"error"}'
+            writer.write(b"HTTP/1.1 500 Internal Server Error\r\nTransfer-Encoding: chunked"
+                         b"\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+            await writer.drain()
+            return True
+        if mode == "garbage":
+            writer.write(b"SSH-2.0-OpenSSH_9.2\r\nnot http at all\r\n\r\n")
+            await writer.drain()
+            return False
         data = DATA[off:off + n]
         if mode == "stall0":
             writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
@@ -239,6 +250,26 @@ def test_daemon_error_is_reported_with_its_message() -> None:
         assert len(daemon.requests) == 2
 
     _run(["error"], go)
+
+
+def test_chunked_error_body_is_read_for_its_message() -> None:
+    async def go(daemon: FakeDaemon, sc: SpliceCat, pipe: Pipe) -> None:
+        with pytest.raises(UpstreamError) as info:
+            await _collect(sc, pipe, 0, 10, ReadPolicy(timeout=1, retries=0))
+        assert "HTTP 500" in str(info.value) and "boom: chunked" in str(info.value)
+
+    _run(["error_chunked"], go)
+
+
+def test_a_head_that_is_not_http_is_an_error_not_a_hang() -> None:
+    async def go(daemon: FakeDaemon, sc: SpliceCat, pipe: Pipe) -> None:
+        with pytest.raises(UpstreamError) as info:
+            await _collect(sc, pipe, 0, 10, ReadPolicy(timeout=1, retries=1))
+        assert not info.value.timed_out
+        assert "bad HTTP response head" in str(info.value)
+        assert len(daemon.requests) == 2
+
+    _run(["garbage"], go)
 
 
 def test_more_bytes_than_asked_are_cut_and_the_connection_dropped() -> None:
