@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.containerd import Containerd, HarnessError, start_containerd
+from tests.support.containerd import Containerd, CriOptions, HarnessError, start_containerd
 
 REPO = Path(__file__).resolve().parent.parent.parent
 
@@ -156,9 +156,10 @@ class Stack:
 
 
 @contextmanager
-def running_stack(config_text: str) -> Iterator[Stack]:
+def running_stack(config_text: str, cri: CriOptions | None = None) -> Iterator[Stack]:
     """The snapshotter (with `config_text` as its TOML) and a containerd using it as
-    proxy plugin `peerstar`; both stopped and cleaned up afterwards."""
+    proxy plugin `peerstar` (with its CRI plugin configured by `cri`, if given); both
+    stopped and cleaned up afterwards."""
     if os.geteuid() != 0:
         pytest.fail("snapshotter tests must run as root (overlay and FUSE mounts)",
                     pytrace=False)
@@ -167,10 +168,11 @@ def running_stack(config_text: str) -> Iterator[Stack]:
     except HarnessError as exc:
         pytest.fail(f"cannot start the snapshotter: {exc}", pytrace=False)
     try:
-        daemon = start_containerd(proxy_plugins={"peerstar": str(snap.address)})
+        daemon = start_containerd(proxy_plugins={"peerstar": str(snap.address)}, cri=cri)
     except HarnessError as exc:
         stop_snapshotter(snap)
-        pytest.fail(f"cannot start containerd: {exc}", pytrace=False)
+        pytest.fail(f"cannot start containerd{' with CRI' if cri else ''}: {exc}",
+                    pytrace=False)
     try:
         yield Stack(snap, daemon)
     finally:

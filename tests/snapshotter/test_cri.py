@@ -43,8 +43,7 @@ from tests.snapshotter.conftest import (
     REPO,
     SnapshotterProc,
     mounts_under,
-    start_snapshotter,
-    stop_snapshotter,
+    running_stack,
 )
 from tests.snapshotter.test_lazy_pull import PushedLayer, push_image
 from tests.support.containerd import (
@@ -53,9 +52,7 @@ from tests.support.containerd import (
     Containerd,
     CriOptions,
     Ctr,
-    HarnessError,
     render_config,
-    start_containerd,
 )
 from tests.support.cri import protogen
 from tests.support.cri.client import CriImages, api_pb2
@@ -81,26 +78,13 @@ class CriStack:
 
 @contextmanager
 def running_cri_stack(config_text: str) -> Iterator[CriStack]:
-    if os.geteuid() != 0:
-        pytest.fail("snapshotter tests must run as root (overlay and FUSE mounts)",
-                    pytrace=False)
-    try:
-        snap = start_snapshotter(config_text)
-    except HarnessError as exc:
-        pytest.fail(f"cannot start the snapshotter: {exc}", pytrace=False)
-    try:
-        daemon = start_containerd(proxy_plugins={"peerstar": str(snap.address)},
-                                  cri=CRI_OPTIONS)
-    except HarnessError as exc:
-        stop_snapshotter(snap)
-        pytest.fail(f"cannot start containerd with CRI: {exc}", pytrace=False)
-    images = CriImages(daemon.address, timeout=120)
-    try:
-        yield CriStack(snap, daemon, images, Ctr(daemon.address, CRI_NAMESPACE))
-    finally:
-        images.close()
-        daemon.stop()
-        stop_snapshotter(snap)
+    with running_stack(config_text, cri=CRI_OPTIONS) as st:
+        images = CriImages(st.containerd.address, timeout=120)
+        try:
+            yield CriStack(st.snapshotter, st.containerd, images,
+                           Ctr(st.containerd.address, CRI_NAMESPACE))
+        finally:
+            images.close()
 
 
 @pytest.fixture(scope="module")
