@@ -67,8 +67,24 @@ class HTTPResult:
     body: bytes
 
 
+class _RegistryLog:
+    """The log of a registry process started under `base`."""
+
+    base: Path
+
+    @property
+    def log_path(self) -> Path:
+        return self.base / "registry.log"
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return "(no log)"
+
+
 @dataclass
-class DockerRegistry:
+class DockerRegistry(_RegistryLog):
     """A running registry; `host` is `127.0.0.1:PORT` (use with `--plain-http`)."""
 
     base: Path
@@ -83,16 +99,6 @@ class DockerRegistry:
     @property
     def url(self) -> str:
         return f"http://{self.host}"
-
-    @property
-    def log_path(self) -> Path:
-        return self.base / "registry.log"
-
-    def log_tail(self, chars: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return "(no log)"
 
     def request(self, method: str, path: str, headers: dict[str, str] | None = None,
                 timeout: float = 10.0) -> HTTPResult:
@@ -246,7 +252,7 @@ PRIVATE_PORT = 5000  # inside the registry's own namespace: never collides
 
 
 @dataclass
-class PrivateRegistry:
+class PrivateRegistry(_RegistryLog):
     """docker-registry over HTTPS (certificate for its IP, signed by a test CA) with
     htpasswd basic auth, in a network namespace reached from the host over a veth.
     `host` is `10.78.n.2:5000`; `ca` the CA certificate clients must trust."""
@@ -266,16 +272,6 @@ class PrivateRegistry:
     @property
     def url(self) -> str:
         return f"https://{self.host}"
-
-    @property
-    def log_path(self) -> Path:
-        return self.base / "registry.log"
-
-    def log_tail(self, chars: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return "(no log)"
 
     def status(self, path: str = "/v2/", *, auth: bool = True, timeout: float = 5.0) -> int:
         """The HTTP status of `GET path` (trusting our CA; with or without credentials)."""
