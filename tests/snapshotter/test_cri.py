@@ -21,9 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 import tomllib
@@ -36,12 +33,13 @@ from pathlib import Path
 import grpc
 import pytest
 
-from peerstar.sample import SAMPLE_TEXT, SAMPLE_TEXT_PATH, build_sample_image
+from peerstar.sample import SAMPLE_TEXT, SAMPLE_TEXT_PATH
 from peerstar.snapshotter._proto import snapshots_pb2 as pb
 from peerstar.snapshotter._proto import snapshots_pb2_grpc
 from tests.snapshotter.conftest import (
     REPO,
     SnapshotterProc,
+    ipfs_bridge,
     mounts_under,
     running_stack,
 )
@@ -56,7 +54,7 @@ from tests.support.containerd import (
 )
 from tests.support.cri import protogen
 from tests.support.cri.client import CriImages, api_pb2
-from tests.support.registry import DockerRegistry, free_port
+from tests.support.registry import DockerRegistry
 
 REMOTE_LABEL = "containerd.io/snapshot/remote"
 CRI_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
@@ -302,30 +300,8 @@ def test_concurrent_cri_pulls_of_images_sharing_layers(docker_registry: DockerRe
 @pytest.mark.slow
 def test_cri_pull_from_the_ipfs_registry_bridge(cri: CriStack, tmp_path: Path) -> None:
     extra_mib = 8
-    image = build_sample_image(tmp_path / "layout", extra_mib=extra_mib)
-    store = tmp_path / "store"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PEERSTAR_")}
-    env.update(IPFS_PATH="/nonexistent-peerstar-test", PYTHONPATH=str(REPO))  # embedded
-    push = subprocess.run(
-        [sys.executable, "-m", "peerstar", "push", "--estargz", "--root", str(store),
-         f"oci:{image.path}:latest"], capture_output=True, text=True, env=env, cwd=REPO,
-        timeout=300)
-    assert push.returncode == 0, push.stderr
-    cid = push.stdout.strip().splitlines()[-1]
-    port = free_port()
-    log_path = tmp_path / "registry.log"
-    with open(log_path, "wb") as log:
-        registry = subprocess.Popen(
-            [sys.executable, "-m", "peerstar", "registry", "serve", "--root", str(store),
-             "--listen", f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=log,
-            env=env, cwd=REPO)
-    try:
-        deadline = time.monotonic() + 30
-        while "listening on" not in log_path.read_text():
-            assert registry.poll() is None and time.monotonic() < deadline, \
-                log_path.read_text()
-            time.sleep(0.05)
-        ref = f"127.0.0.1:{port}/ipfs/{cid}:latest"
+    with ipfs_bridge(tmp_path, extra_mib) as bridge:
+        cid, port, ref = bridge.cid, bridge.port, bridge.ref
         before = set(remote_by_layer(cri))
         image_id = cri.images.pull(ref)
         new = {d: i for d, i in remote_by_layer(cri).items() if d not in before}
@@ -345,15 +321,8 @@ def test_cri_pull_from_the_ipfs_registry_bridge(cri: CriStack, tmp_path: Path) -
         assert run_cat(cri, ref, "cri-ipfs", SAMPLE_TEXT_PATH) == SAMPLE_TEXT.decode()
         content = content_digests(cri)
         assert not content & set(new)
-        registry.send_signal(signal.SIGTERM)
-        registry.wait(15)
-    finally:
-        if registry.poll() is None:
-            registry.kill()
-            registry.wait()
     # The bridge served the layers in ranges only, far less than the image.
-    entries = [json.loads(line) for line in log_path.read_text().splitlines()
-               if line.startswith("{")]
+    entries = bridge.access_log()
     layer_reads = [e for e in entries if e["path"].rsplit("/", 1)[1] in new]
     assert layer_reads, entries
     assert all(e["range"] for e in layer_reads if e["method"] == "GET"), layer_reads
