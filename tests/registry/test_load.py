@@ -100,20 +100,24 @@ async def _hammer(url: str, data: bytes, deadline: float) -> dict[str, int]:
     return stats
 
 
-@pytest.mark.parametrize("backend", ["jsipfs", "embedded"])
-def test_load_random_ranges(backend: str, request: pytest.FixtureRequest, tmp_path: Path,
-                            layer_file: tuple[Path, bytes]) -> None:
+def _pushed_on(backend: str, request: pytest.FixtureRequest, tmp_path: Path, path: Path
+               ) -> tuple[StoredImage, list[str]]:
+    """The layer pushed to `backend` and the `registry serve` flags that reach it."""
     from peerstar.ipfs import EmbeddedStore, open_store
 
-    path, data = layer_file
     if backend == "jsipfs":
         daemon: JsIpfs = request.getfixturevalue("jsipfs_daemon")
         img = _push(lambda: open_store(daemon.api_multiaddr, timeout=120), path)
-        args = ["--ipfs-address", daemon.api_multiaddr]
-    else:
-        root = tmp_path / "store"
-        img = _push(lambda: EmbeddedStore(root), path)
-        args = ["--root", str(root)]
+        return img, ["--ipfs-address", daemon.api_multiaddr]
+    root = tmp_path / "store"
+    return _push(lambda: EmbeddedStore(root), path), ["--root", str(root)]
+
+
+@pytest.mark.parametrize("backend", ["jsipfs", "embedded"])
+def test_load_random_ranges(backend: str, request: pytest.FixtureRequest, tmp_path: Path,
+                            layer_file: tuple[Path, bytes]) -> None:
+    path, data = layer_file
+    img, args = _pushed_on(backend, request, tmp_path, path)
     port = free_port()
     with serve([*args, "--listen", f"127.0.0.1:{port}", "--no-access-log"], _clean_env()):
         url = f"http://127.0.0.1:{port}/v2/ipfs/{img.root_cid}/blobs/{img.layer_digests[0]}"
@@ -146,17 +150,8 @@ def test_full_blob_streams_in_bounded_memory(backend: str, request: pytest.Fixtu
     import hashlib
     import http.client
 
-    from peerstar.ipfs import EmbeddedStore, open_store
-
     path, data = layer_file
-    if backend == "jsipfs":
-        daemon: JsIpfs = request.getfixturevalue("jsipfs_daemon")
-        img = _push(lambda: open_store(daemon.api_multiaddr, timeout=120), path)
-        args = ["--ipfs-address", daemon.api_multiaddr]
-    else:
-        root = tmp_path / "store"
-        img = _push(lambda: EmbeddedStore(root), path)
-        args = ["--root", str(root)]
+    img, args = _pushed_on(backend, request, tmp_path, path)
     port = free_port()
     with serve([*args, "--listen", f"127.0.0.1:{port}", "--no-access-log"],
                _clean_env()) as proc:

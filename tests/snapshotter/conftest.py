@@ -98,26 +98,28 @@ class SnapshotterProc:
                 self.process.wait()
         self.process = None
 
-    def daemon_pids(self) -> list[int]:
-        """Pids of the lazy mount daemons serving under this root (from their state)."""
-        pids = []
+    def mount_states(self) -> list[dict]:
+        """The state files (pid, mountpoint, digest) of the lazy mount daemons serving
+        under this root; one being replaced right now is left out."""
+        states = []
         for p in (self.root / "cache" / "mounts").glob("*.json"):
             if p.name.endswith(".stats.json"):
                 continue
             try:
-                pids.append(int(json.loads(p.read_text())["pid"]))
-            except (OSError, ValueError, KeyError):
+                states.append(json.loads(p.read_text()))
+            except (OSError, ValueError):
                 continue
-        return pids
+        return states
+
+    def daemon_pids(self) -> list[int]:
+        """Pids of the lazy mount daemons serving under this root (from their state)."""
+        return [int(s["pid"]) for s in self.mount_states() if "pid" in s]
 
     def wait_prefetched(self, timeout: float = 20.0) -> None:
         """Wait until every lazy layer's prefetch is done (prefetch runs on after the
         mount is ready), read from each mount's live stats file."""
         deadline = time.monotonic() + timeout
-        for p in (self.root / "cache" / "mounts").glob("*.json"):
-            if p.name.endswith(".stats.json"):
-                continue
-            state = json.loads(p.read_text())
+        for state in self.mount_states():
             stats = Path(state["mountpoint"]) / ".peerstar-lazyfs" / f"{state['digest']}.json"
             while not json.loads(stats.read_text())["prefetchDone"]:
                 assert time.monotonic() < deadline, f"prefetch of {state['digest']} not done"

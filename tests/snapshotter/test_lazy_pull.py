@@ -42,6 +42,7 @@ from tests.snapshotter.conftest import (
     start_snapshotter,
     stop_snapshotter,
 )
+from tests.support.containerd import Ctr
 from tests.support.registry import DockerRegistry, free_port, put_manifest, start_registry
 from tests.support.registry import upload_blob as push_blob
 
@@ -237,13 +238,7 @@ def test_snapshotter_restart_keeps_running_container_reading(
                        SAMPLE_TEXT_PATH)
         assert out == SAMPLE_TEXT.decode()
         # And the restarted snapshotter serves new containers (containerd reconnects).
-        deadline = time.monotonic() + 20
-        while True:
-            proc = ctr.run("run", "--snapshotter", "peerstar", "--rm", ref, "after-restart",
-                           "cat", SAMPLE_TEXT_PATH, check=False)
-            if proc.returncode == 0 or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
+        proc = _run_once_served(ctr, ref, "after-restart", "cat", SAMPLE_TEXT_PATH)
         assert proc.stdout.decode() == SAMPLE_TEXT.decode(), proc.stderr
     finally:
         ctr.run("tasks", "kill", "-s", "SIGKILL", "lazy-long", check=False)
@@ -252,6 +247,19 @@ def test_snapshotter_restart_keeps_running_container_reading(
                 break
             time.sleep(0.1)
         ctr.run("containers", "delete", "lazy-long", check=False)
+
+
+def _run_once_served(ctr: Ctr, ref: str, name: str, *argv: str
+                     ) -> subprocess.CompletedProcess[bytes]:
+    """`ctr run` of `argv`, retried for up to 20 s while containerd reconnects to a
+    restarted snapshotter; the last attempt's result."""
+    deadline = time.monotonic() + 20
+    while True:
+        proc = ctr.run("run", "--snapshotter", "peerstar", "--rm", ref, name, *argv,
+                       check=False)
+        if proc.returncode == 0 or time.monotonic() > deadline:
+            return proc
+        time.sleep(0.5)
 
 
 def test_remote_layer_remounted_after_its_daemon_died(
@@ -263,9 +271,7 @@ def test_remote_layer_remounted_after_its_daemon_died(
     snap = lazy_stack.snapshotter
     ctr.remote("image", "rpull", "--plain-http", "--snapshotter", "peerstar", ref)
     snap.stop()
-    daemons = [json.loads(p.read_text())["pid"]
-               for p in (snap.root / "cache" / "mounts").glob("*.json")
-               if not p.name.endswith(".stats.json")]
+    daemons = snap.daemon_pids()
     assert len(daemons) >= 2
     for point in mounts_under(snap.root):  # the daemons exit on umount
         assert subprocess.run(["umount", "-l", point]).returncode == 0
@@ -277,13 +283,7 @@ def test_remote_layer_remounted_after_its_daemon_died(
     snap.start()
     assert len(mounts_under(snap.root)) == 2
     assert snap.log().count("'remounted'") >= 2
-    deadline = time.monotonic() + 20
-    while True:
-        proc = ctr.run("run", "--snapshotter", "peerstar", "--rm", ref, "remounted",
-                       "cat", SAMPLE_TEXT_PATH, check=False)
-        if proc.returncode == 0 or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+    proc = _run_once_served(ctr, ref, "remounted", "cat", SAMPLE_TEXT_PATH)
     assert proc.stdout.decode() == SAMPLE_TEXT.decode(), proc.stderr
 
 
@@ -404,10 +404,7 @@ def test_crashed_mount_daemon_is_replaced_for_new_containers(
     ctr = lazy_stack.containerd.ctr
     snap = lazy_stack.snapshotter
     ctr.remote("image", "rpull", "--plain-http", "--snapshotter", "peerstar", ref)
-    states = [json.loads(p.read_text())
-              for p in (snap.root / "cache" / "mounts").glob("*.json")
-              if not p.name.endswith(".stats.json")]
-    victim = next(s for s in states if s["digest"] == layers[1].digest)
+    victim = next(s for s in snap.mount_states() if s["digest"] == layers[1].digest)
     os.kill(victim["pid"], signal.SIGKILL)
     deadline = time.monotonic() + 10
     while True:  # the FUSE mount is dead once its server is gone
