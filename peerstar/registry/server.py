@@ -29,7 +29,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -440,7 +440,7 @@ class RegistryServer:
         """Pass what `pipe` holds on to the client, after all aiohttp holds for it."""
         transport = request.transport
         os_sock = transport.get_extra_info("socket") if transport is not None else None
-        try:
+        with self._client_side(request, gone=(OSError,)):
             corked = False
             if pipe.out < 0:
                 # Headers (and multipart heads) go through aiohttp; they must be on the
@@ -465,29 +465,31 @@ class RegistryServer:
                 if corked:  # a socket already gone must not hide why the drain failed
                     with contextlib.suppress(OSError):
                         os_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
-        except TimeoutError:
-            log.warning("client %s accepted no data for %g s; dropping it", request.remote,
-                        self.options.write_timeout)
-            raise _Abort("client_slow") from None
-        except OSError:
-            raise _Abort("client_gone") from None
         request[_STATE].sent += sent + pipe.delivered
         pipe.delivered = 0
 
     async def _write(self, request: web.Request, resp: web.StreamResponse,
                      data: bytes) -> None:
-        try:
+        # the client going away shows as aiohttp's ClientConnectionResetError (a
+        # ConnectionResetError) or a RuntimeError on a closed transport
+        with self._client_side(request, gone=(ConnectionError, RuntimeError)):
             async with asyncio.timeout(self.options.write_timeout):
                 await resp.write(data)
+        request[_STATE].sent += len(data)
+
+    @contextlib.contextmanager
+    def _client_side(self, request: web.Request, *, gone: tuple[type[BaseException], ...]
+                     ) -> Iterator[None]:
+        """Turn a write timeout into `_Abort("client_slow")` (logged) and the errors of
+        a vanished client (`gone`) into `_Abort("client_gone")`: stop reading upstream."""
+        try:
+            yield
         except TimeoutError:
             log.warning("client %s accepted no data for %g s; dropping it", request.remote,
                         self.options.write_timeout)
             raise _Abort("client_slow") from None
-        except (ConnectionError, RuntimeError):
-            # the client went away (aiohttp raises ClientConnectionResetError, a
-            # ConnectionResetError); stop reading upstream
+        except gone:
             raise _Abort("client_gone") from None
-        request[_STATE].sent += len(data)
 
     # -- binding --------------------------------------------------------------------------
 

@@ -43,7 +43,7 @@ from urllib.parse import urlsplit
 import h11
 
 from peerstar.ipfs.errors import IPFSError
-from peerstar.registry.upstream import OnFailure, ReadPolicy, UpstreamError
+from peerstar.registry.upstream import OnFailure, ReadPolicy, UpstreamError, failed_read
 
 log = logging.getLogger("peerstar.registry.splice")
 
@@ -429,15 +429,8 @@ class SpliceCat:
             if progress.taken > before:
                 failures = 0  # progress: this stall gets the full retry budget
             failures += 1
-            if on_failure is not None:
-                on_failure("timeout" if timed_out else "error")
-            log.warning("ipfs read of %s at %d failed (attempt %d of %d): %s", cid,
-                        offset + progress.taken, failures, policy.retries + 1, why)
-            if failures > policy.retries:
-                raise UpstreamError(
-                    f"reading {cid} from IPFS failed at byte {offset + progress.taken}: "
-                    f"{why} ({failures} attempts)", timed_out=timed_out)
-            await asyncio.sleep(min(0.05 * 2 ** failures, 1.0))
+            await failed_read(policy, failures, cid, offset + progress.taken, why,
+                              timed_out, on_failure)
 
     async def _cat(self, pipe: Pipe, cid: str, offset: int, length: int, timeout: float,
                    progress: _Progress) -> AsyncIterator[Spliced]:

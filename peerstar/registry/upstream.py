@@ -103,15 +103,22 @@ async def read_stream(store: ContentStore, cid: str, offset: int, length: int,
         if sent >= length:
             return
         failures += 1
-        if on_failure is not None:
-            on_failure("timeout" if timed_out else "error")
-        log.warning("ipfs read of %s at %d failed (attempt %d of %d): %s", cid, offset + sent,
-                    failures, policy.retries + 1, why)
-        if failures > policy.retries:
-            raise UpstreamError(
-                f"reading {cid} from IPFS failed at byte {offset + sent}: {why} "
-                f"({failures} attempts)", timed_out=timed_out)
-        await asyncio.sleep(min(0.05 * 2 ** failures, 1.0))
+        await failed_read(policy, failures, cid, offset + sent, why, timed_out, on_failure)
+
+
+async def failed_read(policy: ReadPolicy, failures: int, cid: str, at: int, why: str,
+                      timed_out: bool, on_failure: OnFailure | None) -> None:
+    """After the `failures`-th failed read in a row of `cid` at byte `at`: count and log
+    it, then raise UpstreamError once the retries are spent, else back off. Shared by
+    every reader that follows `read_stream`'s rules (the splice relay too)."""
+    if on_failure is not None:
+        on_failure("timeout" if timed_out else "error")
+    log.warning("ipfs read of %s at %d failed (attempt %d of %d): %s", cid, at,
+                failures, policy.retries + 1, why)
+    if failures > policy.retries:
+        raise UpstreamError(f"reading {cid} from IPFS failed at byte {at}: {why} "
+                            f"({failures} attempts)", timed_out=timed_out)
+    await asyncio.sleep(min(0.05 * 2 ** failures, 1.0))
 
 
 async def read_all(store: ContentStore, cid: str, max_bytes: int, policy: ReadPolicy,
