@@ -4,9 +4,12 @@ direct `cat` (offset/length) from the same IPFS daemon, in the same run.
 Starts a private js-ipfs daemon, adds a random blob (default 256 MiB) as a one-layer
 image in nerdctl's format, runs the registry as a separate process (as in production),
 then for each concurrency (1, 32) and read size (64 KiB, 1 MiB) runs random-offset reads
-for a fixed time against (a) the registry (`GET .../blobs/<digest>` with `Range`) and
-(b) the daemon's RPC (`POST /api/v0/cat?offset&length`), with the same aiohttp client,
-and prints MB/s, p50/p99 latency and the registry/direct ratio (target >= 0.8x).
+for a fixed time against (a) the daemon's RPC (`POST /api/v0/cat?offset&length` of the
+blob's CID), (b) the registry (`GET .../blobs/<digest>` with `Range`) and (c) a second
+registry with PEERSTAR_REGISTRY_SUBDAG=0, which cats every range from the blob's own
+CID exactly as (a) does, so (c)/(a) is the cost of the relay alone and (b)/(c) what
+reading from the deepest DAG node saves the daemon. Same aiohttp client for all three;
+prints MB/s, p50/p99 latency and the ratios to (a) (target: (b) >= 0.8x).
 
 Run (holding the bench lock, as every benchmark on the shared machine):
 `flock -x /tmp/peerstar-bench.lock python bench/registry/run.py [--mib 256] [--seconds 8]`.
@@ -72,21 +75,24 @@ async def _run(fetch, size: int, read: int, conc: int, seconds: float, seed: int
             lat)
 
 
-async def bench(api_url: str, registry_url: str, cid: str, size: int, seconds: float,
-                concurrencies: list[int], reads: list[int]) -> list[tuple]:
+async def bench(api_url: str, registry_urls: list[str], cid: str, size: int,
+                seconds: float, concurrencies: list[int], reads: list[int]) -> list[tuple]:
+    """Rows (conc, read, direct, [registry, ...]) of combined slices, one per registry."""
     rows = []
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
 
-        async def via_registry(off: int, n: int) -> int:
-            async with session.get(registry_url,
-                                   headers={"Range": f"bytes={off}-{off + n - 1}"}) as r:
-                if r.status != 206:
-                    raise RuntimeError(f"registry answered {r.status}")
-                got = 0
-                async for chunk in r.content.iter_any():
-                    got += len(chunk)
-                return got
+        def via(registry_url: str):
+            async def via_registry(off: int, n: int) -> int:
+                async with session.get(registry_url,
+                                       headers={"Range": f"bytes={off}-{off + n - 1}"}) as r:
+                    if r.status != 206:
+                        raise RuntimeError(f"registry answered {r.status}")
+                    got = 0
+                    async for chunk in r.content.iter_any():
+                        got += len(chunk)
+                    return got
+            return via_registry
 
         async def direct(off: int, n: int) -> int:
             params = {"arg": cid, "offset": str(off), "length": str(n)}
@@ -98,29 +104,36 @@ async def bench(api_url: str, registry_url: str, cid: str, size: int, seconds: f
                     got += len(chunk)
                 return got
 
+        sides = [direct] + [via(u) for u in registry_urls]
         for conc in concurrencies:
             for read in reads:
-                # warm both paths (connection pools, daemon caches) before measuring
-                await _run(direct, size, read, conc, 1.0, 0)
-                await _run(via_registry, size, read, conc, 1.0, 0)
+                # warm every path (connection pools, daemon caches, the registries' DAG
+                # maps) before measuring
+                for side in sides:
+                    await _run(side, size, read, conc, 1.0, 0)
                 # Interleave 1 s slices of each so drift in the daemon (its GC, page
-                # cache) hits both sides alike; then combine the slices.
-                d_parts, r_parts = [], []
+                # cache) hits every side alike; then combine the slices.
+                parts: list[list[tuple]] = [[] for _ in sides]
                 for i in range(max(1, int(seconds))):
-                    d_parts.append(await _run(direct, size, read, conc, 1.0, i + 1))
-                    r_parts.append(await _run(via_registry, size, read, conc, 1.0, i + 1))
-                rows.append((conc, read, _combine(d_parts), _combine(r_parts)))
+                    for side, acc in zip(sides, parts, strict=True):
+                        acc.append(await _run(side, size, read, conc, 1.0, i + 1))
+                rows.append((conc, read, _combine(parts[0]), [_combine(p) for p in parts[1:]]))
     return rows
 
 
 def _print(rows: list[tuple], title: str) -> None:
     print(f"\n{title}")
+    print("registry: as shipped (each range read from the deepest DAG node holding it);")
+    print("root-cat: PEERSTAR_REGISTRY_SUBDAG=0 (every range a cat of the blob's own CID,")
+    print("          like the direct reads: the relay's own cost)")
     print(f"{'conc':>4} {'read':>7} | {'direct MB/s':>11} {'p50 ms':>7} {'p99 ms':>7} | "
-          f"{'registry MB/s':>13} {'p50 ms':>7} {'p99 ms':>7} | {'ratio':>5}")
-    for conc, read, d, r in rows:
+          f"{'registry MB/s':>13} {'p50 ms':>7} {'p99 ms':>7} {'ratio':>6} | "
+          f"{'root-cat MB/s':>13} {'p50 ms':>7} {'ratio':>6}")
+    for conc, read, d, (r, o) in rows:
         label = f"{read >> 10} KiB" if read < (1 << 20) else f"{read >> 20} MiB"
         print(f"{conc:>4} {label:>7} | {d[0]:>11.1f} {d[1]:>7.2f} {d[2]:>7.2f} | "
-              f"{r[0]:>13.1f} {r[1]:>7.2f} {r[2]:>7.2f} | {r[0] / d[0]:>4.2f}x")
+              f"{r[0]:>13.1f} {r[1]:>7.2f} {r[2]:>7.2f} {r[0] / d[0]:>5.2f}x | "
+              f"{o[0]:>13.1f} {o[1]:>7.2f} {o[0] / d[0]:>5.2f}x")
 
 
 def main() -> int:
@@ -135,7 +148,7 @@ def main() -> int:
     size = args.mib << 20
 
     daemon = start_jsipfs()
-    proc = None
+    procs: list[subprocess.Popen] = []
     try:
         with tempfile.TemporaryDirectory(prefix="peerstar-bench-") as tmp:
             blob = Path(tmp) / "blob"
@@ -151,24 +164,28 @@ def main() -> int:
             img = asyncio.run(push())
             layer = img.layer_digests[0]
             cid = img.cids[layer]
-        port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PEERSTAR_")}
-        env["PYTHONPATH"] = str(REPO)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "peerstar", "registry", "serve", "--ipfs-address",
-             daemon.api_multiaddr, "--listen", f"127.0.0.1:{port}", "--no-access-log"],
-            env=env, stderr=subprocess.PIPE, cwd=REPO)
-        assert proc.stderr is not None
-        line = proc.stderr.readline().decode()
-        if "listening" not in line:
-            raise SystemExit(f"registry did not start: {line}")
-        url = f"http://127.0.0.1:{port}/v2/ipfs/{img.root_cid}/blobs/{layer}"
-        rows = asyncio.run(bench(daemon.api_url, url, cid, size, args.seconds,
+        urls = []
+        for subdag in ("1", "0"):
+            port = free_port()
+            env = {k: v for k, v in os.environ.items() if not k.startswith("PEERSTAR_")}
+            env["PYTHONPATH"] = str(REPO)
+            env["PEERSTAR_REGISTRY_SUBDAG"] = subdag
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "peerstar", "registry", "serve", "--ipfs-address",
+                 daemon.api_multiaddr, "--listen", f"127.0.0.1:{port}", "--no-access-log"],
+                env=env, stderr=subprocess.PIPE, cwd=REPO)
+            procs.append(proc)
+            assert proc.stderr is not None
+            line = proc.stderr.readline().decode()
+            if "listening" not in line:
+                raise SystemExit(f"registry did not start: {line}")
+            urls.append(f"http://127.0.0.1:{port}/v2/ipfs/{img.root_cid}/blobs/{layer}")
+        rows = asyncio.run(bench(daemon.api_url, urls, cid, size, args.seconds,
                                  concurrencies, reads))
         _print(rows, f"Range reads of a {args.mib} MiB blob, {args.seconds:g} s per cell, "
                      f"js-ipfs 0.66 daemon, {os.cpu_count()} CPUs")
     finally:
-        if proc is not None:
+        for proc in procs:
             proc.send_signal(signal.SIGTERM)
             proc.wait(15)
         daemon.stop()

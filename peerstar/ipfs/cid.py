@@ -7,6 +7,7 @@ codecs and hash function kubo's `add --cid-version=1` uses.
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
 
@@ -61,3 +62,23 @@ def verify_block(cid: CID, data: bytes) -> bool:
     """True when `data` hashes to the multihash inside `cid`."""
     check_supported(cid)
     return hashlib.sha256(data).digest() == cid.raw_digest
+
+
+def cid_text(raw: bytes) -> str:
+    """CIDv1 base32 text of a binary CID as dag-pb links hold it (a CIDv0, i.e. a bare
+    sha2-256 multihash, becomes its CIDv1 dag-pb form), the same text `normalize_cid` gives.
+
+    Written out here because `multiformats` takes ~0.5 ms to decode and re-encode one CID
+    and the registry names a leaf or interior node per range read; base32 is RFC 4648
+    (stdlib), and a binary CIDv1 is its own multibase payload.
+    """
+    if len(raw) == 34 and raw[:2] == b"\x12\x20":
+        raw = b"\x01\x70" + raw
+    elif len(raw) < 4 or raw[0] != 1:
+        raise CIDError(f"not a binary CIDv1 or CIDv0: {raw[:8].hex()}...")
+    return "b" + base64.b32encode(raw).decode("ascii").lower().rstrip("=")
+
+
+def is_raw_cid(raw: bytes) -> bool:
+    """Whether a binary CIDv1 uses the raw codec (0x55: a leaf, no links below it)."""
+    return len(raw) > 1 and raw[0] == 1 and raw[1] == 0x55

@@ -162,6 +162,16 @@ class FileNode:
             return self.filesize
         return len(self.data) + sum(self.blocksizes)
 
+    def child_starts(self) -> list[int]:
+        """The file offset (within this node) where each child's bytes begin: after the
+        node's inline data, children in link order (UnixFS file semantics)."""
+        starts = []
+        pos = len(self.data)
+        for bs in self.blocksizes:
+            starts.append(pos)
+            pos += bs
+        return starts
+
 
 def encode_unixfs_data(
     filesize: int, blocksizes: list[int], data: bytes | None = None, type_: int = UNIXFS_FILE

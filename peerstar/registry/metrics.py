@@ -26,6 +26,11 @@ class RegistryMetrics:
             "peerstar_registry_upstream_errors",
             "Failed IPFS read attempts (kind=timeout|error), retries included",
             ["kind"], registry=self.registry)
+        self.upstream_reads = Counter(
+            "peerstar_registry_upstream_reads",
+            "Range reads sent to IPFS, by the DAG node read (node=root: the blob's own "
+            "CID; interior or leaf: the node below it that holds the whole range)",
+            ["node"], registry=self.registry)
         self.upstream_bytes = Counter(
             "peerstar_registry_upstream_bytes", "Bytes read from IPFS",
             registry=self.registry)

@@ -8,10 +8,14 @@ caller allows otherwise).
 
 A request costs at most one IPFS `cat` of the bytes it serves: the descriptor tree is
 walked once per root CID (`tree.TreeCache`), manifests are served from that cache, HEAD
-never reads content. Headers are only sent once the first upstream bytes are in hand,
-so a daemon that is down or stalled yields a 502/504 with a message; a failure after
-that closes the connection, and as every response carries an exact Content-Length, a
-cut-off body can never pass for a complete one.
+never reads content. The cat names the deepest node of the blob's UnixFS DAG that holds
+the whole range, once that node is known (`subdag.SubDagLocator`), which spares the
+daemon the walk from the blob's root.
+
+Headers are only sent once the first upstream bytes are in hand, so a daemon that is
+down or stalled yields a 502/504 with a message; a failure after that closes the
+connection, and as every response carries an exact Content-Length, a cut-off body can
+never pass for a complete one.
 
 Content read from a daemon over plain HTTP on Linux is relayed with splice(2)
 (`splice.SpliceCat`): the body goes daemon socket -> pipe -> client socket without being
@@ -48,6 +52,7 @@ from peerstar.registry.ranges import (
     parse_range,
 )
 from peerstar.registry.splice import Pipe, SpliceCat, Spliced, splice_reader_for
+from peerstar.registry.subdag import SubDagLocator
 from peerstar.registry.tree import (
     BlobRef,
     ImageTree,
@@ -89,6 +94,10 @@ class ServerOptions:
     # PEERSTAR_REGISTRY_ZERO_COPY=0 turns it off (then bytes are copied through Python).
     zero_copy: bool = field(default_factory=lambda: os.environ.get(
         "PEERSTAR_REGISTRY_ZERO_COPY", "1").strip() not in ("0", "false", "no"))
+    # Read a range from the deepest DAG node holding all of it (`subdag.SubDagLocator`);
+    # PEERSTAR_REGISTRY_SUBDAG=0 always reads from the blob's own CID.
+    subdag: bool = field(default_factory=lambda: os.environ.get(
+        "PEERSTAR_REGISTRY_SUBDAG", "1").strip() not in ("0", "false", "no"))
 
 
 @dataclass
@@ -154,6 +163,9 @@ class RegistryServer:
         self.options = options or ServerOptions()
         self._splice: SpliceCat | None = (splice_reader_for(store) if self.options.zero_copy
                                           else None)
+        get_block = getattr(store, "block_get", None)
+        self._subdag = (SubDagLocator(get_block, timeout=self.options.policy.timeout)
+                        if self.options.subdag and get_block is not None else None)
         self.metrics = RegistryMetrics()
         self.trees = TreeCache(self._read_small, max_bytes=self.options.cache_bytes)
         self._runners: list[web.AppRunner] = []
@@ -424,13 +436,18 @@ class RegistryServer:
         if cached is not None:
             yield cached[r.start:r.end + 1]
             return
+        cid, start = info.cid, r.start
+        if self._subdag is not None:
+            cid, start, node = self._subdag.locate(cid, start, r.length)
+            self.metrics.upstream_reads.labels(node).inc()
+        else:
+            self.metrics.upstream_reads.labels("root").inc()
         if pipe is not None and self._splice is not None:
             pieces: AsyncIterator[bytes | Spliced] = self._splice.relay(
-                pipe, info.cid, r.start, r.length, self.options.policy,
-                self._on_upstream_failure)
+                pipe, cid, start, r.length, self.options.policy, self._on_upstream_failure)
         else:
-            pieces = read_stream(self._reader, info.cid, r.start, r.length,
-                                 self.options.policy, on_failure=self._on_upstream_failure)
+            pieces = read_stream(self._reader, cid, start, r.length, self.options.policy,
+                                 on_failure=self._on_upstream_failure)
         async with contextlib.aclosing(pieces):  # type: ignore[type-var]
             async for chunk in pieces:
                 self.metrics.upstream_bytes.inc(len(chunk))
@@ -539,6 +556,8 @@ class RegistryServer:
             await self._fast.close()
         if self._splice is not None:
             await self._splice.close()
+        if self._subdag is not None:
+            await self._subdag.close()
 
 
 def _upstream_error(exc: UpstreamError) -> RegistryError:

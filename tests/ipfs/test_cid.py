@@ -13,6 +13,7 @@ import pytest
 from multiformats import CID
 
 from peerstar.ipfs import CHUNK_SIZE, MAX_LINKS, CIDError, compute_cid, normalize_cid
+from peerstar.ipfs.cid import block_cid, cid_text, is_raw_cid
 from peerstar.ipfs.unixfs import DagBuilder, chunk_bytes, decode_file_node, read_range
 from tests.ipfs.conftest import run
 from tests.support.jsipfs import JSIPFS_DIR, JsIpfs
@@ -170,3 +171,21 @@ def test_compute_cid_random_sizes_round_trip_structure() -> None:
             node = decode_file_node(b.blocks[-1].data)
             assert node.size == size
             assert sum(node.blocksizes) == size
+
+
+def test_cid_text_of_link_bytes_equals_normalize_cid() -> None:
+    """The registry's fast CID text (no multiformats) for the binary CIDs dag-pb links
+    hold: CIDv1 raw and dag-pb as they are, CIDv0 as its CIDv1 dag-pb form."""
+    rnd = random.Random(9)
+    for _ in range(50):
+        data = rnd.randbytes(rnd.randrange(0, 300))
+        for codec in ("raw", "dag-pb"):
+            cid = block_cid(codec, data)
+            assert cid_text(bytes(cid)) == normalize_cid(str(cid)) == str(cid)
+            assert is_raw_cid(bytes(cid)) == (codec == "raw")
+    v0 = "QmVkbauSDEaMP4Tkq6Epm9uW75mWm136n81YH8fGtfwdHU"
+    assert cid_text(bytes(CID.decode(v0))) == normalize_cid(v0)
+    assert not is_raw_cid(bytes(CID.decode(v0)))
+    for bad in (b"", b"\x12\x20" + b"x" * 10, b"\x02\x55\x12\x20" + b"x" * 32):
+        with pytest.raises(CIDError):
+            cid_text(bad)
