@@ -25,6 +25,7 @@ import bisect
 import contextlib
 import logging
 import time
+from array import array
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
@@ -45,14 +46,21 @@ ROOT, INTERIOR, LEAF = "root", "interior", "leaf"
 
 
 class _Node:
-    """A decoded file node: where each child's bytes start and end, and its CID."""
+    """A decoded file node: where each child's bytes start and end, and its binary CID
+    (packed: ~10 KiB for 174 links, where lists of ints and bytes took ~44 KiB)."""
 
-    __slots__ = ("children", "ends", "starts")
+    __slots__ = ("_cid_at", "_cids", "ends", "starts")
 
     def __init__(self, starts: list[int], ends: list[int], children: list[bytes]) -> None:
-        self.starts = starts
-        self.ends = ends
-        self.children = children
+        self.starts = array("Q", starts)
+        self.ends = array("Q", ends)
+        self._cids = b"".join(children)
+        self._cid_at = array("I", [0])
+        for raw in children:
+            self._cid_at.append(self._cid_at[-1] + len(raw))
+
+    def child(self, i: int) -> bytes:
+        return self._cids[self._cid_at[i]:self._cid_at[i + 1]]
 
 
 _LEAF_NODE = _Node([], [], [])  # a raw block: nothing below it
@@ -62,7 +70,8 @@ class SubDagLocator:
     """Maps (blob CID, offset, length) to the deepest known node holding the whole range.
 
     `get_block(cid)` returns a block's bytes verified against its CID (a ContentStore's
-    `block_get`). At most `max_nodes` decoded nodes are kept (~18 KiB each for 174 links).
+    `block_get`). At most `max_nodes` decoded nodes are kept (~10 KiB each for 174
+    links: ~10 MiB with the default 1024).
     """
 
     def __init__(self, get_block: Callable[[str], Awaitable[bytes]], *,
@@ -94,7 +103,7 @@ class SubDagLocator:
             i = bisect.bisect_right(node.starts, rel) - 1
             if i < 0 or rel + length > node.ends[i]:
                 break  # inline data, or the range spans several children
-            raw = node.children[i]
+            raw = node.child(i)
             span = node.ends[i] - node.starts[i]
             node_cid, rel = cid_text(raw), rel - node.starts[i]
             if is_raw_cid(raw):

@@ -230,3 +230,33 @@ def test_registry_reads_ranges_from_interior_nodes_and_leaves(
         reads = _reads(reg.metrics_url)
         assert reads.get("leaf", 0) > 0 and reads.get("interior", 0) > 0, reads
         assert reads.get("root", 0) >= 2, reads  # at least the two spanning reads
+
+
+def test_a_mapped_node_of_174_links_takes_little_memory() -> None:
+    """The bound on the cache is in nodes; each 174-link node is kept packed (~10 KiB),
+    so the default 1024 nodes stay near 10 MiB."""
+    import gc
+    import tracemalloc
+
+    dag = _Dag(random.Random(2).randbytes(3 * 174 * 64), 64, 174)
+    loc = SubDagLocator(dag.get_block, load_span=0)
+    root = decode_file_node(dag.blocks[dag.root])
+    assert len(root.links) == 3
+
+    async def go() -> None:
+        await loc.load(dag.root)
+        children = [str(link.cid) for link in root.links]
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for cid in children:
+                await loc.load(cid)
+            gc.collect()
+            per_node = (tracemalloc.get_traced_memory()[0] - before) / len(children)
+        finally:
+            tracemalloc.stop()
+        assert len(loc) == 4
+        assert per_node < 16 << 10, per_node
+
+    asyncio.run(go())
