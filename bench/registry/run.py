@@ -82,27 +82,25 @@ async def bench(api_url: str, registry_urls: list[str], cid: str, size: int,
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
 
+        async def body_length(r: aiohttp.ClientResponse, status: int, who: str) -> int:
+            if r.status != status:
+                raise RuntimeError(f"{who} answered {r.status}")
+            got = 0
+            async for chunk in r.content.iter_any():
+                got += len(chunk)
+            return got
+
         def via(registry_url: str):
             async def via_registry(off: int, n: int) -> int:
                 async with session.get(registry_url,
                                        headers={"Range": f"bytes={off}-{off + n - 1}"}) as r:
-                    if r.status != 206:
-                        raise RuntimeError(f"registry answered {r.status}")
-                    got = 0
-                    async for chunk in r.content.iter_any():
-                        got += len(chunk)
-                    return got
+                    return await body_length(r, 206, "registry")
             return via_registry
 
         async def direct(off: int, n: int) -> int:
             params = {"arg": cid, "offset": str(off), "length": str(n)}
             async with session.post(f"{api_url}/api/v0/cat", params=params) as r:
-                if r.status != 200:
-                    raise RuntimeError(f"daemon answered {r.status}")
-                got = 0
-                async for chunk in r.content.iter_any():
-                    got += len(chunk)
-                return got
+                return await body_length(r, 200, "daemon")
 
         sides = [direct] + [via(u) for u in registry_urls]
         for conc in concurrencies:

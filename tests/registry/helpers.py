@@ -8,6 +8,8 @@ import email.parser
 import email.policy
 import http.client
 import json
+import re
+import urllib.request
 from dataclasses import dataclass
 
 MANIFEST_ACCEPT = ", ".join([
@@ -60,3 +62,11 @@ def parse_multipart(content_type: str, body: bytes) -> list[tuple[str, str, byte
         payload = part.get_payload(decode=True)
         out.append((part["Content-Type"], part["Content-Range"], payload))
     return out
+
+
+def upstream_reads(metrics_url: str) -> dict[str, float]:
+    """`peerstar_registry_upstream_reads_total` by node (root / interior / leaf) from a
+    registry's /metrics."""
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    return {m[1]: float(m[2]) for m in re.finditer(
+        r'^peerstar_registry_upstream_reads_total\{node="(\w+)"\} (\S+)$', text, re.M)}

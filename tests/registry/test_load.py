@@ -12,16 +12,14 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import re
 import time
-import urllib.request
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from peerstar.sample import SampleImage  # noqa: F401 - conftest fixture types
-from tests.registry.helpers import parse_multipart
+from tests.registry.helpers import parse_multipart, upstream_reads
 from tests.registry.ipfsimage import StoredImage, store_blob_image
 from tests.registry.test_cli import _clean_env, serve
 from tests.support.jsipfs import JsIpfs, free_port
@@ -129,10 +127,7 @@ def test_load_random_ranges(backend: str, request: pytest.FixtureRequest, tmp_pa
         t0 = time.monotonic()
         stats = asyncio.run(_hammer(url, data, t0 + DURATION))
         elapsed = time.monotonic() - t0
-        metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
-                                         timeout=10).read().decode()
-    reads = {m[1]: float(m[2]) for m in re.finditer(
-        r'^peerstar_registry_upstream_reads_total\{node="(\w+)"\} (\S+)$', metrics, re.M)}
+        reads = upstream_reads(f"http://127.0.0.1:{metrics_port}/metrics")
     print(f"\nload[{backend}] {elapsed:.1f} s: {stats}, "
           f"{stats['bytes'] / elapsed / 1e6:.1f} MB/s, upstream reads by node {reads}")
     assert elapsed < DURATION + 70  # bounded: the last requests finish within their timeout

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import random
-import re
 import urllib.request
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from peerstar.ipfs.unixfs import DagBuilder, chunk_bytes, decode_file_node, read
 from peerstar.registry.subdag import INTERIOR, LEAF, LOAD_SPAN, ROOT, SubDagLocator
 from tests.registry.conftest import open_backend
 from tests.registry.harness import ThreadedRegistry
-from tests.registry.helpers import parse_multipart
+from tests.registry.helpers import parse_multipart, upstream_reads
 from tests.registry.ipfsimage import store_blob_image
 
 
@@ -194,12 +193,6 @@ def _get(url: str, range_header: str) -> tuple[int, dict[str, str], bytes]:
         return resp.status, dict(resp.headers), resp.read()
 
 
-def _reads(metrics_url: str) -> dict[str, float]:
-    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
-    return {m[1]: float(m[2]) for m in re.finditer(
-        r'^peerstar_registry_upstream_reads_total\{node="(\w+)"\} (\S+)$', text, re.M)}
-
-
 @pytest.mark.parametrize("kind", ["jsipfs", "embedded"])
 def test_registry_reads_ranges_from_interior_nodes_and_leaves(
         kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
@@ -227,7 +220,7 @@ def test_registry_reads_ranges_from_interior_nodes_and_leaves(
         parts = parse_multipart(headers["Content-Type"], body)
         assert [p[2] for p in parts] == [data[5:11], data[_SPAN - 3:_SPAN + 4],
                                          data[9000000:9065536]]
-        reads = _reads(reg.metrics_url)
+        reads = upstream_reads(reg.metrics_url)
         assert reads.get("leaf", 0) > 0 and reads.get("interior", 0) > 0, reads
         assert reads.get("root", 0) >= 2, reads  # at least the two spanning reads
 
