@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from peerstar.errors import PeerstarError
 
 
@@ -27,3 +29,12 @@ class CorruptBlockError(IPFSError):
 
 class OffsetError(IPFSError):
     """A read starts past the end of the file."""
+
+
+def rpc_error_message(body: bytes) -> str:
+    """What a kubo-compatible RPC error body says: its JSON `Message`, else the text."""
+    message = body.decode(errors="replace").strip()
+    try:
+        return json.loads(body).get("Message") or message
+    except (ValueError, AttributeError):
+        return message

@@ -45,7 +45,13 @@ import httpx
 from peerstar.ipfs.address import APIAddress
 from peerstar.ipfs.base import AddInput, ContentStore, iter_input, rewindable
 from peerstar.ipfs.cid import check_supported, normalize_cid, parse_cid, verify_block
-from peerstar.ipfs.errors import CorruptBlockError, IPFSError, IPFSTimeoutError, OffsetError
+from peerstar.ipfs.errors import (
+    CorruptBlockError,
+    IPFSError,
+    IPFSTimeoutError,
+    OffsetError,
+    rpc_error_message,
+)
 from peerstar.ipfs.unixfs import RAW, decode_file_node
 
 log = logging.getLogger(__name__)
@@ -123,12 +129,7 @@ class RPCStore(ContentStore):
     async def _raise_for_status(self, resp: httpx.Response, what: str) -> None:
         if resp.status_code < 400:
             return
-        body = await resp.aread()
-        message = body.decode(errors="replace").strip()
-        try:
-            message = json.loads(body).get("Message") or message
-        except (ValueError, AttributeError):
-            pass
+        message = rpc_error_message(await resp.aread())
         if resp.status_code in _RETRY_STATUS:
             raise _Retryable(f"{what}: HTTP {resp.status_code} {message[:200]}")
         raise IPFSError(f"IPFS daemon at {self.api.shown}: {what} failed: {message[:500]}")

@@ -14,13 +14,12 @@ too, since the expected length is always known.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 
 import aiohttp
 from yarl import URL
 
-from peerstar.ipfs.errors import IPFSError
+from peerstar.ipfs.errors import IPFSError, rpc_error_message
 
 # Relay in pieces of this size: each piece costs a timeout scope, a metrics update and a
 # write+drain on the way out, so 64 KiB network reads relayed one by one made a 1 MiB
@@ -61,12 +60,7 @@ class DaemonCat:
         try:
             async with self._client().post(url) as r:
                 if r.status != 200:
-                    body = await r.read()
-                    message = body.decode(errors="replace").strip()
-                    try:
-                        message = json.loads(body).get("Message") or message
-                    except (ValueError, AttributeError):
-                        pass
+                    message = rpc_error_message(await r.read())
                     raise IPFSError(f"IPFS daemon at {self.api_url}: cat {cid} failed: "
                                     f"HTTP {r.status} {message[:300]}")
                 async for chunk in r.content.iter_chunked(_RELAY_PIECE):

@@ -42,7 +42,7 @@ from urllib.parse import urlsplit
 
 import h11
 
-from peerstar.ipfs.errors import IPFSError
+from peerstar.ipfs.errors import IPFSError, rpc_error_message
 from peerstar.registry.upstream import OnFailure, ReadPolicy, UpstreamError, failed_read
 
 log = logging.getLogger("peerstar.registry.splice")
@@ -375,11 +375,7 @@ class SpliceCat:
         status = event.status_code
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in event.headers}
         if status != 200:
-            body = await self._error_body(sock, h, timeout)
-            message = body.decode(errors="replace").strip()
-            with contextlib.suppress(ValueError, AttributeError):
-                import json
-                message = json.loads(body).get("Message") or message
+            message = rpc_error_message(await self._error_body(sock, h, timeout))
             raise IPFSError(f"IPFS daemon at {self.api_url}: cat {cid} failed: "
                             f"HTTP {status} {message[:300]}")
         if headers.get("transfer-encoding", "").lower() == "chunked":
