@@ -409,15 +409,13 @@ async def _read_node(
         return
     node = _decode_cached(raw)
     # Inline data comes before the children's bytes (UnixFS file semantics).
-    pos = 0
     if node.data:
-        piece = node.data[max(start - pos, 0) : None if end is None else max(end - pos, 0)]
+        piece = node.data[start : None if end is None else max(end, 0)]
         if piece:
             yield piece
-        pos += len(node.data)
-    for link, bs in zip(node.links, node.blocksizes, strict=True):
-        child_start, child_end = pos, pos + bs
-        pos = child_end
+    for link, bs, child_start in zip(node.links, node.blocksizes, node.child_starts(),
+                                     strict=True):
+        child_end = child_start + bs
         if child_end <= start:
             continue
         if end is not None and child_start >= end:

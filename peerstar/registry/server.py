@@ -52,7 +52,7 @@ from peerstar.registry.ranges import (
     parse_range,
 )
 from peerstar.registry.splice import Pipe, SpliceCat, Spliced, splice_reader_for
-from peerstar.registry.subdag import SubDagLocator
+from peerstar.registry.subdag import ROOT, SubDagLocator
 from peerstar.registry.tree import (
     BlobRef,
     ImageTree,
@@ -79,6 +79,11 @@ _CID_PATTERN = r"[A-Za-z0-9]{1,200}"
 _REF_PATTERN = r"[^/]{1,300}"
 
 
+def _env_on(name: str) -> bool:
+    """An on-by-default switch from the environment: 0, false or no turn it off."""
+    return os.environ.get(name, "1").strip() not in ("0", "false", "no")
+
+
 @dataclass(frozen=True)
 class ServerOptions:
     """Tunables of one server; defaults suit production."""
@@ -92,12 +97,10 @@ class ServerOptions:
     header_timeout: float = 30.0
     # Relay daemon reads to clients with splice(2) (Linux, daemon over plain HTTP);
     # PEERSTAR_REGISTRY_ZERO_COPY=0 turns it off (then bytes are copied through Python).
-    zero_copy: bool = field(default_factory=lambda: os.environ.get(
-        "PEERSTAR_REGISTRY_ZERO_COPY", "1").strip() not in ("0", "false", "no"))
+    zero_copy: bool = field(default_factory=lambda: _env_on("PEERSTAR_REGISTRY_ZERO_COPY"))
     # Read a range from the deepest DAG node holding all of it (`subdag.SubDagLocator`);
     # PEERSTAR_REGISTRY_SUBDAG=0 always reads from the blob's own CID.
-    subdag: bool = field(default_factory=lambda: os.environ.get(
-        "PEERSTAR_REGISTRY_SUBDAG", "1").strip() not in ("0", "false", "no"))
+    subdag: bool = field(default_factory=lambda: _env_on("PEERSTAR_REGISTRY_SUBDAG"))
 
 
 @dataclass
@@ -436,12 +439,10 @@ class RegistryServer:
         if cached is not None:
             yield cached[r.start:r.end + 1]
             return
-        cid, start = info.cid, r.start
+        cid, start, node = info.cid, r.start, ROOT
         if self._subdag is not None:
             cid, start, node = self._subdag.locate(cid, start, r.length)
-            self.metrics.upstream_reads.labels(node).inc()
-        else:
-            self.metrics.upstream_reads.labels("root").inc()
+        self.metrics.upstream_reads.labels(node).inc()
         if pipe is not None and self._splice is not None:
             pieces: AsyncIterator[bytes | Spliced] = self._splice.relay(
                 pipe, cid, start, r.length, self.options.policy, self._on_upstream_failure)

@@ -46,14 +46,14 @@ ROOT, INTERIOR, LEAF = "root", "interior", "leaf"
 
 
 class _Node:
-    """A decoded file node: where each child's bytes start and end, and its binary CID
-    (packed: ~10 KiB for 174 links, where lists of ints and bytes took ~44 KiB)."""
+    """A decoded file node: the file offsets bounding its children (child i holds
+    [bounds[i], bounds[i+1]), children being contiguous) and each child's binary CID,
+    packed: ~10 KiB for 174 links, where lists of ints and bytes took ~44 KiB."""
 
-    __slots__ = ("_cid_at", "_cids", "ends", "starts")
+    __slots__ = ("_cid_at", "_cids", "bounds")
 
-    def __init__(self, starts: list[int], ends: list[int], children: list[bytes]) -> None:
-        self.starts = array("Q", starts)
-        self.ends = array("Q", ends)
+    def __init__(self, bounds: list[int], children: list[bytes]) -> None:
+        self.bounds = array("Q", bounds)
         self._cids = b"".join(children)
         self._cid_at = array("I", [0])
         for raw in children:
@@ -63,7 +63,7 @@ class _Node:
         return self._cids[self._cid_at[i]:self._cid_at[i + 1]]
 
 
-_LEAF_NODE = _Node([], [], [])  # a raw block: nothing below it
+_LEAF_NODE = _Node([], [])  # a raw block: nothing below it
 
 
 class SubDagLocator:
@@ -100,12 +100,13 @@ class SubDagLocator:
                 self._load_soon(node_cid)
                 break
             self._nodes.move_to_end(node_cid)
-            i = bisect.bisect_right(node.starts, rel) - 1
-            if i < 0 or rel + length > node.ends[i]:
-                break  # inline data, or the range spans several children
+            bounds = node.bounds
+            i = bisect.bisect_right(bounds, rel) - 1
+            if i < 0 or i + 1 >= len(bounds) or rel + length > bounds[i + 1]:
+                break  # inline data, past the end, or the range spans several children
             raw = node.child(i)
-            span = node.ends[i] - node.starts[i]
-            node_cid, rel = cid_text(raw), rel - node.starts[i]
+            span = bounds[i + 1] - bounds[i]
+            node_cid, rel = cid_text(raw), rel - bounds[i]
             if is_raw_cid(raw):
                 return node_cid, rel, LEAF
             kind = INTERIOR
@@ -123,9 +124,10 @@ class SubDagLocator:
             async with asyncio.timeout(self.timeout):
                 raw = await self._get_block(cid)
             decoded = decode_file_node(raw)
-            starts = decoded.child_starts()
-            ends = [s + bs for s, bs in zip(starts, decoded.blocksizes, strict=True)]
-            node = _Node(starts, ends, [link.cid_bytes() for link in decoded.links])
+            bounds = decoded.child_starts()
+            if bounds:
+                bounds.append(bounds[-1] + decoded.blocksizes[-1])
+            node = _Node(bounds, [link.cid_bytes() for link in decoded.links])
         self._nodes[cid] = node
         while len(self._nodes) > self.max_nodes:
             self._nodes.popitem(last=False)
@@ -150,7 +152,11 @@ class SubDagLocator:
             # The reads go on from the node above; this one is asked for again later.
             log.info("cannot map the DAG of %s (reads go on from its parent): %s: %s", cid,
                      type(exc).__name__, exc)
-            self._failed[cid] = time.monotonic()
+            now = time.monotonic()
+            # bounded: entries past their wait are dropped with each new failure
+            for old in [c for c, t in self._failed.items() if now - t >= _RETRY_AFTER]:
+                del self._failed[old]
+            self._failed[cid] = now
         finally:
             self._loading.pop(cid, None)
 
