@@ -215,7 +215,7 @@ def _push_and_check(ctr: Ctr, registry: DockerRegistry, src: str, repo: str, tag
                     manifest_digest: str) -> dict:
     remote = f"{registry.host}/{repo}:{tag}"
     ctr.run("images", "tag", "--force", src, remote)
-    ctr.run("images", "push", "--plain-http", remote)
+    ctr.push(remote)
     got = registry.get_manifest(repo, tag)
     assert got.status == 200, got.body[:500]
     assert got.headers["docker-content-digest"] == manifest_digest

@@ -113,7 +113,7 @@ def registry_image(containerd: Containerd, docker_registry: DockerRegistry,
     repo, tag = "peerstar/image-sample", "v1"
     remote = f"{docker_registry.host}/{repo}:{tag}"
     ctr.run("images", "tag", "--force", src, remote)
-    ctr.run("images", "push", "--plain-http", remote)
+    ctr.push(remote)
     got = docker_registry.get_manifest(repo, tag)
     assert got.status == 200 and got.headers["docker-content-digest"] == \
         sample_image.manifest_digest

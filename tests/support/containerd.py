@@ -104,6 +104,17 @@ class Ctr:
         return self._exec(self._argv(self.ctr_binary, list(map(str, args)), namespace),
                           check=check, input=input, timeout=timeout)
 
+    def push(self, remote: str) -> None:
+        """`ctr images push --plain-http REMOTE`, once more if the registry cut an upload
+        short ("unexpected EOF", seen about once in a dozen CI runs against Debian's
+        docker-registry): a push is content-addressed, so repeating it is safe."""
+        try:
+            self.run("images", "push", "--plain-http", remote)
+        except HarnessError as exc:
+            if "unexpected EOF" not in str(exc):
+                raise
+            self.run("images", "push", "--plain-http", remote)
+
     def remote(self, *args: str | os.PathLike[str], check: bool = True,
                input: bytes | None = None, timeout: float | None = None,
                namespace: str | None = None) -> subprocess.CompletedProcess[bytes]:
