@@ -5,9 +5,15 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+_MAX_CACHED = 64
+
 
 class RegistryMetrics:
-    """Requests, bytes, latency and upstream failures of one registry server."""
+    """Requests, bytes, latency and upstream failures of one registry server.
+
+    `request_done` and `upstream_read` keep the labelled children they update: looking
+    one up (`labels`) costs more than the update itself, twice or more per request.
+    """
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -44,3 +50,26 @@ class RegistryMetrics:
         self.tree_walks = Counter(
             "peerstar_registry_tree_walks", "Descriptor-tree walks started (cache misses)",
             registry=self.registry)
+        self._done: dict[tuple[str, str, int], tuple] = {}
+        self._reads: dict[str, object] = {}
+
+    def request_done(self, method: str, route: str, status: int, seconds: float,
+                     sent: int) -> None:
+        """Count one answered request: its latency and the body bytes sent."""
+        key = (method, route, status)
+        children = self._done.get(key)
+        if children is None:
+            children = (self.requests.labels(method, route, str(status)),
+                        self.latency.labels(route), self.bytes.labels(route))
+            if len(self._done) < _MAX_CACHED:  # methods are the client's to choose
+                self._done[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
+        children[2].inc(sent)
+
+    def upstream_read(self, node: str) -> None:
+        """Count one range read sent to IPFS, by the DAG node it reads."""
+        child = self._reads.get(node)
+        if child is None:
+            child = self._reads[node] = self.upstream_reads.labels(node)
+        child.inc()  # type: ignore[attr-defined]

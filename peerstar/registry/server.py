@@ -51,7 +51,13 @@ from peerstar.registry.ranges import (
     multipart_layout,
     parse_range,
 )
-from peerstar.registry.splice import Pipe, SpliceCat, Spliced, splice_reader_for
+from peerstar.registry.splice import (
+    Pipe,
+    Requested,
+    SpliceCat,
+    Spliced,
+    splice_reader_for,
+)
 from peerstar.registry.subdag import ROOT, SubDagLocator
 from peerstar.registry.tree import (
     BlobRef,
@@ -113,6 +119,17 @@ class _RequestState:
 
 
 _STATE = web.RequestKey("peerstar_registry_state", _RequestState)
+
+
+@dataclass
+class _Read:
+    """Where one range is read from: `cid` (the blob's or a node of its DAG) at `start`;
+    `node` is ROOT, "interior" or "leaf"; `requested`: its `cat`, already sent."""
+
+    cid: str
+    start: int
+    node: str
+    requested: Requested | None = None
 
 
 class _Abort(Exception):
@@ -260,9 +277,7 @@ class RegistryServer:
         finally:
             route = _route_of(request)
             elapsed = time.monotonic() - start
-            self.metrics.requests.labels(request.method, route, str(status)).inc()
-            self.metrics.latency.labels(route).observe(elapsed)
-            self.metrics.bytes.labels(route).inc(state.sent)
+            self.metrics.request_done(request.method, route, status, elapsed, state.sent)
             if access_log.isEnabledFor(logging.INFO):
                 access_log.info(json.dumps({
                     "ts": round(time.time(), 3),
@@ -360,48 +375,69 @@ class RegistryServer:
     async def _send(self, request: web.Request, status: int, headers: dict[str, str],
                     ranges: list[ByteRange], size: int, info: BlobRef, cached: bytes | None,
                     layout) -> web.StreamResponse:
-        resp = web.StreamResponse(status=status, headers=headers)
-        if layout is None:
-            resp.content_length = sum(r.length for r in ranges)
-        else:
-            resp.content_length = layout.content_length(ranges)
-        state = request[_STATE]
-        state.status = status
-        state.response = resp
-        if request.method == "HEAD":
-            await resp.prepare(request)
-            await resp.write_eof()
-            return resp
-        out = self._splice_target(request) if cached is None else None
+        first: _Read | None = None
+        out: socket.socket | None = None
+        if request.method != "HEAD" and cached is None and ranges:
+            out = self._splice_target(request)
+            # The daemon gets the first range's request before anything else is built
+            # here: it takes milliseconds to answer, the rest of this microseconds.
+            first = self._locate(info, ranges[0], send_now=out is not None)
         pipe = self._splice.pipes.get() if out is not None and self._splice else None
         try:
-            await self._send_ranges(request, resp, ranges, info, cached, layout, pipe, out)
+            resp = web.StreamResponse(status=status, headers=headers)
+            if layout is None:
+                resp.content_length = sum(r.length for r in ranges)
+            else:
+                resp.content_length = layout.content_length(ranges)
+            state = request[_STATE]
+            state.status = status
+            state.response = resp
+            if request.method == "HEAD":
+                await resp.prepare(request)
+                await resp.write_eof()
+                return resp
+            await self._send_ranges(request, resp, ranges, info, cached, layout, pipe, out,
+                                    first)
         finally:
+            if first is not None and first.requested is not None:
+                first.requested.discard()  # the relay never ran (it discards its own)
             if out is not None:
-                os.close(out)
+                out.close()
             if pipe is not None and self._splice is not None:
                 self._splice.pipes.put(pipe)  # closed instead unless it was drained
         return resp
 
-    def _splice_target(self, request: web.Request) -> int | None:
-        """A descriptor of the client's socket to splice into, if this request can."""
+    def _locate(self, info: BlobRef, r: ByteRange, *, send_now: bool = False) -> _Read:
+        """Where range `r` of the blob is read from (the deepest DAG node holding it); with
+        `send_now`, its `cat` is sent to the daemon at once (`SpliceCat.request_now`)."""
+        cid, start, node = info.cid, r.start, ROOT
+        if self._subdag is not None:
+            cid, start, node = self._subdag.locate(cid, start, r.length)
+        requested = (self._splice.request_now(cid, start, r.length)
+                     if send_now and self._splice is not None else None)
+        return _Read(cid, start, node, requested)
+
+    def _splice_target(self, request: web.Request) -> socket.socket | None:
+        """The client's socket to splice into, if this request can: a duplicate, with
+        its own epoll registration for writability, which stays valid until we are done
+        even if aiohttp closes its own descriptor meanwhile."""
         if self._splice is None or request.transport is None:
             return None
         sock = request.transport.get_extra_info("socket")
         if sock is None or request.transport.get_extra_info("sslcontext") is not None:
             return None
-        # A duplicate: its own epoll registration for writability, and the socket stays
-        # valid until we are done even if aiohttp closes its descriptor meanwhile.
-        return os.dup(sock.fileno())
+        # family, type and proto given: no getsockname/getsockopt to find them out
+        return socket.socket(sock.family, sock.type, sock.proto, os.dup(sock.fileno()))
 
     async def _send_ranges(self, request: web.Request, resp: web.StreamResponse,
                            ranges: list[ByteRange], info: BlobRef, cached: bytes | None,
-                           layout, pipe: Pipe | None, out: int | None) -> None:
+                           layout, pipe: Pipe | None, out: socket.socket | None,
+                           first: _Read | None) -> None:
         prepared = False
         for i, r in enumerate(ranges):
             if pipe is not None:
                 pipe.out = -1  # this range's multipart head goes first, through aiohttp
-            pieces = self._pieces(info, cached, r, pipe)
+            pieces = self._pieces(info, cached, r, pipe, first if i == 0 else None)
             try:
                 async with contextlib.aclosing(pieces):
                     if layout is not None:
@@ -435,38 +471,38 @@ class RegistryServer:
         await resp.write_eof()
 
     async def _pieces(self, info: BlobRef, cached: bytes | None, r: ByteRange,
-                      pipe: Pipe | None) -> AsyncIterator[bytes | Spliced]:
+                      pipe: Pipe | None, read: _Read | None
+                      ) -> AsyncIterator[bytes | Spliced]:
         if cached is not None:
             yield cached[r.start:r.end + 1]
             return
-        cid, start, node = info.cid, r.start, ROOT
-        if self._subdag is not None:
-            cid, start, node = self._subdag.locate(cid, start, r.length)
-        self.metrics.upstream_reads.labels(node).inc()
+        if read is None:
+            read = self._locate(info, r)
+        self.metrics.upstream_read(read.node)
         if pipe is not None and self._splice is not None:
+            requested, read.requested = read.requested, None  # the relay owns it now
             pieces: AsyncIterator[bytes | Spliced] = self._splice.relay(
-                pipe, cid, start, r.length, self.options.policy, self._on_upstream_failure)
+                pipe, read.cid, read.start, r.length, self.options.policy,
+                self._on_upstream_failure, requested)
         else:
-            pieces = read_stream(self._reader, cid, start, r.length, self.options.policy,
-                                 on_failure=self._on_upstream_failure)
+            pieces = read_stream(self._reader, read.cid, read.start, r.length,
+                                 self.options.policy, on_failure=self._on_upstream_failure)
         async with contextlib.aclosing(pieces):  # type: ignore[type-var]
             async for chunk in pieces:
                 self.metrics.upstream_bytes.inc(len(chunk))
                 yield chunk
 
-    async def _relay(self, request: web.Request, pipe: Pipe, out: int) -> None:
+    async def _relay(self, request: web.Request, pipe: Pipe, out: socket.socket) -> None:
         """Pass what `pipe` holds on to the client, after all aiohttp holds for it."""
         transport = request.transport
-        os_sock = transport.get_extra_info("socket") if transport is not None else None
         with self._client_side(request, gone=(OSError,)):
             corked = False
             if pipe.out < 0:
                 # Headers (and multipart heads) go through aiohttp; they must be on the
                 # wire before the body bytes that follow them. Corked, they leave in the
                 # same segment as the first body bytes: one wake-up of the client, not two.
-                if os_sock is not None:
-                    os_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
-                    corked = True
+                out.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+                corked = True
                 send_headers = getattr(request.writer, "send_headers", None)
                 if send_headers is not None:
                     send_headers()
@@ -475,14 +511,14 @@ class RegistryServer:
                         await asyncio.sleep(0.001)
                     if transport is None or transport.is_closing():
                         raise ConnectionResetError
-                pipe.out = out
+                pipe.out = out.fileno()
             sent = pipe.pending
             try:
-                await pipe.drain_to(out, self.options.write_timeout)
+                await pipe.drain_to(pipe.out, self.options.write_timeout)
             finally:
                 if corked:  # a socket already gone must not hide why the drain failed
                     with contextlib.suppress(OSError):
-                        os_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+                        out.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
         request[_STATE].sent += sent + pipe.delivered
         pipe.delivered = 0
 
