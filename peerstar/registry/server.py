@@ -506,11 +506,14 @@ class RegistryServer:
                 send_headers = getattr(request.writer, "send_headers", None)
                 if send_headers is not None:
                     send_headers()
-                async with asyncio.timeout(self.options.write_timeout):
-                    while transport is not None and transport.get_write_buffer_size():
-                        await asyncio.sleep(0.001)
-                    if transport is None or transport.is_closing():
-                        raise ConnectionResetError
+                if transport is None or transport.is_closing():
+                    raise ConnectionResetError
+                if transport.get_write_buffer_size():  # the socket did not take it all
+                    async with asyncio.timeout(self.options.write_timeout):
+                        while transport.get_write_buffer_size():
+                            await asyncio.sleep(0.001)
+                            if transport.is_closing():
+                                raise ConnectionResetError
                 pipe.out = out.fileno()
             sent = pipe.pending
             try:
