@@ -377,13 +377,15 @@ class RegistryServer:
                     layout) -> web.StreamResponse:
         first: _Read | None = None
         out: socket.socket | None = None
-        if request.method != "HEAD" and cached is None and ranges:
-            out = self._splice_target(request)
-            # The daemon gets the first range's request before anything else is built
-            # here: it takes milliseconds to answer, the rest of this microseconds.
-            first = self._locate(info, ranges[0], send_now=out is not None)
-        pipe = self._splice.pipes.get() if out is not None and self._splice else None
+        pipe: Pipe | None = None
         try:
+            if request.method != "HEAD" and cached is None and ranges:
+                out = self._splice_target(request)
+                # The daemon gets the first range's request before anything else is built
+                # here: it takes milliseconds to answer, the rest of this microseconds.
+                first = self._locate(info, ranges[0], send_now=out is not None)
+                if out is not None and self._splice is not None:
+                    pipe = self._splice.pipes.get()
             resp = web.StreamResponse(status=status, headers=headers)
             if layout is None:
                 resp.content_length = sum(r.length for r in ranges)

@@ -19,7 +19,7 @@ import pytest
 
 from peerstar.ipfs import open_store
 from peerstar.registry import ReadPolicy, ServerOptions, UpstreamError
-from peerstar.registry.splice import PIPE_BYTES, Pipe, SpliceCat, available
+from peerstar.registry.splice import PIPE_BYTES, Pipe, Requested, SpliceCat, available
 from tests.registry.harness import ThreadedRegistry
 from tests.registry.helpers import parse_multipart, request
 from tests.registry.ipfsimage import StoredImage, store_blob_image
@@ -41,7 +41,8 @@ class FakeDaemon:
     # | short (last chunk after half) | cut (closed after half) | stall (silent after
     # half) | stall0 (silent after the head) | error (HTTP 500) | error_chunked (HTTP 500,
     # chunked body) | garbage (not an HTTP head) | more (5000 bytes too many) | close
-    # (connection closed after a good response)
+    # (connection closed after a good response) | drop (closed without an answer) |
+    # badcrlf (chunk data not followed by CRLF)
     modes: list[str] = field(default_factory=lambda: ["ok"])
     chunk: int = 262144
     requests: list[tuple[int, int]] = field(default_factory=list)
@@ -112,6 +113,8 @@ class FakeDaemon:
             writer.write(b"SSH-2.0-OpenSSH_9.2\r\nnot http at all\r\n\r\n")
             await writer.drain()
             return False
+        if mode == "drop":
+            return False
         data = DATA[off:off + n]
         if mode == "stall0":
             writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
@@ -133,7 +136,8 @@ class FakeDaemon:
                 if part:
                     out.append(b"%x\r\n%s\r\n" % (len(part), part))
                 break
-            out.append(b"%x;ext=1\r\n%s\r\n" % (len(part), part))
+            out.append(b"%x;ext=1\r\n%s%s" % (len(part), part,
+                                                 b"XX" if mode == "badcrlf" else b"\r\n"))
         if mode in ("cut", "stall"):
             await self._write_split(writer, b"".join(out))
             if mode == "stall":
@@ -146,11 +150,13 @@ class FakeDaemon:
 
 
 async def _collect(sc: SpliceCat, pipe: Pipe, off: int, n: int, policy: ReadPolicy,
-                   failures: list[str] | None = None) -> bytes:
+                   failures: list[str] | None = None,
+                   requested: Requested | None = None) -> bytes:
     """What `relay` puts through the pipe (pipe.out unset: it yields every piece)."""
     out = bytearray()
     async for piece in sc.relay(pipe, CID, off, n, policy,
-                                failures.append if failures is not None else None):
+                                failures.append if failures is not None else None,
+                                requested):
         assert len(piece) >= 0
         while pipe.pending:
             chunk = os.read(pipe.r, pipe.pending)
@@ -292,6 +298,65 @@ def test_connection_closed_by_the_daemon_after_a_response_is_not_a_failure() -> 
         assert daemon.connections == 10
 
     _run(["close"], go)
+
+
+def test_a_request_sent_early_is_answered_through_its_relay() -> None:
+    async def go(daemon: FakeDaemon, sc: SpliceCat, pipe: Pipe) -> None:
+        assert sc.request_now(CID, 0, 10) is None  # no idle connection yet: not sent
+        assert await _collect(sc, pipe, 0, 10, FAST) == DATA[:10]
+        await asyncio.sleep(0.01)  # the end of that response is read, the connection idle
+        requested = sc.request_now(CID, 777, 300_000)
+        assert requested is not None
+        await asyncio.sleep(0.05)  # the daemon answers before the relay starts
+        assert daemon.requests == [(0, 10), (777, 300_000)]
+        got = await _collect(sc, pipe, 777, 300_000, FAST, requested=requested)
+        assert got == DATA[777:300_777]
+        # the relay sent nothing itself, and the connection is kept for the next read
+        assert daemon.requests == [(0, 10), (777, 300_000)] and daemon.connections == 1
+
+    _run(["ok"], go)
+
+
+def test_an_early_request_on_a_connection_the_daemon_dropped_is_sent_again() -> None:
+    async def go(daemon: FakeDaemon, sc: SpliceCat, pipe: Pipe) -> None:
+        failures: list[str] = []
+        assert await _collect(sc, pipe, 0, 10, FAST) == DATA[:10]
+        await asyncio.sleep(0.01)
+        requested = sc.request_now(CID, 50, 1000)
+        assert requested is not None  # the drop has not happened yet: it is sent
+        got = await _collect(sc, pipe, 50, 1000, FAST, failures, requested)
+        assert got == DATA[50:1050]
+        # not a failed read: a kept-alive connection found closed is replaced once
+        assert failures == [] and daemon.connections == 2
+        assert daemon.requests == [(0, 10), (50, 1000), (50, 1000)]
+
+    _run(["ok", "drop", "ok"], go)
+
+
+def test_an_early_request_never_relayed_is_discarded_with_its_connection() -> None:
+    async def go(daemon: FakeDaemon, sc: SpliceCat, pipe: Pipe) -> None:
+        assert await _collect(sc, pipe, 0, 10, FAST) == DATA[:10]
+        await asyncio.sleep(0.01)
+        requested = sc.request_now(CID, 5, 5)
+        assert requested is not None
+        sock = requested.conn.sock  # type: ignore[union-attr]
+        requested.discard()
+        assert sock.fileno() == -1  # closed: its answer would be read by nobody
+        # a relay of another range does not take it, and reads on a new connection
+        assert requested.take(CID, 5, 5) is None
+        assert await _collect(sc, pipe, 20, 30, FAST) == DATA[20:50]
+        assert daemon.connections == 2
+
+    _run(["ok"], go)
+
+
+def test_chunk_data_without_its_crlf_is_bad_framing() -> None:
+    async def go(daemon: FakeDaemon, sc: SpliceCat, pipe: Pipe) -> None:
+        with pytest.raises(UpstreamError) as info:
+            await _collect(sc, pipe, 0, 250_000, ReadPolicy(timeout=1, retries=0))
+        assert "bad chunked encoding" in str(info.value)
+
+    _run(["badcrlf"], go, chunk=100_000)
 
 
 def test_daemon_down_is_an_error_not_a_hang() -> None:
