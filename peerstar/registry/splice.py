@@ -257,16 +257,33 @@ def _request_bytes(host: str, cid: str, offset: int, length: int) -> bytes:
             f"Host: {host}\r\nContent-Length: 0\r\n\r\n").encode("ascii")
 
 
-def _take_chunk_size(sock: socket.socket, after_data: bool) -> int | None:
-    """Consume the CRLF that closes the previous chunk's data (`after_data`) and the next
-    chunk-size line, if all of it has arrived, in one read: the chunk's size. None (and
-    nothing consumed) if it has not all arrived yet."""
+def _peek(sock: socket.socket, limit: int) -> bytes | None:
+    """Up to `limit` bytes that have arrived, left in the socket; None if none has yet.
+    EOFError at the end of the stream."""
     try:
-        peek = sock.recv(_CHUNK_HEAD, socket.MSG_PEEK)
+        peek = sock.recv(limit, socket.MSG_PEEK)
     except BlockingIOError:
         return None
     if not peek:
         raise EOFError
+    return peek
+
+
+def _consume(sock: socket.socket, n: int) -> bytes:
+    """Take `n` bytes already peeked."""
+    got = sock.recv(n)
+    if len(got) != n:  # the peeked bytes cannot vanish
+        raise OSError("short read of peeked bytes")
+    return got
+
+
+def _take_chunk_size(sock: socket.socket, after_data: bool) -> int | None:
+    """Consume the CRLF that closes the previous chunk's data (`after_data`) and the next
+    chunk-size line, if all of it has arrived, in one read: the chunk's size. None (and
+    nothing consumed) if it has not all arrived yet."""
+    peek = _peek(sock, _CHUNK_HEAD)
+    if peek is None:
+        return None
     start = 2 if after_data else 0
     if after_data and peek[:2] != b"\r\n"[:len(peek)]:
         raise ValueError("no CRLF after chunk data")
@@ -276,9 +293,7 @@ def _take_chunk_size(sock: socket.socket, after_data: bool) -> int | None:
     size = int(peek[start:end].split(b";")[0], 16)
     if size < 0:
         raise ValueError("negative chunk size")
-    got = sock.recv(end + 2)
-    if len(got) != end + 2:  # the peeked bytes cannot vanish
-        raise OSError("short read of peeked bytes")
+    _consume(sock, end + 2)
     return size
 
 
@@ -356,20 +371,14 @@ class SpliceCat:
         """Consume up to and including `term` if it has arrived, else what arrived so far
         (into `have`) and None. Never consumes a byte past `term`."""
         while True:
-            try:
-                peek = sock.recv(limit, socket.MSG_PEEK)
-            except BlockingIOError:
+            peek = _peek(sock, limit)
+            if peek is None:
                 return None
-            if not peek:
-                raise EOFError
             start = max(0, len(have) - len(term) + 1)
             joined = bytes(have) + peek
             idx = joined.find(term, start)
             if idx >= 0:
-                need = idx + len(term) - len(have)
-                got = sock.recv(need)
-                if len(got) != need:  # the peeked bytes cannot vanish
-                    raise OSError("short read of peeked bytes")
+                _consume(sock, idx + len(term) - len(have))
                 return joined[:idx + len(term)]
             if len(joined) > limit:
                 raise IPFSError("daemon sent an oversized HTTP header or chunk line")
