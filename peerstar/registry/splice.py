@@ -290,10 +290,17 @@ def _take_chunk_size(sock: socket.socket, after_data: bool) -> int | None:
     end = peek.find(b"\r\n", start)
     if end < 0:
         return None
-    size = int(peek[start:end].split(b";")[0], 16)
+    size = _chunk_size_of(peek[start:end])
+    _consume(sock, end + 2)
+    return size
+
+
+def _chunk_size_of(line: bytes) -> int:
+    """The size a chunk-size line gives (hex digits, maybe `;extensions`); ValueError if
+    it is not one."""
+    size = int(line.strip().split(b";")[0], 16)
     if size < 0:
         raise ValueError("negative chunk size")
-    _consume(sock, end + 2)
     return size
 
 
@@ -404,11 +411,7 @@ class SpliceCat:
         # in it would wake at once, again and again).
         if after_data and await self._read_until(sock, b"\r\n", 1024, timeout) != b"\r\n":
             raise ValueError("no CRLF after chunk data")
-        line = await self._read_until(sock, b"\r\n", _CHUNK_HEAD, timeout)
-        size = int(line.strip().split(b";")[0], 16)
-        if size < 0:
-            raise ValueError("negative chunk size")
-        return size
+        return _chunk_size_of(await self._read_until(sock, b"\r\n", _CHUNK_HEAD, timeout))
 
     async def _error_body(self, sock: socket.socket, head: bytes, timeout: float) -> bytes:
         """The start (at most `_MAX_ERROR_BODY` bytes) of an error response's body, framed
@@ -497,10 +500,10 @@ class SpliceCat:
         except HttpProcessingError as exc:
             raise IPFSError(f"IPFS daemon at {self.api_url}: bad HTTP response head: "
                             f"{exc.message or exc}") from None
-        if not messages or messages[0][0].code < 200:  # a 1xx, or no complete head
+        message = messages[0][0] if messages else None
+        if message is None or message.code < 200:  # no complete head, or a 1xx
             raise IPFSError(f"IPFS daemon at {self.api_url}: unexpected answer to cat "
                             f"{cid}: {head[:100]!r}")
-        message = messages[0][0]
         if message.code != 200:
             text = await self._error_body(sock, head, timeout)
             raise IPFSError(f"IPFS daemon at {self.api_url}: cat {cid} failed: "
