@@ -380,10 +380,11 @@ class RegistryServer:
         pipe: Pipe | None = None
         try:
             if request.method != "HEAD" and cached is None and ranges:
-                out = self._splice_target(request)
                 # The daemon gets the first range's request before anything else is built
                 # here: it takes milliseconds to answer, the rest of this microseconds.
-                first = self._locate(info, ranges[0], send_now=out is not None)
+                first = self._locate(info, ranges[0],
+                                     send_now=self._client_socket(request) is not None)
+                out = self._splice_target(request)
                 if out is not None and self._splice is not None:
                     pipe = self._splice.pipes.get()
             resp = web.StreamResponse(status=status, headers=headers)
@@ -419,14 +420,22 @@ class RegistryServer:
                      if send_now and self._splice is not None else None)
         return _Read(cid, start, node, requested)
 
-    def _splice_target(self, request: web.Request) -> socket.socket | None:
-        """The client's socket to splice into, if this request can: a duplicate, with
-        its own epoll registration for writability, which stays valid until we are done
-        even if aiohttp closes its own descriptor meanwhile."""
+    def _client_socket(self, request: web.Request):
+        """The client connection's socket if its response can be spliced into it
+        (plain TCP and a daemon to splice from), else None."""
         if self._splice is None or request.transport is None:
             return None
         sock = request.transport.get_extra_info("socket")
         if sock is None or request.transport.get_extra_info("sslcontext") is not None:
+            return None
+        return sock
+
+    def _splice_target(self, request: web.Request) -> socket.socket | None:
+        """The client's socket to splice into, if this request can: a duplicate, with
+        its own epoll registration for writability, which stays valid until we are done
+        even if aiohttp closes its own descriptor meanwhile."""
+        sock = self._client_socket(request)
+        if sock is None:
             return None
         # family, type and proto given: no getsockname/getsockopt to find them out
         return socket.socket(sock.family, sock.type, sock.proto, os.dup(sock.fileno()))

@@ -39,6 +39,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import select
 import socket
 import sys
 from collections.abc import AsyncIterator
@@ -198,6 +199,91 @@ async def _wait_fd(loop: asyncio.AbstractEventLoop, fd: int, *, write: bool,
             loop.remove_reader(fd)
 
 
+def _expire(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
+
+
+class _Readiness:
+    """Waits for daemon sockets to turn readable through one epoll instance of our own,
+    which is registered with the event loop once.
+
+    Why not `loop.add_reader`: uvloop makes a poll handle for every `add_reader` on an fd
+    it does not watch yet and destroys it on `remove_reader`, eight syscalls per wait
+    (seen with strace), and the relay waits on a daemon socket at least once per range.
+    Sockets are watched edge-triggered from their connection on (`watch`): a wait only
+    ever follows a read that found the socket empty, so the next bytes (or the end of the
+    stream) are an edge; an edge nobody waits for is dropped, and a wait woken by a stale
+    one just reads nothing and waits again.
+    """
+
+    _EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
+
+    def __init__(self) -> None:
+        self._ep: select.epoll | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiters: dict[int, asyncio.Future] = {}
+
+    def _epoll(self) -> select.epoll:
+        if self._ep is None:
+            self._ep = select.epoll()
+        return self._ep
+
+    def watch(self, sock: socket.socket) -> None:
+        """Watch a new connection's socket (a closed socket leaves the set by itself, so
+        its number may come back with another socket: registered anew)."""
+        ep = self._epoll()
+        try:
+            ep.register(sock.fileno(), self._EVENTS)
+        except FileExistsError:
+            ep.modify(sock.fileno(), self._EVENTS)
+
+    async def wait(self, fd: int, timeout: float | None) -> None:
+        """Until socket `fd` (watched) has news; TimeoutError after `timeout` seconds."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._attach(loop)
+        fut = loop.create_future()
+        self._waiters[fd] = fut
+        timer = loop.call_later(timeout, _expire, fut) if timeout is not None else None
+        try:
+            await fut
+        finally:
+            if self._waiters.get(fd) is fut:
+                del self._waiters[fd]
+            if timer is not None:
+                timer.cancel()
+
+    def _attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._detach()
+        loop.add_reader(self._epoll().fileno(), self._ready)
+        self._loop = loop
+
+    def _detach(self) -> None:
+        if self._loop is not None and self._ep is not None and not self._loop.is_closed():
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self._ep.fileno())
+        self._loop = None
+
+    def _ready(self) -> None:
+        if self._ep is None:
+            return
+        for fd, _events in self._ep.poll(0):
+            fut = self._waiters.pop(fd, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+
+    def close(self) -> None:
+        self._detach()
+        for fut in self._waiters.values():
+            if not fut.done():
+                fut.cancel()
+        self._waiters.clear()
+        if self._ep is not None:
+            self._ep.close()
+            self._ep = None
+
+
 class _Progress:
     __slots__ = ("taken",)
 
@@ -319,6 +405,7 @@ class SpliceCat:
         self._family = socket.AF_INET
         self._idle: list[socket.socket] = []
         self._finishing: set[asyncio.Task] = set()
+        self._readiness = _Readiness()
         self.pipes = PipePool()
 
     # -- connections ----------------------------------------------------------------------
@@ -334,6 +421,7 @@ class SpliceCat:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             async with asyncio.timeout(min(10.0, timeout)):
                 await loop.sock_connect(sock, self._addr)
+            self._readiness.watch(sock)
         except BaseException:
             sock.close()
             raise
@@ -368,6 +456,7 @@ class SpliceCat:
                 await task
         while self._idle:
             self._idle.pop().close()
+        self._readiness.close()
         self.pipes.close()
 
     # -- framing --------------------------------------------------------------------------
@@ -393,13 +482,12 @@ class SpliceCat:
 
     async def _read_until(self, sock: socket.socket, term: bytes, limit: int,
                           timeout: float | None) -> bytes:
-        loop = asyncio.get_running_loop()
         have = bytearray()
         while True:
             got = self._take_until(sock, term, limit, have)
             if got is not None:
                 return got
-            await _wait_fd(loop, sock.fileno(), write=False, timeout=timeout)
+            await self._readiness.wait(sock.fileno(), timeout)
 
     async def _chunk_size(self, sock: socket.socket, after_data: bool, timeout: float
                           ) -> int:
@@ -416,7 +504,6 @@ class SpliceCat:
     async def _error_body(self, sock: socket.socket, head: bytes, timeout: float) -> bytes:
         """The start (at most `_MAX_ERROR_BODY` bytes) of an error response's body, framed
         by h11 (an error is small and ends the connection, so copying it is fine)."""
-        loop = asyncio.get_running_loop()
         h = h11.Connection(h11.CLIENT)
         h.send(h11.Request(method="POST", target="/api/v0/cat",
                            headers=[("Host", self._host_header), ("Content-Length", "0")]))
@@ -432,7 +519,7 @@ class SpliceCat:
                     try:
                         data = sock.recv(1 << 16)
                     except BlockingIOError:
-                        await _wait_fd(loop, sock.fileno(), write=False, timeout=timeout)
+                        await self._readiness.wait(sock.fileno(), timeout)
                         continue
                     h.receive_data(data)  # b"" is the end of the stream
                     continue
@@ -593,7 +680,6 @@ class SpliceCat:
                    progress: _Progress, requested: Requested | None
                    ) -> AsyncIterator[Spliced]:
         """One `cat` attempt; `progress.taken` counts every byte spliced, at once."""
-        loop = asyncio.get_running_loop()
         conn, chunked, body_left = await self._open(cid, offset, length, timeout,
                                                     requested)
         clean = False  # the connection may serve another request
@@ -625,7 +711,7 @@ class SpliceCat:
                         unreported = 0
                         continue
                     pipe.pass_on()
-                    await _wait_fd(loop, fd, write=False, timeout=timeout)
+                    await self._readiness.wait(fd, timeout)
                     continue
                 if n == 0:
                     raise EOFError

@@ -19,7 +19,14 @@ import pytest
 
 from peerstar.ipfs import open_store
 from peerstar.registry import ReadPolicy, ServerOptions, UpstreamError
-from peerstar.registry.splice import PIPE_BYTES, Pipe, Requested, SpliceCat, available
+from peerstar.registry.splice import (
+    PIPE_BYTES,
+    Pipe,
+    Requested,
+    SpliceCat,
+    _Readiness,
+    available,
+)
 from tests.registry.harness import ThreadedRegistry
 from tests.registry.helpers import parse_multipart, request
 from tests.registry.ipfsimage import StoredImage, store_blob_image
@@ -510,3 +517,75 @@ def test_spliced_client_hanging_up_is_an_abort_and_serving_goes_on(
         time.sleep(0.1)
     r = request(spliced.host, "GET", _path(stored), {"Range": "bytes=5-100004"})
     assert r.status == 206 and r.body == blob[5:100005]
+
+
+# -- readiness of daemon sockets ------------------------------------------------------------
+
+def test_readiness_wakes_on_data_and_on_the_end_of_the_stream_and_times_out() -> None:
+    async def main() -> None:
+        readiness = _Readiness()
+        a, b = socket.socketpair()
+        try:
+            a.setblocking(False)
+            readiness.watch(a)
+            with pytest.raises(TimeoutError):
+                await readiness.wait(a.fileno(), 0.05)
+            asyncio.get_running_loop().call_later(0.02, b.send, b"x")
+            await readiness.wait(a.fileno(), 5)
+            assert a.recv(10) == b"x"
+            asyncio.get_running_loop().call_later(0.02, b.close)
+            await readiness.wait(a.fileno(), 5)
+            assert a.recv(10) == b""  # the end of the stream woke it
+        finally:
+            readiness.close()
+            a.close()
+            b.close()
+
+    asyncio.run(main())
+
+
+def test_readiness_watches_a_new_socket_that_reuses_a_closed_ones_number() -> None:
+    async def main() -> None:
+        readiness = _Readiness()
+        a, b = socket.socketpair()
+        fd = a.fileno()
+        readiness.watch(a)
+        a.close()  # leaves the epoll set by itself
+        c, d = socket.socketpair()
+        try:
+            if c.fileno() != fd:  # make the number come back
+                os.dup2(c.fileno(), fd)
+                c.close()
+                c = socket.socket(fileno=fd)
+            c.setblocking(False)
+            readiness.watch(c)
+            readiness.watch(c)  # watched twice: still one registration
+            asyncio.get_running_loop().call_later(0.02, d.send, b"y")
+            await readiness.wait(c.fileno(), 5)
+            assert c.recv(10) == b"y"
+        finally:
+            readiness.close()
+            for s in (b, c, d):
+                s.close()
+
+    asyncio.run(main())
+
+
+def test_readiness_serves_one_event_loop_after_another() -> None:
+    readiness = _Readiness()
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    readiness.watch(a)
+
+    async def once(data: bytes) -> bytes:
+        asyncio.get_running_loop().call_later(0.02, b.send, data)
+        await readiness.wait(a.fileno(), 5)
+        return a.recv(10)
+
+    try:
+        assert asyncio.run(once(b"1")) == b"1"
+        assert asyncio.run(once(b"2")) == b"2"  # a new loop: registered with it anew
+    finally:
+        readiness.close()
+        a.close()
+        b.close()
