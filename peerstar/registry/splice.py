@@ -26,7 +26,8 @@ consumed to the exact byte, so no body byte is ever read into user space (a pars
 would hand body bytes over by copying them, so the chunk-size lines of the body -- hex
 digits and CRLF -- are read here). `SpliceCat.request_now` lets the server send a
 `cat` before it builds its own response, so the daemon starts while the registry
-does its bookkeeping. Every byte
+does its bookkeeping. Waits on daemon sockets go through one epoll set of our own
+(`_Readiness`), registered with the event loop once. Every byte
 spliced out of the daemon's socket is counted at once (`_Progress`), so when a wait on
 the daemon times out or the connection fails, the retry asks for exactly the bytes not
 yet taken; those taken are a valid prefix, already with the client or still in the pipe.
