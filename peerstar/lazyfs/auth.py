@@ -15,23 +15,16 @@ from __future__ import annotations
 
 import base64
 import os
-import re
 import threading
 from collections.abc import Generator
 
 import httpx
 
+from peerstar.distauth import parse_challenge, token_of, token_params
 from peerstar.lazyfs.state import PASSWORD_ENV, REFRESH_TOKEN_ENV, TOKEN_ENV, USERNAME_ENV
 
-_PARAM_RE = re.compile(r'(\w+)="([^"]*)"')
 # The client id containerd sends with refresh-token grants; registries only log it.
 OAUTH_CLIENT_ID = "peerstar"
-
-
-def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
-    """`Bearer realm="x",service="y"` -> ("bearer", {"realm": "x", "service": "y"})."""
-    scheme, _, rest = header.strip().partition(" ")
-    return scheme.lower(), dict(_PARAM_RE.findall(rest))
 
 
 class RegistryAuth(httpx.Auth):
@@ -93,22 +86,20 @@ class RegistryAuth(httpx.Auth):
             # OAuth2 refresh-token grant (docker config `identitytoken`), as containerd.
             form = {"grant_type": "refresh_token", "refresh_token": self.refresh_token,
                     "client_id": OAUTH_CLIENT_ID}
-            form.update({k: v for k, v in params.items() if k in ("service", "scope")})
+            form.update(token_params(params))
             token_req = httpx.Request("POST", params["realm"], data=form)
         else:
-            query = {k: v for k, v in params.items() if k in ("service", "scope")}
-            token_req = httpx.Request("GET", params["realm"], params=query)
+            token_req = httpx.Request("GET", params["realm"], params=token_params(params))
             if self.username is not None:
                 token_req.headers["Authorization"] = self._basic()
         token_resp = yield token_req
         if token_resp.status_code != 200:
             return
         try:
-            body = token_resp.json()
+            new = token_of(token_resp.json())
         except ValueError:
             return
-        new = body.get("token") or body.get("access_token")
-        if not new:
+        if new is None:
             return
         with self._lock:
             self._token = new

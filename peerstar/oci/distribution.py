@@ -26,6 +26,7 @@ from urllib.parse import urlencode, urlsplit
 
 import httpx
 
+from peerstar.distauth import parse_challenge, token_of, token_params
 from peerstar.oci import mediatypes as mt
 from peerstar.oci.digest import parse_digest, sha256_digest
 from peerstar.oci.errors import BlobError, ImageReferenceError, OCIError
@@ -42,7 +43,6 @@ MANIFEST_ACCEPT = ", ".join([
 _REPO_RE = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)"
                       r"[a-z0-9]+)*)*$")
 _TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
-_CHALLENGE_RE = re.compile(r'(\w+)="([^"]*)"')
 
 
 class RegistryError(OCIError):
@@ -177,16 +177,13 @@ class RegistryClient:
 
     def _authenticate(self, challenge: str) -> bool:
         """Get a bearer token for the challenge; False when it is not a Bearer challenge."""
-        scheme, _, params_text = challenge.partition(" ")
-        if scheme.lower() != "bearer":
+        scheme, params = parse_challenge(challenge)
+        if scheme != "bearer":
             return False
-        params = dict(_CHALLENGE_RE.findall(params_text))
-        realm = params.pop("realm", "")
+        realm = params.get("realm", "")
         if not realm.startswith(("http://", "https://")):
             raise RegistryError(f"{self.ref}: registry sent a bad auth challenge {challenge!r}")
-        query = {k: v for k, v in params.items() if k in ("service", "scope")}
-        if "scope" not in query:
-            query["scope"] = f"repository:{self.ref.repository}:pull"
+        query = token_params(params, f"repository:{self.ref.repository}:pull")
         auth = httpx.BasicAuth(*self._credentials) if self._credentials else None
         try:
             resp = self._client.get(f"{realm}?{urlencode(query)}", auth=auth)
@@ -198,11 +195,10 @@ class RegistryClient:
                 "the image is private or the credentials are wrong"
             )
         try:
-            body = resp.json()
-            token = body.get("token") or body.get("access_token")
-        except (ValueError, AttributeError):
+            token = token_of(resp.json())
+        except ValueError:
             token = None
-        if not isinstance(token, str) or not token:
+        if token is None:
             raise RegistryError(f"{self.ref}: token service {realm} returned no token")
         self._token = token
         return True
