@@ -707,7 +707,12 @@ class SpliceCat:
                                       PIPE_BYTES if pipe.out >= 0 else _FIRST_PIECE),
                                   flags=_FLAGS)
                 except BlockingIOError:
-                    if pipe.pending >= PIPE_BYTES:  # full: the client is slow
+                    # Either the socket is empty or the pipe is full -- maybe before
+                    # PIPE_BYTES, when the kernel gave a smaller pipe. Only an empty
+                    # socket is worth a wait (edge-triggered: bytes already there would
+                    # never wake it); a full pipe goes to the client first.
+                    if pipe.pending >= PIPE_BYTES or (
+                            pipe.pending and _peek(sock, 1) is not None):
                         yield Spliced(unreported)
                         unreported = 0
                         continue

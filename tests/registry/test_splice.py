@@ -6,6 +6,8 @@ byte-exact Range reads, slow and vanishing clients through the registry over js-
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import http.client
 import os
 import random
@@ -589,3 +591,55 @@ def test_readiness_serves_one_event_loop_after_another() -> None:
         readiness.close()
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("n", [300_000, (1 << 20) + 12345])
+@pytest.mark.parametrize("chunk", [262144, 1 << 21])
+def test_a_pipe_smaller_than_planned_does_not_stall_a_relay_to_a_client(n: int, chunk: int
+                                                                      ) -> None:
+    """The kernel may refuse a 1 MiB pipe (a user's pipe quota): splice then stops short
+    of the planned space while the daemon's bytes wait in its socket; the relay must pass
+    the pipe on and go on, not wait for bytes that already arrived."""
+    async def go(daemon: FakeDaemon, sc: SpliceCat, pipe: Pipe) -> None:
+        fcntl.fcntl(pipe.w, 1031, 65536)  # F_SETPIPE_SZ: as small as a default pipe
+        client, far = socket.socketpair()
+        client.setblocking(False)
+        far.setblocking(False)
+        got = bytearray()
+        loop = asyncio.get_running_loop()
+
+        def readable() -> None:
+            with contextlib.suppress(BlockingIOError):
+                while data := far.recv(1 << 20):
+                    got.extend(data)
+
+        loop.add_reader(far.fileno(), readable)
+        try:
+            # the daemon's whole answer is in (or on its way to) the socket before the
+            # relay reads a byte of it
+            requested = sc.request_now(CID, 5, n)
+            if requested is None:  # no kept-alive connection yet: make one
+                warm = Pipe()
+                try:
+                    await _collect(sc, warm, 0, 10, ReadPolicy(timeout=3, retries=0))
+                finally:
+                    warm.close()
+                requested = sc.request_now(CID, 5, n)
+            assert requested is not None
+            await asyncio.sleep(0.3)
+            pipe.out = client.fileno()
+            async for _piece in sc.relay(pipe, CID, 5, n, ReadPolicy(timeout=3, retries=0),
+                                         None, requested):
+                await pipe.drain_to(client.fileno(), 3)
+            await pipe.drain_to(client.fileno(), 3)
+            client.shutdown(socket.SHUT_WR)
+            async with asyncio.timeout(5):
+                while len(got) < n:
+                    await asyncio.sleep(0.01)
+        finally:
+            loop.remove_reader(far.fileno())
+            client.close()
+            far.close()
+        assert bytes(got) == DATA[5:5 + n]
+
+    _run(["ok"], go, chunk=chunk)
