@@ -167,12 +167,18 @@ class PipePool:
             self._idle.pop().close()
 
 
+def _expire(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
+
+
 async def _wait_fd(loop: asyncio.AbstractEventLoop, fd: int, *, write: bool,
                    timeout: float | None = None) -> None:
     """Until `fd` is readable (or writable); TimeoutError after `timeout` seconds.
 
     The deadline is a plain timer on the future, cheaper than an `asyncio.timeout`
-    scope (no task cancellation), as this wait runs a few times per relayed read.
+    scope (no task cancellation), as this wait may run a few times per relayed read
+    (to a client slow to take it).
     """
     fut = loop.create_future()
 
@@ -180,15 +186,11 @@ async def _wait_fd(loop: asyncio.AbstractEventLoop, fd: int, *, write: bool,
         if not fut.done():
             fut.set_result(None)
 
-    def expire() -> None:
-        if not fut.done():
-            fut.set_exception(TimeoutError())
-
     if write:
         loop.add_writer(fd, ready)
     else:
         loop.add_reader(fd, ready)
-    timer = loop.call_later(timeout, expire) if timeout is not None else None
+    timer = loop.call_later(timeout, _expire, fut) if timeout is not None else None
     try:
         await fut
     finally:
@@ -198,11 +200,6 @@ async def _wait_fd(loop: asyncio.AbstractEventLoop, fd: int, *, write: bool,
             loop.remove_writer(fd)
         else:
             loop.remove_reader(fd)
-
-
-def _expire(fut: asyncio.Future) -> None:
-    if not fut.done():
-        fut.set_exception(TimeoutError())
 
 
 class _Readiness:
