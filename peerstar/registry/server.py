@@ -382,9 +382,9 @@ class RegistryServer:
             if request.method != "HEAD" and cached is None and ranges:
                 # The daemon gets the first range's request before anything else is built
                 # here: it takes milliseconds to answer, the rest of this microseconds.
-                first = self._locate(info, ranges[0],
-                                     send_now=self._client_socket(request) is not None)
-                out = self._splice_target(request)
+                client = self._client_socket(request)
+                first = self._locate(info, ranges[0], send_now=client is not None)
+                out = _splice_target(client) if client is not None else None
                 if out is not None and self._splice is not None:
                     pipe = self._splice.pipes.get()
             resp = web.StreamResponse(status=status, headers=headers)
@@ -421,24 +421,14 @@ class RegistryServer:
         return _Read(cid, start, node, requested)
 
     def _client_socket(self, request: web.Request):
-        """The client connection's socket if its response can be spliced into it
-        (plain TCP and a daemon to splice from), else None."""
+        """The client connection's socket (uvloop's stand-in for it) if its response can
+        be spliced into it (plain TCP and a daemon to splice from), else None."""
         if self._splice is None or request.transport is None:
             return None
         sock = request.transport.get_extra_info("socket")
         if sock is None or request.transport.get_extra_info("sslcontext") is not None:
             return None
         return sock
-
-    def _splice_target(self, request: web.Request) -> socket.socket | None:
-        """The client's socket to splice into, if this request can: a duplicate, with
-        its own epoll registration for writability, which stays valid until we are done
-        even if aiohttp closes its own descriptor meanwhile."""
-        sock = self._client_socket(request)
-        if sock is None:
-            return None
-        # family, type and proto given: no getsockname/getsockopt to find them out
-        return socket.socket(sock.family, sock.type, sock.proto, os.dup(sock.fileno()))
 
     async def _send_ranges(self, request: web.Request, resp: web.StreamResponse,
                            ranges: list[ByteRange], info: BlobRef, cached: bytes | None,
@@ -609,6 +599,14 @@ class RegistryServer:
             await self._splice.close()
         if self._subdag is not None:
             await self._subdag.close()
+
+
+def _splice_target(client) -> socket.socket:
+    """A duplicate of the client's socket to splice into, with its own epoll registration
+    for writability, which stays valid until we are done even if aiohttp closes its own
+    descriptor meanwhile."""
+    # family, type and proto given: no getsockname/getsockopt to find them out
+    return socket.socket(client.family, client.type, client.proto, os.dup(client.fileno()))
 
 
 def _upstream_error(exc: UpstreamError) -> RegistryError:

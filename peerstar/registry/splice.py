@@ -138,7 +138,7 @@ class Pipe:
             try:
                 moved = os.splice(self.r, fd, n, flags=_FLAGS)
             except BlockingIOError:
-                await _wait_fd(loop, fd, write=True, timeout=timeout)
+                await _wait_writable(loop, fd, timeout)
                 continue
             if moved == 0:  # the pipe is empty: our own accounting is wrong
                 raise OSError("relay pipe ran dry")
@@ -172,13 +172,12 @@ def _expire(fut: asyncio.Future) -> None:
         fut.set_exception(TimeoutError())
 
 
-async def _wait_fd(loop: asyncio.AbstractEventLoop, fd: int, *, write: bool,
-                   timeout: float | None = None) -> None:
-    """Until `fd` is readable (or writable); TimeoutError after `timeout` seconds.
+async def _wait_writable(loop: asyncio.AbstractEventLoop, fd: int, timeout: float) -> None:
+    """Until `fd` (a client's socket) is writable; TimeoutError after `timeout` seconds.
 
     The deadline is a plain timer on the future, cheaper than an `asyncio.timeout`
     scope (no task cancellation), as this wait may run a few times per relayed read
-    (to a client slow to take it).
+    (to a client slow to take it). Waits on daemon sockets go through `_Readiness`.
     """
     fut = loop.create_future()
 
@@ -186,20 +185,13 @@ async def _wait_fd(loop: asyncio.AbstractEventLoop, fd: int, *, write: bool,
         if not fut.done():
             fut.set_result(None)
 
-    if write:
-        loop.add_writer(fd, ready)
-    else:
-        loop.add_reader(fd, ready)
-    timer = loop.call_later(timeout, _expire, fut) if timeout is not None else None
+    loop.add_writer(fd, ready)
+    timer = loop.call_later(timeout, _expire, fut)
     try:
         await fut
     finally:
-        if timer is not None:
-            timer.cancel()
-        if write:
-            loop.remove_writer(fd)
-        else:
-            loop.remove_reader(fd)
+        timer.cancel()
+        loop.remove_writer(fd)
 
 
 class _Readiness:
