@@ -223,6 +223,11 @@ class Reader:
             return []
         return [c for c in self._chunks.get(e.name, []) if c.chunk_size]  # none for empty files
 
+    def entry_chunks(self, entry: TOCEntry) -> list[TOCEntry]:
+        """The chunks of regular file `entry` in file order (the entry itself first); the
+        reader's own list, not a copy: do not change it."""
+        return self._chunks.get(entry.name, [])
+
     # -- data -----------------------------------------------------------------------
 
     def chunk_section(self, chunk: TOCEntry) -> tuple[int, int]:
@@ -285,7 +290,7 @@ class Reader:
         if offset >= end:
             return b""
         get = read_chunk or self.read_chunk
-        chunks = self._chunks[entry.name]
+        chunks = self.entry_chunks(entry)
         starts = [c.chunk_offset for c in chunks]
         i = max(0, bisect_right(starts, offset) - 1)
         out = []

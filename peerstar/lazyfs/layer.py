@@ -4,15 +4,20 @@ background fetch and the per-layer stats.
 Owns: `LazyLayer.open` (footer and TOC through the fetcher, TOC checked against the
 expected TOC digest), `read_file` (only the chunks covering the request are fetched,
 each decompressed and checked against its `chunkDigest` before any byte is returned;
-verified chunks are cached on disk by digest), `prefetch` (`[0, .prefetch.landmark)`),
-the idle-time background fetcher (yields to on-demand reads), and `stats()`.
+verified chunks are cached on disk by digest), the read-ahead along a file (the next
+`READ_AHEAD_CHUNKS` chunks of a file being read are fetched beside the reader, by their
+own threads, so a sequential reader finds them in flight or done instead of paying one
+round trip per chunk), `prefetch` (`[0, .prefetch.landmark)`), the idle-time background
+fetcher (yields to on-demand reads), and `stats()`.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
+from bisect import bisect_right
 from collections import OrderedDict
 from concurrent.futures import Future
 from pathlib import Path
@@ -30,6 +35,11 @@ BACKGROUND_BATCH = 1 << 20  # bytes per background request
 # Recently used verified chunks kept in memory: the kernel reads a file in pieces of at
 # most 128 KiB, so without this every piece of a 4 MiB chunk would re-read it from disk.
 MEMORY_CHUNKS_BYTES = 32 << 20
+# Chunks of a file fetched ahead of the one a reader is in (4 MiB each by default), and the
+# threads per layer that fetch them: bounded, and apart from the readers' own threads, so a
+# read-ahead never holds up an on-demand read of another file.
+READ_AHEAD_CHUNKS = 2
+READ_AHEAD_WORKERS = 2
 
 
 class ChunkVerifyError(Exception):
@@ -66,6 +76,9 @@ class LazyLayer:
         self._mem_bytes = 0
         self._mem_lock = threading.Lock()
         self._chunk_inflight: dict[str, Future[bytes]] = {}
+        # file name -> index of the last chunk handed to the read-ahead
+        self._ahead_marks: dict[str, int] = {}
+        self._ahead_queue: queue.Queue[TOCEntry] | None = None
 
     @classmethod
     def open(cls, fetcher: BlobFetcher, *, toc_digest: str | None,
@@ -152,7 +165,41 @@ class LazyLayer:
         self._mark_foreground()
         data = self.reader.read_entry(entry, offset, size, read_chunk=self.chunk_bytes)
         self._mark_foreground()
+        self._read_ahead(entry, offset + len(data))
         return data
+
+    def _read_ahead(self, entry: TOCEntry, end: int) -> None:
+        """Queue the chunks of `entry` that follow file offset `end` (at most
+        READ_AHEAD_CHUNKS past the chunk holding it), each once."""
+        chunks = self.reader.entry_chunks(entry)
+        if len(chunks) < 2 or end >= entry.size:
+            return
+        i = bisect_right([c.chunk_offset for c in chunks], end) - 1
+        last = min(i + READ_AHEAD_CHUNKS, len(chunks) - 1)
+        with self._mem_lock:
+            done = self._ahead_marks.get(entry.name, 0)
+            if last <= done:
+                return
+            self._ahead_marks[entry.name] = last
+            if self._ahead_queue is None:
+                self._ahead_queue = queue.Queue()
+                for n in range(READ_AHEAD_WORKERS):
+                    threading.Thread(target=self._ahead_worker, daemon=True,
+                                     name=f"ahead-{self._label}-{n}").start()
+            todo = [c for c in chunks[max(i, done + 1):last + 1]
+                    if self._chunk_key(c) not in self._mem]
+        for c in todo:
+            self._ahead_queue.put(c)
+
+    def _ahead_worker(self) -> None:
+        assert self._ahead_queue is not None
+        while not self._stop.is_set():
+            chunk = self._ahead_queue.get()
+            try:
+                self.chunk_bytes(chunk, "readahead")
+            except (FetchError, ChunkVerifyError) as exc:  # the reader will see it itself
+                log.debug("layer %s: read-ahead of %s@%d: %s", self.digest, chunk.name,
+                          chunk.chunk_offset, exc)
 
     def _mark_foreground(self) -> None:
         now = time.monotonic()

@@ -18,7 +18,7 @@ ON_DEMAND_FETCHES = Counter(
     ["layer"], registry=REGISTRY)
 FETCHED_BYTES = Counter(
     "peerstar_lazyfs_fetched_bytes", "compressed bytes fetched from the registry",
-    ["layer", "kind"], registry=REGISTRY)  # kind: on_demand | prefetch | background
+    ["layer", "kind"], registry=REGISTRY)  # kind: on_demand | readahead | prefetch | background
 FETCH_LATENCY = Histogram(
     "peerstar_lazyfs_fetch_seconds", "latency of one HTTP range request",
     ["layer"], registry=REGISTRY,

@@ -41,6 +41,7 @@ from peerstar.snapshotter.remote import (
     MountError,
     NotRemote,
     RemoteLayer,
+    image_layer_digests,
     remote_layer_from_labels,
 )
 
@@ -188,6 +189,10 @@ class Snapshotter:
             # The layer is already here (another image shares it); containerd finds it
             # by the ref label, as after a fresh remote mount.
             raise AlreadyExists(f"target snapshot {target!r} already exists")
+        if layer is not None:
+            # The image's other layers start resolving now, beside this layer's mount:
+            # their Prepares then find their footer, TOC and prefetch range local.
+            self.mounter.resolve_ahead(layer, image_layer_digests(labels))
         snap = self._create(Kind.ACTIVE, key, parent, labels)
         if layer is not None and self._try_remote(snap, target, layer, labels):
             raise AlreadyExists(f"target snapshot {target!r} mounted remotely")

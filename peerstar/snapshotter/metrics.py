@@ -33,6 +33,14 @@ REMOTE_PREPARES = Counter("peerstar_snapshotter_remote_prepares",
                           "Prepare calls for layers: mounted lazily, or why not",
                           ["result"], registry=REGISTRY)
 # result: remote | fallback_labels | fallback_mount_failed
+RESOLVED_AHEAD = Counter("peerstar_snapshotter_layers_resolved_ahead",
+                         "layers whose footer, TOC and prefetch range were fetched before "
+                         "their own Prepare (from the image's layer list)",
+                         ["result"], registry=REGISTRY)
+RESOLVED_AHEAD_BYTES = Counter("peerstar_snapshotter_resolved_ahead_bytes",
+                               "blob bytes fetched while resolving layers ahead",
+                               registry=REGISTRY)
+# result: ok | failed
 
 
 class _MountDaemonCollector:

@@ -24,6 +24,9 @@ import os
 import re
 import subprocess
 import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,17 +34,25 @@ from urllib.parse import urlsplit
 
 from peerstar.snapshotter.config import RemoteConfig
 from peerstar.snapshotter.credentials import Credentials, CredentialsError, Keychain
+from peerstar.snapshotter.metrics import RESOLVED_AHEAD, RESOLVED_AHEAD_BYTES
 
 log = logging.getLogger("peerstar.snapshotter.remote")
+
+# Layers resolved ahead at once (each a footer + TOC + prefetch-range fetch); the digests
+# remembered as resolved or resolving, so a layer is resolved ahead once.
+RESOLVE_AHEAD_WORKERS = 8
+RESOLVE_AHEAD_REMEMBERED = 4096
 
 LABEL_REF = "containerd.io/snapshot.ref"
 LABEL_REMOTE = "containerd.io/snapshot/remote"
 LABEL_STARGZ_REFERENCE = "containerd.io/snapshot/remote/stargz.reference"
 LABEL_STARGZ_DIGEST = "containerd.io/snapshot/remote/stargz.digest"
 LABEL_STARGZ_PREFETCH = "containerd.io/snapshot/remote/stargz.prefetch"
+LABEL_STARGZ_LAYERS = "containerd.io/snapshot/remote/stargz.layers"
 LABEL_URLS_PREFIX = "containerd.io/snapshot/remote/urls"
 LABEL_CRI_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
 LABEL_CRI_LAYER_DIGEST = "containerd.io/snapshot/cri.layer-digest"
+LABEL_CRI_IMAGE_LAYERS = "containerd.io/snapshot/cri.image-layers"
 LABEL_TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
 
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -140,6 +151,14 @@ def remote_layer_from_labels(labels: dict[str, str], cfg: RemoteConfig) -> Remot
     return RemoteLayer(reference, digest, toc_digest, url, max(prefetch, cfg.prefetch_size))
 
 
+def image_layer_digests(labels: dict[str, str]) -> list[str]:
+    """The layer digests of the image a Prepare belongs to, as its labels list them
+    (ctr-remote's `stargz.layers`, CRI's `cri.image-layers`: this layer and the ones
+    above it, cut short where a label would grow too long); malformed items skipped."""
+    value = labels.get(LABEL_STARGZ_LAYERS) or labels.get(LABEL_CRI_IMAGE_LAYERS) or ""
+    return [d for d in (item.strip() for item in value.split(",")) if _DIGEST_RE.match(d)]
+
+
 class MountError(Exception):
     """The lazy mount of a layer failed; the message says why."""
 
@@ -164,6 +183,9 @@ class LayerMounter:
         self._zygote: Any = None  # peerstar.lazyfs.zygote.Zygote
         self._zygote_lock = threading.Lock()
         self._closed = False
+        # digest -> set once its footer and TOC are in the cache (or resolving failed)
+        self._ahead: OrderedDict[str, threading.Event] = OrderedDict()
+        self._ahead_pool: ThreadPoolExecutor | None = None
         self.keychain = Keychain(cfg.auth_file)
         try:
             self.keychain.check()
@@ -211,12 +233,85 @@ class LayerMounter:
             return None if replacing else self._zygote
 
     def close(self) -> None:
-        """Stop the zygote (mount daemons keep running)."""
+        """Stop the zygote and the resolving ahead (mount daemons keep running)."""
         with self._zygote_lock:
             self._closed = True
             z, self._zygote = self._zygote, None
         if z is not None:
             z.close()
+        with self._lock:
+            pool, self._ahead_pool = self._ahead_pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _credentials(self, host: str) -> Credentials:
+        try:
+            return self.keychain.lookup(host) or Credentials()
+        except CredentialsError as exc:
+            raise MountError(f"registry credentials for {host}: {exc}") from None
+
+    def resolve_ahead(self, layer: RemoteLayer, digests: Iterable[str]) -> int:
+        """Start resolving the other layers of `layer`'s image (`digests`, from the
+        Prepare's layer-list label) in the background, at most RESOLVE_AHEAD_WORKERS at
+        once: footer, TOC and prefetch range into the cache their mounts read from
+        (`peerstar.lazyfs.resolve`). Returns how many were started; a layer already
+        resolved or resolving is not started again."""
+        base = layer.url.rsplit("/", 1)[0]
+        todo: list[tuple[str, threading.Event]] = []
+        with self._lock:
+            if self._closed:
+                return 0
+            for digest in digests:
+                if digest == layer.digest or digest in self._ahead:
+                    continue
+                ready = self._ahead[digest] = threading.Event()
+                todo.append((digest, ready))
+            while len(self._ahead) > RESOLVE_AHEAD_REMEMBERED:
+                _, old = self._ahead.popitem(last=False)
+                old.set()
+            if todo and self._ahead_pool is None:
+                self._ahead_pool = ThreadPoolExecutor(RESOLVE_AHEAD_WORKERS,
+                                                      thread_name_prefix="resolve-ahead")
+            pool = self._ahead_pool
+        for digest, ready in todo:
+            assert pool is not None
+            pool.submit(self._resolve_one, f"{base}/{digest}", digest, layer.prefetch_size,
+                        ready)
+        return len(todo)
+
+    def _resolve_one(self, url: str, digest: str, prefetch_size: int,
+                     ready: threading.Event) -> None:
+        from peerstar.lazyfs.auth import RegistryAuth
+        from peerstar.lazyfs.resolve import resolve_ahead
+
+        c = self.cfg
+        try:
+            creds = self._credentials(urlsplit(url).netloc)
+            auth = RegistryAuth(creds.username, creds.password, creds.registry_token,
+                                creds.identity_token)
+            res = resolve_ahead(url, digest, self.cache_dir, region_size=c.region_size,
+                                region_cache_bytes=c.region_cache_bytes,
+                                prefetch_size=prefetch_size, timeout=c.request_timeout,
+                                retries=c.retries, auth=auth, on_toc=ready.set)
+            RESOLVED_AHEAD.labels("ok").inc()
+            RESOLVED_AHEAD_BYTES.inc(res.fetched_bytes)
+            log.info("layer %s resolved ahead of its mount (TOC at %d, prefetch %d bytes, "
+                     "%d bytes fetched)", digest, res.toc_offset, res.prefetch_end,
+                     res.fetched_bytes)
+        except Exception as exc:  # its own mount will fetch (and report) it
+            RESOLVED_AHEAD.labels("failed").inc()
+            log.info("layer %s: not resolved ahead (its mount fetches it): %s", digest, exc)
+        finally:
+            ready.set()
+
+    def _wait_resolved(self, digest: str) -> None:
+        """If `digest` is being resolved ahead, wait (at most the mount timeout) until its
+        TOC is in the cache: its mount then starts without the network."""
+        with self._lock:
+            ready = self._ahead.get(digest)
+        if ready is not None and not ready.wait(self.cfg.mount_timeout):
+            log.info("layer %s: still resolving ahead after %.0f s; mounting it anyway",
+                     digest, self.cfg.mount_timeout)
 
     def mount(self, layer: RemoteLayer, mountpoint: Path) -> dict[str, Any]:
         """Mount `layer` at `mountpoint`; returns a short report for the log."""
@@ -226,10 +321,8 @@ class LayerMounter:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         c = self.cfg
         host = urlsplit(layer.url).netloc
-        try:
-            creds = self.keychain.lookup(host) or Credentials()
-        except CredentialsError as exc:
-            raise MountError(f"registry credentials for {host}: {exc}") from None
+        creds = self._credentials(host)
+        self._wait_resolved(layer.digest)
         try:
             m = lazyfs.mount_layer(
                 layer.url, layer.digest, layer.toc_digest, mountpoint, self.cache_dir,

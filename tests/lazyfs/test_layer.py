@@ -134,3 +134,39 @@ def test_background_fetch_waits_for_idle_from_mount_time_and_across_layers(
         assert served.bytes_served > before  # idle now: the rest of the layer is fetched
     finally:
         lay.stop()
+
+
+def test_read_ahead_along_a_file_never_holds_up_other_reads(
+        served: BlobServer, rich_layer: Layer, tmp_path: Path) -> None:
+    lay = _layer(served, rich_layer, tmp_path)
+    big = lay.reader.lookup("data/big.bin")
+    prio = lay.reader.lookup("data/prio.txt")
+    assert big is not None and prio is not None
+    chunks = lay.reader.entry_chunks(big)
+    assert len(chunks) == 4
+    keys = [lay._chunk_key(c) for c in chunks]
+    # Chunk 2's bytes stall at the server: the read-ahead is stuck on it. (Its first
+    # region comes with chunk 1's fetch, which ends in it: the stall is on the next.)
+    start, _ = lay.reader.chunk_section(chunks[2])
+    size = lay.fetcher.region_size
+    region = (start // size + 1) * size
+    served.delays[f"bytes={region}-"] = 2.0
+    assert lay.read_file(big, 0, 100) == BIG[:100]  # chunk 0; chunks 1 and 2 queued
+    deadline = time.monotonic() + 10
+    while keys[1] not in lay._mem and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert keys[1] in lay._mem  # fetched and verified ahead of the reader
+    assert keys[2] in lay._chunk_inflight and keys[3] not in lay._mem
+    # Another file's on-demand read does not queue behind the stalled read-ahead.
+    assert lay.read_file(prio, 0, len(PRIORITY)) == PRIORITY
+    assert keys[2] in lay._chunk_inflight
+    # The reader reaching chunk 2 joins the read-ahead's fetch (no second request) and
+    # moves the read-ahead on to chunk 3.
+    n = len(served.ranges)
+    assert lay.read_file(big, CHUNK * 2, 10) == BIG[CHUNK * 2:CHUNK * 2 + 10]
+    deadline = time.monotonic() + 10
+    while keys[3] not in lay._mem and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert keys[3] in lay._mem
+    assert not [r for r in served.ranges[n:] if r.startswith(f"bytes={region}-")]
+    lay.stop()

@@ -4,6 +4,7 @@ filters, cleanup, config, label parsing, and the remote handshake with a fake mo
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,11 @@ class FakeMounter:
         self.fail = fail
         self.mounted: dict[Path, RemoteLayer] = {}
         self.calls: list[tuple[str, Path]] = []
+        self.ahead: list[tuple[str, list[str]]] = []
+
+    def resolve_ahead(self, layer: RemoteLayer, digests: Iterable[str]) -> int:
+        self.ahead.append((layer.digest, list(digests)))
+        return len(self.ahead[-1][1])
 
     def mount(self, layer: RemoteLayer, mountpoint: Path) -> dict[str, Any]:
         self.calls.append(("mount", Path(mountpoint)))
@@ -330,3 +336,15 @@ def test_restore_remote_mounts_after_restart(tmp_path: Path) -> None:
     m2.mounted.clear()
     assert s2.restore_remote_mounts()["sha256:chain1"] == "failed: registry down"
     s2.close()
+
+
+def test_prepare_resolves_the_images_other_layers_ahead(sn: Snapshotter) -> None:
+    labels = _stargz_labels()
+    labels["containerd.io/snapshot/remote/stargz.layers"] = f"{D1},{D2}"
+    with pytest.raises(AlreadyExists):
+        sn.prepare("ns/1/extract-x", "", labels)
+    assert sn.mounter.ahead == [(D1, [D1, D2])]  # type: ignore[attr-defined]
+    # A layer that does not go remote resolves nothing ahead.
+    plain = {LABEL_REF: "sha256:chain9", "containerd.io/snapshot/remote/stargz.layers": D2}
+    sn.prepare("ns/1/extract-y", "", plain)
+    assert len(sn.mounter.ahead) == 1  # type: ignore[attr-defined]

@@ -166,6 +166,9 @@ def test_cri_pull_mounts_estargz_layers_remotely(cri: CriStack, estargz_image: P
         assert not any(k.startswith("containerd.io/snapshot/remote/stargz.") for k in labels)
     fuse = mounts_under(cri.snapshotter.root)
     assert len(fuse) == 2 and all(Path(p).name == "fs" for p in fuse)
+    # CRI's layer list on the first Prepare: the upper layer was resolved ahead.
+    log = cri.snapshotter.log()
+    assert f"layer {img.layers[1].digest} resolved ahead of its mount" in log, log[-3000:]
     # containerd records them as remote snapshots too (committed, under chain ids).
     recorded = containerd_snapshots(cri)
     remote_keys = {k for k, info in recorded.items()

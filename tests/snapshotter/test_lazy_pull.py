@@ -173,6 +173,11 @@ def test_rpull_runs_lazily_without_layer_blobs_in_content_store(
         assert info.labels["containerd.io/snapshot/remote"] == "remote snapshot"
     fuse = mounts_under(lazy_stack.snapshotter.root)
     assert len(fuse) == 2 and all(Path(p).name == "fs" for p in fuse)
+    # The first Prepare carried ctr-remote's layer list: the upper layer was resolved
+    # (footer, TOC, prefetch range) beside the lower one's mount, before its own Prepare.
+    log = lazy_stack.snapshotter.log()
+    assert f"layer {layers[1].digest} resolved ahead of its mount" in log, log[-3000:]
+    assert f"layer {layers[0].digest} resolved ahead" not in log
     # The layer blobs never entered containerd's content store (manifest/config did).
     content = content_digests(lazy_stack)
     assert not content & {la.digest for la in layers}
@@ -201,9 +206,16 @@ def test_rpull_runs_lazily_without_layer_blobs_in_content_store(
         assert len(values) == 1, (prefix, text)
         return values[0]
 
-    # The sample text is prioritized: it came with the prefetch of the data layer; running
-    # busybox read its layer on demand. Neither layer was fetched whole.
-    assert 0 < fetched(data_layer, "prefetch") < data_layer.size // 2
+    # The sample text is prioritized: its prefetch range came with the data layer's
+    # resolving ahead (so its daemon's prefetch found it cached); running busybox read
+    # its layer on demand. Neither layer was fetched whole.
+    assert 'peerstar_snapshotter_layers_resolved_ahead_total{result="ok"} 1.0' in text
+    ahead = [float(ln.split()[-1]) for ln in text.splitlines()
+             if ln.startswith("peerstar_snapshotter_resolved_ahead_bytes_total ")]
+    assert len(ahead) == 1 and 0 < ahead[0] < data_layer.size // 2
+    prefetched = f'{metric}{{kind="prefetch",layer="{data_layer.digest[:19]}"}} '
+    assert not [ln for ln in text.splitlines()
+                if ln.startswith(prefetched) and float(ln.split()[-1]) > 0]
     assert 0 < fetched(layers[0], "on_demand") <= layers[0].size
 
 

@@ -1,0 +1,64 @@
+"""Resolving a layer ahead of its mount: its footer, TOC and prioritized range fetched
+into the cache directory that the layer's mount daemon will read them from.
+
+Owns `resolve_ahead`. containerd prepares an image's layers one after another, and each
+mount's first reads (footer, then TOC, then the prefetch range) are round trips that,
+across nodes, cost far more than the mount itself. Every Prepare carries the image's
+layer list, so at the first one the snapshotter resolves the other layers concurrently
+with this function (as the Go stargz snapshotter does); when their Prepares come, their
+daemons find every byte they start with in the region cache (`<cache_dir>/regions`,
+shared by all mounts of the node) and mount without the network.
+
+Nothing is verified here, because the layer list carries no TOC digests: the bytes only
+fill the region cache, and the mount daemon checks the TOC digest and every chunk digest
+as it always does. Raises `FetchError` / `peerstar.estargz` errors like a mount would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from peerstar.estargz import Reader
+from peerstar.lazyfs.cache import DiskCache
+from peerstar.lazyfs.fetcher import DEFAULT_REGION_SIZE, BlobFetcher
+from peerstar.lazyfs.layer import LazyLayer
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What `resolve_ahead` put in the cache: the blob's size, the TOC's start, the end
+    of the prefetch range (0 = none) and the bytes it fetched (not found cached)."""
+
+    size: int
+    toc_offset: int
+    prefetch_end: int
+    fetched_bytes: int
+
+
+def resolve_ahead(url: str, digest: str, cache_dir: Path, *,
+                  region_size: int = DEFAULT_REGION_SIZE, region_cache_bytes: int = 0,
+                  prefetch_size: int = 0, timeout: float = 30.0, retries: int = 3,
+                  auth: httpx.Auth | None = None,
+                  on_toc: Callable[[], None] | None = None) -> Resolved:
+    """Fetch the footer and TOC of the layer blob at `url` into the region cache under
+    `cache_dir`, call `on_toc` (a mount of this layer now needs no network to start),
+    then fetch its prefetch range (`[0, .prefetch.landmark)`, or `prefetch_size` bytes
+    for a layer without landmarks) into the cache too."""
+    regions = DiskCache(Path(cache_dir) / "regions", region_cache_bytes)
+    fetcher = BlobFetcher(url, digest=digest, region_size=region_size, cache=regions,
+                          timeout=timeout, retries=retries, auth=auth)
+    try:
+        reader = Reader.open(lambda off, n: fetcher.read_at(off, n, "toc"), fetcher.size)
+        if on_toc is not None:
+            on_toc()
+        end = LazyLayer(fetcher, reader, None, verify=False).prefetch_range(prefetch_size)
+        if end > 0:
+            fetcher.read_at(0, end, "prefetch")
+        return Resolved(fetcher.size, reader.footer.toc_offset, end,
+                        fetcher.stats.fetched_bytes)
+    finally:
+        fetcher.close()
