@@ -4,6 +4,10 @@ OCI registry on localhost, for containerd and Kubernetes nodes.
 Every flag also reads an environment variable (for container use); the flag wins.
 A non-loopback listen address is only accepted when given on the command line with
 `--listen` / `--metrics-listen`: the registry has no authentication.
+
+stderr carries the JSON access log and, beside it, one JSON line per IPFS read that
+took long enough to have needed the network (`"upstream": KIND`, see
+`peerstar.registry.upstream.log_upstream`); `--no-access-log` turns both off.
 """
 
 from __future__ import annotations
@@ -96,7 +100,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--cache-size", help="memory bound of the descriptor-tree cache "
                        f"(default 64MiB; ${ENV['cache_size']})")
     serve.add_argument("--no-access-log", action="store_true",
-                       help="do not write the JSON access log to stderr")
+                       help="do not write the JSON access log (and the log of IPFS reads "
+                       "that needed the network) to stderr")
+    serve.add_argument("--no-warm-up", action="store_true",
+                       help="do not warm an image's layers (DAG skeleton, footer, TOC, "
+                       "prioritized files) in the IPFS daemon when its manifest is served")
     serve.set_defaults(func=cmd_serve)
 
 
@@ -137,13 +145,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not args.no_access_log:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(message)s"))
-        access = logging.getLogger("peerstar.registry.access")
-        access.addHandler(handler)
-        access.setLevel(logging.INFO)
-        access.propagate = False
+        for name in ("peerstar.registry.access", "peerstar.registry.upstream"):
+            logger = logging.getLogger(name)
+            logger.addHandler(handler)
+            logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
+            logger.propagate = False
 
     options = ServerOptions(policy=ReadPolicy(timeout=timeout, retries=retries),
-                            cache_bytes=cache)
+                            cache_bytes=cache, warm_up=not args.no_warm_up)
     return _run_loop(_serve(
         ipfs_address, Path(root) if root else None, options, host, port,
         allow_remote=listen_flag, metrics=metrics, metrics_remote=metrics_flag,

@@ -79,6 +79,12 @@ class ContentStore(abc.ABC):
     async def block_get(self, cid: str) -> bytes:
         """The raw bytes of one block, verified against its CID."""
 
+    async def block_stat(self, cid: str) -> int:
+        """The size of one block, having the node fetch it if it does not hold it, without
+        shipping its bytes to the caller: how a caller warms a node's block store. This
+        default reads the block; stores with a cheaper way override it."""
+        return len(await self.block_get(cid))
+
     @abc.abstractmethod
     async def id(self) -> dict[str, Any]:
         """Identity of the node (kubo's `id` answer; a small dict for the embedded store)."""

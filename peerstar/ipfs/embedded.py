@@ -180,6 +180,18 @@ class EmbeddedStore(ContentStore):
     async def block_get(self, cid: str) -> bytes:
         return self._read_block(parse_cid(cid))
 
+    async def block_stat(self, cid: str) -> int:
+        """Everything is local here: a presence check (BlockNotFoundError if absent)."""
+        c = parse_cid(cid)
+        check_supported(c)
+        name = normalize_cid(c)
+        try:
+            return self._path(name).stat().st_size
+        except FileNotFoundError:
+            raise BlockNotFoundError(f"{name} is not in the {self.description}") from None
+        except OSError as exc:
+            raise IPFSError(f"cannot stat block {name}: {exc.strerror}") from None
+
     def _walk(self, cid: CID, seen: set[str]) -> None:
         """Add every block name under `cid` to `seen`; raise if one is missing."""
         name = normalize_cid(cid)

@@ -2,7 +2,8 @@
 
 Owns: `add` (a streamed multipart upload, never the whole blob in memory), `cat` with
 offset/length (streamed, resumed at the right offset after a dropped connection),
-`block/get` (verified locally), `pin/add`, `id`, `swarm/peers`, `swarm/connect`;
+`block/get` (verified locally), `block/stat` (fetches a block without shipping it),
+`pin/add`, `id`, `swarm/peers`, `swarm/connect`;
 timeouts, retries with exponential backoff, and CID normalisation to CIDv1 base32.
 
 Every call is a POST (kubo answers GET with 405). Timeout semantics: `timeout` bounds
@@ -288,6 +289,16 @@ class RPCStore(ContentStore):
             raise CorruptBlockError(f"block {normalize_cid(c)} from {self.description} "
                                     f"does not match its hash")
         return data
+
+    async def block_stat(self, cid: str) -> int:
+        # kubo and js-ipfs 0.66 both fetch a block they lack (from peers) to answer this,
+        # and send back only its size: the cheap way to get a block into the node.
+        res = await self._call_json("block/stat", {"arg": normalize_cid(cid)})
+        try:
+            return int(res["Size"])
+        except (TypeError, KeyError, ValueError):
+            raise IPFSError(f"IPFS daemon at {self.api.shown}: block/stat {cid}: no size in "
+                            f"{str(res)[:200]!r}") from None
 
     async def stat_size(self, cid: str) -> int:
         c = parse_cid(cid)

@@ -50,6 +50,23 @@ class RegistryMetrics:
         self.tree_walks = Counter(
             "peerstar_registry_tree_walks", "Descriptor-tree walks started (cache misses)",
             registry=self.registry)
+        self.warmups = Counter(
+            "peerstar_registry_warmups",
+            "Layer blobs warmed after their image manifest was served (result=estargz: "
+            "skeleton, footer, TOC and prioritized range; plain: no eStargz footer, "
+            "skeleton only; failed)", ["result"], registry=self.registry)
+        self.warmup_failures = Counter(
+            "peerstar_registry_warmup_failures",
+            "Failed warm-up stages (stage=skeleton|footer|toc|prefetch|manifest|internal) "
+            "and failed leaf fan-out operations (stage=fanout)", ["stage"],
+            registry=self.registry)
+        self.warmup_ops = Counter(
+            "peerstar_registry_warmup_ops",
+            "IPFS operations of the warm-up and the leaf fan-out (kind=warm-node|warm-read|"
+            "warm-stat|fanout-stat)", ["kind"], registry=self.registry)
+        self.warmup_in_flight = Gauge(
+            "peerstar_registry_warmup_in_flight",
+            "Warm-up and fan-out operations in flight", registry=self.registry)
         self._done: dict[tuple[str, str, int], tuple] = {}
         self._reads: dict[str, object] = {}
 

@@ -12,6 +12,12 @@ never reads content. The cat names the deepest node of the blob's UnixFS DAG tha
 the whole range, once that node is known (`subdag.SubDagLocator`), which spares the
 daemon the walk from the blob's root.
 
+Serving an image manifest (the first time per digest) starts the warm-up of its layers in
+the background (`warmup.WarmUp`: DAG skeleton, footer, TOC and prioritized range into
+the node's daemon); a range over several leaves of a blob seen to come over the network
+gets its leaves fetched at once beside its `cat`. Neither ever delays or fails a
+response. Every upstream read is logged with its timing (`upstream.log_upstream`).
+
 Headers are only sent once the first upstream bytes are in hand, so a daemon that is
 down or stalled yields a 502/504 with a message; a failure after that closes the
 connection, and as every response carries an exact Content-Length, a cut-off body can
@@ -58,7 +64,7 @@ from peerstar.registry.splice import (
     Spliced,
     splice_reader_for,
 )
-from peerstar.registry.subdag import ROOT, SubDagLocator
+from peerstar.registry.subdag import LEAF, ROOT, SubDagLocator
 from peerstar.registry.tree import (
     BlobRef,
     ImageTree,
@@ -72,9 +78,11 @@ from peerstar.registry.upstream import (
     ContentStore,
     ReadPolicy,
     UpstreamError,
+    log_upstream,
     read_all,
     read_stream,
 )
+from peerstar.registry.warmup import WarmUp
 
 log = logging.getLogger("peerstar.registry")
 access_log = logging.getLogger("peerstar.registry.access")
@@ -107,6 +115,16 @@ class ServerOptions:
     # Read a range from the deepest DAG node holding all of it (`subdag.SubDagLocator`);
     # PEERSTAR_REGISTRY_SUBDAG=0 always reads from the blob's own CID.
     subdag: bool = field(default_factory=lambda: _env_on("PEERSTAR_REGISTRY_SUBDAG"))
+    # Warm an image's layers (skeleton, footer, TOC, prioritized range) in the daemon in
+    # the background when its manifest is served (`warmup.WarmUp`).
+    warm_up: bool = True
+    # Warm-up and leaf fan-out operations in flight at most (one bound for both).
+    warm_up_limit: int = 16
+    # Fetch the leaves of a multi-leaf range at once beside its cat, for blobs seen remote.
+    fan_out: bool = True
+    # An upstream operation taking at least this long (seconds) needed the network: it is
+    # logged at INFO, and its blob counts as remote (a local read takes a few ms).
+    slow_read: float = 0.1
 
 
 @dataclass
@@ -130,6 +148,7 @@ class _Read:
     start: int
     node: str
     requested: Requested | None = None
+    t0: float = 0.0  # time.monotonic() when it was located (and possibly sent)
 
 
 class _Abort(Exception):
@@ -187,6 +206,11 @@ class RegistryServer:
         self._subdag = (SubDagLocator(get_block, timeout=self.options.policy.timeout)
                         if self.options.subdag and get_block is not None else None)
         self.metrics = RegistryMetrics()
+        opts = self.options
+        self._warm = (WarmUp(store, self._reader, self._subdag, self.metrics,
+                             limit=opts.warm_up_limit, timeout=opts.policy.timeout,
+                             slow=opts.slow_read, manifests=opts.warm_up, fan_out=opts.fan_out)
+                      if opts.warm_up or opts.fan_out else None)
         self.trees = TreeCache(self._read_small, max_bytes=self.options.cache_bytes)
         self._runners: list[web.AppRunner] = []
         self.addresses: list[tuple[str, int]] = []
@@ -320,6 +344,8 @@ class RegistryServer:
             raise RegistryError(404, "MANIFEST_UNKNOWN", "manifest unknown",
                                 f"{ref} names no manifest or index of this image")
         ref_info = tree.blobs[digest]
+        if self._warm is not None:
+            self._warm.manifest_served(digest, tree)  # in the background; never waits
         return await self._serve(request, digest, ref_info, tree.manifests[digest])
 
     async def _blob(self, request: web.Request) -> web.StreamResponse:
@@ -416,9 +442,12 @@ class RegistryServer:
         cid, start, node = info.cid, r.start, ROOT
         if self._subdag is not None:
             cid, start, node = self._subdag.locate(cid, start, r.length)
+            if node != LEAF and self._warm is not None:
+                self._warm.spread(info, r.start, r.length)  # only for remote blobs
+        t0 = time.monotonic()
         requested = (self._splice.request_now(cid, start, r.length)
                      if send_now and self._splice is not None else None)
-        return _Read(cid, start, node, requested)
+        return _Read(cid, start, node, requested, t0)
 
     def _client_socket(self, request: web.Request):
         """The client connection's socket (uvloop's stand-in for it) if its response can
@@ -480,6 +509,7 @@ class RegistryServer:
         if read is None:
             read = self._locate(info, r)
         self.metrics.upstream_read(read.node)
+        first: float | None = None
         if pipe is not None and self._splice is not None:
             requested, read.requested = read.requested, None  # the relay owns it now
             pieces: AsyncIterator[bytes | Spliced] = self._splice.relay(
@@ -488,10 +518,20 @@ class RegistryServer:
         else:
             pieces = read_stream(self._reader, read.cid, read.start, r.length,
                                  self.options.policy, on_failure=self._on_upstream_failure)
-        async with contextlib.aclosing(pieces):  # type: ignore[type-var]
-            async for chunk in pieces:
-                self.metrics.upstream_bytes.inc(len(chunk))
-                yield chunk
+        try:
+            async with contextlib.aclosing(pieces):  # type: ignore[type-var]
+                async for chunk in pieces:
+                    if first is None:
+                        first = time.monotonic() - read.t0
+                        if self._warm is not None:
+                            self._warm.read_done(info, read.cid, read.node == LEAF, first)
+                    self.metrics.upstream_bytes.inc(len(chunk))
+                    yield chunk
+        finally:
+            log_upstream("read", read.cid, read.t0, time.monotonic() - read.t0,
+                         self.options.slow_read, blob=info.cid, node=read.node,
+                         offset=read.start, length=r.length,
+                         first_ms=None if first is None else round(first * 1000, 1))
 
     async def _relay(self, request: web.Request, pipe: Pipe, out: socket.socket) -> None:
         """Pass what `pipe` holds on to the client, after all aiohttp holds for it."""
@@ -597,6 +637,8 @@ class RegistryServer:
             await self._fast.close()
         if self._splice is not None:
             await self._splice.close()
+        if self._warm is not None:
+            await self._warm.close()
         if self._subdag is not None:
             await self._subdag.close()
 

@@ -15,7 +15,14 @@ CID), decoded by `peerstar.ipfs.unixfs`, and kept as child offsets and binary CI
 bounded LRU (content is immutable, so entries never go stale). A lookup never waits: a
 node not yet known is fetched in the background and the range is read from the deepest
 node known, so the first reads of a blob cost what they cost before. Leaves (raw blocks)
-and small nodes are never fetched: their CID in the parent is all a cat needs.
+and small nodes are not fetched by lookups: their CID in the parent is all a cat needs;
+a small node someone else loaded (the warm-up) is descended into like any other.
+
+For the warm-up and the leaf fan-out (`warmup.py`) the locator also answers which
+leaves cover a range (`known_leaves` without waiting, `leaves` loading the nodes on the
+way, one level at a time, every node of a level at once) and loads a blob's whole
+skeleton (`load_skeleton`): the nodes it loads are the ones later lookups use. A load
+someone awaits (`ensure`) is shared by everyone asking for the same node.
 """
 
 from __future__ import annotations
@@ -23,11 +30,13 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import functools
 import logging
 import time
 from array import array
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 
 from peerstar.ipfs.cid import RAW, cid_text, is_raw_cid, parse_cid
 from peerstar.ipfs.unixfs import decode_file_node
@@ -43,6 +52,23 @@ _MAX_LOADING = 4
 _RETRY_AFTER = 60.0
 
 ROOT, INTERIOR, LEAF = "root", "interior", "leaf"
+
+GetBlock = Callable[[str], Awaitable[bytes]]
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """A block holding file bytes [start, start + size) of a blob: a raw leaf, or (in
+    DAGs other writers made) a node with inline data, read as a whole."""
+
+    cid: str
+    start: int
+    size: int
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_raw_text(cid: str) -> bool:
+    return parse_cid(cid).codec.name == RAW
 
 
 class _Node:
@@ -83,6 +109,7 @@ class SubDagLocator:
         self.load_span = load_span
         self._nodes: OrderedDict[str, _Node] = OrderedDict()
         self._loading: dict[str, asyncio.Task[None]] = {}
+        self._awaited: dict[str, asyncio.Task[None]] = {}  # ensure()'s, not bounded
         self._failed: dict[str, float] = {}
 
     def __len__(self) -> int:
@@ -110,11 +137,101 @@ class SubDagLocator:
             if is_raw_cid(raw):
                 return node_cid, rel, LEAF
             kind = INTERIOR
-            if span <= self.load_span:
+            if span <= self.load_span and node_cid not in self._nodes:
                 break  # small: read it as it is, its links are not worth a fetch
         return node_cid, rel, kind
 
-    async def load(self, cid: str) -> None:
+    def known_leaves(self, cid: str, offset: int, length: int, size: int
+                     ) -> list[Leaf] | None:
+        """The leaves holding `length` bytes from `offset` of the `size`-byte file `cid`,
+        in order, if every node above them is known; else None (and the first unknown
+        nodes are fetched in the background, as `locate` does). Never waits."""
+        out: list[Leaf] = []
+        missing: list[str] = []
+        self._cover(cid, _is_raw_text(cid), 0, size, offset, offset + length, out, missing)
+        if not missing:
+            return out
+        for node_cid in missing[:_MAX_LOADING]:
+            self._load_soon(node_cid)
+        return None
+
+    async def leaves(self, cid: str, offset: int, length: int, size: int, *,
+                     get_block: GetBlock | None = None) -> list[Leaf]:
+        """`known_leaves`, loading the nodes it needs first: one level of the DAG at a
+        time, all the nodes a level needs at once (`get_block` instead of the locator's
+        own for the loads started here). Raises what a load raises."""
+        raw_root = _is_raw_text(cid)
+        for _ in range(_MAX_DEPTH + 1):
+            out: list[Leaf] = []
+            missing: list[str] = []
+            self._cover(cid, raw_root, 0, size, offset, offset + length, out, missing)
+            if not missing:
+                return out
+            await _all(self.ensure(c, get_block=get_block) for c in missing)
+        raise ValueError(f"the DAG of {cid} is deeper than {_MAX_DEPTH} levels")
+
+    async def load_skeleton(self, cid: str, *, get_block: GetBlock | None = None) -> int:
+        """Load every node of the blob `cid` but its leaves, level by level, each level's
+        nodes at once; returns how many nodes it holds. Stops below a level too wide for
+        the cache (it would only evict itself)."""
+        level = [cid]
+        count = 0
+        for _ in range(_MAX_DEPTH):
+            await _all(self.ensure(c, get_block=get_block) for c in level)
+            count += len(level)
+            below: list[str] = []
+            for node_cid in level:
+                node = self._nodes.get(node_cid)
+                if node is None:
+                    continue  # evicted meanwhile: the cache is full of other blobs
+                for i in range(len(node.bounds) - 1):
+                    raw = node.child(i)
+                    if not is_raw_cid(raw):
+                        below.append(cid_text(raw))
+            if not below or len(below) > self.max_nodes // 2:
+                break
+            level = below
+        return count
+
+    async def ensure(self, cid: str, *, get_block: GetBlock | None = None) -> None:
+        """Until the node `cid` is known: joins a fetch already under way, else starts
+        one (with `get_block` if given) that others can join. Raises what it raises."""
+        if cid in self._nodes:
+            return
+        task = self._loading.get(cid) or self._awaited.get(cid)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self.load(cid, get_block))
+            self._awaited[cid] = task
+            task.add_done_callback(lambda t: self._awaited.pop(cid, None) and (
+                t.cancelled() or t.exception()))
+        await asyncio.shield(task)
+        if cid not in self._nodes and not task.cancelled() and task.exception() is None:
+            await self.load(cid, get_block)  # a background load that failed quietly
+
+    def _cover(self, cid: str, raw: bool, base: int, span: int, lo: int, hi: int,
+               out: list[Leaf], missing: list[str]) -> None:
+        """Append to `out` the leaves of node `cid` (file bytes [base, base + span))
+        that hold bytes [lo, hi) of the file; unknown nodes on the way go to `missing`."""
+        if raw:
+            out.append(Leaf(cid, base, span))
+            return
+        node = self._nodes.get(cid)
+        if node is None:
+            missing.append(cid)
+            return
+        bounds = node.bounds
+        rel = max(lo - base, 0)
+        if len(bounds) < 2 or rel < bounds[0]:
+            out.append(Leaf(cid, base, span))  # inline data: the node is read whole
+            return
+        i = bisect.bisect_right(bounds, rel) - 1
+        while i + 1 < len(bounds) and base + bounds[i] < hi:
+            child = node.child(i)
+            self._cover(cid_text(child), is_raw_cid(child), base + bounds[i],
+                        bounds[i + 1] - bounds[i], lo, hi, out, missing)
+            i += 1
+
+    async def load(self, cid: str, get_block: GetBlock | None = None) -> None:
         """Fetch and decode the node `cid` now (raises IPFSError if it cannot)."""
         if cid in self._nodes:
             return
@@ -122,7 +239,7 @@ class SubDagLocator:
             node = _LEAF_NODE
         else:
             async with asyncio.timeout(self.timeout):
-                raw = await self._get_block(cid)
+                raw = await (get_block or self._get_block)(cid)
             decoded = decode_file_node(raw)
             bounds = decoded.child_starts()
             if bounds:
@@ -133,7 +250,7 @@ class SubDagLocator:
             self._nodes.popitem(last=False)
 
     def _load_soon(self, cid: str) -> None:
-        if cid in self._loading or len(self._loading) >= _MAX_LOADING:
+        if cid in self._loading or cid in self._awaited or len(self._loading) >= _MAX_LOADING:
             return
         failed = self._failed.get(cid)
         if failed is not None:
@@ -166,9 +283,18 @@ class SubDagLocator:
             await asyncio.gather(*self._loading.values(), return_exceptions=True)
 
     async def close(self) -> None:
-        tasks = list(self._loading.values())
+        tasks = [*self._loading.values(), *self._awaited.values()]
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(BaseException):
                 await task
+
+
+async def _all(aws: Iterable[Awaitable[None]]) -> None:
+    """Await every awaitable at once; when some fail, raise the first failure once all
+    have finished (none is left running behind the caller's back)."""
+    results = await asyncio.gather(*aws, return_exceptions=True)
+    for res in results:
+        if isinstance(res, BaseException):
+            raise res

@@ -7,13 +7,20 @@ daemon: a read that stalls longer than the timeout is abandoned and the range is
 re-requested from the first byte not yet delivered, up to `retries` times in a row.
 Progress resets the retry budget, so a long blob survives several independent hiccups,
 but a daemon that stays stuck fails in at most (retries + 1) * timeout.
+
+Also owns the upstream log (`log_upstream`): one JSON line per IPFS operation of the
+registry (range reads, warm-up and fan-out operations) on `peerstar.registry.upstream`,
+at INFO when it took long enough to have needed the network, so a benchmark can count
+the round trips a workload cost, else at DEBUG.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -48,6 +55,21 @@ class ReadPolicy:
 
 # Called on every failed attempt with ("timeout" | "error"); the server counts them.
 OnFailure = Callable[[str], None]
+
+
+def log_upstream(kind: str, cid: str, started: float, seconds: float, slow: float,
+                 **fields: object) -> None:
+    """Log one upstream operation of `kind` on `cid` that began at `started`
+    (time.monotonic()) and took `seconds`: INFO when that is at least `slow` (a block the
+    node did not hold: a local read answers in a few ms), else DEBUG. Costs one level
+    check when that level is off."""
+    level = logging.INFO if seconds >= slow else logging.DEBUG
+    if not log.isEnabledFor(level):
+        return
+    wall = time.time() - (time.monotonic() - started)
+    log.log(level, json.dumps({"upstream": kind, "cid": cid, "ts": round(wall, 3),
+                               "ms": round(seconds * 1000, 1), **fields},
+                              separators=(",", ":")))
 
 
 async def _aclose(agen: AsyncIterator[bytes]) -> None:

@@ -16,9 +16,10 @@ from tests.support.jsipfs import JsIpfs
 
 @pytest.fixture
 def mem_registry() -> Iterator[ThreadedRegistry]:
-    """A registry over a fresh MemoryStore; short timeouts so fault tests stay fast."""
+    """A registry over a fresh MemoryStore; short timeouts so fault tests stay fast. No
+    warm-up: these tests count the reads requests make (test_warmup.py has its own)."""
     options = ServerOptions(policy=ReadPolicy(timeout=1.0, retries=1), write_timeout=3.0,
-                            header_timeout=3.0)
+                            header_timeout=3.0, warm_up=False)
     with ThreadedRegistry(MemoryStore, options, metrics=True) as reg:
         yield reg
 

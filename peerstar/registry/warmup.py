@@ -1,0 +1,391 @@
+"""Getting blocks into the node's IPFS daemon before they are asked for: the warm-up of an
+image's layers when the registry serves its manifest, and the leaf fan-out of range
+reads that span several leaves of a blob that lives on other nodes.
+
+Why: when a blob's blocks are on another node, every read costs round trips between
+the two daemons (~0.25 s each between two js-ipfs nodes), and a `cat` walks the DAG one
+level per round trip: root, interior node, leaf. A snapshotter mounting the layers one
+after another pays that walk for each layer's footer, TOC and prioritized files. Local
+blocks answer in ~4 ms; so the time is set by the number of sequential round trips.
+
+`WarmUp.manifest_served(digest, tree)` (the first time per manifest digest per
+process; it never waits) starts, in the background, for every layer of an image
+manifest, all layers at once:
+- its DAG skeleton (root and interior nodes, a level at a time, every node of a level at
+  once) loaded into the registry's `SubDagLocator`, so later range reads name the leaf
+  and never walk the DAG;
+- its footer and TOC, read through the daemon from the leaves holding them (eStargz: the
+  51-byte footer gives the TOC offset; zstd:chunked: the 40-byte footer; parsed by
+  `peerstar.estargz`); a layer with no such footer gets its skeleton only;
+- its prioritized range, `[0, offset of .prefetch.landmark)` when the TOC has that
+  landmark: the daemon is asked for each leaf with `block_stat`, which fetches a block
+  without shipping its bytes here.
+
+`WarmUp.spread(ref, offset, length)` (the fan-out) is called for every range read not
+served by a single leaf. js-ipfs 0.66 does fetch the leaves of one `cat` concurrently,
+but only those below one node at a time, after that node: measured between two js-ipfs
+nodes, 8 cold leaves across an interior-node boundary took 0.88-1.2 s with the cat
+alone and ~0.57 s with a `block_stat` per leaf sent beside it; within one interior node
+4-16 leaves took 0.48-0.97 s alone and 0.39-0.83 s with the stats. So when the blob is
+known to be remote (one of its reads or warm-up operations took at least `slow`
+seconds) and the locator knows the range's leaves, each leaf not already known to be
+local gets a `block_stat` beside the read's single `cat`, which still streams the
+bytes in order. Local blobs never pay for it.
+
+Every operation here is bounded: at most `limit` in flight (one semaphore for the
+warm-up and the fan-out), each within `timeout`; the work is deduplicated per blob (and
+per leaf in flight). A failure is counted (`peerstar_registry_warmup_failures`) and
+logged once (a blob's warm-up at WARNING, a fan-out operation at INFO); nothing here
+ever fails, or delays, a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
+
+from peerstar.estargz import TOC_DIGEST_ANNOTATION, FormatError, Reader
+from peerstar.estargz.footer import MAX_FOOTER_SIZE, ZSTD_FOOTER_SIZE, parse_footer
+from peerstar.ipfs.errors import IPFSError
+from peerstar.registry.metrics import RegistryMetrics
+from peerstar.registry.subdag import Leaf, SubDagLocator
+from peerstar.registry.tree import BlobRef, ImageTree
+from peerstar.registry.upstream import ContentStore, log_upstream
+
+log = logging.getLogger("peerstar.registry.warmup")
+
+T = TypeVar("T")
+
+# How many manifest digests, blob CIDs and leaf CIDs are remembered (each ~100 bytes).
+_MAX_MANIFESTS = 4096
+_MAX_BLOBS = 4096
+_MAX_LEAVES = 1 << 16
+# A TOC larger than this (compressed) is not read for the warm-up.
+_MAX_TOC_BYTES = 64 << 20
+
+
+class _Recent:
+    """A set remembering at most `size` members, the oldest forgotten first."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._members: OrderedDict[str, None] = OrderedDict()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._members
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def add(self, key: str) -> None:
+        self._members[key] = None
+        if len(self._members) > self.size:
+            self._members.popitem(last=False)
+
+
+class _Failed(Exception):
+    """A warm-up stage failed (`stage`: skeleton, footer, toc or prefetch)."""
+
+    def __init__(self, stage: str, cause: BaseException) -> None:
+        super().__init__(f"{stage}: {_why(cause)}")
+        self.stage = stage
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class WarmUp:
+    """The warm-up and fan-out of one registry server (see the module docstring).
+
+    `store`: for `block_get` (skeleton nodes, through the locator) and `block_stat`;
+    `reader`: the registry's `cat` client, for the footer and TOC bytes; `locator`: the
+    server's SubDagLocator, or None (then only the footer and TOC are read, from the
+    blob's own CID). `manifests`: False leaves only the fan-out on.
+    """
+
+    def __init__(self, store: Any, reader: ContentStore, locator: SubDagLocator | None,
+                 metrics: RegistryMetrics, *, limit: int = 16, timeout: float = 30.0,
+                 slow: float = 0.1, manifests: bool = True, fan_out: bool = True) -> None:
+        self._store = store
+        self._reader = reader
+        self._locator = locator
+        self._metrics = metrics
+        self._limit = asyncio.Semaphore(max(1, limit))
+        self.limit = max(1, limit)
+        self.timeout = timeout
+        self.slow = slow
+        self.manifests = manifests
+        self.fan_out = fan_out and locator is not None and hasattr(store, "block_stat")
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._seen_manifests = _Recent(_MAX_MANIFESTS)
+        self._seen_blobs = _Recent(_MAX_BLOBS)
+        self._remote = _Recent(_MAX_BLOBS)
+        self._local = _Recent(_MAX_LEAVES)
+        self._stat_pending: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    # -- what the server calls ------------------------------------------------------------
+
+    def manifest_served(self, digest: str, tree: ImageTree) -> None:
+        """The registry is answering for manifest `digest` of `tree`: the first time,
+        start warming its layers. Returns at once; never raises."""
+        if not self.manifests or self._closed or digest in self._seen_manifests:
+            return
+        self._seen_manifests.add(digest)
+        self._spawn(self._warm_manifest(digest, tree))
+
+    def spread(self, ref: BlobRef, offset: int, length: int) -> None:
+        """A read of `length` bytes from `offset` of blob `ref` is starting: if the blob
+        is remote, get the daemon fetching every leaf of the range it may lack at once.
+        Never waits, never raises."""
+        if ref.cid not in self._remote or not self.fan_out or self._closed:
+            return
+        assert self._locator is not None
+        try:
+            leaves = self._locator.known_leaves(ref.cid, offset, length, ref.size)
+        except Exception as exc:  # a malformed CID in a node: nothing to fan out to
+            log.info("no leaf fan-out for %s: %s", ref.cid, _why(exc))
+            return
+        if leaves is None or len(leaves) < 2:
+            return
+        for leaf in leaves:
+            if leaf.cid in self._local or leaf.cid in self._stat_pending:
+                continue
+            self._stat_pending.add(leaf.cid)
+            self._spawn(self._fan_out_stat(ref, leaf))
+
+    def read_done(self, ref: BlobRef, cid: str, leaf: bool, first_byte: float) -> None:
+        """A range read of blob `ref` from node `cid` got its first bytes after
+        `first_byte` seconds: a slow one marks the blob remote; a leaf read is local now."""
+        if first_byte >= self.slow:
+            self._remote.add(ref.cid)
+        if leaf and ref.cid in self._remote:
+            self._local.add(cid)
+
+    def is_remote(self, blob_cid: str) -> bool:
+        return blob_cid in self._remote
+
+    async def settle(self) -> None:
+        """Until every warm-up and fan-out started so far has finished (tests)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def close(self) -> None:
+        self._closed = True
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+
+    # -- machinery ------------------------------------------------------------------------
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _op(self, kind: str, blob: str, cid: str, call: Callable[[], Awaitable[T]]
+                  ) -> T:
+        """One upstream operation: waits for a slot of the semaphore, then runs within
+        the timeout; counted, logged (`log_upstream`), and a slow one marks `blob`
+        remote."""
+        async with self._limit:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            self._metrics.warmup_in_flight.inc()
+            self._metrics.warmup_ops.labels(kind).inc()
+            started = time.monotonic()
+            ok = False
+            try:
+                async with asyncio.timeout(self.timeout):
+                    result = await call()
+                ok = True
+                return result
+            finally:
+                self.in_flight -= 1
+                self._metrics.warmup_in_flight.dec()
+                seconds = time.monotonic() - started
+                if seconds >= self.slow:
+                    self._remote.add(blob)
+                log_upstream(kind, cid, started, seconds, self.slow, blob=blob, ok=ok)
+
+    def _get_block_for(self, blob: str) -> Callable[[str], Awaitable[bytes]]:
+        async def get_block(cid: str) -> bytes:
+            return await self._op("warm-node", blob, cid, lambda: self._store.block_get(cid))
+        return get_block
+
+    async def _warm_manifest(self, digest: str, tree: ImageTree) -> None:
+        try:
+            doc = json.loads(tree.manifests[digest])
+            layers = doc.get("layers") if isinstance(doc, dict) else None
+            if not isinstance(layers, list):
+                return  # an index: its manifests are warmed when they are asked for
+            jobs = []
+            for layer in layers:
+                ref = tree.blobs.get(layer.get("digest")) if isinstance(layer, dict) else None
+                if ref is None or ref.cid in self._seen_blobs:
+                    continue
+                self._seen_blobs.add(ref.cid)
+                ann = layer.get("annotations")
+                toc_digest = ann.get(TOC_DIGEST_ANNOTATION) if isinstance(ann, dict) else None
+                jobs.append(self._warm_blob(ref, toc_digest if isinstance(toc_digest, str)
+                                            else None))
+        except Exception as exc:  # a manifest the tree walk accepted: should not happen
+            log.info("no warm-up for manifest %s: %s", digest, _why(exc))
+            self._metrics.warmup_failures.labels("manifest").inc()
+            return
+        await asyncio.gather(*jobs)
+
+    async def _warm_blob(self, ref: BlobRef, toc_digest: str | None) -> None:
+        started = time.monotonic()
+        stages: list[Awaitable[str]] = [self._estargz(ref, toc_digest)]
+        if self._locator is not None:
+            stages.append(self._skeleton(ref))
+        results = await asyncio.gather(*stages, return_exceptions=True)
+        failures: list[_Failed] = []
+        for res in results:
+            if isinstance(res, asyncio.CancelledError):
+                raise res
+            if isinstance(res, _Failed):
+                failures.append(res)
+            elif isinstance(res, BaseException):  # a bug here: still never a request's
+                failures.append(_Failed("internal", res))
+        if failures:
+            for failure in failures:
+                self._metrics.warmup_failures.labels(failure.stage).inc()
+            self._metrics.warmups.labels("failed").inc()
+            log.warning("warm-up of blob %s incomplete after %.0f ms (reads are not affected): "
+                     "%s", ref.cid, (time.monotonic() - started) * 1000,
+                     "; ".join(str(f) for f in failures))
+            return
+        kind = str(results[0])
+        self._metrics.warmups.labels(kind).inc()
+        log.debug("warmed blob %s (%s) in %.0f ms", ref.cid, kind,
+                  (time.monotonic() - started) * 1000)
+
+    async def _skeleton(self, ref: BlobRef) -> str:
+        assert self._locator is not None
+        try:
+            await self._locator.load_skeleton(ref.cid, get_block=self._get_block_for(ref.cid))
+        except Exception as exc:
+            raise _Failed("skeleton", exc) from None
+        return "skeleton"
+
+    async def _estargz(self, ref: BlobRef, toc_digest: str | None) -> str:
+        """Footer, TOC and prioritized range; "estargz" when warmed, "plain" when the blob
+        has no eStargz / zstd:chunked footer."""
+        size = ref.size
+        if size < ZSTD_FOOTER_SIZE:
+            return "plain"
+        tail_at = size - min(size, MAX_FOOTER_SIZE)
+        try:
+            tail = await self._read(ref, tail_at, size - tail_at)
+        except Exception as exc:
+            raise _Failed("footer", exc) from None
+        try:
+            footer = parse_footer(tail, size)
+        except FormatError:
+            return "plain"
+        base, data = tail_at, tail
+        try:
+            if footer.toc_offset < base:
+                if base - footer.toc_offset > _MAX_TOC_BYTES:
+                    raise FormatError(f"TOC of {base - footer.toc_offset} bytes: too large")
+                data = await self._read(ref, footer.toc_offset, base - footer.toc_offset) + data
+                base = footer.toc_offset
+            view = memoryview(data)
+            reader = await asyncio.to_thread(
+                Reader.open, lambda off, n: bytes(view[off - base:off - base + n]), size,
+                toc_digest=toc_digest)
+            end = reader.prefetch_end()
+        except Exception as exc:
+            raise _Failed("toc", exc) from None
+        if end:
+            try:
+                await self._prefetch(ref, 0, min(end, size))
+            except Exception as exc:
+                raise _Failed("prefetch", exc) from None
+        return "estargz"
+
+    async def _leaves(self, ref: BlobRef, offset: int, length: int) -> list[Leaf] | None:
+        if self._locator is None:
+            return None
+        return await self._locator.leaves(ref.cid, offset, length, ref.size,
+                                          get_block=self._get_block_for(ref.cid))
+
+    async def _read(self, ref: BlobRef, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset + length) of the blob through the daemon: from each leaf
+        holding them, all at once (from the blob's CID without a locator)."""
+        leaves = await self._leaves(ref, offset, length)
+        if leaves is None:
+            return await self._op("warm-read", ref.cid, ref.cid,
+                                  lambda: self._cat(ref.cid, offset, length))
+        end = offset + length
+
+        async def piece(leaf: Leaf) -> bytes:
+            lo, hi = max(offset, leaf.start), min(end, leaf.start + leaf.size)
+            data = await self._op("warm-read", ref.cid, leaf.cid,
+                                  lambda: self._cat(leaf.cid, lo - leaf.start, hi - lo))
+            self._local.add(leaf.cid)
+            return data
+
+        return b"".join(await asyncio.gather(*(piece(leaf) for leaf in leaves)))
+
+    async def _cat(self, cid: str, offset: int, length: int) -> bytes:
+        parts = []
+        async with contextlib.aclosing(self._reader.cat(cid, offset, length)) as stream:  # type: ignore[type-var]
+            async for part in stream:
+                parts.append(part)
+        data = b"".join(parts)[:length]
+        if len(data) != length:
+            raise IPFSError(f"cat {cid} at {offset} gave {len(data)} of {length} bytes")
+        return data
+
+    async def _prefetch(self, ref: BlobRef, offset: int, length: int) -> None:
+        """Every leaf of the range into the daemon, all at once, without their bytes."""
+        if not hasattr(self._store, "block_stat"):
+            return
+        leaves = await self._leaves(ref, offset, length)
+        if leaves is None:
+            return  # no leaf CIDs without a locator: left to the reads
+
+        async def stat(leaf: Leaf) -> None:
+            if leaf.cid in self._local:
+                return
+            await self._op("warm-stat", ref.cid, leaf.cid,
+                           lambda: self._store.block_stat(leaf.cid))
+            self._local.add(leaf.cid)
+
+        await _all(stat(leaf) for leaf in leaves)
+
+    async def _fan_out_stat(self, ref: BlobRef, leaf: Leaf) -> None:
+        try:
+            await self._op("fanout-stat", ref.cid, leaf.cid,
+                           lambda: self._store.block_stat(leaf.cid))
+            self._local.add(leaf.cid)
+        except Exception as exc:
+            self._metrics.warmup_failures.labels("fanout").inc()
+            log.info("leaf fan-out of %s (blob %s) failed (the read goes on): %s", leaf.cid,
+                     ref.cid, _why(exc))
+        finally:
+            self._stat_pending.discard(leaf.cid)
+
+
+async def _all(aws: Iterable[Awaitable[None]]) -> None:
+    results = await asyncio.gather(*aws, return_exceptions=True)
+    for res in results:
+        if isinstance(res, BaseException):
+            raise res
