@@ -207,7 +207,7 @@ class RegistryServer:
                         if self.options.subdag and get_block is not None else None)
         self.metrics = RegistryMetrics()
         opts = self.options
-        self._warm = (WarmUp(store, self._reader, self._subdag, self.metrics,
+        self.warmup = (WarmUp(store, self._reader, self._subdag, self.metrics,
                              limit=opts.warm_up_limit, timeout=opts.policy.timeout,
                              slow=opts.slow_read, manifests=opts.warm_up, fan_out=opts.fan_out)
                       if opts.warm_up or opts.fan_out else None)
@@ -344,8 +344,8 @@ class RegistryServer:
             raise RegistryError(404, "MANIFEST_UNKNOWN", "manifest unknown",
                                 f"{ref} names no manifest or index of this image")
         ref_info = tree.blobs[digest]
-        if self._warm is not None:
-            self._warm.manifest_served(digest, tree)  # in the background; never waits
+        if self.warmup is not None:
+            self.warmup.manifest_served(digest, tree)  # in the background; never waits
         return await self._serve(request, digest, ref_info, tree.manifests[digest])
 
     async def _blob(self, request: web.Request) -> web.StreamResponse:
@@ -442,8 +442,8 @@ class RegistryServer:
         cid, start, node = info.cid, r.start, ROOT
         if self._subdag is not None:
             cid, start, node = self._subdag.locate(cid, start, r.length)
-            if node != LEAF and self._warm is not None:
-                self._warm.spread(info, r.start, r.length)  # only for remote blobs
+            if node != LEAF and self.warmup is not None:
+                self.warmup.spread(info, r.start, r.length)  # only for remote blobs
         t0 = time.monotonic()
         requested = (self._splice.request_now(cid, start, r.length)
                      if send_now and self._splice is not None else None)
@@ -523,8 +523,8 @@ class RegistryServer:
                 async for chunk in pieces:
                     if first is None:
                         first = time.monotonic() - read.t0
-                        if self._warm is not None:
-                            self._warm.read_done(info, read.cid, read.node == LEAF, first)
+                        if self.warmup is not None:
+                            self.warmup.read_done(info, read.cid, read.node == LEAF, first)
                     self.metrics.upstream_bytes.inc(len(chunk))
                     yield chunk
         finally:
@@ -637,8 +637,8 @@ class RegistryServer:
             await self._fast.close()
         if self._splice is not None:
             await self._splice.close()
-        if self._warm is not None:
-            await self._warm.close()
+        if self.warmup is not None:
+            await self.warmup.close()
         if self._subdag is not None:
             await self._subdag.close()
 

@@ -3,7 +3,9 @@
 the node it names, the deepest such node, never waiting, fetching each node once,
 failures and the cache bound), then a 45 MiB blob (root -> an interior node of 174
 leaves + a small one -> leaves) served through the registry from both real backends,
-byte-exact, with the metrics showing interior and leaf reads."""
+byte-exact, with the metrics showing interior and leaf reads; then the leaves covering a
+range (exact, loaded a level at a time), the skeleton later lookups use, and shared
+loads."""
 
 from __future__ import annotations
 
@@ -251,5 +253,90 @@ def test_a_mapped_node_of_174_links_takes_little_memory() -> None:
             tracemalloc.stop()
         assert len(loc) == 4
         assert per_node < 16 << 10, per_node
+
+    asyncio.run(go())
+
+
+# -- leaves of a range and the skeleton (the warm-up's and the fan-out's view) ------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, len(_DATA) - 1), st.integers(1, 600))
+def test_leaves_cover_exactly_the_range(offset: int, length: int) -> None:
+    length = min(length, len(_DATA) - offset)
+    dag = _Dag(_DATA, 16, 4)
+    loc = SubDagLocator(dag.get_block)
+
+    async def go() -> None:
+        assert loc.known_leaves(dag.root, offset, length, len(_DATA)) is None  # nothing known
+        leaves = await loc.leaves(dag.root, offset, length, len(_DATA))
+        assert leaves[0].start <= offset < leaves[0].start + leaves[0].size
+        end = offset + length
+        assert leaves[-1].start < end <= leaves[-1].start + leaves[-1].size
+        got = b""
+        for prev, leaf in zip(leaves, leaves[1:], strict=False):
+            assert prev.start + prev.size == leaf.start  # contiguous, in order
+        for leaf in leaves:
+            assert parse_cid(leaf.cid).codec.name == "raw"
+            assert dag.blocks[leaf.cid] == _DATA[leaf.start:leaf.start + leaf.size]
+            got += dag.blocks[leaf.cid]
+        assert got[offset - leaves[0].start:][:length] == _DATA[offset:end]
+        asked = len(dag.asked)
+        assert loc.known_leaves(dag.root, offset, length, len(_DATA)) == leaves
+        assert len(dag.asked) == asked  # known now: no fetch
+
+    asyncio.run(go())
+
+
+def test_leaves_load_one_level_at_a_time_all_its_nodes_at_once() -> None:
+    dag = _Dag(_DATA, 16, 4)  # 313 leaves under four levels of nodes
+    loc = SubDagLocator(dag.get_block)
+    in_flight = [0, 0]
+
+    async def get_block(cid: str) -> bytes:
+        in_flight[0] += 1
+        in_flight[1] = max(in_flight)
+        await asyncio.sleep(0.01)
+        in_flight[0] -= 1
+        return await dag.get_block(cid)
+
+    async def go() -> None:
+        leaves = await loc.leaves(dag.root, 0, len(_DATA), len(_DATA), get_block=get_block)
+        assert len(leaves) == len(list(chunk_bytes(_DATA, 16)))
+        assert in_flight[1] >= 4  # a level's nodes were fetched together
+        assert len(dag.asked) == len(set(dag.asked))  # each once
+
+    asyncio.run(go())
+
+
+def test_skeleton_is_what_later_lookups_use() -> None:
+    dag = _Dag(_DATA, 16, 4)
+    loc = SubDagLocator(dag.get_block)  # default load_span: lookups alone stop high up
+    inner = {c for c in dag.blocks if parse_cid(c).codec.name != "raw"}
+
+    async def go() -> None:
+        assert await loc.load_skeleton(dag.root) == len(inner)
+        assert set(dag.asked) == inner and len(dag.asked) == len(inner)
+        for offset in range(0, len(_DATA), 61):
+            cid, rel, kind = loc.locate(dag.root, offset, 1)
+            assert kind == LEAF and dag.blocks[cid][rel] == _DATA[offset]
+        assert len(dag.asked) == len(inner)  # no fetch: everything was known
+
+    asyncio.run(go())
+
+
+def test_concurrent_ensures_share_one_fetch_and_its_failure() -> None:
+    dag = _Dag(_DATA, 16, 4)
+    loc = SubDagLocator(dag.get_block)
+
+    async def go() -> None:
+        await asyncio.gather(*(loc.ensure(dag.root) for _ in range(5)))
+        assert dag.asked == [dag.root]
+        dag.fail = True
+        child = str(decode_file_node(dag.blocks[dag.root]).links[0].cid)
+        results = await asyncio.gather(*(loc.ensure(child) for _ in range(3)),
+                                       return_exceptions=True)
+        assert all(isinstance(r, OSError) for r in results)
+        assert dag.asked.count(child) == 1
 
     asyncio.run(go())

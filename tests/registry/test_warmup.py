@@ -1,0 +1,404 @@
+"""The warm-up of an image's layers when the registry serves its manifest, and the leaf
+fan-out of multi-leaf reads (`peerstar.registry.warmup`), over an in-memory UnixFS store
+in kubo's layout (`tests.registry.dagstore`) that records, holds and fails calls:
+
+- exactly the skeleton nodes, the footer + TOC leaves and the prioritized leaves are
+  asked for (eStargz with a landmark, eStargz without, zstd:chunked, a plain gzip blob),
+  once per manifest digest, and later reads then name leaves without fetching a node;
+- the manifest is answered while the warm-up hangs, and the warm-up never has more
+  operations in flight than its bound;
+- a warm-up that fails or times out fails no manifest or blob request, is counted in
+  the metrics and logged once per blob;
+- a multi-leaf read of a remote blob has all its leaves requested at once (a barrier
+  in the store lets the stats through only when they are all in flight together); a
+  local blob's reads send nothing but their cat;
+- `block_stat` of both real backends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import random
+import re
+import tarfile
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from peerstar.estargz import Reader, build
+from peerstar.ipfs import BlockNotFoundError
+from peerstar.ipfs.unixfs import CHUNK_SIZE, DagBuilder, chunk_bytes
+from peerstar.oci import mediatypes as mt
+from peerstar.registry import ReadPolicy, ServerOptions
+from tests.registry.conftest import open_backend
+from tests.registry.dagstore import DagStore
+from tests.registry.harness import ThreadedRegistry
+from tests.registry.helpers import MANIFEST_ACCEPT, request
+
+
+def _tar(files: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        top = tarfile.TarInfo("data")
+        top.type, top.mode, top.mtime = tarfile.DIRTYPE, 0o755, 1704067200
+        tf.addfile(top)
+        for name, data in files:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = 1704067200
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _files(seed: int, sizes: list[int]) -> list[tuple[str, bytes]]:
+    rnd = random.Random(seed)
+    return [(f"data/f{seed}-{i}.bin", rnd.randbytes(n)) for i, n in enumerate(sizes)]
+
+
+@dataclass
+class Layer:
+    blob: bytes
+    annotations: dict[str, str] = field(default_factory=dict)
+    media_type: str = mt.OCI_LAYER_GZIP
+    cid: str = ""
+    digest: str = ""
+
+    def dag(self) -> tuple[set[str], list[str]]:
+        """(the CIDs of its DAG's non-leaf nodes, its leaves' CIDs in file order)."""
+        builder = DagBuilder()
+        for piece in chunk_bytes(self.blob):
+            builder.add_chunk(piece)
+        builder.finish()
+        inner = {str(b.cid) for b in builder.blocks if b.cid.codec.name == "dag-pb"}
+        leaves = [str(b.cid) for b in builder.blocks if b.cid.codec.name == "raw"]
+        return inner, leaves
+
+    def leaves_of(self, start: int, end: int) -> set[str]:
+        """The leaves holding bytes [start, end)."""
+        _, leaves = self.dag()
+        return set(leaves[start // CHUNK_SIZE:(end - 1) // CHUNK_SIZE + 1])
+
+    def toc_leaves(self) -> set[str]:
+        return self.leaves_of(Reader.from_bytes(self.blob).footer.toc_offset, len(self.blob))
+
+    def prefetch_leaves(self) -> set[str]:
+        end = Reader.from_bytes(self.blob).prefetch_end()
+        return self.leaves_of(0, end) if end else set()
+
+
+def _estargz(files: list[tuple[str, bytes]], prioritized: tuple[str, ...] = (),
+             compression: str = "gzip") -> Layer:
+    out = io.BytesIO()
+    res = build(io.BytesIO(_tar(files)), out, compression=compression, level=1,
+                prioritized=prioritized)
+    media = mt.OCI_LAYER_GZIP if compression == "gzip" else res.media_type
+    return Layer(out.getvalue(), dict(res.annotations), media)
+
+
+@pytest.fixture(scope="module")
+def layers() -> list[Layer]:
+    """eStargz with prioritized files (~10 MiB), eStargz over 174 leaves without, a
+    zstd:chunked layer with prioritized files, and a plain gzip blob of a few leaves."""
+    a_files = _files(1, [700_000, 500_000, 9 << 20, 3000])
+    big_files = _files(2, [20 << 20, 27 << 20])
+    z_files = _files(3, [300_000, 2 << 20, 1 << 20])
+    plain = random.Random(4).randbytes(900_000)
+    return [
+        _estargz(a_files, (a_files[1][0], a_files[0][0])),
+        _estargz(big_files),
+        _estargz(z_files, (z_files[1][0],), compression="zstd"),
+        Layer(plain),
+    ]
+
+
+def _dump(obj: object) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+async def _store_image(store: DagStore, layers: list[Layer]) -> tuple[str, str]:
+    """Add `layers` as a one-manifest image in nerdctl's format: (root CID, manifest
+    digest); fills each layer's cid and digest."""
+    def sha(data: bytes) -> str:
+        return "sha256:" + hashlib.sha256(data).hexdigest()
+
+    async def desc(data: bytes, media_type: str, **extra: object) -> dict:
+        cid = await store.add(data)
+        return {"mediaType": media_type, "digest": sha(data), "size": len(data),
+                "urls": [f"ipfs://{cid}"], **extra}
+
+    cfg = await desc(_dump({"architecture": "amd64", "os": "linux",
+                            "rootfs": {"type": "layers", "diff_ids": []}}), mt.OCI_CONFIG)
+    descs = []
+    for layer in layers:
+        d = await desc(layer.blob, layer.media_type,
+                       **({"annotations": layer.annotations} if layer.annotations else {}))
+        layer.cid, layer.digest = d["urls"][0][len("ipfs://"):], d["digest"]
+        descs.append(d)
+    manifest = _dump({"schemaVersion": 2, "mediaType": mt.OCI_MANIFEST, "config": cfg,
+                      "layers": descs})
+    top = await desc(manifest, mt.OCI_MANIFEST)
+    return await store.add(_dump(top)), top["digest"]
+
+
+def _metric(url: str, name: str) -> dict[str, float]:
+    """A labelled counter/gauge from /metrics: {label value: value}."""
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    out = {}
+    for m in re.finditer(rf'^{name}(?:\{{\w+="([^"]*)"\}})? (\S+)$', text, re.M):
+        out[m[1] or ""] = float(m[2])
+    return out
+
+
+@pytest.fixture
+def registry_for(request: pytest.FixtureRequest) -> Iterator:
+    """registry_for(store, **options) -> a started ThreadedRegistry; all stopped after."""
+    started: list[ThreadedRegistry] = []
+
+    def make(store: DagStore, **options: object) -> ThreadedRegistry:
+        opts = {"policy": ReadPolicy(timeout=5.0, retries=1), **options}
+        reg = ThreadedRegistry(lambda: store, ServerOptions(**opts), metrics=True)
+        started.append(reg.start())
+        return reg
+
+    yield make
+    for reg in started:
+        reg.stop()
+
+
+def _settle(reg: ThreadedRegistry) -> None:
+    assert reg.server is not None and reg.server.warmup is not None
+    reg.run(reg.server.warmup.settle(), timeout=120)
+
+
+def _layer_calls(store: DagStore, layers: list[Layer]) -> dict[str, Counter]:
+    """The store calls on blocks of the layers' DAGs, by op."""
+    mine: set[str] = set()
+    for layer in layers:
+        inner, leaves = layer.dag()
+        mine |= inner | set(leaves)
+    out: dict[str, Counter] = {"block_get": Counter(), "block_stat": Counter(),
+                               "cat": Counter()}
+    for op, cid in store.calls:
+        if cid in mine:
+            out[op][cid] += 1
+    return out
+
+
+def test_manifest_warms_skeleton_footer_toc_and_prioritized_leaves_only(
+        layers: list[Layer], registry_for) -> None:
+    store = DagStore()
+    reg = registry_for(store)
+    root, manifest = reg.run(_store_image(store, layers))
+    # HEAD is enough to start it
+    r = request(reg.host, "HEAD", f"/v2/ipfs/{root}/manifests/latest",
+                {"Accept": MANIFEST_ACCEPT})
+    assert r.status == 200 and r.headers["docker-content-digest"] == manifest
+    _settle(reg)
+
+    calls = _layer_calls(store, layers)
+    skeleton = set().union(*(layer.dag()[0] for layer in layers))
+    assert set(calls["block_get"]) == skeleton  # every node above the leaves...
+    assert max(calls["block_get"].values()) == 1  # ...fetched once
+    assert len(layers[1].dag()[0]) == 3  # the big layer has interior nodes: a 2-level DAG
+    footer_toc = set().union(*(layer.toc_leaves() for layer in layers[:3]))
+    last_leaf = {layers[3].dag()[1][-1]}  # the plain blob: its footer looked at, no more
+    assert set(calls["cat"]) == footer_toc | last_leaf
+    prefetch = (layers[0].prefetch_leaves() | layers[2].prefetch_leaves()) - footer_toc
+    assert prefetch and not layers[1].prefetch_leaves()
+    assert set(calls["block_stat"]) == prefetch
+    # ...and nothing else of the layers: most of their leaves were never asked for
+    untouched = set().union(*(set(layer.dag()[1]) for layer in layers)) - footer_toc - \
+        last_leaf - prefetch
+    assert len(untouched) > 200
+    assert _metric(reg.metrics_url, "peerstar_registry_warmups_total") == {
+        "estargz": 3.0, "plain": 1.0}
+    assert not _metric(reg.metrics_url, "peerstar_registry_warmup_failures_total")
+
+    # once per manifest digest: GET after HEAD starts nothing new
+    before = len(store.calls)
+    r = request(reg.host, "GET", f"/v2/ipfs/{root}/manifests/{manifest}")
+    assert r.status == 200
+    _settle(reg)
+    assert len(store.calls) == before + 0
+
+    # reads now name the leaf at once: the skeleton the warm-up loaded is the locator's
+    big = layers[1]
+    _, leaves = big.dag()
+    for offset in (5, 180 * CHUNK_SIZE + 7, len(big.blob) - 100):
+        r = request(reg.host, "GET", f"/v2/ipfs/{root}/blobs/{big.digest}",
+                    {"Range": f"bytes={offset}-{offset + 9}"})
+        assert r.status == 206 and r.body == big.blob[offset:offset + 10]
+        assert store.calls[-1] == ("cat", leaves[offset // CHUNK_SIZE])
+    assert len(store.ops("block_get")) == len(skeleton)
+
+
+def test_manifest_is_answered_while_the_warm_up_hangs_and_in_flight_stays_bounded(
+        layers: list[Layer], registry_for) -> None:
+    store = DagStore()
+    reg = registry_for(store, warm_up_limit=2)
+    root, manifest = reg.run(_store_image(store, layers))
+    for layer in layers:
+        inner, leaves = layer.dag()
+        store.hold |= inner | set(leaves)  # every call on a layer block waits
+    started = time.monotonic()
+    r = request(reg.host, "GET", f"/v2/ipfs/{root}/manifests/latest",
+                {"Accept": MANIFEST_ACCEPT}, timeout=30)
+    assert r.status == 200 and r.headers["docker-content-digest"] == manifest
+    assert time.monotonic() - started < 25  # it came back (it would hang forever)
+    warm = reg.server.warmup  # type: ignore[union-attr]
+    deadline = time.monotonic() + 30
+    while store.in_flight < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert store.in_flight == 2  # held in the store: the bound is reached...
+    time.sleep(0.3)
+    assert store.max_in_flight == 2 and warm.in_flight == 2  # ...and not passed
+    assert _metric(reg.metrics_url, "peerstar_registry_warmup_in_flight") == {"": 2.0}
+    store.release()
+    _settle(reg)
+    # the whole warm-up ran (dozens of concurrent leaf operations) within the bound
+    assert len(store.ops("block_stat")) > 2
+    assert store.max_in_flight == 2 and warm.max_in_flight == 2
+    assert _metric(reg.metrics_url, "peerstar_registry_warmups_total") == {
+        "estargz": 3.0, "plain": 1.0}
+
+
+@pytest.mark.parametrize("fault", ["error", "hang"])
+def test_failing_or_hanging_warm_up_fails_no_request_and_is_counted(
+        layers: list[Layer], registry_for, fault: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    store = DagStore()
+    # a warm-up operation gives up after the read timeout
+    reg = registry_for(store, policy=ReadPolicy(timeout=0.5, retries=0))
+    root, _ = reg.run(_store_image(store, layers))
+    blocks = set()
+    for layer in layers:
+        inner, leaves = layer.dag()
+        blocks |= inner | set(leaves)
+    # the block calls fail or never answer; the range reads' cats still work
+    if fault == "error":
+        store.fail, store.fail_ops = blocks, {"block_get", "block_stat"}
+    else:
+        store.hold, store.hold_ops = blocks, {"block_get", "block_stat"}
+    with caplog.at_level("INFO", logger="peerstar.registry"):
+        r = request(reg.host, "GET", f"/v2/ipfs/{root}/manifests/latest",
+                    {"Accept": MANIFEST_ACCEPT})
+        assert r.status == 200
+        for layer in layers:
+            path = f"/v2/ipfs/{root}/blobs/{layer.digest}"
+            r = request(reg.host, "GET", path, {"Range": "bytes=1000-300999"})
+            assert r.status == 206 and r.body == layer.blob[1000:301000]
+            r = request(reg.host, "GET", path)
+            assert r.status == 200 and r.body == layer.blob
+        _settle(reg)
+        r = request(reg.host, "GET", f"/v2/ipfs/{root}/manifests/latest",
+                    {"Accept": MANIFEST_ACCEPT})
+        assert r.status == 200
+    failures = _metric(reg.metrics_url, "peerstar_registry_warmup_failures_total")
+    # every layer is more than one leaf: its root needs a block_get, which never works
+    assert failures.get("skeleton") == 4.0 and failures.get("footer") == 4.0, failures
+    assert _metric(reg.metrics_url, "peerstar_registry_warmups_total") == {"failed": 4.0}
+    logged = [r for r in caplog.records if "warm-up of blob" in r.getMessage()]
+    assert sorted(r.getMessage().split()[3] for r in logged) == sorted(
+        layer.cid for layer in layers)  # once per blob
+    why = "injected failure" if fault == "error" else "timed out"
+    assert all(why in r.getMessage() for r in logged)
+    store.release()
+
+
+def test_multi_leaf_read_of_a_remote_blob_has_its_leaves_in_flight_together(
+        layers: list[Layer], registry_for) -> None:
+    store = DagStore(delay=0.06)  # every block call takes >= 60 ms: "over the network"
+    reg = registry_for(store, slow_read=0.05)
+    root, _ = reg.run(_store_image(store, layers))
+    r = request(reg.host, "GET", f"/v2/ipfs/{root}/manifests/latest",
+                {"Accept": MANIFEST_ACCEPT})
+    assert r.status == 200
+    _settle(reg)
+    big = layers[1]
+    assert reg.server.warmup.is_remote(big.cid)  # type: ignore[union-attr]
+    _, leaves = big.dag()
+    # 6 leaves across the boundary of the two interior nodes (leaves 171..176)
+    start, end = 171 * CHUNK_SIZE + 10, 177 * CHUNK_SIZE - 10
+    wanted = set(leaves[171:177])
+    store.stat_barrier(len(wanted))  # a stat returns only once all six are in flight
+    stats_before = len(store.ops("block_stat"))
+    r = request(reg.host, "GET", f"/v2/ipfs/{root}/blobs/{big.digest}",
+                {"Range": f"bytes={start}-{end - 1}"})
+    assert r.status == 206 and r.body == big.blob[start:end]
+    _settle(reg)
+    stats = store.ops("block_stat")[stats_before:]
+    assert set(stats) == wanted and len(stats) == len(wanted)
+    assert store.max_by_op["block_stat"] >= len(wanted)  # all at once
+    assert not _metric(reg.metrics_url, "peerstar_registry_warmup_failures_total")
+    # leaves known local now: the same read again sends no stat
+    r = request(reg.host, "GET", f"/v2/ipfs/{root}/blobs/{big.digest}",
+                {"Range": f"bytes={start}-{end - 1}"})
+    assert r.status == 206 and r.body == big.blob[start:end]
+    _settle(reg)
+    assert len(store.ops("block_stat")) == stats_before + len(wanted)
+
+
+def test_local_blob_reads_send_only_their_cat(layers: list[Layer], registry_for) -> None:
+    store = DagStore()
+    reg = registry_for(store, slow_read=30.0)  # nothing is ever slow: every blob local
+    root, _ = reg.run(_store_image(store, layers))
+    r = request(reg.host, "GET", f"/v2/ipfs/{root}/manifests/latest",
+                {"Accept": MANIFEST_ACCEPT})
+    assert r.status == 200
+    _settle(reg)
+    big = layers[1]
+    stats = len(store.ops("block_stat"))
+    cats = len(store.ops("cat"))
+    for start in (10, 171 * CHUNK_SIZE, 180 * CHUNK_SIZE + 5):
+        r = request(reg.host, "GET", f"/v2/ipfs/{root}/blobs/{big.digest}",
+                    {"Range": f"bytes={start}-{start + 6 * CHUNK_SIZE}"})
+        assert r.status == 206 and r.body == big.blob[start:start + 6 * CHUNK_SIZE + 1]
+    _settle(reg)
+    assert len(store.ops("block_stat")) == stats and len(store.ops("cat")) == cats + 3
+    assert not reg.server.warmup.is_remote(big.cid)  # type: ignore[union-attr]
+
+
+def test_no_warm_up_option(layers: list[Layer], registry_for) -> None:
+    store = DagStore()
+    reg = registry_for(store, warm_up=False)
+    root, _ = reg.run(_store_image(store, layers))
+    calls = len(store.calls)
+    r = request(reg.host, "GET", f"/v2/ipfs/{root}/manifests/latest",
+                {"Accept": MANIFEST_ACCEPT})
+    assert r.status == 200
+    _settle(reg)
+    assert all(op == "cat" for op, _ in store.calls[calls:])  # the tree walk only
+    assert not any(cid in {layer.cid for layer in layers} for _, cid in store.calls[calls:])
+
+
+@pytest.mark.parametrize("kind", ["jsipfs", "embedded"])
+def test_block_stat_of_both_backends(kind: str, request: pytest.FixtureRequest,
+                                     tmp_path: Path) -> None:
+    from peerstar.ipfs.unixfs import compute_cid
+
+    daemon = request.getfixturevalue("jsipfs_daemon") if kind == "jsipfs" else None
+    store = open_backend(kind, daemon, tmp_path / "store")()
+    data = random.Random(9).randbytes(3 * CHUNK_SIZE + 5)
+
+    async def go() -> None:
+        try:
+            root = await store.add(data)
+            raw = await store.block_get(root)
+            assert await store.block_stat(root) == len(raw)
+            leaf = compute_cid(data[:CHUNK_SIZE])
+            assert await store.block_stat(leaf) == CHUNK_SIZE
+            if kind == "embedded":  # everything is local: a presence check
+                with pytest.raises(BlockNotFoundError):
+                    await store.block_stat(compute_cid(b"not stored"))
+        finally:
+            await store.close()
+
+    asyncio.run(go())
