@@ -49,9 +49,9 @@ sys.path.insert(0, str(REPO))
 
 from peerstar.estargz import Reader  # noqa: E402
 from peerstar.sample import oci_platform  # noqa: E402
-from tests.snapshotter.conftest import SnapshotterProc, mounts_under  # noqa: E402
 from tests.support.containerd import start_containerd  # noqa: E402
 from tests.support.registry import DockerRegistry, free_port, start_registry  # noqa: E402
+from tests.support.snapshotter import SnapshotterProc, mounts_under  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 GOPATH = Path("/usr/share/gocode")
@@ -542,6 +542,8 @@ class GoSnapshotter:
     base: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="csg-",
                                                                       dir="/tmp")))
     process: subprocess.Popen[bytes] | None = None
+    # Run it behind this command (bench/p2p: `nsenter --net=...` into a node); empty: host.
+    prefix: list[str] = field(default_factory=list)
 
     @property
     def address(self) -> Path:
@@ -554,7 +556,8 @@ class GoSnapshotter:
     def start(self) -> GoSnapshotter:
         logf = open(self.base / "stargzd.log", "ab")  # noqa: SIM115 - child keeps it
         self.process = subprocess.Popen(
-            [str(self.binary), "-address", str(self.address), "-root", str(self.root)],
+            [*self.prefix, str(self.binary), "-address", str(self.address), "-root",
+             str(self.root)],
             stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True)
         logf.close()
@@ -595,8 +598,10 @@ class Trial:
     notes: dict[str, float] = field(default_factory=dict)
 
 
-def run_workload(ctr_argv: list[str], timeout: float = 300.0) -> float:
-    """Start `ctr run ...`, return the monotonic time its first output line appeared."""
+def run_workload(ctr_argv: list[str], timeout: float = 300.0,
+                 expected: str = EXPECTED) -> float:
+    """Start `ctr run ...`, return the monotonic time its first output line appeared
+    (which must be `expected`)."""
     proc = subprocess.Popen(ctr_argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert proc.stdout is not None
@@ -606,7 +611,7 @@ def run_workload(ctr_argv: list[str], timeout: float = 300.0) -> float:
     except BaseException:
         proc.kill()
         raise
-    if line.decode().strip() != EXPECTED or proc.returncode != 0:
+    if line.decode().strip() != expected or proc.returncode != 0:
         raise SystemExit(f"workload failed: {' '.join(ctr_argv)}: out={line!r} "
                          f"rc={proc.returncode} err={err.decode()[-2000:]}")
     return t

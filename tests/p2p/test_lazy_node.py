@@ -11,10 +11,7 @@ client, the snapshotter fetches the layers.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,46 +22,19 @@ import pytest
 from peerstar.sample import SAMPLE_TEXT, SAMPLE_TEXT_PATH, SampleImage, build_sample_image
 from tests.p2p import swarm
 from tests.p2p.test_registry_swarm import push
-from tests.snapshotter.conftest import SnapshotterProc, mounts_under, stop_snapshotter
 from tests.support.containerd import Containerd, HarnessError, start_containerd
 from tests.support.jsipfs import JsIpfs
 from tests.support.netns import Node
+from tests.support.snapshotter import (
+    NodeSnapshotter,
+    mounts_under,
+    netns_prefix,
+    stop_snapshotter,
+)
 
 pytestmark = pytest.mark.slow
 
 SNAPSHOTTER_CONFIG = "[remote]\nprefetch_timeout = 5.0\nbackground_fetch = false\n"
-
-
-def netns_prefix(node: Node) -> list[str]:
-    """Enter the node's network namespace only (keep the host's mount namespace)."""
-    return ["nsenter", f"--net=/run/netns/{node.netns}"]
-
-
-class NodeSnapshotter(SnapshotterProc):
-    """`peerstar snapshotter serve` inside a node's network namespace."""
-
-    node: Node | None = None
-
-    def start(self, timeout: float = 30.0) -> SnapshotterProc:
-        assert self.node is not None
-        config = self.base / "snapshotter.toml"
-        config.write_text(self.config_text)
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [*netns_prefix(self.node), sys.executable, "-m", "peerstar", "snapshotter",
-                 "serve", "--address", str(self.address), "--root", str(self.root),
-                 "--config", str(config), "--log-level", "info"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=dict(os.environ, PYTHONPATH=str(swarm.REPO)), start_new_session=True,
-                cwd=str(swarm.REPO))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise HarnessError(f"snapshotter exited:\n{self.log()[-3000:]}")
-            if "serving on" in self.log() and self.address.is_socket():
-                return self
-            time.sleep(0.05)
-        raise HarnessError(f"snapshotter not serving after {timeout} s:\n{self.log()[-3000:]}")
 
 
 @dataclass

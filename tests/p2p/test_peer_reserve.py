@@ -21,11 +21,11 @@ import pytest
 from peerstar.k8s.keys import generate_swarm_key
 from peerstar.sample import SAMPLE_TEXT, SAMPLE_TEXT_PATH, build_sample_image
 from tests.p2p import swarm
-from tests.p2p.test_lazy_node import SNAPSHOTTER_CONFIG, NodeSnapshotter, netns_prefix
+from tests.p2p.test_lazy_node import SNAPSHOTTER_CONFIG
 from tests.p2p.test_registry_swarm import push
-from tests.snapshotter.conftest import stop_snapshotter
 from tests.support.containerd import Containerd, HarnessError, start_containerd
 from tests.support.netns import Network, Node
+from tests.support.snapshotter import NodeSnapshotter, netns_prefix, stop_snapshotter
 
 pytestmark = pytest.mark.slow
 

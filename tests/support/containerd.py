@@ -269,6 +269,9 @@ class Containerd:
     extra_toml: str = ""
     cri: CriOptions | None = None  # None: the CRI plugin is disabled
     remove_base: bool = False  # delete `base` after stop (set when the harness made it)
+    # Run the daemon behind this command, e.g. `nsenter --net=/run/netns/N` to put it in a
+    # node's network namespace (it must exec containerd); empty: on the host.
+    prefix: list[str] = field(default_factory=list)
     process: subprocess.Popen[bytes] | None = None
     ctr: Ctr = field(init=False)
 
@@ -319,7 +322,7 @@ class Containerd:
         with open(self.log_path, "ab") as log:
             # Own session: a Ctrl-C in the test runner does not kill it before cleanup.
             self.process = subprocess.Popen(
-                [bins["containerd"], "--config", str(self.config_path)],
+                [*self.prefix, bins["containerd"], "--config", str(self.config_path)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True)
         deadline = time.monotonic() + timeout
@@ -413,9 +416,11 @@ class Containerd:
 
 def start_containerd(base: Path | None = None, *, namespace: str | None = None,
                      proxy_plugins: Mapping[str, str] | None = None,
-                     extra_toml: str = "", cri: CriOptions | None = None) -> Containerd:
+                     extra_toml: str = "", cri: CriOptions | None = None,
+                     prefix: Sequence[str] = ()) -> Containerd:
     """Start a private containerd under `base` (a new short temp dir if None); `cri`
-    enables the CRI plugin with those options."""
+    enables the CRI plugin with those options; `prefix` runs it behind a command (e.g.
+    `nsenter --net=...`)."""
     remove_base = base is None
     if base is None:
         # /tmp keeps socket paths well under the sun_path limit.
@@ -427,6 +432,7 @@ def start_containerd(base: Path | None = None, *, namespace: str | None = None,
         extra_toml=extra_toml,
         cri=cri,
         remove_base=remove_base,
+        prefix=list(prefix),
     )
     try:
         return daemon.start()
