@@ -1,7 +1,8 @@
 """Fetch byte ranges of one remote blob over HTTP Range, region by region, with caching.
 
-Owns: `BlobFetcher` -- size discovery (`GET Range: bytes=0-1` following redirects, then
-`HEAD`), reads rounded out to fixed-size regions (default 50,000 bytes, as the stargz
+Owns: `BlobFetcher` -- size discovery (`HEAD`, following redirects; then `GET Range:
+bytes=0-1` for a registry whose HEAD gives no length: a HEAD costs our bridge no IPFS read,
+where two bytes of a blob on another node cost a round trip), reads rounded out to fixed-size regions (default 50,000 bytes, as the stargz
 snapshotter does), the missing regions of one read merged into one multi-range GET
 (206 single part, 206 `multipart/byteranges`, or 200 with the whole blob are all
 understood; a 400/416 to a multi-range request switches the fetcher to one range per
@@ -243,6 +244,12 @@ class BlobFetcher:
         return self._size
 
     def _discover_size(self) -> int:
+        resp = self._client.head(self.url)
+        length = resp.headers.get("Content-Length", "")
+        if resp.status_code == 200 and length.isdigit():
+            return int(length)
+        if resp.status_code in (401, 403, 404):
+            self._raise_for(resp)
         with self._client.stream("GET", self.url, headers={"Range": "bytes=0-1"}) as resp:
             if resp.status_code == 206:
                 n = len(resp.read())  # two bytes, counted like every fetched byte
@@ -254,15 +261,10 @@ class BlobFetcher:
                     return total
             elif resp.status_code == 200 and resp.headers.get("Content-Length", "").isdigit():
                 return int(resp.headers["Content-Length"])  # body left unread
-            elif resp.status_code not in (400, 405, 416, 501):
+            else:
                 self._raise_for(resp)
-        resp = self._client.head(self.url)
-        self._raise_for(resp)
-        length = resp.headers.get("Content-Length", "")
-        if not length.isdigit():
-            raise FetchError(f"{self.url}: cannot learn the blob size (no Content-Length)",
-                             retryable=False)
-        return int(length)
+        raise FetchError(f"{self.url}: cannot learn the blob size (no Content-Length, no "
+                         "Content-Range)", retryable=False)
 
     # -- regions ---------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 Owns: serving `/v2/<repo>/blobs/<digest>` from a dict with single and multi-range
 answers (206, `multipart/byteranges`), an optional "no multi-range" mode (400, as some
-servers do), an optional bearer-token requirement with a `/token` realm, counting the
+servers do), an optional "no HEAD" mode (405), an optional bearer-token requirement with a `/token` realm, counting the
 bytes served, and stopping/starting on the same port (a registry outage).
 """
 
@@ -24,9 +24,11 @@ def _free_port() -> int:
 
 class BlobServer:
     def __init__(self, blobs: dict[str, bytes] | None = None, *, multi_range: bool = True,
-                 token: str | None = None) -> None:
+                 token: str | None = None, head: bool = True) -> None:
         self.blobs: dict[str, bytes] = dict(blobs or {})
         self.multi_range = multi_range
+        self.head = head  # False: HEAD answers 405, as some registries' storage does
+        self.heads = 0
         self.token = token
         self.port = _free_port()
         self.bytes_served = 0
@@ -59,6 +61,9 @@ class BlobServer:
         size = len(data)
         header = request.headers.get("Range")
         if request.method == "HEAD":
+            self.heads += 1
+            if not self.head:
+                return web.Response(status=405)
             return web.Response(headers={"Content-Length": str(size)})
         if not header:
             self.bytes_served += size

@@ -37,7 +37,7 @@ def _fetcher(server: BlobServer, tmp_path: Path, **kw) -> BlobFetcher:  # type: 
 def test_size_and_region_rounding(server: BlobServer, tmp_path: Path) -> None:
     f = _fetcher(server, tmp_path)
     assert f.size == len(DATA)
-    assert server.ranges == ["bytes=0-1"]
+    assert (server.heads, server.ranges) == (1, [])  # a HEAD: no blob bytes read for it
     assert f.read_at(100_010, 20) == DATA[100_010:100_030]
     assert server.ranges[-1] == "bytes=100000-149999"  # rounded to its 50,000-byte region
     n = len(server.ranges)
@@ -45,7 +45,7 @@ def test_size_and_region_rounding(server: BlobServer, tmp_path: Path) -> None:
     assert len(server.ranges) == n
     assert f.read_at(len(DATA) - 3, 10) == DATA[-3:]  # short only at the end
     assert f.read_at(len(DATA), 10) == b""
-    assert f.stats.fetched_bytes == 2 + 50_000 + (len(DATA) - 1_000_000)
+    assert f.stats.fetched_bytes == 50_000 + (len(DATA) - 1_000_000)
 
 
 def test_custom_region_size(server: BlobServer, tmp_path: Path) -> None:
@@ -154,6 +154,8 @@ def test_200_whole_body_and_coalesced_206(tmp_path: Path) -> None:
 
     def coalesce(request: httpx.Request) -> httpx.Response:
         # Answers a multi-range request with one range covering all of them.
+        if request.method == "HEAD":
+            return httpx.Response(200, headers={"Content-Length": str(len(DATA))})
         specs = request.headers["Range"].removeprefix("bytes=").split(",")
         a = int(specs[0].split("-")[0])
         b = int(specs[-1].split("-")[1])
@@ -220,3 +222,13 @@ def test_disk_cache_bound_holds_across_instances(tmp_path: Path) -> None:
                   if p.is_file() and p.name != ".lock")
     assert on_disk <= 20_000
     assert a.get("last") == b"y" * 2500
+
+
+def test_size_without_head_falls_back_to_a_two_byte_range(tmp_path: Path) -> None:
+    server = BlobServer({DIGEST: DATA}, head=False).start()
+    try:
+        f = _fetcher(server, tmp_path)
+        assert f.size == len(DATA)
+        assert (server.heads, server.ranges) == (1, ["bytes=0-1"])
+    finally:
+        server.stop()

@@ -145,28 +145,47 @@ def test_read_ahead_along_a_file_never_holds_up_other_reads(
     chunks = lay.reader.entry_chunks(big)
     assert len(chunks) == 4
     keys = [lay._chunk_key(c) for c in chunks]
-    # Chunk 2's bytes stall at the server: the read-ahead is stuck on it. (Its first
-    # region comes with chunk 1's fetch, which ends in it: the stall is on the next.)
-    start, _ = lay.reader.chunk_section(chunks[2])
-    size = lay.fetcher.region_size
-    region = (start // size + 1) * size
-    served.delays[f"bytes={region}-"] = 2.0
-    assert lay.read_file(big, 0, 100) == BIG[:100]  # chunk 0; chunks 1 and 2 queued
-    deadline = time.monotonic() + 10
-    while keys[1] not in lay._mem and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert keys[1] in lay._mem  # fetched and verified ahead of the reader
-    assert keys[2] in lay._chunk_inflight and keys[3] not in lay._mem
-    # Another file's on-demand read does not queue behind the stalled read-ahead.
-    assert lay.read_file(prio, 0, len(PRIORITY)) == PRIORITY
-    assert keys[2] in lay._chunk_inflight
-    # The reader reaching chunk 2 joins the read-ahead's fetch (no second request) and
-    # moves the read-ahead on to chunk 3.
-    n = len(served.ranges)
-    assert lay.read_file(big, CHUNK * 2, 10) == BIG[CHUNK * 2:CHUNK * 2 + 10]
-    deadline = time.monotonic() + 10
-    while keys[3] not in lay._mem and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert keys[3] in lay._mem
-    assert not [r for r in served.ranges[n:] if r.startswith(f"bytes={region}-")]
-    lay.stop()
+    # Chunk 2 is held back (after its fetch) until `gate` opens: the read-ahead is stuck
+    # on it.
+    gate = threading.Event()
+    real = lay.reader.decompress_chunk
+
+    def gated(chunk, section, verify=True):  # type: ignore[no-untyped-def]
+        if chunk is chunks[2]:
+            assert gate.wait(30)
+        return real(chunk, section, verify=verify)
+
+    lay.reader.decompress_chunk = gated  # type: ignore[method-assign]
+    try:
+        assert lay.read_file(big, 0, 100) == BIG[:100]  # chunk 0; chunks 1 and 2 queued
+        deadline = time.monotonic() + 10
+        while keys[1] not in lay._mem and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert keys[1] in lay._mem  # fetched and verified ahead of the reader
+        assert keys[2] in lay._chunk_inflight and keys[3] not in lay._mem
+        # Another file's on-demand read does not queue behind the held read-ahead.
+        assert lay.read_file(prio, 0, len(PRIORITY)) == PRIORITY
+        assert keys[2] in lay._chunk_inflight
+        # The reader reaching chunk 2 joins the read-ahead's work (no second request for
+        # its bytes), and the read-ahead moves on to chunk 3.
+        n = len(served.ranges)
+        got: list[bytes] = []
+        reader = threading.Thread(target=lambda: got.append(
+            lay.read_file(big, CHUNK * 2, 10)))
+        reader.start()
+        time.sleep(0.2)
+        assert not got  # waiting on the read-ahead
+        gate.set()
+        reader.join(30)
+        assert got == [BIG[CHUNK * 2:CHUNK * 2 + 10]]
+        deadline = time.monotonic() + 10
+        while keys[3] not in lay._mem and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert keys[3] in lay._mem
+        _, end2 = lay.reader.chunk_section(chunks[2])
+        firsts = [int(r.removeprefix("bytes=").split("-")[0]) for r in served.ranges[n:]]
+        assert all(f >= end2 // lay.fetcher.region_size * lay.fetcher.region_size
+                   for f in firsts)  # at most chunk 3's fetch, none for chunk 2
+    finally:
+        gate.set()
+        lay.stop()
