@@ -1,13 +1,14 @@
 """Fetch byte ranges of one remote blob over HTTP Range, region by region, with caching.
 
 Owns: `BlobFetcher` -- size discovery (`HEAD`, following redirects; then `GET Range:
-bytes=0-1` for a registry whose HEAD gives no length: a HEAD costs our bridge no IPFS read,
-where two bytes of a blob on another node cost a round trip), reads rounded out to fixed-size regions (default 50,000 bytes, as the stargz
-snapshotter does), the missing regions of one read merged into one multi-range GET
-(206 single part, 206 `multipart/byteranges`, or 200 with the whole blob are all
-understood; a 400/416 to a multi-range request switches the fetcher to one range per
-request for good), identical in-flight region fetches shared between threads
-(singleflight), retries with exponential backoff, and a per-request timeout.
+bytes=0-1` for a registry whose HEAD gives no length: a HEAD costs our bridge no IPFS
+read, where two bytes of a blob on another node cost a round trip), reads rounded out to
+fixed-size regions (default 50,000 bytes, as the stargz snapshotter does), the missing
+regions of one read merged into one multi-range GET (206 single part, 206
+`multipart/byteranges`, or 200 with the whole blob are all understood; a 400/416 to a
+multi-range request switches the fetcher to one range per request for good), identical
+in-flight region fetches shared between threads (singleflight), retries with exponential
+backoff, and a per-request timeout.
 
 Everything is synchronous and thread-safe: `read_at(offset, length)` is what
 `peerstar.estargz.Reader.open` wants, and the FUSE filesystem calls it from worker

@@ -2,8 +2,9 @@
 
 Owns: serving `/v2/<repo>/blobs/<digest>` from a dict with single and multi-range
 answers (206, `multipart/byteranges`), an optional "no multi-range" mode (400, as some
-servers do), an optional "no HEAD" mode (405), an optional bearer-token requirement with a `/token` realm, counting the
-bytes served, and stopping/starting on the same port (a registry outage).
+servers do), an optional "no HEAD" mode (405), an optional bearer-token requirement with
+a `/token` realm, counting the bytes served, and stopping/starting on the same port (a
+registry outage).
 """
 
 from __future__ import annotations
