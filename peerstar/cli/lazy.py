@@ -12,8 +12,6 @@ import json
 import os
 from pathlib import Path
 
-from peerstar.errors import PeerstarError
-
 PASSWORD_ENV = "PEERSTAR_REGISTRY_PASSWORD"  # same variable the mount daemon reads
 
 
@@ -56,10 +54,9 @@ def _kw(args: argparse.Namespace) -> dict[str, object]:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    try:
-        from peerstar.lazyfs import image
-    except ImportError as exc:  # pyfuse3 / trio missing
-        raise PeerstarError(f"lazy mounts need pyfuse3 ({exc}): run scripts/install.sh") from None
+    import pyfuse3  # noqa: F401 - the mount daemons need it: without it, say which extra
+
+    from peerstar.lazyfs import image
     summary = image.mount_image(
         args.ref, args.dir, cache_dir=args.cache_dir or image.DEFAULT_CACHE_DIR,
         prefetch_timeout=args.prefetch_timeout, verify=not args.insecure_skip_verify,

@@ -38,6 +38,8 @@ def register(subparsers: Any) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import pyfuse3  # noqa: F401 - lazy mounts need it: say so at start, not per layer
+
     from peerstar.snapshotter.config import load_config
     from peerstar.snapshotter.service import serve
 
