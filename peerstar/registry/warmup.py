@@ -9,8 +9,8 @@ after another pays that walk for each layer's footer, TOC and prioritized files.
 blocks answer in ~4 ms; so the time is set by the number of sequential round trips.
 
 `WarmUp.manifest_served(digest, tree)` (the first time per manifest digest per
-process; it never waits) starts, in the background, for every layer of an image
-manifest, all layers at once:
+process; it never waits) starts, in the background, the image's config block (the
+client's next request) and, for every layer of an image manifest, all layers at once:
 - its DAG skeleton (root and interior nodes, a level at a time, every node of a level at
   once) loaded into the registry's `SubDagLocator`, so later range reads name the leaf
   and never walk the DAG;
@@ -234,6 +234,12 @@ class WarmUp:
             if not isinstance(layers, list):
                 return  # an index: its manifests are warmed when they are asked for
             jobs = []
+            # The config is the client's next request: its block comes beside the layers'.
+            config = doc.get("config")
+            cref = tree.blobs.get(config.get("digest")) if isinstance(config, dict) else None
+            if cref is not None and cref.cid not in self._seen_blobs:
+                self._seen_blobs.add(cref.cid)
+                jobs.append(self._warm_config(cref))
             for layer in layers:
                 ref = tree.blobs.get(layer.get("digest")) if isinstance(layer, dict) else None
                 if ref is None or ref.cid in self._seen_blobs:
@@ -248,6 +254,17 @@ class WarmUp:
             self._metrics.warmup_failures.labels("manifest").inc()
             return
         await asyncio.gather(*jobs)
+
+    async def _warm_config(self, ref: BlobRef) -> None:
+        if not hasattr(self._store, "block_stat"):
+            return
+        try:
+            await self._op("warm-config", ref.cid, ref.cid,
+                           lambda: self._store.block_stat(ref.cid))
+        except Exception as exc:
+            self._metrics.warmup_failures.labels("config").inc()
+            log.info("warm-up of config %s failed (its request reads it): %s", ref.cid,
+                     _why(exc))
 
     async def _warm_blob(self, ref: BlobRef, toc_digest: str | None) -> None:
         started = time.monotonic()

@@ -2,9 +2,10 @@
 fan-out of multi-leaf reads (`peerstar.registry.warmup`), over an in-memory UnixFS store
 in kubo's layout (`tests.registry.dagstore`) that records, holds and fails calls:
 
-- exactly the skeleton nodes, the footer + TOC leaves and the prioritized leaves are
-  asked for (eStargz with a landmark, eStargz without, zstd:chunked, a plain gzip blob),
-  once per manifest digest, and later reads then name leaves without fetching a node;
+- exactly the config block, the skeleton nodes, the footer + TOC leaves and the
+  prioritized leaves are asked for (eStargz with a landmark, eStargz without,
+  zstd:chunked, a plain gzip blob), once per manifest digest, and later reads then
+  name leaves without fetching a node;
 - the manifest is answered while the warm-up hangs, and the warm-up never has more
   operations in flight than its bound;
 - a warm-up that fails or times out fails no manifest or blob request, is counted in
@@ -218,6 +219,11 @@ def test_manifest_warms_skeleton_footer_toc_and_prioritized_leaves_only(
     untouched = set().union(*(set(layer.dag()[1]) for layer in layers)) - footer_toc - \
         last_leaf - prefetch
     assert len(untouched) > 200
+    # the config, the client's next request, got one block_stat beside the layers
+    inner = set().union(*(layer.dag()[0] | set(layer.dag()[1]) for layer in layers))
+    others = [cid for cid in store.ops("block_stat") if cid not in inner]
+    assert len(others) == 1
+    assert json.loads(store._block(others[0]))["rootfs"]["type"] == "layers"
     assert _metric(reg.metrics_url, "peerstar_registry_warmups_total") == {
         "estargz": 3.0, "plain": 1.0}
     assert not _metric(reg.metrics_url, "peerstar_registry_warmup_failures_total")
@@ -266,6 +272,11 @@ def test_manifest_is_answered_while_the_warm_up_hangs_and_in_flight_stays_bounde
     # the whole warm-up ran (dozens of concurrent leaf operations) within the bound
     assert len(store.ops("block_stat")) > 2
     assert store.max_in_flight == 2 and warm.max_in_flight == 2
+    # the config, the client's next request, got one block_stat beside the layers
+    inner = set().union(*(layer.dag()[0] | set(layer.dag()[1]) for layer in layers))
+    others = [cid for cid in store.ops("block_stat") if cid not in inner]
+    assert len(others) == 1
+    assert json.loads(store._block(others[0]))["rootfs"]["type"] == "layers"
     assert _metric(reg.metrics_url, "peerstar_registry_warmups_total") == {
         "estargz": 3.0, "plain": 1.0}
 
