@@ -520,7 +520,7 @@ def report(trials: list[Trial], images: list[Image], modes: list[str],
         a, b = med.get((img, num)), med.get((img, den))
         if a and b:
             r = a["total"] / b["total"]
-            out.append(f"| {img}: {num} / {den} wall | {r:.2f}x | <= {target}x -- "
+            out.append(f"| {img}: {num} / {den} wall | {r:.3f}x | <= {target}x -- "
                        f"{'met' if r <= target else 'MISSED'} |")
     for im in images:
         need = im.need["compressed"] + im.need["tocs"]
