@@ -14,8 +14,8 @@ daemon the walk from the blob's root.
 
 Serving an image manifest (the first time per digest) starts the warm-up of its layers in
 the background (`warmup.WarmUp`: DAG skeleton, footer, TOC and prioritized range into
-the node's daemon); a range over several leaves of a blob seen to come over the network
-gets its leaves fetched at once beside its `cat`. Neither ever delays or fails a
+the node's daemon); a range over several leaves of a blob the warm-up found to come over
+the network gets its leaves fetched at once beside its `cat`. Neither ever delays or fails a
 response. Every upstream read is logged with its timing (`upstream.log_upstream`).
 
 Headers are only sent once the first upstream bytes are in hand, so a daemon that is
@@ -120,10 +120,12 @@ class ServerOptions:
     warm_up: bool = True
     # Warm-up and leaf fan-out operations in flight at most (one bound for both).
     warm_up_limit: int = 16
-    # Fetch the leaves of a multi-leaf range at once beside its cat, for blobs seen remote.
+    # Fetch the leaves of a multi-leaf range at once beside its cat, for blobs the warm-up
+    # found remote.
     fan_out: bool = True
     # An upstream operation taking at least this long (seconds) needed the network: it is
-    # logged at INFO, and its blob counts as remote (a local read takes a few ms).
+    # logged at INFO, and a warm-up operation this slow marks its blob remote (a local
+    # block answers in a few ms).
     slow_read: float = 0.1
 
 
@@ -523,8 +525,8 @@ class RegistryServer:
                 async for chunk in pieces:
                     if first is None:
                         first = time.monotonic() - read.t0
-                        if self.warmup is not None:
-                            self.warmup.read_done(info, read.cid, read.node == LEAF, first)
+                        if self.warmup is not None and read.node == LEAF:
+                            self.warmup.leaf_read(info, read.cid)
                     self.metrics.upstream_bytes.inc(len(chunk))
                     yield chunk
         finally:

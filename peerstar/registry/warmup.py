@@ -27,10 +27,13 @@ but only those below one node at a time, after that node: measured between two j
 nodes, 8 cold leaves across an interior-node boundary took 0.88-1.2 s with the cat
 alone and ~0.57 s with a `block_stat` per leaf sent beside it; within one interior node
 4-16 leaves took 0.48-0.97 s alone and 0.39-0.83 s with the stats. So when the blob is
-known to be remote (one of its reads or warm-up operations took at least `slow`
-seconds) and the locator knows the range's leaves, each leaf not already known to be
-local gets a `block_stat` beside the read's single `cat`, which still streams the
-bytes in order. Local blobs never pay for it.
+known to be remote (one of its warm-up operations, a single block each, took at least
+`slow` seconds) and the locator knows the range's leaves, each leaf not already known
+to be local gets a `block_stat` beside the read's single `cat`, which still streams the
+bytes in order; a leaf is known local once it was read or stat'ed. The reads' own times
+are no evidence: under local load (32 concurrent 1 MiB reads) their first bytes take
+over 0.1 s too, and taking them as such sent ~90 needless stats a second. Local blobs
+never pay for it.
 
 Every operation here is bounded: at most `limit` in flight (one semaphore for the
 warm-up and the fan-out), each within `timeout`; the work is deduplicated per blob (and
@@ -165,12 +168,9 @@ class WarmUp:
             self._stat_pending.add(leaf.cid)
             self._spawn(self._fan_out_stat(ref, leaf))
 
-    def read_done(self, ref: BlobRef, cid: str, leaf: bool, first_byte: float) -> None:
-        """A range read of blob `ref` from node `cid` got its first bytes after
-        `first_byte` seconds: a slow one marks the blob remote; a leaf read is local now."""
-        if first_byte >= self.slow:
-            self._remote.add(ref.cid)
-        if leaf and ref.cid in self._remote:
+    def leaf_read(self, ref: BlobRef, cid: str) -> None:
+        """A range read of blob `ref` from its leaf `cid` got bytes: the leaf is local."""
+        if ref.cid in self._remote:
             self._local.add(cid)
 
     def is_remote(self, blob_cid: str) -> bool:
