@@ -187,13 +187,16 @@ def test_rpull_runs_lazily_without_layer_blobs_in_content_store(
     assert ctr.text("run", "--snapshotter", "peerstar", "--rm", ref, "lazy-echo",
                     "/bin/busybox", "echo", "hello") == "hello\n"
     # Only part of the data layer was fetched: the EXTRA_MIB MiB of data was never read.
+    # (Its daemon may have fetched nothing itself: the resolving ahead brought its TOC and
+    # prefetch range, which the cache holds.)
     data_layer = layers[1]
     time.sleep(2.5)  # the daemon refreshes its stats file every 2 s
     stats = [json.loads(p.read_text()) for p in
              (lazy_stack.snapshotter.root / "cache" / "mounts").glob("*.stats.json")]
     mine = [s for s in stats if s.get("digest") == data_layer.digest]
     assert len(mine) == 1
-    assert 0 < mine[0]["fetchedSize"] < data_layer.size // 2, mine[0]
+    assert mine[0]["fetchedSize"] < data_layer.size // 2, mine[0]
+    assert 0 < mine[0]["cachedSize"] < data_layer.size // 2, mine[0]
     # One scrape: the snapshotter's handshake counts and every layer daemon's fetches.
     with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10) as r:
         text = r.read().decode()
@@ -207,15 +210,16 @@ def test_rpull_runs_lazily_without_layer_blobs_in_content_store(
         return values[0]
 
     # The sample text is prioritized: its prefetch range came with the data layer's
-    # resolving ahead (so its daemon's prefetch found it cached); running busybox read
-    # its layer on demand. Neither layer was fetched whole.
+    # resolving ahead (its daemon's own prefetch finds it cached, or joins what is still
+    # on the way); running busybox read its layer on demand. Neither layer was fetched
+    # whole.
     assert 'peerstar_snapshotter_layers_resolved_ahead_total{result="ok"} 1.0' in text
     ahead = [float(ln.split()[-1]) for ln in text.splitlines()
              if ln.startswith("peerstar_snapshotter_resolved_ahead_bytes_total ")]
     assert len(ahead) == 1 and 0 < ahead[0] < data_layer.size // 2
     prefetched = f'{metric}{{kind="prefetch",layer="{data_layer.digest[:19]}"}} '
-    assert not [ln for ln in text.splitlines()
-                if ln.startswith(prefetched) and float(ln.split()[-1]) > 0]
+    assert sum(float(ln.split()[-1]) for ln in text.splitlines()
+               if ln.startswith(prefetched)) < data_layer.size // 2
     assert 0 < fetched(layers[0], "on_demand") <= layers[0].size
 
 
