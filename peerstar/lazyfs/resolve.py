@@ -39,16 +39,20 @@ class Resolved:
     fetched_bytes: int
 
 
-def resolve_ahead(url: str, digest: str, cache_dir: Path, *,
-                  region_size: int = DEFAULT_REGION_SIZE, region_cache_bytes: int = 0,
-                  prefetch_size: int = 0, timeout: float = 30.0, retries: int = 3,
-                  auth: httpx.Auth | None = None,
+def region_cache(cache_dir: Path, max_bytes: int = 0) -> DiskCache:
+    """The region cache the mount daemons under `cache_dir` read (`<cache_dir>/regions`);
+    make it once and pass it to every `resolve_ahead` (opening it scans the directory)."""
+    return DiskCache(Path(cache_dir) / "regions", max_bytes)
+
+
+def resolve_ahead(url: str, digest: str, regions: DiskCache, *,
+                  region_size: int = DEFAULT_REGION_SIZE, prefetch_size: int = 0,
+                  timeout: float = 30.0, retries: int = 3, auth: httpx.Auth | None = None,
                   on_toc: Callable[[], None] | None = None) -> Resolved:
-    """Fetch the footer and TOC of the layer blob at `url` into the region cache under
-    `cache_dir`, call `on_toc` (a mount of this layer now needs no network to start),
+    """Fetch the footer and TOC of the layer blob at `url` into `regions` (see
+    `region_cache`), call `on_toc` (a mount of this layer now needs no network to start),
     then fetch its prefetch range (`[0, .prefetch.landmark)`, or `prefetch_size` bytes
     for a layer without landmarks) into the cache too."""
-    regions = DiskCache(Path(cache_dir) / "regions", region_cache_bytes)
     fetcher = BlobFetcher(url, digest=digest, region_size=region_size, cache=regions,
                           timeout=timeout, retries=retries, auth=auth)
     try:

@@ -186,6 +186,7 @@ class LayerMounter:
         # digest -> set once its footer and TOC are in the cache (or resolving failed)
         self._ahead: OrderedDict[str, threading.Event] = OrderedDict()
         self._ahead_pool: ThreadPoolExecutor | None = None
+        self._regions: Any = None  # lazyfs DiskCache of cache_dir/regions, opened once
         self.keychain = Keychain(cfg.auth_file)
         try:
             self.keychain.check()
@@ -270,6 +271,9 @@ class LayerMounter:
                 _, old = self._ahead.popitem(last=False)
                 old.set()
             if todo and self._ahead_pool is None:
+                from peerstar.lazyfs.resolve import region_cache
+
+                self._regions = region_cache(self.cache_dir, self.cfg.region_cache_bytes)
                 self._ahead_pool = ThreadPoolExecutor(RESOLVE_AHEAD_WORKERS,
                                                       thread_name_prefix="resolve-ahead")
             pool = self._ahead_pool
@@ -289,8 +293,7 @@ class LayerMounter:
             creds = self._credentials(urlsplit(url).netloc)
             auth = RegistryAuth(creds.username, creds.password, creds.registry_token,
                                 creds.identity_token)
-            res = resolve_ahead(url, digest, self.cache_dir, region_size=c.region_size,
-                                region_cache_bytes=c.region_cache_bytes,
+            res = resolve_ahead(url, digest, self._regions, region_size=c.region_size,
                                 prefetch_size=prefetch_size, timeout=c.request_timeout,
                                 retries=c.retries, auth=auth, on_toc=ready.set)
             RESOLVED_AHEAD.labels("ok").inc()

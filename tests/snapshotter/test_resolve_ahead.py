@@ -13,7 +13,7 @@ import pytest
 
 from peerstar.lazyfs.cache import DiskCache
 from peerstar.lazyfs.fetcher import BlobFetcher
-from peerstar.lazyfs.resolve import resolve_ahead
+from peerstar.lazyfs.resolve import region_cache, resolve_ahead
 from peerstar.snapshotter.config import RemoteConfig
 from peerstar.snapshotter.remote import (
     LABEL_CRI_IMAGE_LAYERS,
@@ -54,7 +54,8 @@ def test_resolve_ahead_fills_what_the_mount_reads_first(server: BlobServer, laye
                                                         tmp_path: Path) -> None:
     la = layers[1]
     toc_seen = threading.Event()
-    res = resolve_ahead(server.url(la.digest), la.digest, tmp_path, on_toc=toc_seen.set)
+    res = resolve_ahead(server.url(la.digest), la.digest, region_cache(tmp_path),
+                        on_toc=toc_seen.set)
     assert toc_seen.is_set()
     assert res.size == la.size and 0 < res.toc_offset < la.size
     # The prioritized file (BIG, uncompressible) lies before the landmark.
