@@ -179,6 +179,14 @@ def _settle(reg: ThreadedRegistry) -> None:
     reg.run(reg.server.warmup.settle(), timeout=120)
 
 
+def _assert_config_warmed_once(store: DagStore, layers: list[Layer]) -> None:
+    """The config, the client's next request, got one block_stat beside the layers."""
+    inner = set().union(*(layer.dag()[0] | set(layer.dag()[1]) for layer in layers))
+    others = [cid for cid in store.ops("block_stat") if cid not in inner]
+    assert len(others) == 1
+    assert json.loads(store._block(others[0]))["rootfs"]["type"] == "layers"
+
+
 def _layer_calls(store: DagStore, layers: list[Layer]) -> dict[str, Counter]:
     """The store calls on blocks of the layers' DAGs, by op."""
     mine: set[str] = set()
@@ -219,11 +227,7 @@ def test_manifest_warms_skeleton_footer_toc_and_prioritized_leaves_only(
     untouched = set().union(*(set(layer.dag()[1]) for layer in layers)) - footer_toc - \
         last_leaf - prefetch
     assert len(untouched) > 200
-    # the config, the client's next request, got one block_stat beside the layers
-    inner = set().union(*(layer.dag()[0] | set(layer.dag()[1]) for layer in layers))
-    others = [cid for cid in store.ops("block_stat") if cid not in inner]
-    assert len(others) == 1
-    assert json.loads(store._block(others[0]))["rootfs"]["type"] == "layers"
+    _assert_config_warmed_once(store, layers)
     assert _metric(reg.metrics_url, "peerstar_registry_warmups_total") == {
         "estargz": 3.0, "plain": 1.0}
     assert not _metric(reg.metrics_url, "peerstar_registry_warmup_failures_total")
@@ -272,11 +276,7 @@ def test_manifest_is_answered_while_the_warm_up_hangs_and_in_flight_stays_bounde
     # the whole warm-up ran (dozens of concurrent leaf operations) within the bound
     assert len(store.ops("block_stat")) > 2
     assert store.max_in_flight == 2 and warm.max_in_flight == 2
-    # the config, the client's next request, got one block_stat beside the layers
-    inner = set().union(*(layer.dag()[0] | set(layer.dag()[1]) for layer in layers))
-    others = [cid for cid in store.ops("block_stat") if cid not in inner]
-    assert len(others) == 1
-    assert json.loads(store._block(others[0]))["rootfs"]["type"] == "layers"
+    _assert_config_warmed_once(store, layers)
     assert _metric(reg.metrics_url, "peerstar_registry_warmups_total") == {
         "estargz": 3.0, "plain": 1.0}
 
