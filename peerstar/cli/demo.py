@@ -126,6 +126,7 @@ def _free_port() -> int:
 def _lazy_flow(console: Console, work: Path, layout: Path) -> None:
     # Imported here: the FUSE and HTTP stacks are only needed for this part.
     from peerstar.lazyfs.image import image_stats, mount_image, unmount_image
+    from peerstar.lazyfs.options import MountOptions, PrefetchOptions
     from peerstar.oci.ipfsimage import push
 
     store = work / "ipfs"
@@ -154,7 +155,7 @@ def _lazy_flow(console: Console, work: Path, layout: Path) -> None:
         ref = f"127.0.0.1:{port}/ipfs/{cid}"
         console.print(f"[bold]6.[/] registry serving {ref}; mounting it lazily at {target}")
         mount_image(ref, target, work_root=work / "mnt", cache_dir=work / "cache",
-                    background=False)
+                    options=MountOptions(prefetch=PrefetchOptions(background=False)))
         mounted = True
         text = (target / SAMPLE_TEXT_PATH.lstrip("/")).read_bytes()
         stats = image_stats(target, work / "mnt")

@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-PASSWORD_ENV = "PEERSTAR_REGISTRY_PASSWORD"  # same variable the mount daemon reads
+PASSWORD_ENV = "PEERSTAR_REGISTRY_PASSWORD"  # read here, at the edge, with --username
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,6 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="fetch only what is read (no idle-time fetch of the rest)")
     p.add_argument("--insecure-skip-verify", action="store_true",
                    help="DANGEROUS: serve chunks without checking their digests")
+    p.add_argument("--ca-file", type=Path, default=None,
+                   help="PEM bundle of CAs to trust for the registry besides the system's "
+                        "(SSL_CERT_FILE replaces the system's)")
     p.add_argument("--username", default=None,
                    help="registry user (password from $PEERSTAR_REGISTRY_PASSWORD); "
                         "anonymous and bearer-token registries need nothing")
@@ -46,25 +49,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     u.set_defaults(func=cmd_unmount)
 
 
-def _kw(args: argparse.Namespace) -> dict[str, object]:
-    from peerstar.lazyfs import image
-
-    kw: dict[str, object] = {"work_root": args.work_root or image.DEFAULT_WORK_ROOT}
-    return kw
-
-
 def cmd_mount(args: argparse.Namespace) -> int:
     import pyfuse3  # noqa: F401 - the mount daemons need it: without it, say which extra
 
     from peerstar.lazyfs import image
+    from peerstar.lazyfs.auth import RegistryAuth
+    from peerstar.lazyfs.options import CacheOptions, FetchOptions, MountOptions, PrefetchOptions
+
+    ca_file = "" if args.ca_file is None else str(args.ca_file.resolve())
+    cache = CacheOptions() if args.cache_limit_mib is None else CacheOptions(
+        args.cache_limit_mib << 20, args.cache_limit_mib << 20)
+    options = MountOptions(
+        fetch=FetchOptions(ca_file=ca_file), cache=cache,
+        prefetch=PrefetchOptions(timeout=args.prefetch_timeout,
+                                 background=not args.no_background),
+        verify=not args.insecure_skip_verify)
+    auth = None
+    if args.username is not None:
+        auth = RegistryAuth(args.username, os.environ.get(PASSWORD_ENV))
     summary = image.mount_image(
         args.ref, args.dir, cache_dir=args.cache_dir or image.DEFAULT_CACHE_DIR,
-        prefetch_timeout=args.prefetch_timeout, verify=not args.insecure_skip_verify,
-        plain_http=True if args.plain_http else None, background=not args.no_background,
-        cache_bytes=None if args.cache_limit_mib is None else args.cache_limit_mib << 20,
-        username=args.username,
-        password=os.environ.get(PASSWORD_ENV) if args.username is not None else None,
-        **_kw(args))  # type: ignore[arg-type]
+        work_root=args.work_root or image.DEFAULT_WORK_ROOT, options=options,
+        plain_http=True if args.plain_http else None, auth=auth)
     if args.json:
         print(json.dumps(summary, indent=1))
     else:
@@ -77,5 +83,5 @@ def cmd_mount(args: argparse.Namespace) -> int:
 def cmd_unmount(args: argparse.Namespace) -> int:
     from peerstar.lazyfs import image
 
-    image.unmount_image(args.dir, **_kw(args))  # type: ignore[arg-type]
+    image.unmount_image(args.dir, args.work_root or image.DEFAULT_WORK_ROOT)
     return 0

@@ -3,31 +3,37 @@
 Owns everything between a layer URL and a read-only directory: HTTP range fetching
 (`fetcher`), registry auth (`auth`), on-disk caches (`cache`), the verified layer model
 with prefetch and background fetch (`layer`), the pyfuse3 filesystem (`fs`), the mount
-daemon (`mountd`), the mount API (`mount`), image resolution and the merged overlay
-rootfs for `peerstar mount` (`image`), the daemons' fork server (`zygote`), and
-Prometheus metrics (`metrics`).
+daemon (`mountd`), the mount API (`mount`) and its settings (`options`), image
+resolution and the merged overlay rootfs for `peerstar mount` (`image`), the daemons'
+fork server (`zygote`), and Prometheus metrics (`metrics`).
 
 Mount API (for the snapshotter)
 -------------------------------
-    from peerstar.lazyfs import mount_layer, find_mount, MountError, LayerMount
+    from peerstar.lazyfs import (mount_layer, find_mount, MountError, LayerMount,
+                                 MountOptions, FetchOptions, CacheOptions, PrefetchOptions)
 
+    options = MountOptions(      # frozen; every field optional (defaults shown)
+        fetch=FetchOptions(region_size=50_000, request_timeout=30.0, retries=3,
+                           ca_file=""),        # extra trusted CAs (PEM), besides the usual
+        cache=CacheOptions(region_bytes=4 << 30, chunk_bytes=4 << 30),  # 0 = unbounded
+        prefetch=PrefetchOptions(timeout=10.0,  # reads of prioritized files wait this long
+                                 wait=False,    # True: return once the prefetch is done
+                                 size=0,        # bytes to prefetch without a landmark
+                                 background=True, background_idle=5.0),
+        verify=True,             # False only by explicit configuration
+        open_timeout=60.0,       # seconds to wait for the daemon's readiness
+    )
     m: LayerMount = mount_layer(
         url,            # "http://127.0.0.1:5050/v2/ipfs/<cid>/blobs/sha256:..." (blob_url())
         digest,         # layer blob digest
         toc_digest,     # annotation containerd.io/snapshot/stargz/toc.digest
         mountpoint,     # an existing empty directory
         cache_dir,      # shared by all layers: regions/, chunks/, mounts/ (state, logs)
-        prefetch_timeout=10.0,   # reads of prioritized files wait this long for the prefetch
-        wait_prefetch=False,     # True: return only once the prefetch is done (or timed out)
-        verify=True,             # False only by explicit configuration
-        size=None,               # blob size if known (descriptor size): saves a request
-        prefetch_size=0,         # bytes to prefetch when the layer has no landmark
-        region_size=50_000,      # fetch granularity in bytes
-        region_cache_bytes=4 << 30, chunk_cache_bytes=4 << 30,  # bounds of the cache dir
-        request_timeout=30.0, retries=3, background=True, background_idle=5.0,
-        username=None, password=None, token=None,   # registry auth (anonymous by default;
-        refresh_token=None,      # all passed to the daemon in its environment, never argv)
-        zygote=None,             # a running lazyfs.zygote.Zygote: fork the daemon from it
+        options,        # MountOptions() if omitted
+        size=None,      # blob size if known (descriptor size): saves a request
+        auth=None,      # a lazyfs.auth.RegistryAuth (anonymous if None); its credentials
+                        # reach the daemon in its environment, never argv
+        zygote=None,    # a running lazyfs.zygote.Zygote: fork the daemon from it
     )
     m.mountpoint, m.pid, m.mount_seconds, m.prefetch_done
     m.stats()      # {"size", "fetchedSize", "cachedSize", "fetchedPercent", ...}
@@ -52,8 +58,10 @@ listings) gives live fetch statistics; `<cache_dir>/mounts/<key>.stats.json` and
 
 from peerstar.lazyfs.fetcher import BlobFetcher, FetchError, blob_url, is_plain_http_host
 from peerstar.lazyfs.mount import LayerMount, MountError, find_mount, mount_layer
+from peerstar.lazyfs.options import CacheOptions, FetchOptions, MountOptions, PrefetchOptions
 
 __all__ = [
-    "BlobFetcher", "FetchError", "LayerMount", "MountError", "blob_url", "find_mount",
-    "is_plain_http_host", "mount_layer",
+    "BlobFetcher", "CacheOptions", "FetchError", "FetchOptions", "LayerMount", "MountError",
+    "MountOptions", "PrefetchOptions", "blob_url", "find_mount", "is_plain_http_host",
+    "mount_layer",
 ]

@@ -8,7 +8,8 @@ containerd's authorizer makes) and retrying once; and `Basic` challenges when
 credentials are given. Tokens are kept per auth object (one blob per mount daemon).
 
 Also owns how a mount daemon receives its credentials: environment variables (never
-argv, which `ps` shows to every user), read by `RegistryAuth.from_env`.
+argv, which `ps` shows to every user), written by `RegistryAuth.to_env` for the daemon
+alone and read there by `RegistryAuth.from_env`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class RegistryAuth(httpx.Auth):
         self.username = username or None
         self.password = password
         self.refresh_token = refresh_token or None
+        self.token = token  # as given (a bearer token sent as is)
         self._lock = threading.Lock()
         self._token = token  # the last token obtained (or given); reused until a 401
         # Set once the registry asked for Basic and accepted ours: from then on every
@@ -50,6 +52,13 @@ class RegistryAuth(httpx.Auth):
         env = os.environ
         return cls(username or env.get(USERNAME_ENV), env.get(PASSWORD_ENV),
                    env.get(TOKEN_ENV), env.get(REFRESH_TOKEN_ENV))
+
+    def to_env(self) -> dict[str, str]:
+        """The credentials given (not the tokens obtained with them) as `from_env` reads
+        them, for a mount daemon's environment."""
+        pairs = ((USERNAME_ENV, self.username), (PASSWORD_ENV, self.password),
+                 (TOKEN_ENV, self.token), (REFRESH_TOKEN_ENV, self.refresh_token))
+        return {k: v for k, v in pairs if v is not None}
 
     @property
     def anonymous(self) -> bool:

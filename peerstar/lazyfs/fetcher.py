@@ -18,8 +18,8 @@ URLs: `http://HOST/v2/REPO/blobs/DIGEST` for localhost / 127.0.0.1 registries,
 `https://...` otherwise (`blob_url` builds them); auth is `RegistryAuth`.
 
 TLS trust (`tls_context`): SSL_CERT_FILE / SSL_CERT_DIR if set (httpx's rule), else
-certifi's bundle plus the system's (what containerd trusts), plus the PEM bundle named by
-`$PEERSTAR_REGISTRY_CA_FILE` (the snapshotter's `[remote] ca_file`). A certificate the
+certifi's bundle plus the system's (what containerd trusts), plus the PEM bundle given
+as `ca_file` (`FetchOptions.ca_file`: the snapshotter's `[remote] ca_file`). A certificate the
 trust refuses, a 401 and a 403 are not retried: each fails the read at once with a
 sentence saying which host and what to do.
 """
@@ -38,37 +38,32 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from peerstar.errors import PeerstarError
 from peerstar.lazyfs import metrics
 from peerstar.lazyfs.auth import RegistryAuth
 from peerstar.lazyfs.cache import DiskCache
+from peerstar.lazyfs.options import DEFAULT_REGION_SIZE
 
 log = logging.getLogger("peerstar.lazyfs.fetcher")
 
-DEFAULT_REGION_SIZE = 50_000
 # Ranges per request: servers (ours included, see peerstar.registry.ranges.MAX_RANGES)
 # refuse absurd Range headers; a read rarely has more gaps than this anyway.
 MAX_RANGES_PER_REQUEST = 32
 
 
-# A PEM bundle of extra CAs to trust besides the usual ones (the snapshotter's
-# `[remote] ca_file`); an environment variable, so the zygote and every mount daemon
-# inherit it without a flag.
-CA_FILE_ENV = "PEERSTAR_REGISTRY_CA_FILE"
-
 _tls_lock = threading.Lock()
 _tls: dict[str, ssl.SSLContext] = {}
 
 
-class TLSConfigError(Exception):
+class TLSConfigError(PeerstarError):
     """The extra CA file cannot be used (missing, unreadable, not PEM)."""
 
 
-def tls_context() -> ssl.SSLContext:
+def tls_context(ca_file: str = "") -> ssl.SSLContext:
     """The TLS context of every fetcher in this process, built once per CA file: httpx
     would load the CA bundle again (~25 ms) for each client. Trust: SSL_CERT_FILE or
     SSL_CERT_DIR when set (httpx's rule), else certifi plus the system store; plus
-    the PEM bundle named by `$PEERSTAR_REGISTRY_CA_FILE`."""
-    ca_file = os.environ.get(CA_FILE_ENV, "")
+    the PEM bundle `ca_file` (TLSConfigError if it cannot be used)."""
     with _tls_lock:
         ctx = _tls.get(ca_file)
         if ctx is None:
@@ -96,13 +91,13 @@ def load_ca_file(ctx: ssl.SSLContext, ca_file: str) -> None:
         raise TLSConfigError(f"CA file {ca_file}: {exc.strerror or exc}") from None
 
 
-def warm_up() -> None:
+def warm_up(ca_file: str = "") -> None:
     """Build what each mount daemon would otherwise build again (the zygote calls this
-    before forking daemons, so they inherit it)."""
-    tls_context()
+    before forking daemons, so they inherit it): the TLS context for `ca_file`."""
+    tls_context(ca_file)
 
 
-class FetchError(Exception):
+class FetchError(PeerstarError):
     """The blob bytes could not be fetched (after retries); `retryable` is False for 4xx."""
 
     def __init__(self, message: str, *, retryable: bool = True) -> None:
@@ -209,6 +204,7 @@ class BlobFetcher:
         retries: int = 3,
         backoff: float = 0.2,
         auth: httpx.Auth | None = None,
+        ca_file: str = "",
         max_ranges: int = MAX_RANGES_PER_REQUEST,
         client: httpx.Client | None = None,
     ) -> None:
@@ -226,7 +222,7 @@ class BlobFetcher:
         self.stats = FetchStats()
         self._own_client = client is None
         self._client = client or httpx.Client(
-            auth=auth or RegistryAuth(), follow_redirects=True, verify=tls_context(),
+            auth=auth or RegistryAuth(), follow_redirects=True, verify=tls_context(ca_file),
             timeout=httpx.Timeout(timeout), headers={"User-Agent": "peerstar-lazyfs"})
         self._lock = threading.Lock()
         # Regions known to be in the cache (fetched or hit by this process, or found by
@@ -313,12 +309,6 @@ class BlobFetcher:
         data = b"".join(regions[i] for i in range(first, last + 1))
         base = first * self.region_size
         return data[offset - base: end - base]
-
-    async def aread_at(self, offset: int, length: int, kind: str = "on_demand") -> bytes:
-        """`read_at` for asyncio callers: runs in a worker thread, so the loop stays free."""
-        import asyncio
-
-        return await asyncio.to_thread(self.read_at, offset, length, kind)
 
     def get_regions(self, indices: Iterable[int], kind: str = "on_demand") -> dict[int, bytes]:
         """The bytes of each region, from the cache or fetched (shared with other callers)."""

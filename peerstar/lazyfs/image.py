@@ -33,7 +33,14 @@ from peerstar.errors import PeerstarError
 from peerstar.estargz.toc import TOC_DIGEST_ANNOTATION
 from peerstar.lazyfs.auth import RegistryAuth
 from peerstar.lazyfs.fetcher import blob_url, registry_base, tls_context
-from peerstar.lazyfs.mount import LayerMount, MountError, find_mount, mount_layer
+from peerstar.lazyfs.mount import (
+    DEFAULT_OPTIONS,
+    LayerMount,
+    MountError,
+    find_mount,
+    mount_layer,
+)
+from peerstar.lazyfs.options import MountOptions
 from peerstar.lazyfs.state import mount_fstype, write_json_atomic
 from peerstar.lazyfs.zygote import Zygote
 
@@ -104,15 +111,15 @@ def host_arch() -> str:
 
 
 def resolve_layers(ref: RemoteRef, *, client: httpx.Client | None = None,
-                   plain_http: bool | None = None, username: str | None = None,
-                   password: str | None = None) -> list[RemoteLayer]:
+                   plain_http: bool | None = None, auth: RegistryAuth | None = None,
+                   ca_file: str = "") -> list[RemoteLayer]:
     """The image's layers, bottom first, each checked to be eStargz with a TOC digest."""
     base = registry_base(ref.host, plain_http)
     own = client is None
-    # The layer daemons' trust (SSL_CERT_FILE, the system store, $PEERSTAR_REGISTRY_CA_FILE):
-    # the manifest must not be refused where the layers would be read.
-    client = client or httpx.Client(auth=RegistryAuth(username, password),
-                                    follow_redirects=True, timeout=30, verify=tls_context())
+    # The layer daemons' trust (SSL_CERT_FILE, the system store, `ca_file`): the
+    # manifest must not be refused where the layers would be read.
+    client = client or httpx.Client(auth=auth or RegistryAuth(), follow_redirects=True,
+                                    timeout=30, verify=tls_context(ca_file))
     try:
         def get(reference: str) -> tuple[str, dict]:
             url = f"{base}/v2/{ref.repository}/manifests/{reference}"
@@ -171,12 +178,11 @@ def work_dir_for(target: Path, work_root: Path = DEFAULT_WORK_ROOT) -> Path:
 
 
 def mount_image(ref_text: str, target: Path, *, work_root: Path = DEFAULT_WORK_ROOT,
-                cache_dir: Path = DEFAULT_CACHE_DIR, prefetch_timeout: float = 10.0,
-                verify: bool = True, plain_http: bool | None = None,
-                background: bool = True, cache_bytes: int | None = None,
-                username: str | None = None, password: str | None = None
+                cache_dir: Path = DEFAULT_CACHE_DIR, options: MountOptions = DEFAULT_OPTIONS,
+                plain_http: bool | None = None, auth: RegistryAuth | None = None
                 ) -> dict[str, object]:
-    """Mount every layer lazily and the overlay of them at `target`; returns a summary."""
+    """Mount every layer lazily (each with `options` and `auth`, which the manifest
+    requests use too) and the overlay of them at `target`; returns a summary."""
     target = Path(target).resolve()
     if not target.is_dir():
         raise ImageMountError(f"{target} is not a directory")
@@ -186,15 +192,13 @@ def mount_image(ref_text: str, target: Path, *, work_root: Path = DEFAULT_WORK_R
     # The layer daemons fork from a zygote: its imports (~0.4 s, once) overlap the
     # manifest resolution, and each layer then costs a fork, not a Python start-up.
     try:
-        zygote: Zygote | None = Zygote.start()
+        zygote: Zygote | None = Zygote.start(ca_file=options.fetch.ca_file)
     except OSError as exc:
         log.warning("no mount daemon zygote (%s): layer daemons start with python -m", exc)
         zygote = None
     try:
         return _mount_image(ref_text, ref, target, work_root=work_root, cache_dir=cache_dir,
-                            prefetch_timeout=prefetch_timeout, verify=verify,
-                            plain_http=plain_http, background=background,
-                            cache_bytes=cache_bytes, username=username, password=password,
+                            options=options, plain_http=plain_http, auth=auth,
                             zygote=zygote)
     finally:
         if zygote is not None:
@@ -202,11 +206,10 @@ def mount_image(ref_text: str, target: Path, *, work_root: Path = DEFAULT_WORK_R
 
 
 def _mount_image(ref_text: str, ref: RemoteRef, target: Path, *, work_root: Path,
-                 cache_dir: Path, prefetch_timeout: float, verify: bool,
-                 plain_http: bool | None, background: bool, cache_bytes: int | None,
-                 username: str | None, password: str | None, zygote: Zygote | None
-                 ) -> dict[str, object]:
-    layers = resolve_layers(ref, plain_http=plain_http, username=username, password=password)
+                 cache_dir: Path, options: MountOptions, plain_http: bool | None,
+                 auth: RegistryAuth | None, zygote: Zygote | None) -> dict[str, object]:
+    layers = resolve_layers(ref, plain_http=plain_http, auth=auth,
+                            ca_file=options.fetch.ca_file)
     work = work_dir_for(target, work_root)
     if work.exists():
         _teardown(work, target=None)
@@ -217,12 +220,7 @@ def _mount_image(ref_text: str, ref: RemoteRef, target: Path, *, work_root: Path
             mp = work / "layers" / str(i)
             mp.mkdir(parents=True)
             return mount_layer(layer.url, layer.digest, layer.toc_digest, mp, cache_dir,
-                               prefetch_timeout=prefetch_timeout, verify=verify,
-                               size=layer.size or None, background=background,
-                               username=username, password=password, zygote=zygote,
-                               **({} if cache_bytes is None else {
-                                   "region_cache_bytes": cache_bytes,
-                                   "chunk_cache_bytes": cache_bytes}))
+                               options, size=layer.size or None, auth=auth, zygote=zygote)
 
         # Layers mount in parallel: each daemon's TOC fetch and prefetch are independent.
         with ThreadPoolExecutor(max_workers=min(8, len(layers))) as pool:

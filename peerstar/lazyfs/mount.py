@@ -2,8 +2,10 @@
 
 Owns: `mount_layer` (forks the mount daemon from a zygote -- `peerstar.lazyfs.zygote` --
 or, without one, spawns `python -m peerstar.lazyfs.mountd`; in its own session either
-way; and waits for its readiness line), `LayerMount` (`unmount()`, `stats()`, `alive`), and
-`find_mount` (re-attach to a daemon that survived a restart of the starting process).
+way; hands it its settings, a `peerstar.lazyfs.options.MountOptions`, as arguments and
+its registry credentials in its environment; and waits for its readiness line),
+`LayerMount` (`unmount()`, `stats()`, `alive`), and `find_mount` (re-attach to a daemon
+that survived a restart of the starting process).
 """
 
 from __future__ import annotations
@@ -21,23 +23,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from peerstar.errors import PeerstarError
-from peerstar.lazyfs.cache import DEFAULT_MAX_BYTES
-from peerstar.lazyfs.fetcher import DEFAULT_REGION_SIZE
-from peerstar.lazyfs.state import (
-    PASSWORD_ENV,
-    REFRESH_TOKEN_ENV,
-    SECRET_ENVS,
-    TOKEN_ENV,
-    USERNAME_ENV,
-    StatePaths,
-    is_fuse_mounted,
-    state_paths,
-)
+from peerstar.lazyfs.options import MountOptions
+from peerstar.lazyfs.state import SECRET_ENVS, StatePaths, is_fuse_mounted, state_paths
 
 if TYPE_CHECKING:  # imported late: `python -m peerstar.lazyfs.zygote` must load it first
+    from peerstar.lazyfs.auth import RegistryAuth
     from peerstar.lazyfs.zygote import Zygote
 
 log = logging.getLogger("peerstar.lazyfs.mount")
+
+DEFAULT_OPTIONS = MountOptions()
 
 
 class MountError(PeerstarError):
@@ -138,33 +133,21 @@ def mount_layer(
     toc_digest: str,
     mountpoint: Path,
     cache_dir: Path,
+    options: MountOptions = DEFAULT_OPTIONS,
     *,
-    prefetch_timeout: float = 10.0,
-    wait_prefetch: bool = False,
-    verify: bool = True,
     size: int | None = None,
-    prefetch_size: int = 0,
-    region_size: int = DEFAULT_REGION_SIZE,
-    region_cache_bytes: int = DEFAULT_MAX_BYTES,
-    chunk_cache_bytes: int = DEFAULT_MAX_BYTES,
-    request_timeout: float = 30.0,
-    retries: int = 3,
-    background: bool = True,
-    background_idle: float = 5.0,
-    username: str | None = None,
-    password: str | None = None,
-    token: str | None = None,
-    refresh_token: str | None = None,
-    open_timeout: float = 60.0,
-    debug: bool = False,
+    auth: RegistryAuth | None = None,
     zygote: Zygote | None = None,
 ) -> LayerMount:
     """Mount the eStargz layer at `url` read-only at `mountpoint`; return when it is ready.
 
     Ready means: TOC fetched and verified against `toc_digest` and FUSE mounted; the
     prioritized files are being prefetched, and reads of them wait for that for up to
-    `prefetch_timeout` seconds from the start (with `wait_prefetch`, so does this call).
-    Raises `MountError` with the daemon's reason otherwise (nothing is left mounted).
+    `options.prefetch.timeout` seconds from the start (with `options.prefetch.wait`, so
+    does this call). Raises `MountError` with the daemon's reason otherwise (nothing is
+    left mounted). `size` is the blob size if known (saves a request); `auth` holds the
+    registry credentials (anonymous without), which reach the daemon in its environment
+    only, never on its command line.
 
     With `zygote` (a running `peerstar.lazyfs.zygote.Zygote`) the daemon is forked from
     it (milliseconds) instead of started as `python -m peerstar.lazyfs.mountd` (the
@@ -177,34 +160,16 @@ def mount_layer(
         raise MountError(f"mountpoint {mountpoint} is not a directory")
     if is_fuse_mounted(mountpoint):
         raise MountError(f"{mountpoint} is already a FUSE mount")
-    if verify and not toc_digest:
+    if options.verify and not toc_digest:
         raise MountError(f"layer {digest} has no TOC digest: cannot verify it")
     paths = state_paths(cache_dir, mountpoint)
-    args = ["--url", url, "--digest", digest,
-            "--toc-digest", toc_digest, "--mountpoint", str(mountpoint),
-            "--cache-dir", str(cache_dir), "--prefetch-timeout", str(prefetch_timeout),
-            "--prefetch-size", str(prefetch_size), "--region-size", str(region_size),
-            "--region-cache-bytes", str(region_cache_bytes),
-            "--chunk-cache-bytes", str(chunk_cache_bytes),
-            "--timeout", str(request_timeout), "--retries", str(retries),
-            "--background-idle", str(background_idle)]
+    args = ["--url", url, "--digest", digest, "--toc-digest", toc_digest,
+            "--mountpoint", str(mountpoint), "--cache-dir", str(cache_dir),
+            *options.to_argv()]
     if size is not None:
         args += ["--size", str(size)]
-    if not verify:
-        args.append("--no-verify")
-    if not background:
-        args.append("--no-background")
-    if wait_prefetch:
-        args.append("--wait-prefetch")
-    if debug:
-        args.append("--debug")
-    # Credentials (the user name too) go by environment, never argv, which `ps` shows
-    # to every user; the starter's own ones pass through as they always did.
-    secrets = {k: os.environ[k] for k in SECRET_ENVS if k in os.environ}
-    for k, v in ((USERNAME_ENV, username), (PASSWORD_ENV, password), (TOKEN_ENV, token),
-                 (REFRESH_TOKEN_ENV, refresh_token)):
-        if v is not None:
-            secrets[k] = v
+    secrets = auth.to_env() if auth is not None else {}
+    open_timeout = options.open_timeout
     rfd, wfd = os.pipe()
     proc: subprocess.Popen[bytes] | None = None
     pid = 0
@@ -230,7 +195,7 @@ def mount_layer(
     finally:
         os.close(wfd)
     try:
-        line = _read_line(rfd, open_timeout + prefetch_timeout)
+        line = _read_line(rfd, open_timeout + options.prefetch.timeout)
     finally:
         os.close(rfd)
     msg: dict[str, object] = {}
@@ -254,7 +219,8 @@ def mount_layer(
 def _popen_daemon(args: list[str], ready_fd: int, log_fd: int,
                   secrets: dict[str, str]) -> subprocess.Popen[bytes]:
     """The fallback start: a fresh interpreter running the mount daemon."""
-    env = dict(os.environ)
+    # Exactly the credentials given to mount_layer, as the zygote does: none of ours.
+    env = {k: v for k, v in os.environ.items() if k not in SECRET_ENVS}
     env.update(secrets)
     # The daemon imports peerstar from wherever this process did.
     pkg_root = str(Path(__file__).resolve().parent.parent.parent)

@@ -1,7 +1,9 @@
 """The mount daemon: one process serving one lazy layer over FUSE until it is unmounted.
 
 Run as `python -m peerstar.lazyfs.mountd --url URL --digest D --toc-digest T
---mountpoint DIR --cache-dir DIR [options]` (see `--help`), or forked from the zygote
+--mountpoint DIR --cache-dir DIR [options]` (see `--help`; the options are a
+`peerstar.lazyfs.options.MountOptions`, written by its `to_argv`; registry credentials
+come in the environment, `RegistryAuth.from_env`), or forked from the zygote
 (`peerstar.lazyfs.zygote`, which calls `main` with the same arguments). It opens the layer (footer,
 TOC, TOC digest check), mounts it (pyfuse3 keeps one session per process, hence one
 process per layer), starts prefetching the prioritized files (reads of them wait for it
@@ -31,10 +33,11 @@ import trio
 
 from peerstar.lazyfs import metrics
 from peerstar.lazyfs.auth import RegistryAuth
-from peerstar.lazyfs.cache import DEFAULT_MAX_BYTES, DiskCache
-from peerstar.lazyfs.fetcher import DEFAULT_REGION_SIZE, BlobFetcher
+from peerstar.lazyfs.cache import DiskCache
+from peerstar.lazyfs.fetcher import BlobFetcher
 from peerstar.lazyfs.fs import LayerFS
 from peerstar.lazyfs.layer import LazyLayer
+from peerstar.lazyfs.options import MountOptions
 from peerstar.lazyfs.state import PASSWORD_ENV, USERNAME_ENV, state_paths, write_json_atomic
 
 log = logging.getLogger("peerstar.lazyfs.mountd")
@@ -49,28 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mountpoint", required=True, type=Path)
     p.add_argument("--cache-dir", required=True, type=Path)
     p.add_argument("--size", type=int, default=None, help="blob size if known (skips a request)")
-    p.add_argument("--prefetch-timeout", type=float, default=10.0,
-                   help="seconds (from the start) reads of prioritized files wait for the "
-                        "prefetch; with --wait-prefetch, the readiness report waits too")
-    p.add_argument("--wait-prefetch", action="store_true",
-                   help="report readiness only once the prefetch is done (or timed out)")
-    p.add_argument("--prefetch-size", type=int, default=0,
-                   help="bytes to prefetch when the layer has no landmark")
-    p.add_argument("--no-verify", action="store_true",
-                   help="DANGEROUS: serve chunks without checking their digests")
-    p.add_argument("--region-size", type=int, default=DEFAULT_REGION_SIZE)
-    p.add_argument("--region-cache-bytes", type=int, default=DEFAULT_MAX_BYTES,
-                   help="bound of <cache-dir>/regions (0 = unbounded)")
-    p.add_argument("--chunk-cache-bytes", type=int, default=DEFAULT_MAX_BYTES,
-                   help="bound of <cache-dir>/chunks (0 = unbounded)")
-    p.add_argument("--timeout", type=float, default=30.0, help="per HTTP request")
-    p.add_argument("--retries", type=int, default=3)
-    p.add_argument("--no-background", action="store_true", help="no idle-time full fetch")
-    p.add_argument("--background-idle", type=float, default=5.0)
+    MountOptions.add_arguments(p)
     p.add_argument("--username", default=None, help=f"registry user (or ${USERNAME_ENV}; "
                    f"password in ${PASSWORD_ENV})")
     p.add_argument("--ready-fd", type=int, default=-1)
-    p.add_argument("--debug", action="store_true")
     return p
 
 
@@ -91,7 +76,8 @@ def _report(fd: int, msg: dict[str, object]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+    opts = MountOptions.from_args(args)
+    logging.basicConfig(level=logging.DEBUG if opts.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         force=True)  # forked from a zygote: its handlers are not ours
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
@@ -100,25 +86,27 @@ def main(argv: list[str] | None = None) -> int:
     paths = state_paths(args.cache_dir, mountpoint)
     label = args.digest[:19]
     try:
-        regions = DiskCache(args.cache_dir / "regions", args.region_cache_bytes,
+        regions = DiskCache(args.cache_dir / "regions", opts.cache.region_bytes,
                             async_writes=True)
-        chunks = DiskCache(args.cache_dir / "chunks", args.chunk_cache_bytes,
+        chunks = DiskCache(args.cache_dir / "chunks", opts.cache.chunk_bytes,
                            async_writes=True)
         auth = RegistryAuth.from_env(args.username)  # credentials come in the environment
         fetcher = BlobFetcher(args.url, digest=args.digest, size=args.size,
-                              region_size=args.region_size, cache=regions,
-                              timeout=args.timeout, retries=args.retries, auth=auth)
+                              region_size=opts.fetch.region_size, cache=regions,
+                              timeout=opts.fetch.request_timeout,
+                              retries=opts.fetch.retries, ca_file=opts.fetch.ca_file,
+                              auth=auth)
         layer = LazyLayer.open(fetcher, toc_digest=args.toc_digest or None,
-                               chunk_cache=chunks, verify=not args.no_verify)
+                               chunk_cache=chunks, verify=opts.verify)
         layer.activity_file = Path(args.cache_dir) / "last-on-demand-read"
         # Prefetch starts now and runs on after the mount is reported ready: its fetch
         # overlaps building the inode tree, the FUSE init and the mounts of the image's
         # other layers (containerd prepares them one by one). Reads of prioritized files
         # wait for it, up to the prefetch timeout; it only fills the caches.
-        layer.plan_prefetch(args.prefetch_size)
-        threading.Thread(target=layer.prefetch, args=(args.prefetch_size,),
+        layer.plan_prefetch(opts.prefetch.size)
+        threading.Thread(target=layer.prefetch, args=(opts.prefetch.size,),
                          daemon=True, name="prefetch").start()
-        fs = LayerFS(layer, prefetch_deadline=t0 + args.prefetch_timeout)
+        fs = LayerFS(layer, prefetch_deadline=t0 + opts.prefetch.timeout)
         options = set(pyfuse3.default_options)  # default_permissions: kernel checks modes
         options |= {"ro", "allow_other", "fsname=peerstar-lazyfs", "subtype=peerstar"}
         pyfuse3.init(fs, str(mountpoint), options)
@@ -162,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
 
             nursery.start_soon(fuse_main)
             nursery.start_soon(on_signal)
-            if args.wait_prefetch:
-                with trio.move_on_after(max(0.0, t0 + args.prefetch_timeout
+            if opts.prefetch.wait:
+                with trio.move_on_after(max(0.0, t0 + opts.prefetch.timeout
                                             - time.monotonic())):
                     while not layer.prefetch_done.is_set():
                         await trio.sleep(0.01)
@@ -173,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                                     "mount_seconds": round(elapsed, 3),
                                     "prefetch_done": layer.prefetch_done.is_set()})
             log.info("layer %s mounted at %s in %.3fs", args.digest, mountpoint, elapsed)
-            if not args.no_background:
-                layer.start_background(args.background_idle)
+            if opts.prefetch.background:
+                layer.start_background(opts.prefetch.background_idle)
             nursery.start_soon(stats_loop)
 
     try:

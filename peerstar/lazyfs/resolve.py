@@ -24,8 +24,11 @@ import httpx
 
 from peerstar.estargz import Reader
 from peerstar.lazyfs.cache import DiskCache
-from peerstar.lazyfs.fetcher import DEFAULT_REGION_SIZE, BlobFetcher
+from peerstar.lazyfs.fetcher import BlobFetcher
 from peerstar.lazyfs.layer import LazyLayer
+from peerstar.lazyfs.options import FetchOptions
+
+DEFAULT_FETCH = FetchOptions()
 
 
 @dataclass(frozen=True)
@@ -46,15 +49,17 @@ def region_cache(cache_dir: Path, max_bytes: int = 0) -> DiskCache:
 
 
 def resolve_ahead(url: str, digest: str, regions: DiskCache, *,
-                  region_size: int = DEFAULT_REGION_SIZE, prefetch_size: int = 0,
-                  timeout: float = 30.0, retries: int = 3, auth: httpx.Auth | None = None,
+                  fetch: FetchOptions = DEFAULT_FETCH, prefetch_size: int = 0,
+                  auth: httpx.Auth | None = None,
                   on_toc: Callable[[], None] | None = None) -> Resolved:
     """Fetch the footer and TOC of the layer blob at `url` into `regions` (see
-    `region_cache`), call `on_toc` (a mount of this layer now needs no network to start),
-    then fetch its prefetch range (`[0, .prefetch.landmark)`, or `prefetch_size` bytes
-    for a layer without landmarks) into the cache too."""
-    fetcher = BlobFetcher(url, digest=digest, region_size=region_size, cache=regions,
-                          timeout=timeout, retries=retries, auth=auth)
+    `region_cache`) as the layer's mount with the same `fetch` options would, call
+    `on_toc` (a mount of this layer now needs no network to start), then fetch its
+    prefetch range (`[0, .prefetch.landmark)`, or `prefetch_size` bytes for a layer
+    without landmarks) into the cache too."""
+    fetcher = BlobFetcher(url, digest=digest, region_size=fetch.region_size, cache=regions,
+                          timeout=fetch.request_timeout, retries=fetch.retries,
+                          ca_file=fetch.ca_file, auth=auth)
     try:
         reader = Reader.open(lambda off, n: fetcher.read_at(off, n, "toc"), fetcher.size)
         if on_toc is not None:

@@ -1,9 +1,11 @@
 """A fork server for mount daemons: a layer mount costs a fork, not a Python start-up.
 
-Owns: the zygote process (`python -m peerstar.lazyfs.zygote --control-fd N`), which
-imports everything `peerstar.lazyfs.mountd` needs (pyfuse3, trio, httpx, the estargz
-reader, the lazyfs modules), freezes the GC, and then waits on a unix SEQPACKET socket
-shared with its owner; and `Zygote`, the owner's handle (`start`, `spawn`, `close`).
+Owns: the zygote process (`python -m peerstar.lazyfs.zygote --control-fd N [--ca-file
+F]`), which imports everything `peerstar.lazyfs.mountd` needs (pyfuse3, trio, httpx, the
+estargz reader, the lazyfs modules), builds the TLS context its daemons will use (with
+the extra CA file the owner names, `FetchOptions.ca_file`), freezes the GC, and then
+waits on a unix SEQPACKET socket shared with its owner; and `Zygote`, the owner's handle
+(`start`, `spawn`, `close`).
 
 Why: pyfuse3 allows one FUSE session per process, so each layer needs its own daemon,
 and containerd prepares layers one after the other. A fresh `python -m
@@ -42,13 +44,15 @@ import threading
 import time
 from pathlib import Path
 
+from peerstar.errors import PeerstarError
+
 log = logging.getLogger("peerstar.lazyfs.zygote")
 
 MAX_MSG = 1 << 20  # a request is a few hundred bytes; this bounds a broken owner
 _FDS_PER_REQUEST = 2  # ready pipe (write end), log file
 
 
-class ZygoteError(Exception):
+class ZygoteError(PeerstarError):
     """The zygote is not available (not started, dead): the request was not sent, so
     starting the daemon another way is safe."""
 
@@ -73,8 +77,11 @@ class Zygote:
         self._closed = False
 
     @classmethod
-    def start(cls, *, stderr: int | None = None, env: dict[str, str] | None = None) -> Zygote:
-        """Start a zygote; returns at once (the first `spawn` waits for its imports)."""
+    def start(cls, *, stderr: int | None = None, env: dict[str, str] | None = None,
+              ca_file: str = "") -> Zygote:
+        """Start a zygote; returns at once (the first `spawn` waits for its imports).
+        `ca_file`: the `FetchOptions.ca_file` of the mounts to come, whose TLS context
+        it builds ahead (a daemon with another one builds its own)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         environ = dict(os.environ if env is None else env)
         # Registry secrets travel per request, never in the zygote's environment.
@@ -87,7 +94,7 @@ class Zygote:
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "peerstar.lazyfs.zygote", "--control-fd",
-                 str(theirs.fileno())],
+                 str(theirs.fileno()), *(["--ca-file", ca_file] if ca_file else [])],
                 stdin=subprocess.DEVNULL, stderr=stderr, pass_fds=(theirs.fileno(),),
                 env=environ)
         except BaseException:
@@ -292,7 +299,7 @@ def _fork_daemon(sock: socket.socket, req: dict[str, object], fds: list[int]) ->
     return int(data)
 
 
-def serve(control_fd: int) -> int:
+def serve(control_fd: int, ca_file: str = "") -> int:
     """The zygote's loop: import, report ready, fork a daemon per request until EOF."""
     sock = socket.socket(fileno=control_fd)
     # Ctrl-C on the owner's terminal is the owner's business: it closes the socket.
@@ -303,7 +310,7 @@ def serve(control_fd: int) -> int:
         import peerstar.lazyfs.mountd  # noqa: F401 - the point: import it once, here
         from peerstar.lazyfs import fetcher
 
-        fetcher.warm_up()  # what every daemon would compute again (TLS context)
+        fetcher.warm_up(ca_file)  # what every daemon would compute again (TLS context)
         if threading.active_count() != 1:
             raise RuntimeError(f"{threading.active_count()} threads after imports: "
                                "forking would be unsafe")
@@ -351,8 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m peerstar.lazyfs.zygote",
                                 description="Fork server for lazyfs mount daemons.")
     p.add_argument("--control-fd", type=int, required=True)
+    p.add_argument("--ca-file", default="", help="the extra CA file of the daemons to come")
     args = p.parse_args(argv)
-    return serve(args.control_fd)
+    return serve(args.control_fd, args.ca_file)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import shutil
 import tempfile
@@ -239,7 +238,3 @@ class _NullSink:
     def flush(self) -> None:
         pass
 
-
-def read_layout_index(path: Path) -> dict:
-    """The parsed index.json of the layout at `path` (for callers inspecting output)."""
-    return json.loads((path / "index.json").read_bytes())

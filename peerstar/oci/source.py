@@ -96,17 +96,6 @@ class SourceImage(ABC):
 
     # -- public ----------------------------------------------------------------------
 
-    def has_blob(self, digest: str) -> bool:
-        """True if the blob is stored in the source."""
-        if digest in self._memory:
-            return True
-        try:
-            f, _ = self._open_raw(digest)
-        except BlobError:
-            return False
-        f.close()
-        return True
-
     def check_blob(self, desc: Descriptor) -> None:
         """Raise `BlobError` unless the blob of `desc` is stored with the right size.
 

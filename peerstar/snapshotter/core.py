@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from peerstar.lazyfs import MountError
 from peerstar.snapshotter.config import RemoteConfig
 from peerstar.snapshotter.errors import AlreadyExists, InvalidArgument
 from peerstar.snapshotter.filters import compile_filters
@@ -38,7 +39,6 @@ from peerstar.snapshotter.remote import (
     LABEL_REF,
     LABEL_REMOTE,
     LayerMounter,
-    MountError,
     NotRemote,
     RemoteLayer,
     image_layer_digests,

@@ -11,8 +11,10 @@ one mount daemon process per layer, in its own session, so a snapshotter restart
 not take running containers' layers down. `LayerMounter` also hands each daemon the
 registry credentials for its layer's host (`peerstar.snapshotter.credentials`: looked up
 at every mount, never stored in the snapshot database, passed in the daemon's
-environment) and the extra CA file (`[remote] ca_file`, through the environment the
-zygote and the daemons inherit).
+environment) and the `[remote]` settings as a `peerstar.lazyfs.options.MountOptions`
+(`mount_options`; the extra CA file `[remote] ca_file` among them, an argument of the
+zygote and of every daemon). A failed mount is lazyfs's `MountError`, its message
+extended with which credentials were used.
 
 Every reason not to go remote is a `NotRemote` with a sentence a log line can carry.
 """
@@ -27,11 +29,16 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from peerstar import lazyfs
+from peerstar.errors import PeerstarError
+from peerstar.lazyfs.auth import RegistryAuth
+from peerstar.lazyfs.mount import MountError
+from peerstar.lazyfs.options import CacheOptions, FetchOptions, MountOptions, PrefetchOptions
 from peerstar.snapshotter.config import RemoteConfig
 from peerstar.snapshotter.credentials import Credentials, CredentialsError, Keychain
 from peerstar.snapshotter.metrics import RESOLVED_AHEAD, RESOLVED_AHEAD_BYTES
@@ -60,7 +67,7 @@ DOCKER_HUB = "docker.io"
 DOCKER_HUB_API = "registry-1.docker.io"
 
 
-class NotRemote(Exception):
+class NotRemote(PeerstarError):
     """This layer is not mounted lazily; the message says why (it goes to the log)."""
 
 
@@ -159,8 +166,17 @@ def image_layer_digests(labels: dict[str, str]) -> list[str]:
     return [d for d in (item.strip() for item in value.split(",")) if _DIGEST_RE.match(d)]
 
 
-class MountError(Exception):
-    """The lazy mount of a layer failed; the message says why."""
+def mount_options(cfg: RemoteConfig) -> MountOptions:
+    """The lazyfs mount options `[remote]` sets (a layer's prefetch size aside)."""
+    return MountOptions(
+        fetch=FetchOptions(region_size=cfg.region_size, request_timeout=cfg.request_timeout,
+                           retries=cfg.retries,
+                           ca_file=str(Path(cfg.ca_file).resolve()) if cfg.ca_file else ""),
+        cache=CacheOptions(region_bytes=cfg.region_cache_bytes,
+                           chunk_bytes=cfg.chunk_cache_bytes),
+        prefetch=PrefetchOptions(timeout=cfg.prefetch_timeout, size=cfg.prefetch_size,
+                                 background=cfg.background_fetch),
+        verify=cfg.verify, open_timeout=cfg.mount_timeout)
 
 
 class LayerMounter:
@@ -177,6 +193,7 @@ class LayerMounter:
 
     def __init__(self, cfg: RemoteConfig, cache_dir: Path) -> None:
         self.cfg = cfg
+        self.options = mount_options(cfg)
         self.cache_dir = Path(cache_dir)
         self._mounts: dict[Path, Any] = {}  # mountpoint -> lazyfs LayerMount
         self._lock = threading.Lock()
@@ -193,12 +210,6 @@ class LayerMounter:
         except CredentialsError as exc:  # the default file: say so now, not per layer
             log.warning("%s; layers from registries needing credentials will be pulled "
                         "by containerd", exc)
-        if cfg.ca_file:
-            from peerstar.lazyfs.fetcher import CA_FILE_ENV
-
-            # Set before the zygote starts: it builds the TLS context every daemon forks
-            # with, and a `python -m` daemon inherits our environment.
-            os.environ[CA_FILE_ENV] = str(Path(cfg.ca_file).resolve())
 
     def start_zygote(self) -> None:
         """Start the zygote now, without waiting for its imports (~0.4 s): by the first
@@ -226,7 +237,8 @@ class LayerMounter:
             from peerstar.lazyfs.zygote import Zygote
 
             try:
-                self._zygote = Zygote.start()
+                # It builds the TLS context (with the CA file) every daemon forks with.
+                self._zygote = Zygote.start(ca_file=self.options.fetch.ca_file)
             except OSError as exc:
                 log.warning("cannot start the mount daemon zygote: %s; layer daemons start "
                             "with python -m", exc)
@@ -250,6 +262,12 @@ class LayerMounter:
             return self.keychain.lookup(host) or Credentials()
         except CredentialsError as exc:
             raise MountError(f"registry credentials for {host}: {exc}") from None
+
+    @staticmethod
+    def _auth(creds: Credentials) -> RegistryAuth:
+        """lazyfs's `RegistryAuth` for these credentials (anonymous when empty)."""
+        return RegistryAuth(creds.username, creds.password, creds.registry_token,
+                            creds.identity_token)
 
     def resolve_ahead(self, layer: RemoteLayer, digests: Iterable[str]) -> int:
         """Start resolving the other layers of `layer`'s image (`digests`, from the
@@ -285,17 +303,13 @@ class LayerMounter:
 
     def _resolve_one(self, url: str, digest: str, prefetch_size: int,
                      ready: threading.Event) -> None:
-        from peerstar.lazyfs.auth import RegistryAuth
         from peerstar.lazyfs.resolve import resolve_ahead
 
-        c = self.cfg
         try:
             creds = self._credentials(urlsplit(url).netloc)
-            auth = RegistryAuth(creds.username, creds.password, creds.registry_token,
-                                creds.identity_token)
-            res = resolve_ahead(url, digest, self._regions, region_size=c.region_size,
-                                prefetch_size=prefetch_size, timeout=c.request_timeout,
-                                retries=c.retries, auth=auth, on_toc=ready.set)
+            res = resolve_ahead(url, digest, self._regions, fetch=self.options.fetch,
+                                prefetch_size=prefetch_size, auth=self._auth(creds),
+                                on_toc=ready.set)
             RESOLVED_AHEAD.labels("ok").inc()
             RESOLVED_AHEAD_BYTES.inc(res.fetched_bytes)
             log.info("layer %s resolved ahead of its mount (TOC at %d, prefetch %d bytes, "
@@ -318,26 +332,18 @@ class LayerMounter:
 
     def mount(self, layer: RemoteLayer, mountpoint: Path) -> dict[str, Any]:
         """Mount `layer` at `mountpoint`; returns a short report for the log."""
-        from peerstar import lazyfs  # imported late: normal snapshots work without it
-
         mountpoint = Path(mountpoint).resolve()
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        c = self.cfg
         host = urlsplit(layer.url).netloc
         creds = self._credentials(host)
         self._wait_resolved(layer.digest)
+        options = replace(self.options,
+                          prefetch=replace(self.options.prefetch, size=layer.prefetch_size))
         try:
             m = lazyfs.mount_layer(
                 layer.url, layer.digest, layer.toc_digest, mountpoint, self.cache_dir,
-                prefetch_timeout=c.prefetch_timeout, verify=c.verify,
-                prefetch_size=layer.prefetch_size, region_size=c.region_size,
-                region_cache_bytes=c.region_cache_bytes,
-                chunk_cache_bytes=c.chunk_cache_bytes, request_timeout=c.request_timeout,
-                retries=c.retries, background=c.background_fetch,
-                open_timeout=c.mount_timeout, zygote=self._get_zygote(),
-                username=creds.username, password=creds.password,
-                token=creds.registry_token, refresh_token=creds.identity_token)
-        except lazyfs.MountError as exc:
+                options, auth=self._auth(creds), zygote=self._get_zygote())
+        except MountError as exc:
             # Which credentials were used (never their value): a 401 reads at once as
             # "none configured" or "these were refused".
             used = (f"credentials for {host} from {creds.source}" if not creds.empty else
@@ -349,8 +355,6 @@ class LayerMounter:
                 "prefetch_done": m.prefetch_done}
 
     def _find(self, mountpoint: Path) -> Any:
-        from peerstar import lazyfs
-
         mountpoint = Path(mountpoint).resolve()
         with self._lock:
             m = self._mounts.get(mountpoint)

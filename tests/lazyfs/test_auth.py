@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from peerstar.lazyfs.auth import RegistryAuth
-from peerstar.lazyfs.fetcher import CA_FILE_ENV, BlobFetcher, FetchError, tls_context
+from peerstar.lazyfs.fetcher import BlobFetcher, FetchError, tls_context
 from peerstar.lazyfs.state import (
     PASSWORD_ENV,
     REFRESH_TOKEN_ENV,
@@ -104,8 +104,8 @@ def test_refresh_token_grant() -> None:
                                                 'service="reg",scope="repository:app:pull"'})
         return blob_response(request)
 
-    client = httpx.Client(auth=RegistryAuth(refresh_token="refresh-xyz"),
-                          transport=httpx.MockTransport(handler))
+    auth = RegistryAuth(refresh_token="refresh-xyz")
+    client = httpx.Client(auth=auth, transport=httpx.MockTransport(handler))
     f = BlobFetcher(URL, client=client, region_size=1000)
     assert f.read_at(100, 5) == BLOB[100:105]
     assert f.read_at(3000, 5) == BLOB[3000:3005]
@@ -113,6 +113,8 @@ def test_refresh_token_grant() -> None:
     g = grants[0]
     assert g["grant_type"] == ["refresh_token"] and g["refresh_token"] == ["refresh-xyz"]
     assert g["service"] == ["reg"] and g["scope"] == ["repository:app:pull"]
+    # A mount daemon is handed what was given, not the access token obtained here.
+    assert auth.to_env() == {REFRESH_TOKEN_ENV: "refresh-xyz"}
 
 
 def test_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -126,6 +128,16 @@ def test_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for k in (USERNAME_ENV, PASSWORD_ENV, TOKEN_ENV, REFRESH_TOKEN_ENV):
         monkeypatch.delenv(k)
     assert RegistryAuth.from_env().anonymous
+
+
+def test_to_env_round_trips_through_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    given = RegistryAuth("u", "p", "tok", "ref")
+    for k, v in given.to_env().items():
+        monkeypatch.setenv(k, v)
+    got = RegistryAuth.from_env()
+    assert (got.username, got.password, got.token, got.refresh_token) == (
+        "u", "p", "tok", "ref")
+    assert RegistryAuth().to_env() == {}
 
 
 # -- TLS against a real server -------------------------------------------------------------
@@ -169,7 +181,7 @@ def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
 def test_untrusted_certificate_fails_at_once(tls_server: tuple[str, Path],
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     url, _ = tls_server
-    for k in (CA_FILE_ENV, "SSL_CERT_FILE", "SSL_CERT_DIR"):
+    for k in ("SSL_CERT_FILE", "SSL_CERT_DIR"):
         monkeypatch.delenv(k, raising=False)
     f = BlobFetcher(url, retries=3, backoff=5.0)
     t0 = time.monotonic()
@@ -183,29 +195,30 @@ def test_untrusted_certificate_fails_at_once(tls_server: tuple[str, Path],
     f.close()
 
 
-@pytest.mark.parametrize("how", [CA_FILE_ENV, "SSL_CERT_FILE"])
+@pytest.mark.parametrize("how", ["ca_file", "SSL_CERT_FILE"])
 def test_ca_file_or_ssl_cert_file_trusts_it(tls_server: tuple[str, Path], how: str,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     url, ca = tls_server
-    for k in (CA_FILE_ENV, "SSL_CERT_FILE", "SSL_CERT_DIR"):
+    for k in ("SSL_CERT_FILE", "SSL_CERT_DIR"):
         monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv(how, str(ca))
     if how == "SSL_CERT_FILE":
-        # The context is cached per CA file variable; SSL_CERT_FILE is read at build time.
+        monkeypatch.setenv(how, str(ca))
+        # The context is cached per CA file; SSL_CERT_FILE is read at build time.
         monkeypatch.setattr("peerstar.lazyfs.fetcher._tls", {})
-    f = BlobFetcher(url, region_size=1000)
+    f = BlobFetcher(url, region_size=1000, ca_file=str(ca) if how == "ca_file" else "")
     assert f.read_at(2000, 100) == BLOB[2000:2100]
     f.close()
-    if how == CA_FILE_ENV:  # added to, not instead of, the usual trust
-        ctx = tls_context()
+    if how == "ca_file":  # added to, not instead of, the usual trust
+        ctx = tls_context(str(ca))
         assert len(ctx.get_ca_certs()) > 1
 
 
 def test_certificate_for_another_name_says_so(tls_server: tuple[str, Path],
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     url, ca = tls_server
-    monkeypatch.setenv(CA_FILE_ENV, str(ca))  # trusted CA, but issued for 127.0.0.1 only
-    f = BlobFetcher(url.replace("127.0.0.1", "localhost"), retries=3, backoff=5.0)
+    # A trusted CA, but the certificate is issued for 127.0.0.1 only.
+    f = BlobFetcher(url.replace("127.0.0.1", "localhost"), retries=3, backoff=5.0,
+                    ca_file=str(ca))
     with pytest.raises(FetchError) as exc:
         f.read_at(0, 1)
     assert "not trusted" in str(exc.value) and "mismatch" in str(exc.value)
@@ -220,14 +233,13 @@ def test_image_manifests_use_the_layer_trust(tls_server: tuple[str, Path],
 
     url, ca = tls_server
     ref = parse_remote_ref(url.split("/")[2] + "/app:latest")
-    for k in (CA_FILE_ENV, "SSL_CERT_FILE", "SSL_CERT_DIR"):
+    for k in ("SSL_CERT_FILE", "SSL_CERT_DIR"):
         monkeypatch.delenv(k, raising=False)
     with pytest.raises(ImageMountError) as untrusted:
         resolve_layers(ref, plain_http=False)
     assert "CERTIFICATE_VERIFY_FAILED" in str(untrusted.value)
-    monkeypatch.setenv(CA_FILE_ENV, str(ca))
     # Trusted now: the TLS handshake passes and the (blob-serving) test server's answer
     # is refused as a manifest instead.
     with pytest.raises(ImageMountError) as reached:
-        resolve_layers(ref, plain_http=False)
+        resolve_layers(ref, plain_http=False, ca_file=str(ca))
     assert str(reached.value).endswith("/v2/app/manifests/latest: manifest is not JSON")

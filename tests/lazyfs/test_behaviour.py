@@ -14,16 +14,20 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from peerstar.estargz import Reader
 from peerstar.lazyfs import find_mount, mount_layer
+from peerstar.lazyfs.options import FetchOptions, MountOptions, PrefetchOptions
 from tests.lazyfs.blobserver import BlobServer
 from tests.lazyfs.conftest import BIG, PRIORITY, Layer, is_mounted
 
 pytestmark = pytest.mark.slow
+
+NO_BACKGROUND = MountOptions(prefetch=PrefetchOptions(background=False))
 
 
 def _stats(mnt: Path, layer: Layer) -> dict:
@@ -35,8 +39,8 @@ def test_prefetch_is_exactly_the_landmark_range(rich_layer: Layer, mnt: Path,
     server = BlobServer({rich_layer.digest: rich_layer.blob}).start()
     try:
         m = mount_layer(server.url(rich_layer.digest), rich_layer.digest,
-                        rich_layer.toc_digest, mnt, cache_dir, background=False,
-                        wait_prefetch=True)
+                        rich_layer.toc_digest, mnt, cache_dir,
+                        MountOptions(prefetch=PrefetchOptions(background=False, wait=True)))
         try:
             end = Reader.from_bytes(rich_layer.blob).prefetch_end()
             assert end is not None and end > len(PRIORITY) // 100
@@ -62,8 +66,8 @@ def test_mount_is_ready_before_prefetch_and_reads_wait_for_it(rich_layer: Layer,
     try:
         t0 = time.monotonic()
         m = mount_layer(server.url(rich_layer.digest), rich_layer.digest,
-                        rich_layer.toc_digest, mnt, cache_dir, background=False,
-                        prefetch_timeout=10)
+                        rich_layer.toc_digest, mnt, cache_dir,
+                        MountOptions(prefetch=PrefetchOptions(background=False, timeout=10)))
         try:
             assert not m.prefetch_done and time.monotonic() - t0 < 1.5
             # A prioritized file waits for the prefetch instead of fetching on its own:
@@ -86,8 +90,9 @@ def test_files_outside_the_prefetch_range_do_not_wait(rich_layer: Layer, mnt: Pa
     try:
         t0 = time.monotonic()
         m = mount_layer(server.url(rich_layer.digest), rich_layer.digest,
-                        rich_layer.toc_digest, mnt, cache_dir, background=False,
-                        prefetch_timeout=0.5, region_size=4096,
+                        rich_layer.toc_digest, mnt, cache_dir,
+                        MountOptions(fetch=FetchOptions(region_size=4096),
+                                     prefetch=PrefetchOptions(background=False, timeout=0.5)),
                         size=len(rich_layer.blob))  # no size probe: it is bytes=0-1
         try:
             # The last chunk of a file outside the prefetch range reads at once.
@@ -109,7 +114,8 @@ def test_no_prefetch_landmark_fetches_only_footer_and_toc(sample_layers: list[La
     server = BlobServer({layer.digest: layer.blob}).start()
     try:
         m = mount_layer(server.url(layer.digest), layer.digest, layer.toc_digest, mnt,
-                        cache_dir, background=False, prefetch_size=10 << 20)
+                        cache_dir, MountOptions(prefetch=PrefetchOptions(
+                            background=False, size=10 << 20)))
         try:
             r = Reader.from_bytes(layer.blob)
             toc_bytes = layer.size - r.footer.toc_offset
@@ -127,8 +133,9 @@ def test_background_fetch_completes_then_survives_outage(rich_layer: Layer, mnt:
     server = BlobServer({rich_layer.digest: rich_layer.blob}).start()
     try:
         m = mount_layer(server.url(rich_layer.digest), rich_layer.digest,
-                        rich_layer.toc_digest, mnt, cache_dir, background=True,
-                        background_idle=0.2, retries=0)
+                        rich_layer.toc_digest, mnt, cache_dir,
+                        MountOptions(fetch=FetchOptions(retries=0),
+                                     prefetch=PrefetchOptions(background_idle=0.2)))
         try:
             deadline = time.monotonic() + 20
             while _stats(mnt, rich_layer)["fetchedPercent"] < 100 and \
@@ -155,9 +162,11 @@ def test_mount_survives_its_starter_and_writes_metrics(rich_layer: Layer, mnt: P
         sys.path.insert(0, {str(repo)!r})
         from pathlib import Path
         from peerstar.lazyfs import mount_layer
+        from peerstar.lazyfs.options import MountOptions, PrefetchOptions
         m = mount_layer({server.url(rich_layer.digest)!r}, {rich_layer.digest!r},
                         {rich_layer.toc_digest!r}, Path({str(mnt)!r}),
-                        Path({str(cache_dir)!r}), background=False)
+                        Path({str(cache_dir)!r}),
+                        MountOptions(prefetch=PrefetchOptions(background=False)))
         print(m.pid, flush=True)
         time.sleep(60)
     """)
@@ -206,14 +215,14 @@ def test_no_verify_is_explicit(rich_layer: Layer, mnt: Path, cache_dir: Path) ->
     server = BlobServer({rich_layer.digest: bytes(blob)}).start()
     try:
         m = mount_layer(server.url(rich_layer.digest), rich_layer.digest,
-                        rich_layer.toc_digest, mnt, cache_dir, background=False,
-                        verify=False)
+                        rich_layer.toc_digest, mnt, cache_dir,
+                        replace(NO_BACKGROUND, verify=False))
         try:
             assert (mnt / "data/prio.txt").read_bytes() == new  # served unchecked
         finally:
             m.unmount()
         m = mount_layer(server.url(rich_layer.digest), rich_layer.digest,
-                        rich_layer.toc_digest, mnt, cache_dir / "v", background=False)
+                        rich_layer.toc_digest, mnt, cache_dir / "v", NO_BACKGROUND)
         try:
             with pytest.raises(OSError):
                 (mnt / "data/prio.txt").read_bytes()
@@ -227,7 +236,7 @@ def test_sigterm_unmounts(rich_layer: Layer, mnt: Path, cache_dir: Path) -> None
     server = BlobServer({rich_layer.digest: rich_layer.blob}).start()
     try:
         m = mount_layer(server.url(rich_layer.digest), rich_layer.digest,
-                        rich_layer.toc_digest, mnt, cache_dir, background=False)
+                        rich_layer.toc_digest, mnt, cache_dir, NO_BACKGROUND)
         fd = os.open(mnt / "data/prio.txt", os.O_RDONLY)  # even with a file open
         try:
             os.kill(m.pid, signal.SIGTERM)

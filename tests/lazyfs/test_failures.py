@@ -17,6 +17,7 @@ import pytest
 
 from peerstar.estargz import Reader
 from peerstar.lazyfs import mount_layer
+from peerstar.lazyfs.options import FetchOptions, MountOptions, PrefetchOptions
 from tests.lazyfs.blobserver import BlobServer
 from tests.lazyfs.conftest import BIG, CHUNK, PRIORITY, Layer, push_image
 from tests.support.containerd import require_binaries
@@ -51,8 +52,8 @@ def test_tampered_chunk_gives_eio_and_others_still_read(rich_layer: Layer, mnt: 
     try:
         # The TOC is untouched, so its digest still matches and the mount succeeds.
         m = mount_layer(server.url(rich_layer.digest), rich_layer.digest,
-                        rich_layer.toc_digest, mnt, cache_dir, background=False,
-                        prefetch_timeout=10)
+                        rich_layer.toc_digest, mnt, cache_dir,
+                        MountOptions(prefetch=PrefetchOptions(background=False, timeout=10)))
         try:
             assert _read_errno(mnt / "data/big.bin") == errno.EIO
             assert _read_errno(mnt / "data/big.bin", CHUNK + 10, 100) == errno.EIO
@@ -98,8 +99,9 @@ def test_registry_outage_after_prefetch(rich_layer: Layer, mnt: Path, cache_dir:
         push_image(reg.url, "lazyfs/outage", "latest", [rich_layer])
         url = f"{reg.url}/v2/lazyfs/outage/blobs/{rich_layer.digest}"
         m = mount_layer(url, rich_layer.digest, rich_layer.toc_digest, mnt, cache_dir,
-                        background=False, retries=0, request_timeout=5, prefetch_timeout=10,
-                        wait_prefetch=True)
+                        MountOptions(fetch=FetchOptions(retries=0, request_timeout=5),
+                                     prefetch=PrefetchOptions(background=False, timeout=10,
+                                                              wait=True)))
         try:
             assert m.prefetch_done
             reg._terminate()  # the registry is down from here on

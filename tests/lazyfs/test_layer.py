@@ -1,10 +1,9 @@
 """LazyLayer without FUSE: verified reads across chunk boundaries, one fetch and one
 verification per chunk under concurrent readers, bad bytes forgotten, async cache
-writes served from memory until on disk, and the asyncio read variant."""
+writes served from memory until on disk."""
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from pathlib import Path
@@ -106,11 +105,6 @@ def test_async_cache_serves_pending_then_flushes(tmp_path: Path) -> None:
     files = list((tmp_path / "c").glob("??/*"))
     assert len(files) == 1 and files[0].read_bytes() == b"v" * 100
     assert c.get("k") == b"v" * 100
-
-
-def test_aread_at(served: BlobServer, rich_layer: Layer) -> None:
-    f = BlobFetcher(served.url(rich_layer.digest))
-    assert asyncio.run(f.aread_at(100, 50)) == rich_layer.blob[100:150]
 
 
 def test_background_fetch_waits_for_idle_from_mount_time_and_across_layers(

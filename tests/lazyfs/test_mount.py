@@ -17,15 +17,16 @@ from pathlib import Path
 import pytest
 
 from peerstar.lazyfs import MountError, find_mount, mount_layer
+from peerstar.lazyfs.options import FetchOptions, MountOptions, PrefetchOptions
 from tests.lazyfs.conftest import BIG, MTIME, PRIORITY, RICH_ITEMS, Layer, is_mounted
 
 pytestmark = pytest.mark.slow
 
 
-def _mount(url: str, layer: Layer, mnt: Path, cache_dir: Path, **kw):  # type: ignore[no-untyped-def]
-    kw.setdefault("background", False)
-    kw.setdefault("prefetch_timeout", 10.0)
-    return mount_layer(url, layer.digest, layer.toc_digest, mnt, cache_dir, **kw)
+def _mount(url: str, layer: Layer, mnt: Path, cache_dir: Path, *,  # type: ignore[no-untyped-def]
+           wait_prefetch: bool = False):
+    options = MountOptions(prefetch=PrefetchOptions(background=False, wait=wait_prefetch))
+    return mount_layer(url, layer.digest, layer.toc_digest, mnt, cache_dir, options)
 
 
 def test_attributes_links_xattrs_and_bytes(pushed_rich: str, rich_layer: Layer, mnt: Path,
@@ -156,7 +157,7 @@ def test_missing_blob_refuses_to_mount(docker_registry, rich_layer: Layer, mnt: 
     url = f"{docker_registry.url}/v2/lazyfs/none/blobs/sha256:{'1' * 64}"
     with pytest.raises(MountError, match="404"):
         mount_layer(url, "sha256:" + "1" * 64, rich_layer.toc_digest, mnt, cache_dir,
-                    retries=0)
+                    MountOptions(fetch=FetchOptions(retries=0)))
     assert not is_mounted(mnt)
 
 

@@ -11,12 +11,16 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from peerstar.lazyfs import MountError, find_mount, mount_layer
+from peerstar.lazyfs.auth import RegistryAuth
 from peerstar.lazyfs.mount import _pid_alive
+from peerstar.lazyfs.options import FetchOptions, MountOptions, PrefetchOptions
+from peerstar.lazyfs.state import PASSWORD_ENV, TOKEN_ENV, USERNAME_ENV
 from peerstar.lazyfs.zygote import Zygote, ZygoteError
 from tests.lazyfs.blobserver import BlobServer
 from tests.lazyfs.conftest import BIG, PRIORITY, Layer, is_mounted
@@ -24,6 +28,8 @@ from tests.lazyfs.conftest import BIG, PRIORITY, Layer, is_mounted
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
+NO_BACKGROUND = MountOptions(prefetch=PrefetchOptions(background=False))
+WAIT_PREFETCH = MountOptions(prefetch=PrefetchOptions(background=False, wait=True))
 
 
 def _wait(cond, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
@@ -57,8 +63,7 @@ def test_forked_mount_is_fast_and_in_its_own_session(rich_layer: Layer, mnt: Pat
         z.wait_ready()
         t0 = time.monotonic()
         m = mount_layer(server.url(rich_layer.digest), rich_layer.digest,
-                        rich_layer.toc_digest, mnt, cache_dir, background=False, zygote=z,
-                        wait_prefetch=True)
+                        rich_layer.toc_digest, mnt, cache_dir, WAIT_PREFETCH, zygote=z)
         took = time.monotonic() - t0
         try:
             assert m.prefetch_done and is_mounted(mnt)
@@ -87,11 +92,13 @@ def test_mounts_survive_zygote_and_starter_death(rich_layer: Layer, mnt: Path,
         sys.path.insert(0, {str(REPO)!r})
         from pathlib import Path
         from peerstar.lazyfs import mount_layer
+        from peerstar.lazyfs.options import MountOptions, PrefetchOptions
         from peerstar.lazyfs.zygote import Zygote
         z = Zygote.start()
         m = mount_layer({server.url(rich_layer.digest)!r}, {rich_layer.digest!r},
                         {rich_layer.toc_digest!r}, Path({str(mnt)!r}),
-                        Path({str(cache_dir)!r}), background=False, zygote=z)
+                        Path({str(cache_dir)!r}),
+                        MountOptions(prefetch=PrefetchOptions(background=False)), zygote=z)
         print(m.pid, z.proc.pid, flush=True)
         time.sleep(60)
     """)
@@ -154,16 +161,16 @@ def test_failing_mount_reports_its_reason(rich_layer: Layer, mnt: Path, cache_di
     with Zygote.start() as z:
         with pytest.raises(MountError, match="TOC digest"):
             mount_layer(server.url(rich_layer.digest), rich_layer.digest,
-                        "sha256:" + "0" * 64, mnt, cache_dir, background=False, zygote=z)
+                        "sha256:" + "0" * 64, mnt, cache_dir, NO_BACKGROUND, zygote=z)
         assert not is_mounted(mnt)
         with pytest.raises(MountError, match="404"):
             mount_layer(server.url("sha256:" + "1" * 64), "sha256:" + "1" * 64,
-                        rich_layer.toc_digest, mnt, cache_dir, retries=0, zygote=z)
+                        rich_layer.toc_digest, mnt, cache_dir,
+                        MountOptions(fetch=FetchOptions(retries=0)), zygote=z)
         assert not is_mounted(mnt)
         # The zygote is unharmed and serves the next mount.
         m = mount_layer(server.url(rich_layer.digest), rich_layer.digest,
-                        rich_layer.toc_digest, mnt, cache_dir, background=False, zygote=z,
-                        wait_prefetch=True)
+                        rich_layer.toc_digest, mnt, cache_dir, WAIT_PREFETCH, zygote=z)
         m.unmount()
 
 
@@ -173,7 +180,7 @@ def test_fallback_without_a_working_zygote(rich_layer: Layer, mnt: Path, cache_d
     z.proc.kill()
     z.proc.wait()
     m = mount_layer(server.url(rich_layer.digest), rich_layer.digest,
-                    rich_layer.toc_digest, mnt, cache_dir, background=False, zygote=z)
+                    rich_layer.toc_digest, mnt, cache_dir, NO_BACKGROUND, zygote=z)
     try:
         assert (mnt / "data/prio.txt").read_bytes() == PRIORITY
         assert b"peerstar.lazyfs.mountd" in Path(f"/proc/{m.pid}/cmdline").read_bytes()
@@ -182,9 +189,28 @@ def test_fallback_without_a_working_zygote(rich_layer: Layer, mnt: Path, cache_d
     z.close()
     # No zygote at all: the plain start, as before.
     m = mount_layer(server.url(rich_layer.digest), rich_layer.digest,
-                    rich_layer.toc_digest, mnt, cache_dir, background=False)
+                    rich_layer.toc_digest, mnt, cache_dir, NO_BACKGROUND)
     try:
         assert b"peerstar.lazyfs.mountd" in Path(f"/proc/{m.pid}/cmdline").read_bytes()
+    finally:
+        m.unmount()
+
+
+def test_daemon_gets_the_credentials_given_and_none_of_the_starters(
+        rich_layer: Layer, mnt: Path, cache_dir: Path, server: BlobServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A `python -m` daemon's environment (readable in /proc, unlike a forked one's
+    updated one) holds the `auth` given to mount_layer, and no registry secret the
+    starting process happened to have in its own environment."""
+    monkeypatch.setenv(PASSWORD_ENV, "starters-secret")
+    monkeypatch.setenv(TOKEN_ENV, "starters-token")
+    m = mount_layer(server.url(rich_layer.digest), rich_layer.digest,
+                    rich_layer.toc_digest, mnt, cache_dir, NO_BACKGROUND,
+                    auth=RegistryAuth("alice", "pw-given"))
+    try:
+        environ = Path(f"/proc/{m.pid}/environ").read_bytes().split(b"\0")
+        ours = sorted(e for e in environ if e.startswith(b"PEERSTAR_REGISTRY_"))
+        assert ours == [f"{PASSWORD_ENV}=pw-given".encode(), f"{USERNAME_ENV}=alice".encode()]
     finally:
         m.unmount()
 
@@ -199,8 +225,8 @@ def test_zygote_lost_mid_request_does_not_start_a_second_daemon(
     try:
         with pytest.raises(MountError, match="no answer from the zygote"):
             mount_layer(server.url(rich_layer.digest), rich_layer.digest,
-                        rich_layer.toc_digest, mnt, cache_dir, background=False, zygote=z,
-                        open_timeout=1.0)
+                        rich_layer.toc_digest, mnt, cache_dir,
+                        replace(NO_BACKGROUND, open_timeout=1.0), zygote=z)
         assert not is_mounted(mnt)
         assert not m_log_has_daemon(cache_dir)
         assert not z.alive  # broken off: a late answer must not be read as another's

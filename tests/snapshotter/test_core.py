@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from peerstar.lazyfs import MountError
 from peerstar.snapshotter.config import ConfigError, RemoteConfig, load_config, parse_config
 from peerstar.snapshotter.core import Mount, Snapshotter
 from peerstar.snapshotter.errors import (
@@ -26,7 +27,6 @@ from peerstar.snapshotter.remote import (
     LABEL_STARGZ_DIGEST,
     LABEL_STARGZ_REFERENCE,
     LABEL_TOC_DIGEST,
-    MountError,
     NotRemote,
     RemoteLayer,
     parse_image_reference,

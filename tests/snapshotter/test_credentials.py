@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from peerstar.lazyfs import MountError
+from peerstar.lazyfs.state import PASSWORD_ENV, USERNAME_ENV
 from peerstar.snapshotter.config import ConfigError, RemoteConfig, load_config, parse_config
 from peerstar.snapshotter.credentials import (
     Credentials,
@@ -23,7 +25,7 @@ from peerstar.snapshotter.credentials import (
     lookup,
     parse_docker_config,
 )
-from peerstar.snapshotter.remote import LayerMounter, MountError, RemoteLayer
+from peerstar.snapshotter.remote import LayerMounter, RemoteLayer
 from tests.support.tls import make_ca
 
 
@@ -229,7 +231,7 @@ def _capture(monkeypatch: pytest.MonkeyPatch, fail: str = "") -> dict[str, Any]:
     seen: dict[str, Any] = {}
 
     def fake_mount_layer(*args: Any, **kwargs: Any) -> Any:
-        seen.update(kwargs)
+        seen.update(kwargs, options=args[5])
         raise lazyfs.MountError(fail or "stop here")
 
     monkeypatch.setattr(lazyfs, "mount_layer", fake_mount_layer)
@@ -244,8 +246,8 @@ def test_mounter_passes_credentials_of_the_layers_host(
     mounter = LayerMounter(RemoteConfig(auth_file=str(auth), zygote=False), tmp_path / "c")
     with pytest.raises(MountError) as exc:
         mounter.mount(LAYER, tmp_path)
-    assert (seen["username"], seen["password"]) == ("alice", "pw1")
-    assert seen["token"] is None and seen["refresh_token"] is None
+    # All of them, as the daemon gets them: no bearer or refresh token besides.
+    assert seen["auth"].to_env() == {USERNAME_ENV: "alice", PASSWORD_ENV: "pw1"}
     assert f"credentials for r.example:5000 from {auth} (auths)" in str(exc.value)
     assert "pw1" not in str(exc.value)
     assert "pw1" not in json.dumps(LAYER.to_json())
@@ -258,7 +260,7 @@ def test_mounter_without_credentials_says_so(tmp_path: Path,
     mounter = LayerMounter(RemoteConfig(auth_file=str(auth), zygote=False), tmp_path / "c")
     with pytest.raises(MountError, match=f"no credentials for r.example:5000 in {auth}"):
         mounter.mount(LAYER, tmp_path)
-    assert seen["username"] is None and seen["password"] is None
+    assert seen["auth"].to_env() == {}
 
 
 def test_mounter_bad_credentials_file_fails_the_mount(
@@ -274,10 +276,24 @@ def test_mounter_bad_credentials_file_fails_the_mount(
     assert seen == {}  # no daemon was started
 
 
-def test_mounter_exports_the_ca_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from peerstar.lazyfs.fetcher import CA_FILE_ENV
-
-    monkeypatch.setenv(CA_FILE_ENV, "")  # recorded: the mounter's value is undone after
-    ca = write(tmp_path / "ca.pem", "x")
-    LayerMounter(RemoteConfig(ca_file=str(ca), zygote=False), tmp_path / "c")
-    assert os.environ[CA_FILE_ENV] == str(ca.resolve())
+def test_mounter_passes_the_ca_file_as_an_option(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """`[remote] ca_file` reaches the mount as an option (absolute: the daemon may run
+    elsewhere), with the rest of `[remote]`; the process environment is left alone."""
+    environ = dict(os.environ)
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "ca.pem", "x")
+    seen = _capture(monkeypatch)
+    auth = write(tmp_path / "c.json", {"auths": {}})
+    cfg = RemoteConfig(ca_file="ca.pem", auth_file=str(auth), zygote=False,
+                       region_size=1234, retries=7,
+                       prefetch_size=99, background_fetch=False, mount_timeout=12.5)
+    mounter = LayerMounter(cfg, tmp_path / "c")
+    with pytest.raises(MountError):
+        mounter.mount(RemoteLayer(**{**LAYER.to_json(), "prefetch_size": 4096}), tmp_path)
+    opts = seen["options"]
+    assert opts.fetch.ca_file == str((tmp_path / "ca.pem").resolve())
+    assert (opts.fetch.region_size, opts.fetch.retries) == (1234, 7)
+    assert (opts.prefetch.size, opts.prefetch.background) == (4096, False)  # the layer's
+    assert opts.open_timeout == 12.5 and mounter.options.prefetch.size == 99
+    assert dict(os.environ) == environ

@@ -61,9 +61,8 @@ def _no_ambient_trust_or_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     """The snapshotter inherits our environment: no CA or docker config from the machine
     decides these tests (an empty HOME means no ~/.docker/config.json)."""
     for var in ("SSL_CERT_FILE", "SSL_CERT_DIR", "DOCKER_CONFIG",
-                "PEERSTAR_REGISTRY_CA_FILE", "PEERSTAR_REGISTRY_USERNAME",
-                "PEERSTAR_REGISTRY_PASSWORD", "PEERSTAR_REGISTRY_TOKEN",
-                "PEERSTAR_REGISTRY_REFRESH_TOKEN"):
+                "PEERSTAR_REGISTRY_USERNAME", "PEERSTAR_REGISTRY_PASSWORD",
+                "PEERSTAR_REGISTRY_TOKEN", "PEERSTAR_REGISTRY_REFRESH_TOKEN"):
         monkeypatch.delenv(var, raising=False)
     home = tmp_path / "home"
     home.mkdir()
