@@ -291,7 +291,7 @@ class LayerMounter:
             if todo and self._ahead_pool is None:
                 from peerstar.lazyfs.resolve import region_cache
 
-                self._regions = region_cache(self.cache_dir, self.cfg.region_cache_bytes)
+                self._regions = region_cache(self.cache_dir, self.options.cache.region_bytes)
                 self._ahead_pool = ThreadPoolExecutor(RESOLVE_AHEAD_WORKERS,
                                                       thread_name_prefix="resolve-ahead")
             pool = self._ahead_pool
