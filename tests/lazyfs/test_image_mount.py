@@ -128,6 +128,23 @@ def test_non_estargz_image_is_refused(docker_registry: DockerRegistry,
     assert not is_mounted(target)
 
 
+def test_unusable_ca_file_is_refused(pushed_sample: str, tmp_path: Path) -> None:
+    target = tmp_path / "rootfs"
+    target.mkdir()
+    bad = tmp_path / "ca.pem"
+    bad.write_text("not a certificate\n")
+    for ca, why in ((tmp_path / "none.pem", "does not exist"),
+                    (bad, "holds no usable PEM certificate")):
+        res = _peerstar("mount", pushed_sample, str(target), "--ca-file", str(ca),
+                        "--work-root", str(tmp_path / "work"), "--cache-dir",
+                        str(tmp_path / "c"))
+        assert res.returncode == 1, res.stderr
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1, res.stderr  # one line, no traceback
+        assert lines[0].startswith(f"peerstar: error: CA file {ca} {why}"), res.stderr
+        assert not is_mounted(target) and not (tmp_path / "work").exists()
+
+
 def test_index_picks_host_platform(docker_registry: DockerRegistry, pushed_sample: str,
                                    sample_layers: list[Layer], rich_layer: Layer) -> None:
     import urllib.request
