@@ -1,15 +1,31 @@
 """A bounded on-disk byte cache: fetched compressed regions and verified chunks.
 
 Owns: file naming, atomic writes (write to `wip/`, then rename, so a reader never sees a
-partial file and a crash leaves only `wip/` litter, cleared at start), and eviction of
-the least recently used files once the total exceeds `max_bytes`.
+partial file and a crash leaves only `wip/` litter, cleared at start), eviction of the
+least recently used files so the total stays within `max_bytes`, what a full disk does
+to it, and its metrics (bytes, hits, misses, evictions, failed writes).
 
 Several mount daemons (one per layer) share one directory, so the bound is enforced on
-the directory itself, not on per-process bookkeeping: a hit touches the file's mtime,
-and after every `max_bytes / 16` bytes written (or when the estimate passes the bound)
-the writer takes an exclusive `flock` on `.lock`, scans the directory and removes the
-oldest files down to 90 % of the bound. A file another process evicted is simply a miss,
-which is why `get` treats a vanished or short file as absent rather than as an error.
+the directory itself, not on per-process bookkeeping: every write of a bounded cache
+takes an exclusive `flock` on `.lock`, which also holds the directory's byte count.
+If the new file would take the count past `max_bytes`, the writer scans the directory
+(the exact count) and removes the least recently used files (a hit touches a file's
+mtime) down to 90 % of the bound less the new file, then writes it. So the directory
+never holds more than `max_bytes`, or one file more when that file alone is bigger than
+the bound. The count may run high (a key written twice, a file removed by hand) -- that
+only brings the next scan sooner -- never low. A file another process evicted is simply
+a miss, which is why `get` treats a vanished or short file as absent, not as an error.
+
+Nothing a reader holds is evicted from under it: `get` reads a whole file into memory
+in one go (an unlinked file stays readable through the open descriptor), and the layer
+serves the chunk it is reading from that memory copy, so eviction only ever turns a
+later read into a miss, which fetches and verifies the bytes again.
+
+A write that fails (disk full -- ENOSPC or EDQUOT -- or any other OSError) leaves
+nothing behind (its `wip/` file is removed) and is not an error for the caller: the
+bytes were fetched and, for chunks, verified, and are served from memory; only a later
+read fetches them again. One log line says which cache could not be written and why;
+the next write that succeeds logs that the cache writes again.
 
 With `async_writes`, `put` hands the bytes to one writer thread and returns at once
 (a cold read then waits for the network only, not for the disk); until written, the
@@ -19,12 +35,21 @@ writes itself).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
+import logging
 import os
 import queue
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
+
+from peerstar.lazyfs import metrics
+
+log = logging.getLogger("peerstar.lazyfs.cache")
 
 DEFAULT_MAX_BYTES = 4 << 30  # per cache (regions, chunks) and cache directory
 _LOW_WATER = 0.9  # evict down to this fraction of the bound, so scans stay rare
@@ -32,14 +57,24 @@ MAX_PENDING = 64 << 20
 
 
 class DiskCache:
-    """Key -> bytes files under `root`, at most about `max_bytes` in total (0 = unbounded)."""
+    """Key -> bytes files under `root`, at most `max_bytes` in total (0 = unbounded).
 
-    def __init__(self, root: Path, max_bytes: int = 0, *, async_writes: bool = False) -> None:
+    `layer` labels this process's hit/miss/eviction metrics (the mount daemon's layer)."""
+
+    def __init__(self, root: Path, max_bytes: int = 0, *, async_writes: bool = False,
+                 layer: str = "") -> None:
         self.root = Path(root)
         self.max_bytes = max_bytes
         self._pending: dict[str, bytes] = {}
         self._pending_bytes = 0
         self._queue: queue.Queue[str | None] | None = None
+        name = self.root.name
+        self._hits = metrics.CACHE_HITS.labels(layer, name)
+        self._misses = metrics.CACHE_MISSES.labels(layer, name)
+        self._evictions = metrics.CACHE_EVICTIONS.labels(layer, name)
+        self._write_failures = metrics.CACHE_WRITE_FAILURES.labels(layer, name)
+        self._bytes = metrics.CACHE_BYTES.labels(name)
+        self._failing: str | None = None  # why writes fail, while they do
         if async_writes:
             self._queue = queue.Queue()
             threading.Thread(target=self._writer, daemon=True, name="cache-writer").start()
@@ -51,8 +86,13 @@ class DiskCache:
             if not (pid.isdigit() and os.path.exists(f"/proc/{pid}")):
                 stale.unlink(missing_ok=True)
         self._lock = threading.Lock()
-        self._since_scan = 0
-        self.total = self._scan(evict=bool(max_bytes))
+        with self._locked() as lockf:
+            self.total = self._scan(evict=bool(max_bytes))
+            try:
+                _store_count(lockf, self.total)
+            except OSError:
+                pass  # a full disk: the next bounded write counts again
+        self._bytes.set(self.total)
 
     @staticmethod
     def _name(key: str) -> str:
@@ -65,17 +105,18 @@ class DiskCache:
         """The cached bytes, or None (absent, evicted meanwhile, or not `size` long)."""
         with self._lock:
             data = self._pending.get(key)
-        if data is not None:
-            return data if size is None or len(data) == size else None
-        path = self.root / self._name(key)
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-            os.utime(path)  # recently used: the last to be evicted
-        except (FileNotFoundError, NotADirectoryError):
+        if data is None:
+            path = self.root / self._name(key)
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+                os.utime(path)  # recently used: the last to be evicted
+            except (FileNotFoundError, NotADirectoryError):
+                data = None
+        if data is None or (size is not None and len(data) != size):
+            self._misses.inc()
             return None
-        if size is not None and len(data) != size:
-            return None
+        self._hits.inc()
         return data
 
     def __contains__(self, key: str) -> bool:
@@ -85,6 +126,7 @@ class DiskCache:
         return (self.root / self._name(key)).exists()
 
     def put(self, key: str, data: bytes) -> None:
+        """Cache `data` under `key`; never raises for the disk (see the module doc)."""
         if self._queue is not None:
             with self._lock:
                 queued = self._pending_bytes + len(data) <= MAX_PENDING
@@ -108,8 +150,6 @@ class DiskCache:
             try:
                 if data is not None:
                     self._write(key, data)
-            except OSError:
-                pass  # a cache write failing only costs a later refetch
             finally:
                 with self._lock:
                     if self._pending.pop(key, None) is not None:
@@ -117,28 +157,42 @@ class DiskCache:
                 self._queue.task_done()
 
     def flush(self) -> None:
-        """Wait until every queued write is on disk."""
+        """Wait until every queued write is on disk (or has failed)."""
         if self._queue is not None:
             self._queue.join()
 
     def _write(self, key: str, data: bytes) -> None:
         path = self.root / self._name(key)
-        path.parent.mkdir(exist_ok=True)
         tmp = self._wip / f"{path.name}.{os.getpid()}.{threading.get_ident()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-        with self._lock:
-            self.total += len(data)
-            self._since_scan += len(data)
-            due = self.max_bytes and (self.total > self.max_bytes
-                                      or self._since_scan > self.max_bytes // 16)
-            if due:
-                self._since_scan = 0
-        if due:
-            total = self._scan(evict=True)
-            with self._lock:
-                self.total = total
+        try:
+            if not self.max_bytes:
+                _store(tmp, path, data)
+                with self._lock:
+                    self.total += len(data)
+            else:
+                with self._locked() as lockf:
+                    total = _load_count(lockf)
+                    if total is None or total + len(data) > self.max_bytes:
+                        total = self._scan(evict=True, room=len(data))
+                    _store(tmp, path, data)
+                    total += len(data)
+                    _store_count(lockf, total)
+                    self.total = total
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)  # no partial entry, in wip/ or elsewhere
+            self._write_failures.inc()
+            why = ("disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                   else "cannot write")
+            if self._failing != why:
+                self._failing = why
+                log.error("cache %s: %s (%s): not caching until writes succeed again; "
+                          "reads fetch what is not cached", self.root, why,
+                          exc.strerror or exc)
+            return
+        self._bytes.set(self.total)
+        if self._failing is not None:
+            self._failing = None
+            log.info("cache %s: writes succeed again", self.root)
 
     def discard(self, key: str) -> None:
         with self._lock:
@@ -147,31 +201,59 @@ class DiskCache:
                 self._pending_bytes -= len(data)
         (self.root / self._name(key)).unlink(missing_ok=True)
 
-    def _scan(self, *, evict: bool) -> int:
-        """Bytes in the cache now; with `evict`, oldest files removed first to the bound."""
+    @contextmanager
+    def _locked(self) -> Iterator[IO[str]]:
+        """`.lock`, held exclusively: one writer or scanner at a time across processes."""
         with open(self.root / ".lock", "a+") as lockf:
-            fcntl.flock(lockf, fcntl.LOCK_EX)  # one scanner at a time across processes
-            files = []
-            total = 0
-            for sub in os.scandir(self.root):
-                if sub.name == "wip" or not sub.is_dir():
+            fcntl.flock(lockf, fcntl.LOCK_EX)
+            yield lockf
+
+    def _scan(self, *, evict: bool, room: int = 0) -> int:
+        """Bytes in the cache now; with `evict` (and a bound), the least recently used
+        files removed once the total plus `room` passes the bound, down to the low-water
+        mark less `room`. Call with `_locked` held."""
+        files = []
+        total = 0
+        for sub in os.scandir(self.root):
+            if sub.name == "wip" or not sub.is_dir():
+                continue
+            for f in os.scandir(sub.path):
+                try:
+                    st = f.stat()
+                except FileNotFoundError:
                     continue
-                for f in os.scandir(sub.path):
-                    try:
-                        st = f.stat()
-                    except FileNotFoundError:
-                        continue
-                    files.append((st.st_mtime_ns, f.path, st.st_size))
-                    total += st.st_size
-            if evict and self.max_bytes and total > self.max_bytes:
-                files.sort()
-                target = int(self.max_bytes * _LOW_WATER)
-                for _mtime, p, size in files:
-                    if total <= target:
-                        break
-                    try:
-                        os.unlink(p)
-                    except FileNotFoundError:
-                        continue
-                    total -= size
+                files.append((st.st_mtime_ns, f.path, st.st_size))
+                total += st.st_size
+        if evict and self.max_bytes and total + room > self.max_bytes:
+            files.sort()
+            target = int(self.max_bytes * _LOW_WATER) - room
+            for _mtime, p, size in files:
+                if total <= target:
+                    break
+                try:
+                    os.unlink(p)
+                except FileNotFoundError:
+                    continue
+                total -= size
+                self._evictions.inc()
         return total
+
+
+def _store(tmp: Path, path: Path, data: bytes) -> None:
+    path.parent.mkdir(exist_ok=True)
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _load_count(lockf: IO[str]) -> int | None:
+    lockf.seek(0)
+    text = lockf.read().strip()
+    return int(text) if text.isdigit() else None
+
+
+def _store_count(lockf: IO[str], total: int) -> None:
+    lockf.seek(0)
+    lockf.truncate()
+    lockf.write(str(total))
+    lockf.flush()

@@ -87,9 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     label = args.digest[:19]
     try:
         regions = DiskCache(args.cache_dir / "regions", opts.cache.region_bytes,
-                            async_writes=True)
+                            async_writes=True, layer=label)
         chunks = DiskCache(args.cache_dir / "chunks", opts.cache.chunk_bytes,
-                           async_writes=True)
+                           async_writes=True, layer=label)
         auth = RegistryAuth.from_env(args.username)  # credentials come in the environment
         fetcher = BlobFetcher(args.url, digest=args.digest, size=args.size,
                               region_size=opts.fetch.region_size, cache=regions,
@@ -119,13 +119,19 @@ def main(argv: list[str] | None = None) -> int:
         "url": args.url, "toc_digest": args.toc_digest, "started": time.time(),
     })
     terminated = False
+    stats_failing = False
 
     def write_stats() -> None:
+        nonlocal stats_failing
         try:
             write_json_atomic(paths.stats, layer.stats())
             metrics.write_textfile(paths.prom)
         except OSError as exc:
-            log.warning("cannot write stats: %s", exc)
+            if not stats_failing:  # every 2 s: one line, not one per try
+                log.warning("cannot write stats: %s", exc)
+            stats_failing = True
+        else:
+            stats_failing = False
 
     async def serve() -> None:
         nonlocal terminated

@@ -40,8 +40,12 @@ def state_paths(cache_dir: Path, mountpoint: Path) -> StatePaths:
 
 def write_json_atomic(path: Path, obj: object) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=1) + "\n")
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written file behind
+        raise
 
 
 def _unescape(field: str) -> str:
