@@ -17,8 +17,9 @@ File format (every key optional):
     prefetch_timeout = 10.0       # seconds a mount waits for prioritized files
     prefetch_size = 0             # bytes to prefetch when a layer has no landmark
     region_size = 50000           # bytes per fetched region
-    region_cache_bytes = 0        # compressed-region cache limit, 0 = unbounded
-    chunk_cache_bytes = 0         # verified-chunk cache limit, 0 = unbounded
+    region_cache_bytes = "10%"    # compressed-region cache bound: bytes, or a share of
+                                  # the filesystem holding `root` ("N%"); 0 = unbounded
+    chunk_cache_bytes = "10%"     # verified-chunk cache bound, the same way
     background_fetch = true       # fetch the rest of a layer when idle
     verify = true                 # check TOC and chunk digests (false is DANGEROUS)
     request_timeout = 30.0        # seconds per HTTP request
@@ -38,6 +39,8 @@ missing or unusable stops the start with a message saying which and why.
 
 from __future__ import annotations
 
+import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -48,6 +51,10 @@ from peerstar.errors import PeerstarError
 DEFAULT_ADDRESS = Path("/run/peerstar/snapshotter.sock")
 DEFAULT_ROOT = Path("/var/lib/peerstar/snapshotter")
 DEFAULT_CONFIG = Path("/etc/peerstar/snapshotter.toml")
+# Each of the two caches may take this share of the filesystem holding the cache: a
+# node's disk is bounded by default, whatever its size.
+DEFAULT_CACHE_SHARE = "10%"
+_SHARE_RE = re.compile(r"(\d+(?:\.\d+)?)%")
 
 
 class ConfigError(PeerstarError):
@@ -62,8 +69,8 @@ class RemoteConfig:
     prefetch_timeout: float = 10.0
     prefetch_size: int = 0
     region_size: int = 50_000
-    region_cache_bytes: int = 0
-    chunk_cache_bytes: int = 0
+    region_cache_bytes: int | str = DEFAULT_CACHE_SHARE  # bytes, or "N%" of the disk
+    chunk_cache_bytes: int | str = DEFAULT_CACHE_SHARE
     background_fetch: bool = True
     verify: bool = True
     request_timeout: float = 30.0
@@ -81,6 +88,32 @@ class SnapshotterConfig:
     root: Path = DEFAULT_ROOT
     metrics_address: str = ""
     remote: RemoteConfig = field(default_factory=RemoteConfig)
+
+
+def _cache_bound(key: str, value: Any) -> int | str:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    if isinstance(value, str):
+        m = _SHARE_RE.fullmatch(value.strip())
+        ok = m is not None and 0 < float(m.group(1)) <= 100
+    if not ok:
+        raise ConfigError(f"config key 'remote.{key}': expected bytes (an integer >= 0, "
+                          f"0 = unbounded) or a share of the disk such as \"10%\", "
+                          f"got {value!r}")
+    return value.strip() if isinstance(value, str) else value
+
+
+def cache_bound(value: int | str, cache_dir: Path) -> int:
+    """A `*_cache_bytes` setting in bytes: a share ("N%") of the size of the filesystem
+    holding `cache_dir` (its nearest existing ancestor, before the first mount)."""
+    if isinstance(value, int):
+        return value
+    m = _SHARE_RE.fullmatch(value)
+    assert m is not None, value  # checked by parse_config
+    d = Path(cache_dir).absolute()
+    while not d.exists() and d != d.parent:
+        d = d.parent
+    st = os.statvfs(d)
+    return int(st.f_blocks * st.f_frsize * float(m.group(1)) / 100)
 
 
 def _typed(section: str, key: str, value: Any, expected: Any) -> Any:
@@ -117,7 +150,10 @@ def parse_config(data: dict[str, Any], source: str = "config") -> SnapshotterCon
                 if rkey not in known:
                     raise ConfigError(f"{source}: unknown key 'remote.{rkey}' "
                                       f"(known: {', '.join(sorted(known))})")
-                setattr(remote, rkey, _typed("remote", rkey, rvalue, known[rkey]))
+                if rkey.endswith("_cache_bytes"):
+                    setattr(remote, rkey, _cache_bound(rkey, rvalue))
+                else:
+                    setattr(remote, rkey, _typed("remote", rkey, rvalue, known[rkey]))
         elif key in top:
             value = _typed("", key, value, "")
             setattr(cfg, key, Path(value) if key in ("address", "root") else value)

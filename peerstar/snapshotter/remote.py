@@ -39,7 +39,7 @@ from peerstar.errors import PeerstarError
 from peerstar.lazyfs.auth import RegistryAuth
 from peerstar.lazyfs.mount import MountError
 from peerstar.lazyfs.options import CacheOptions, FetchOptions, MountOptions, PrefetchOptions
-from peerstar.snapshotter.config import RemoteConfig
+from peerstar.snapshotter.config import RemoteConfig, cache_bound
 from peerstar.snapshotter.credentials import Credentials, CredentialsError, Keychain
 from peerstar.snapshotter.metrics import RESOLVED_AHEAD, RESOLVED_AHEAD_BYTES
 
@@ -166,14 +166,15 @@ def image_layer_digests(labels: dict[str, str]) -> list[str]:
     return [d for d in (item.strip() for item in value.split(",")) if _DIGEST_RE.match(d)]
 
 
-def mount_options(cfg: RemoteConfig) -> MountOptions:
-    """The lazyfs mount options `[remote]` sets (a layer's prefetch size aside)."""
+def mount_options(cfg: RemoteConfig, cache_dir: Path) -> MountOptions:
+    """The lazyfs mount options `[remote]` sets (a layer's prefetch size aside); cache
+    bounds given as a share of the disk are taken of the one holding `cache_dir`."""
     return MountOptions(
         fetch=FetchOptions(region_size=cfg.region_size, request_timeout=cfg.request_timeout,
                            retries=cfg.retries,
                            ca_file=str(Path(cfg.ca_file).resolve()) if cfg.ca_file else ""),
-        cache=CacheOptions(region_bytes=cfg.region_cache_bytes,
-                           chunk_bytes=cfg.chunk_cache_bytes),
+        cache=CacheOptions(region_bytes=cache_bound(cfg.region_cache_bytes, cache_dir),
+                           chunk_bytes=cache_bound(cfg.chunk_cache_bytes, cache_dir)),
         prefetch=PrefetchOptions(timeout=cfg.prefetch_timeout, size=cfg.prefetch_size,
                                  background=cfg.background_fetch),
         verify=cfg.verify, open_timeout=cfg.mount_timeout)
@@ -193,7 +194,7 @@ class LayerMounter:
 
     def __init__(self, cfg: RemoteConfig, cache_dir: Path) -> None:
         self.cfg = cfg
-        self.options = mount_options(cfg)
+        self.options = mount_options(cfg, cache_dir)
         self.cache_dir = Path(cache_dir)
         self._mounts: dict[Path, Any] = {}  # mountpoint -> lazyfs LayerMount
         self._lock = threading.Lock()

@@ -29,6 +29,7 @@ from peerstar.snapshotter.remote import (
     LABEL_TOC_DIGEST,
     NotRemote,
     RemoteLayer,
+    mount_options,
     parse_image_reference,
     remote_layer_from_labels,
 )
@@ -231,6 +232,22 @@ def test_config_file_and_flags(tmp_path: Path) -> None:
     f.write_text("root = [")
     with pytest.raises(ConfigError, match="invalid TOML"):
         load_config(f)
+
+
+def test_cache_bounds_default_to_a_share_of_the_disk(tmp_path: Path) -> None:
+    st = os.statvfs(tmp_path)
+    disk = st.f_blocks * st.f_frsize
+    cache_dir = tmp_path / "root" / "cache"  # not there yet: its disk is tmp_path's
+    opts = mount_options(RemoteConfig(), cache_dir).cache
+    assert opts.region_bytes == opts.chunk_bytes == int(disk * 0.10) > 0
+    cfg = parse_config({"remote": {"region_cache_bytes": 0, "chunk_cache_bytes": "2.5%"}})
+    opts = mount_options(cfg.remote, cache_dir).cache
+    assert (opts.region_bytes, opts.chunk_bytes) == (0, int(disk * 0.025))
+    assert mount_options(parse_config({"remote": {"chunk_cache_bytes": 1 << 30}}).remote,
+                         cache_dir).cache.chunk_bytes == 1 << 30
+    for bad in ("10", "0%", "101%", "ten%", -1, True, 1.5):
+        with pytest.raises(ConfigError, match=r"remote.chunk_cache_bytes.*10%.*got"):
+            parse_config({"remote": {"chunk_cache_bytes": bad}})
 
 
 def _stargz_labels(ref: str = "127.0.0.1:5000/sample/img:latest") -> dict[str, str]:
