@@ -1,12 +1,15 @@
 """The on-disk cache on a small real filesystem (a tmpfs with `size=`): a full disk
 leaves no partial entry and no wrong bytes in a mount, logs one line, and the cache
-writes again when space returns; its metrics count hits, misses, evictions and bytes."""
+writes again when space returns; a mount keeps its caches within their bounds at every
+moment and fetches and verifies evicted chunks again; metrics count hits, misses,
+evictions and bytes."""
 
 from __future__ import annotations
 
 import logging
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +18,7 @@ import pytest
 
 from peerstar.lazyfs import metrics, mount_layer
 from peerstar.lazyfs.cache import DiskCache
-from peerstar.lazyfs.options import MountOptions, PrefetchOptions
+from peerstar.lazyfs.options import CacheOptions, MountOptions, PrefetchOptions
 from tests.lazyfs.blobserver import BlobServer
 from tests.lazyfs.conftest import BIG, PRIORITY, Layer
 
@@ -34,6 +37,17 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
 
 def _entries(root: Path) -> dict[str, int]:
     return {p.name: p.stat().st_size for p in root.glob("??/*")}
+
+
+def _on_disk(root: Path) -> int:
+    """Bytes of the cache's entries now (files evicted while counting are skipped)."""
+    total = 0
+    for p in root.glob("??/*"):
+        try:
+            total += p.stat().st_size
+        except FileNotFoundError:
+            pass
+    return total
 
 
 def _value(name: str, **labels: str) -> float:
@@ -149,5 +163,46 @@ def test_mount_reads_right_bytes_on_a_full_disk_and_caches_again_after(
             assert sum(sizes) - sum(before.values()) == len(BIG)  # whole chunks only
         finally:
             m.unmount()
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_mount_keeps_its_caches_within_their_bounds_and_refetches_evicted_chunks(
+        rich_layer: Layer, mnt: Path, cache_dir: Path) -> None:
+    # Room for one 256 KiB chunk of big.bin and two 50 kB regions: reading the file
+    # evicts all the time, and a later mount finds little of it on disk.
+    bounds = CacheOptions(region_bytes=100_000, chunk_bytes=300_000)
+    options = MountOptions(cache=bounds, prefetch=PrefetchOptions(background=False))
+    server = BlobServer({rich_layer.digest: rich_layer.blob}).start()
+    peak = {"regions": 0, "chunks": 0}
+    stop = threading.Event()
+
+    def watch() -> None:  # the bound must hold at every moment, not only at the end
+        while not stop.is_set():
+            for name in peak:
+                peak[name] = max(peak[name], _on_disk(cache_dir / name))
+            time.sleep(0.002)
+
+    try:
+        for _ in range(2):
+            m = mount_layer(server.url(rich_layer.digest), rich_layer.digest,
+                            rich_layer.toc_digest, mnt, cache_dir, options)
+            watcher = threading.Thread(target=watch)
+            watcher.start()
+            try:
+                n = len(server.ranges)
+                assert (mnt / "data/big.bin").read_bytes() == BIG
+                assert len(server.ranges) > n  # evicted: fetched (and verified) again
+                assert m.stats()["verifyFailures"] == 0
+            finally:
+                stop.set()
+                watcher.join()
+                stop.clear()
+                m.unmount()
+        assert 0 < peak["chunks"] <= 300_000
+        assert 0 < peak["regions"] <= 100_000
+        prom = next((cache_dir / "mounts").glob("*.prom")).read_text()
+        assert "peerstar_lazyfs_cache_evictions_total" in prom
     finally:
         server.stop()
