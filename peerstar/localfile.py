@@ -1,13 +1,16 @@
 """Local files at the I/O edge: range reads for the format readers, atomic writes.
 
 `RangeFile` gives the pure readers their `read_at(offset, length)` over a local file;
-`atomic_write` writes to a temporary name beside the target and renames on success,
-so a failed or interrupted write leaves nothing half-written behind.
+`atomic_write` is the one way peerstar replaces a file: it writes to a temporary name
+beside the target and renames on success, so a failed or interrupted write leaves nothing
+half-written behind (a crash may leave a dot-named `.tmp` file, never a partial target).
+`oserror_text` words an OSError for a one-line message.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
@@ -48,8 +51,14 @@ class RangeFile:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike[str], mode: int = 0o644) -> Iterator[BinaryIO]:
-    """Yield a file to write; it appears at `path` only if the block finishes."""
+def atomic_write(path: str | os.PathLike[str], mode: int = 0o644, *,
+                 fsync: bool = True) -> Iterator[BinaryIO]:
+    """Yield a file to write; it appears at `path` (with `mode`) only if the block finishes.
+
+    `fsync=False` skips the flush to disk before the rename, for data that is cheap to
+    lose in a crash (content-addressed blocks that are verified on read) and written
+    often. Errors of the file system propagate as `OSError`.
+    """
     target = Path(path)
     parent = target.parent
     if not parent.is_dir():
@@ -58,11 +67,19 @@ def atomic_write(path: str | os.PathLike[str], mode: int = 0o644) -> Iterator[Bi
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def oserror_text(exc: OSError) -> str:
+    """What went wrong, in words fit for a one-line error ("disk full", "Permission denied")."""
+    if exc.errno == errno.ENOSPC:
+        return "disk full"
+    return exc.strerror or str(exc)

@@ -20,7 +20,7 @@ _REPO = str(Path(__file__).resolve().parent.parent)
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
-from peerstar.sample import SampleImage, build_sample_image  # noqa: E402
+from peerstar.source.sample import SampleImage, build_sample_image  # noqa: E402
 from tests.support.containerd import Containerd, HarnessError, start_containerd  # noqa: E402
 from tests.support.jsipfs import JsIpfs, start_jsipfs  # noqa: E402
 from tests.support.registry import DockerRegistry, start_registry  # noqa: E402

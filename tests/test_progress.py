@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from peerstar.sample import build_sample_image
+from peerstar.source.sample import build_sample_image
 
 
 @pytest.fixture(scope="module")

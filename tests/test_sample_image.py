@@ -1,4 +1,4 @@
-"""Tests of peerstar.sample: layout validity, determinism, and that real tools accept it
+"""Tests of peerstar.source.sample: layout validity, determinism, and that real tools accept it
 (skopeo for OCI layouts and docker archives, containerd import + run)."""
 
 from __future__ import annotations
@@ -15,11 +15,9 @@ from pathlib import Path
 import pytest
 
 from peerstar.errors import PeerstarError
-from peerstar.sample import (
-    ANNOTATION_REF_NAME,
-    MEDIA_TYPE_OCI_CONFIG,
-    MEDIA_TYPE_OCI_LAYER_GZIP,
-    MEDIA_TYPE_OCI_MANIFEST,
+from peerstar.oci import mediatypes as mt
+from peerstar.oci.platform import host_platform
+from peerstar.source.sample import (
     SAMPLE_TEXT,
     SAMPLE_TEXT_PATH,
     LayerEntry,
@@ -27,7 +25,6 @@ from peerstar.sample import (
     build_layer_tar,
     build_sample_docker_archive,
     build_sample_image,
-    oci_platform,
     write_oci_archive,
 )
 from tests.support.containerd import Containerd, HarnessError, require_binaries
@@ -65,10 +62,10 @@ def test_layout_is_valid_oci(sample_image: SampleImage) -> None:
     index = json.loads((layout / "index.json").read_bytes())
     assert index["schemaVersion"] == 2
     [entry] = index["manifests"]
-    assert entry["annotations"] == {ANNOTATION_REF_NAME: "latest"}
+    assert entry["annotations"] == {mt.REF_NAME_ANNOTATION: "latest"}
     assert entry["digest"] == sample_image.manifest_digest
     assert entry["size"] == sample_image.manifest_size
-    arch, _variant = oci_platform()
+    _os, arch, _variant = host_platform()
     assert entry["platform"]["architecture"] == arch == sample_image.architecture
     assert entry["platform"]["os"] == "linux"
 
@@ -79,11 +76,11 @@ def test_layout_is_valid_oci(sample_image: SampleImage) -> None:
         assert hashlib.sha256(blob.read_bytes()).hexdigest() == blob.name
 
     manifest = json.loads(_blob(layout, sample_image.manifest_digest))
-    assert manifest["mediaType"] == MEDIA_TYPE_OCI_MANIFEST
-    assert manifest["config"]["mediaType"] == MEDIA_TYPE_OCI_CONFIG
+    assert manifest["mediaType"] == mt.OCI_MANIFEST
+    assert manifest["config"]["mediaType"] == mt.OCI_CONFIG
     assert manifest["config"]["digest"] == sample_image.config_digest
     assert [la["digest"] for la in manifest["layers"]] == sample_image.layer_digests
-    assert {la["mediaType"] for la in manifest["layers"]} == {MEDIA_TYPE_OCI_LAYER_GZIP}
+    assert {la["mediaType"] for la in manifest["layers"]} == {mt.OCI_LAYER_GZIP}
 
     config = json.loads(_blob(layout, sample_image.config_digest))
     assert config["rootfs"] == {"type": "layers", "diff_ids": sample_image.diff_ids}
@@ -152,7 +149,7 @@ def test_tags_share_a_layout(tmp_path: Path) -> None:
     second = build_sample_image(layout, tag="v2", extra_mib=1)
     build_sample_image(layout, tag="v1")  # replaces v1, does not duplicate it
     index = json.loads((layout / "index.json").read_bytes())
-    by_tag = {m["annotations"][ANNOTATION_REF_NAME]: m["digest"] for m in index["manifests"]}
+    by_tag = {m["annotations"][mt.REF_NAME_ANNOTATION]: m["digest"] for m in index["manifests"]}
     assert by_tag == {"v1": first.manifest_digest, "v2": second.manifest_digest}
     assert not [p for p in layout.rglob(".*")]  # no temp files left behind
 

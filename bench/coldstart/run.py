@@ -48,7 +48,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from peerstar.estargz import Reader  # noqa: E402
-from peerstar.sample import oci_platform  # noqa: E402
+from peerstar.oci import mediatypes as mt  # noqa: E402
+from peerstar.oci.platform import host_platform  # noqa: E402
 from tests.support.containerd import start_containerd  # noqa: E402
 from tests.support.registry import DockerRegistry, free_port, start_registry  # noqa: E402
 from tests.support.snapshotter import SnapshotterProc, mounts_under  # noqa: E402
@@ -60,11 +61,6 @@ EXPECTED = "1"
 NO_BACKGROUND = "[remote]\nbackground_fetch = false\n"
 ENV_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-MT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-MT_CONFIG = "application/vnd.oci.image.config.v1+json"
-MT_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
-TOC_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
-UNCOMPRESSED_ANNOTATION = "io.containers.estargz.uncompressed-size"
 
 
 def log(msg: str) -> None:
@@ -387,13 +383,13 @@ def push_image(base: str, repo: str, layers: list[Layer]) -> None:
     descs = []
     for la in layers:
         push_blob(base, repo, la.blob.read_bytes(), la.digest)
-        desc: dict[str, object] = {"mediaType": MT_LAYER, "digest": la.digest,
+        desc: dict[str, object] = {"mediaType": mt.OCI_LAYER_GZIP, "digest": la.digest,
                                    "size": la.size}
         if la.toc_digest:
-            desc["annotations"] = {TOC_ANNOTATION: la.toc_digest,
-                                   UNCOMPRESSED_ANNOTATION: str(la.uncompressed)}
+            desc["annotations"] = {mt.TOC_DIGEST_ANNOTATION: la.toc_digest,
+                                   mt.UNCOMPRESSED_SIZE_ANNOTATION: str(la.uncompressed)}
         descs.append(desc)
-    arch, variant = oci_platform()
+    _os, arch, variant = host_platform()
     cfg: dict[str, object] = {
         "architecture": arch, "os": "linux",
         "config": {"Env": [ENV_PATH], "Cmd": WORKLOAD},
@@ -404,11 +400,11 @@ def push_image(base: str, repo: str, layers: list[Layer]) -> None:
     config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
     push_blob(base, repo, config, config_digest)
     manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": MT_MANIFEST,
-        "config": {"mediaType": MT_CONFIG, "digest": config_digest, "size": len(config)},
+        "schemaVersion": 2, "mediaType": mt.OCI_MANIFEST,
+        "config": {"mediaType": mt.OCI_CONFIG, "digest": config_digest, "size": len(config)},
         "layers": descs}).encode()
     status, _ = _http("PUT", f"{base}/v2/{repo}/manifests/v1", manifest,
-                      {"Content-Type": MT_MANIFEST})
+                      {"Content-Type": mt.OCI_MANIFEST})
     assert status == 201, status
 
 

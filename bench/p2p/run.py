@@ -17,7 +17,7 @@ costs. Measured as a new user would run it, all on this machine:
 Images (built locally from this machine's files, never downloaded; kept in --work):
   python  bench/coldstart's image (4 layers, ~237 MiB: busybox, Debian's python3.11 with
           its libraries and stdlib, dist-packages, gcc's tree); `python3 -c 'print(1)'`;
-  big     peerstar.sample's image with 200 MiB of random data (busybox layer + a layer
+  big     peerstar.source.sample's image with 200 MiB of random data (busybox layer + a layer
           with the known text file and the data); `cat /etc/peerstar-sample.txt`.
 Each as gzip layers (gzip -6), as eStargz (`peerstar convert --estargz`, what
 `peerstar push --estargz` makes) and as eStargz with the workload's files prioritized
@@ -80,11 +80,12 @@ sys.path.insert(0, str(REPO))
 
 from bench.coldstart import run as cs  # noqa: E402
 from peerstar.k8s.keys import generate_swarm_key  # noqa: E402
-from peerstar.sample import (  # noqa: E402
+from peerstar.oci import mediatypes as mt  # noqa: E402
+from peerstar.oci.platform import host_platform  # noqa: E402
+from peerstar.source.sample import (  # noqa: E402
     SAMPLE_TEXT,
     SAMPLE_TEXT_PATH,
     build_layer_tar,
-    oci_platform,
     sample_layer_entries,
 )
 from tests.p2p import swarm  # noqa: E402
@@ -168,13 +169,13 @@ def write_layout(dst: Path, layers: list[cs.Layer], workload: list[str]) -> Path
     descs = []
     for la in layers:
         put(None, la.digest, la.blob)
-        desc: dict[str, Any] = {"mediaType": cs.MT_LAYER, "digest": la.digest,
+        desc: dict[str, Any] = {"mediaType": mt.OCI_LAYER_GZIP, "digest": la.digest,
                                 "size": la.size}
         if la.toc_digest:
-            desc["annotations"] = {cs.TOC_ANNOTATION: la.toc_digest,
-                                   cs.UNCOMPRESSED_ANNOTATION: str(la.uncompressed)}
+            desc["annotations"] = {mt.TOC_DIGEST_ANNOTATION: la.toc_digest,
+                                   mt.UNCOMPRESSED_SIZE_ANNOTATION: str(la.uncompressed)}
         descs.append(desc)
-    arch, variant = oci_platform()
+    _os, arch, variant = host_platform()
     cfg: dict[str, Any] = {"architecture": arch, "os": "linux",
                            "config": {"Env": [cs.ENV_PATH], "Cmd": workload},
                            "rootfs": {"type": "layers",
@@ -185,17 +186,17 @@ def write_layout(dst: Path, layers: list[cs.Layer], workload: list[str]) -> Path
     config_digest = sha256_digest(config)
     put(config, config_digest)
     manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": cs.MT_MANIFEST,
-        "config": {"mediaType": cs.MT_CONFIG, "digest": config_digest, "size": len(config)},
+        "schemaVersion": 2, "mediaType": mt.OCI_MANIFEST,
+        "config": {"mediaType": mt.OCI_CONFIG, "digest": config_digest, "size": len(config)},
         "layers": descs}).encode()
     manifest_digest = sha256_digest(manifest)
     put(manifest, manifest_digest)
     (dst / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
     (dst / "index.json").write_text(json.dumps({
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
-        "manifests": [{"mediaType": cs.MT_MANIFEST, "digest": manifest_digest,
+        "schemaVersion": 2, "mediaType": mt.OCI_INDEX,
+        "manifests": [{"mediaType": mt.OCI_MANIFEST, "digest": manifest_digest,
                        "size": len(manifest),
-                       "annotations": {"org.opencontainers.image.ref.name": "latest"}}]}))
+                       "annotations": {mt.REF_NAME_ANNOTATION: "latest"}}]}))
     return dst
 
 
@@ -213,7 +214,7 @@ def build_python(work: Path) -> Image:
 
 
 def build_big(work: Path) -> Image:
-    """peerstar.sample's two layers with BIG_EXTRA_MIB MiB of random data; the workload
+    """peerstar.source.sample's two layers with BIG_EXTRA_MIB MiB of random data; the workload
     cats the sample's known text file with busybox (static: nothing else to open)."""
     d = work / "big"
     (d / "layers").mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ Builds the sample image locally with `--extra-mib` MiB of incompressible files (
 (the embedded store skips blocks it already has; a fresh js-ipfs repo per run likewise):
 - raw add: `store.add(file)` of every blob file of the layout, one after the other, as
   `ipfs add --cid-version=1` of each file would;
-- push: `peerstar.oci.ipfsimage.push("oci:LAYOUT")` in-process: walk the image, verify
+- push: `peerstar.ipfsimage.push.push("oci:LAYOUT")` in-process: walk the image, verify
   every source digest while streaming, add every blob (4 at a time), rewrite and add the
   manifest and the top descriptor. No eStargz conversion (the target excludes it).
 Each measurement is repeated `--repeat` times, raw and push alternating; page cache is
@@ -32,8 +32,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from peerstar.ipfs import open_store  # noqa: E402
-from peerstar.oci.ipfsimage import push  # noqa: E402
-from peerstar.sample import build_sample_image  # noqa: E402
+from peerstar.ipfsimage.push import push  # noqa: E402
+from peerstar.source.sample import build_sample_image  # noqa: E402
 from tests.support.jsipfs import start_jsipfs  # noqa: E402
 
 

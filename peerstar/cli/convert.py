@@ -3,7 +3,7 @@ image (`oci:DIR[:TAG]`, `docker-archive:FILE`) to an OCI layout of converted lay
 
 Owns argument handling, progress display (a rich bar on a terminal, plain lines on
 stderr otherwise) and the summaries (`--json` on stdout). The work is done by
-`peerstar.oci.convert`.
+`peerstar.convert`.
 """
 
 from __future__ import annotations
@@ -17,13 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from peerstar.cli.progress import Bars, human
+from peerstar.convert import ConvertOptions, convert, convert_layer_file
 from peerstar.errors import PeerstarError
-from peerstar.oci.convert import (
-    ConvertOptions,
-    LayerReport,
-    convert,
-    convert_layer_file,
-)
 from peerstar.oci.reference import looks_like_image_ref, parse_image_ref
 
 _SIZE_RE = re.compile(r"^(\d+)([kKmMgG]i?[bB]?|[bB])?$")
@@ -106,59 +101,31 @@ def _options(args: argparse.Namespace) -> ConvertOptions:
     )
 
 
-def _short(digest: str | None) -> str:
-    return (digest or "")[7:19]
-
-
 class _PlainProgress:
     """One line per layer event on stderr (not a terminal: logs, CI)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
 
-    def layer_started(self, digest: str, size: int) -> None:
+    def started(self, key: str, label: str, size: int | None) -> None:
         with self._lock:
-            print(f"converting layer {_short(digest)} ({human(size)})", file=sys.stderr)
+            print(f"converting {label}", file=sys.stderr)
 
-    def layer_advanced(self, digest: str, nbytes: int) -> None:
+    def advanced(self, key: str, nbytes: int) -> None:
         pass
 
-    def layer_finished(self, digest: str, report: LayerReport) -> None:
-        how = "kept (already verified eStargz)" if report.kept else "converted"
-        with self._lock:
-            print(f"layer {_short(digest)} {how} -> {_short(report.blob_digest)} "
-                  f"({human(report.blob_size)})", file=sys.stderr)
+    def finished(self, key: str, label: str | None = None) -> None:
+        if label:
+            with self._lock:
+                print(label, file=sys.stderr)
 
     def close(self) -> None:
         pass
 
 
-class _RichProgress:
-    """A rich progress display on stderr: one bar per layer (bytes of file data)."""
-
-    def __init__(self) -> None:
-        self._bars = Bars()
-
-    def layer_started(self, digest: str, size: int) -> None:
-        # The builder reports file bytes of the decompressed tar, so the total is
-        # unknown up front: an indeterminate bar that shows the bytes done.
-        self._bars.start(digest, f"layer {_short(digest)}", None)
-
-    def layer_advanced(self, digest: str, nbytes: int) -> None:
-        self._bars.advance(digest, nbytes)
-
-    def layer_finished(self, digest: str, report: LayerReport) -> None:
-        how = "kept" if report.kept else "done"
-        self._bars.finish(digest, label=f"layer {_short(digest)} {how}",
-                          fallback=report.uncompressed_size)
-
-    def close(self) -> None:
-        self._bars.close()
-
-
-def _make_progress(quiet: bool) -> _PlainProgress | _RichProgress | None:
+def _make_progress(quiet: bool) -> _PlainProgress | Bars | None:
     if sys.stderr.isatty():
-        return _RichProgress()
+        return Bars()
     return None if quiet else _PlainProgress()
 
 

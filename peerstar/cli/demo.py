@@ -23,13 +23,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from peerstar.convert import ConvertOptions, convert
 from peerstar.errors import PeerstarError
 from peerstar.estargz import TOC_DIGEST_ANNOTATION, Reader
 from peerstar.estargz.reader import compute_diff_id
 from peerstar.localfile import RangeFile
-from peerstar.oci.convert import ConvertOptions, convert
 from peerstar.oci.reference import parse_image_ref
-from peerstar.sample import SAMPLE_TEXT_PATH, build_sample_image
+from peerstar.source.sample import SAMPLE_TEXT_PATH, build_sample_image
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -125,9 +125,9 @@ def _free_port() -> int:
 
 def _lazy_flow(console: Console, work: Path, layout: Path) -> None:
     # Imported here: the FUSE and HTTP stacks are only needed for this part.
+    from peerstar.ipfsimage.push import push
     from peerstar.lazyfs.image import image_stats, mount_image, unmount_image
     from peerstar.lazyfs.options import MountOptions, PrefetchOptions
-    from peerstar.oci.ipfsimage import push
 
     store = work / "ipfs"
     console.print(f"[bold]5.[/] pushing the eStargz image into the embedded IPFS store {store}")

@@ -2,7 +2,7 @@
 
 Owns argument handling and the display: per-blob rich progress bars on stderr when it is
 a terminal (nothing otherwise, so scripts read clean output), the pushed image's CID as
-the last line of stdout. The work is done by `peerstar.oci.ipfsimage`.
+the last line of stdout. The work is done by `peerstar.ipfsimage`.
 """
 
 from __future__ import annotations
@@ -13,14 +13,16 @@ import sys
 from peerstar.cli.ipfs import add_store_args
 from peerstar.cli.progress import Bars, human
 from peerstar.errors import PeerstarError
-from peerstar.oci.distribution import parse_credentials
-from peerstar.oci.ipfsimage import Progress, pull, push
+from peerstar.ipfsimage import DEFAULT_JOBS
+from peerstar.ipfsimage.pull import pull
+from peerstar.ipfsimage.push import push
+from peerstar.source.docker import parse_credentials
 
 
 def _store_args(p: argparse.ArgumentParser) -> None:
     add_store_args(p)
-    p.add_argument("--jobs", type=int, default=4, metavar="N",
-                   help="blobs transferred at the same time (default 4)")
+    p.add_argument("--jobs", type=int, default=DEFAULT_JOBS, metavar="N",
+                   help=f"blobs transferred at the same time (default {DEFAULT_JOBS})")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -68,28 +70,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=cmd_pull)
 
 
-class _RichProgress:
-    """One rich bar per blob on stderr; events may come from worker threads."""
-
-    def __init__(self) -> None:
-        self._bars = Bars(speed=True)
-
-    def blob_started(self, key: str, label: str, size: int) -> None:
-        # A conversion reports decompressed bytes: its total is unknown up front.
-        self._bars.start(key, label, None if key.startswith("convert ") else size)
-
-    def blob_advanced(self, key: str, nbytes: int) -> None:
-        self._bars.advance(key, nbytes)
-
-    def blob_finished(self, key: str) -> None:
-        self._bars.finish(key)
-
-    def close(self) -> None:
-        self._bars.close()
-
-
-def _progress() -> _RichProgress | None:
-    return _RichProgress() if sys.stderr.isatty() else None
+def _progress() -> Bars | None:
+    """Per-blob bars with transfer speed on a terminal; nothing otherwise."""
+    return Bars(speed=True) if sys.stderr.isatty() else None
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -110,7 +93,7 @@ def cmd_push(args: argparse.Namespace) -> int:
             args.source, estargz=args.estargz, platforms=args.platform,
             all_platforms=args.all_platforms, ipfs_address=args.ipfs_address, root=args.root,
             plain_http=args.plain_http, timeout=args.timeout, retries=args.retries,
-            progress=_as_progress(progress), jobs=args.jobs,
+            progress=progress, jobs=args.jobs,
             credentials=credentials,
         )
     finally:
@@ -129,7 +112,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
     try:
         result = pull(
             args.image, args.output, ipfs_address=args.ipfs_address, root=args.root,
-            timeout=args.timeout, retries=args.retries, progress=_as_progress(progress),
+            timeout=args.timeout, retries=args.retries, progress=progress,
             jobs=args.jobs,
         )
     finally:
@@ -145,6 +128,3 @@ def cmd_pull(args: argparse.Namespace) -> int:
     print(f"{top['digest']}")
     return 0
 
-
-def _as_progress(p: _RichProgress | None) -> Progress | None:
-    return p

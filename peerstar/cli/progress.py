@@ -1,5 +1,5 @@
-"""Progress display shared by the commands: thread-safe rich bars on stderr, and sizes
-in human units."""
+"""Progress display shared by the commands: thread-safe rich bars on stderr (a
+`peerstar.progress.Progress`), and sizes in human units."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ def human(n: float) -> str:
 
 
 class Bars:
-    """One rich bar per key on stderr; events may come from worker threads."""
+    """One rich bar per key on stderr (implements `peerstar.progress.Progress`); events may
+    come from worker threads."""
 
     def __init__(self, *, speed: bool = False) -> None:
         from rich.console import Console
@@ -39,23 +40,23 @@ class Bars:
         self._lock = threading.Lock()
         self._progress.start()
 
-    def start(self, key: str, label: str, total: int | None) -> None:
-        """`total` None: an indeterminate bar showing the bytes done."""
+    def started(self, key: str, label: str, size: int | None) -> None:
+        """`size` None: an indeterminate bar showing the bytes done."""
         with self._lock:
-            self._tasks[key] = self._progress.add_task(label, total=total)
+            self._tasks[key] = self._progress.add_task(label, total=size)
 
-    def advance(self, key: str, nbytes: int) -> None:
+    def advanced(self, key: str, nbytes: int) -> None:
         with self._lock:
             task = self._tasks.get(key)
             if task is not None:
                 self._progress.advance(task, nbytes)
 
-    def finish(self, key: str, *, label: str | None = None, fallback: int = 0) -> None:
-        """Fill the bar at what was done (or `fallback` when nothing was reported)."""
+    def finished(self, key: str, label: str | None = None) -> None:
+        """Fill the bar at what was done, relabelled with `label` if given."""
         with self._lock:
             task = self._tasks.get(key)
             if task is not None:
-                done = self._progress.tasks[task].completed or fallback
+                done = self._progress.tasks[task].completed
                 extra = {} if label is None else {"description": label}
                 self._progress.update(task, total=done, completed=done, **extra)
 

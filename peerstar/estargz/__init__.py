@@ -17,15 +17,12 @@ Public API:
 from peerstar.estargz.build import BuildResult, build
 from peerstar.estargz.errors import EstargzError, FormatError, VerifyError
 from peerstar.estargz.reader import Reader
-from peerstar.estargz.toc import (
-    NO_PREFETCH_LANDMARK,
-    PREFETCH_LANDMARK,
+from peerstar.estargz.toc import NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_TAR_NAME, TOCEntry
+from peerstar.oci.mediatypes import (
     TOC_DIGEST_ANNOTATION,
-    TOC_TAR_NAME,
     UNCOMPRESSED_SIZE_ANNOTATION,
     ZSTD_MANIFEST_CHECKSUM_ANNOTATION,
     ZSTD_MANIFEST_POSITION_ANNOTATION,
-    TOCEntry,
 )
 
 __all__ = [

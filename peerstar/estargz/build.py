@@ -38,19 +38,21 @@ from peerstar.estargz.toc import (
     LANDMARK_CONTENTS,
     NO_PREFETCH_LANDMARK,
     PREFETCH_LANDMARK,
-    TOC_DIGEST_ANNOTATION,
     TOC_TAR_NAME,
-    UNCOMPRESSED_SIZE_ANNOTATION,
-    ZSTD_MANIFEST_CHECKSUM_ANNOTATION,
-    ZSTD_MANIFEST_POSITION_ANNOTATION,
     TOCEntry,
     clean_name,
     format_modtime,
     marshal_toc,
 )
+from peerstar.oci.mediatypes import (
+    OCI_LAYER_GZIP,
+    OCI_LAYER_ZSTD,
+    TOC_DIGEST_ANNOTATION,
+    UNCOMPRESSED_SIZE_ANNOTATION,
+    ZSTD_MANIFEST_CHECKSUM_ANNOTATION,
+    ZSTD_MANIFEST_POSITION_ANNOTATION,
+)
 
-GZIP_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
-ZSTD_LAYER = "application/vnd.oci.image.layer.v1.tar+zstd"
 DEFAULT_CHUNK_SIZE = 4 << 20
 _TASK_BYTES = 1 << 20  # members batched per thread task, so tiny files do not cost a task each
 
@@ -461,7 +463,7 @@ def _build(
         blob_size=state["written"] + len(tail),
         toc_offset=toc_offset,
         compression=compression,
-        media_type=GZIP_LAYER if compression == "gzip" else ZSTD_LAYER,
+        media_type=OCI_LAYER_GZIP if compression == "gzip" else OCI_LAYER_ZSTD,
         annotations=annotations,
         missing_prioritized=missing,
     )

@@ -18,10 +18,6 @@ from typing import Any
 from peerstar.estargz.errors import FormatError
 
 TOC_TAR_NAME = "stargz.index.json"
-TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
-UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
-ZSTD_MANIFEST_CHECKSUM_ANNOTATION = "io.containers.zstd-chunked.manifest-checksum"
-ZSTD_MANIFEST_POSITION_ANNOTATION = "io.containers.zstd-chunked.manifest-position"
 PREFETCH_LANDMARK = ".prefetch.landmark"
 NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
 LANDMARK_CONTENTS = b"\x0f"

@@ -4,21 +4,21 @@ Owns: `configure_kubo()`, the pure edit of a kubo `config` JSON (loopback-only R
 and gateway, TCP-only swarm on every interface, NoAnnounce/AddrFilters cleared so pod IPs
 connect, the bootstrap list, DHT routing instead of public delegated routers, StorageMax,
 and, for the bootstrap peer, its fixed identity), and `configure_repo()`, which applies it
-to `$IPFS_PATH/config` atomically. The init container `peerstar k8s kubo-config` runs it
-on every pod start: the repo itself (peer id, blocks, pins) is never wiped.
+to `$IPFS_PATH/config` atomically (`localfile.atomic_write`, mode kept). The init
+container `peerstar k8s kubo-config` runs it on every pod start: the repo itself (peer
+id, blocks, pins) is never wiped.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from peerstar.errors import PeerstarError
 from peerstar.k8s.keys import Identity
+from peerstar.localfile import atomic_write
 
 API_ADDRESS = "/ip4/127.0.0.1/tcp/5001"
 GATEWAY_ADDRESS = "/ip4/127.0.0.1/tcp/8080"
@@ -78,17 +78,6 @@ def configure_repo(
     except json.JSONDecodeError as exc:
         raise PeerstarError(f"{path} is not JSON: {exc}") from None
     new = configure_kubo(config, bootstrap=bootstrap, storage_max=storage_max, identity=identity)
-    mode = path.stat().st_mode & 0o777
-    fd, tmp = tempfile.mkstemp(dir=repo, prefix=".config-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(new, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, mode=path.stat().st_mode & 0o777) as f:
+        f.write((json.dumps(new, indent=2) + "\n").encode())
     return new

@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import re
 import select
 import shutil
@@ -30,7 +29,6 @@ from pathlib import Path
 import httpx
 
 from peerstar.errors import PeerstarError
-from peerstar.estargz.toc import TOC_DIGEST_ANNOTATION
 from peerstar.lazyfs.auth import RegistryAuth
 from peerstar.lazyfs.fetcher import blob_url, registry_base, tls_context
 from peerstar.lazyfs.mount import (
@@ -43,24 +41,21 @@ from peerstar.lazyfs.mount import (
 from peerstar.lazyfs.options import MountOptions
 from peerstar.lazyfs.state import mount_fstype, write_json_atomic
 from peerstar.lazyfs.zygote import Zygote
+from peerstar.oci.mediatypes import (
+    DOCKER_LAYER_GZIP,
+    INDEX_TYPES,
+    MANIFEST_ACCEPT,
+    OCI_LAYER_GZIP,
+    OCI_LAYER_ZSTD,
+    TOC_DIGEST_ANNOTATION,
+)
+from peerstar.oci.platform import host_arch
 
 log = logging.getLogger("peerstar.lazyfs.image")
 
 DEFAULT_WORK_ROOT = Path("/var/lib/peerstar/mounts")
 DEFAULT_CACHE_DIR = Path("/var/lib/peerstar/lazyfs-cache")
-MANIFEST_ACCEPT = ", ".join([
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-])
-_INDEX_TYPES = ("application/vnd.oci.image.index.v1+json",
-                "application/vnd.docker.distribution.manifest.list.v2+json")
-_LAYER_TYPES = ("application/vnd.oci.image.layer.v1.tar+gzip",
-                "application/vnd.oci.image.layer.v1.tar+zstd",
-                "application/vnd.docker.image.rootfs.diff.tar.gzip")
-_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64", "armv7l": "arm",
-         "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64", "i686": "386"}
+_LAYER_TYPES = (OCI_LAYER_GZIP, OCI_LAYER_ZSTD, DOCKER_LAYER_GZIP)
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
@@ -105,11 +100,6 @@ def parse_remote_ref(text: str) -> RemoteRef:
     return RemoteRef(host, repo, reference)
 
 
-def host_arch() -> str:
-    m = platform.machine()
-    return _ARCH.get(m, m)
-
-
 def resolve_layers(ref: RemoteRef, *, client: httpx.Client | None = None,
                    plain_http: bool | None = None, auth: RegistryAuth | None = None,
                    ca_file: str = "") -> list[RemoteLayer]:
@@ -140,7 +130,7 @@ def resolve_layers(ref: RemoteRef, *, client: httpx.Client | None = None,
             return mtype.split(";")[0].strip(), doc
 
         mtype, doc = get(ref.reference)
-        if mtype in _INDEX_TYPES or "manifests" in doc:
+        if mtype in INDEX_TYPES or "manifests" in doc:
             arch = host_arch()
             chosen = None
             for m in doc.get("manifests", []):

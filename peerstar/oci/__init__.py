@@ -1,13 +1,17 @@
-"""Container images: the OCI/Docker image model, reading sources, writing OCI layouts.
+"""The OCI image model: the primitives every stage of the flow shares, no stage logic.
 
-Owns everything about images as opposed to single layers (`peerstar.estargz`):
-- `reference`: skopeo-style references `oci:DIR[:TAG]`, `docker-archive:FILE[:REF]`;
-- `mediatypes`, `model`, `digest`: constants, descriptor/document helpers, verified streams;
-- `source`: `open_image(ref) -> SourceImage` (top_descriptor, read_blob, read_document,
-  blob_range, walk) over OCI layouts and `docker save` archives;
-- `layout`: `LayoutWriter(dir)` (add_blob/add_bytes/add_file, commit(top, tag)), atomic;
-- `convert`: image and layer conversion to eStargz / zstd:chunked (imports the builder,
-  so it is not imported here: push/pull can use the model without it).
+- `mediatypes`: every media type and annotation name (the one place they are written);
+- `digest`: digests (`is_digest`, `parse_digest`, `sha256_digest`) and streams that
+  verify or hash;
+- `reference`: `oci:DIR[:TAG]` / `docker-archive:FILE[:REF]` references and the tag rule
+  (`is_tag`);
+- `platform`: this machine's platform, `os/arch[/variant]`, matching index entries;
+- `model`: descriptors and documents (plain dicts), checked and serialised;
+- `layout`: `LayoutWriter(dir)` (add_blob/add_bytes/add_file, commit(top, tag)), the one
+  way an OCI layout is written, atomically;
+- `errors`: `OCIError` and its kinds.
+The stages themselves: reading images `peerstar.source`, converting them
+`peerstar.convert`, images in IPFS `peerstar.ipfsimage`.
 """
 
 from peerstar.oci.errors import (
@@ -20,7 +24,6 @@ from peerstar.oci.errors import (
 from peerstar.oci.layout import LayoutWriter
 from peerstar.oci.model import Descriptor, Document, descriptor, dump_json
 from peerstar.oci.reference import ImageRef, looks_like_image_ref, parse_image_ref
-from peerstar.oci.source import Node, SourceImage, open_image
 
 __all__ = [
     "BlobError",
@@ -31,12 +34,9 @@ __all__ = [
     "ImageReferenceError",
     "LayoutWriteError",
     "LayoutWriter",
-    "Node",
     "OCIError",
-    "SourceImage",
     "descriptor",
     "dump_json",
     "looks_like_image_ref",
-    "open_image",
     "parse_image_ref",
 ]

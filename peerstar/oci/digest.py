@@ -1,4 +1,4 @@
-"""Digest helpers: parse/validate `algo:hex`, hash bytes, and streams that verify or hash.
+"""Digests: parse/validate `algo:hex`, hash bytes, and streams that verify or hash.
 
 Digests name files (`blobs/<algo>/<hex>`), so they are validated strictly before use:
 a digest is never allowed to smuggle a path component into a file name.
@@ -17,15 +17,21 @@ _HEX_LEN = {"sha256": 64, "sha512": 128}
 _DIGEST_RE = re.compile(r"^(sha256|sha512):([0-9a-f]+)$")
 
 
+def is_digest(text: object) -> bool:
+    """True for a well-formed `sha256:<64 hex>` / `sha512:<128 hex>` digest."""
+    m = _DIGEST_RE.match(text) if isinstance(text, str) else None
+    return m is not None and len(m.group(2)) == _HEX_LEN[m.group(1)]
+
+
 def parse_digest(digest: object, *, what: str = "digest") -> tuple[str, str]:
     """Split a digest into (algorithm, hex); raise `ImageFormatError` if it is malformed."""
-    m = _DIGEST_RE.match(digest) if isinstance(digest, str) else None
-    if not m or len(m.group(2)) != _HEX_LEN[m.group(1)]:
+    if not is_digest(digest):
         raise ImageFormatError(
             f"{what} {digest!r} is not a valid digest (expected sha256:<64 hex> or "
             "sha512:<128 hex>): the image metadata is corrupt"
         )
-    return m.group(1), m.group(2)
+    algo, _, hexpart = str(digest).partition(":")
+    return algo, hexpart
 
 
 def sha256_digest(data: bytes) -> str:

@@ -1,6 +1,7 @@
-"""Media type and annotation constants for OCI and Docker images, and Docker -> OCI mapping.
+"""Media types and annotation names of OCI and Docker images, and the Docker -> OCI mapping.
 
-Only names live here, no I/O, so every other module (and push/pull) can import it freely.
+The one place these names are written: every other module (the eStargz builder, sources,
+conversion, push/pull, the registry, the mount) imports them from here. Only names, no I/O.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ LAYER_TYPES = frozenset({
     DOCKER_LAYER_TAR, DOCKER_LAYER_GZIP, DOCKER_LAYER_FOREIGN_GZIP,
 })
 
+# What a client that reads any image we can handle sends as the manifest `Accept` header.
+MANIFEST_ACCEPT = ", ".join([OCI_INDEX, OCI_MANIFEST, DOCKER_MANIFEST_LIST, DOCKER_MANIFEST])
+
 DOCKER_TO_OCI = {
     DOCKER_MANIFEST_LIST: OCI_INDEX,
     DOCKER_MANIFEST: OCI_MANIFEST,
@@ -47,7 +51,9 @@ DOCKER_TO_OCI = {
     DOCKER_LAYER_FOREIGN_GZIP: OCI_LAYER_ND_GZIP,
 }
 
-# Annotations.
+# Annotations. The eStargz / zstd:chunked ones are written by `peerstar.estargz.build` on
+# each converted layer (REFERENCE.md section 1); containerd hands layer annotations under
+# `containerd.io/snapshot/` to a remote snapshotter as labels of the same name.
 REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
 TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
 UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"

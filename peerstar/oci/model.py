@@ -44,7 +44,7 @@ def check_descriptor(d: object, *, where: str) -> Descriptor:
     """Check that `d` is a usable descriptor (mediaType, valid digest, size >= 0)."""
     if not isinstance(d, dict):
         raise ImageFormatError(f"{where}: descriptor is not a JSON object: the image is corrupt")
-    if not isinstance(d.get("mediaType"), str):
+    if not isinstance(d.get("mediaType"), str) or not d["mediaType"]:
         raise ImageFormatError(f"{where}: descriptor has no mediaType: the image is corrupt")
     parse_digest(d.get("digest"), what=f"{where}: digest")
     size = d.get("size")

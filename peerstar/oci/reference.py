@@ -1,8 +1,15 @@
-"""Image references in skopeo's transport syntax: `oci:DIR[:TAG]`, `docker-archive:FILE[:REF]`.
+"""Image references in skopeo's transport syntax (`oci:DIR[:TAG]`, `docker-archive:FILE[:REF]`)
+and the rules for tags.
 
 As in containers/image, the part after the transport is split at its first colon: what
 comes before is the path, what comes after is the tag (oci) or the image inside the
 archive (docker-archive: `name:tag` from RepoTags, or `@N` for the N-th image).
+
+Tags: `is_tag` is the distribution spec's rule, the one every tag a registry serves,
+a `docker://` reference names or the sample image gets must follow. The `TAG` of
+`oci:DIR:TAG` is an OCI layout's `org.opencontainers.image.ref.name` annotation, which
+the image spec lets hold more (`:`, `/`, `@`, `+`, as in `name:with:colons`):
+`is_ref_name`.
 """
 
 from __future__ import annotations
@@ -22,9 +29,21 @@ KNOWN_UNSUPPORTED = (
     "sif", "tarball",
 )  # fmt: skip
 _TRANSPORT_RE = re.compile(r"^[a-z][a-z0-9-]*$")
+# The distribution spec's tag: [A-Za-z0-9_][A-Za-z0-9._-]{0,127}.
+_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 # OCI image-spec annotations: ref.name is a tag-ish string; keep it printable, no slashes
 # at the ends, and nothing that could be confused with a path component.
-_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._:/@+-]*$")
+_REF_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._:/@+-]*$")
+
+
+def is_tag(text: str) -> bool:
+    """True for a tag as the distribution spec allows it (at most 128 characters)."""
+    return _TAG_RE.match(text) is not None
+
+
+def is_ref_name(text: str) -> bool:
+    """True for a usable `org.opencontainers.image.ref.name` (the TAG of `oci:DIR:TAG`)."""
+    return _REF_NAME_RE.match(text) is not None
 
 
 @dataclass(frozen=True)
@@ -73,7 +92,7 @@ def parse_image_ref(text: str, *, role: str = "image") -> ImageRef:
         tag_opt = None
     else:
         tag_opt = tag
-        if transport == OCI and not _TAG_RE.match(tag):
+        if transport == OCI and not is_ref_name(tag):
             raise ImageReferenceError(
                 f"{role} {text!r}: {tag!r} is not a valid tag (letters, digits, '._-:/@+', "
                 "not starting with a separator)"

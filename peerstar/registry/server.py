@@ -46,6 +46,10 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from peerstar.errors import PeerstarError
+from peerstar.ipfsimage.format import IPFSImageError, parse_image_cid
+from peerstar.oci.digest import is_digest
+from peerstar.oci.errors import OCIError
+from peerstar.oci.reference import is_tag
 from peerstar.registry.daemoncat import fast_reader_for
 from peerstar.registry.metrics import RegistryMetrics
 from peerstar.registry.ranges import (
@@ -65,15 +69,7 @@ from peerstar.registry.splice import (
     splice_reader_for,
 )
 from peerstar.registry.subdag import LEAF, ROOT, SubDagLocator
-from peerstar.registry.tree import (
-    BlobRef,
-    ImageTree,
-    TreeCache,
-    TreeError,
-    is_digest,
-    is_tag,
-    parse_image_cid,
-)
+from peerstar.registry.tree import BlobRef, ImageTree, TreeCache
 from peerstar.registry.upstream import (
     ContentStore,
     ReadPolicy,
@@ -233,12 +229,12 @@ class RegistryServer:
     async def _tree(self, cid_text: str) -> tuple[str, ImageTree]:
         try:
             cid = parse_image_cid(cid_text)
-        except ValueError as exc:
+        except IPFSImageError as exc:
             raise RegistryError(400, "NAME_INVALID", "invalid repository name",
                                 str(exc)) from None
         try:
             tree = await self.trees.get(cid)
-        except TreeError as exc:
+        except OCIError as exc:
             raise RegistryError(404, "NAME_UNKNOWN", f"ipfs/{cid} is not an image",
                                 str(exc)) from None
         except UpstreamError as exc:

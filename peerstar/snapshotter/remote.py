@@ -39,6 +39,7 @@ from peerstar.errors import PeerstarError
 from peerstar.lazyfs.auth import RegistryAuth
 from peerstar.lazyfs.mount import MountError
 from peerstar.lazyfs.options import CacheOptions, FetchOptions, MountOptions, PrefetchOptions
+from peerstar.oci.mediatypes import TOC_DIGEST_ANNOTATION as LABEL_TOC_DIGEST  # same name
 from peerstar.snapshotter.config import RemoteConfig, cache_bound
 from peerstar.snapshotter.credentials import Credentials, CredentialsError, Keychain
 from peerstar.snapshotter.metrics import RESOLVED_AHEAD, RESOLVED_AHEAD_BYTES
@@ -60,7 +61,6 @@ LABEL_URLS_PREFIX = "containerd.io/snapshot/remote/urls"
 LABEL_CRI_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
 LABEL_CRI_LAYER_DIGEST = "containerd.io/snapshot/cri.layer-digest"
 LABEL_CRI_IMAGE_LAYERS = "containerd.io/snapshot/cri.image-layers"
-LABEL_TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
 
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 DOCKER_HUB = "docker.io"

@@ -27,8 +27,8 @@ from peerstar.estargz import (
     UNCOMPRESSED_SIZE_ANNOTATION,
     Reader,
 )
-from peerstar.sample import (
-    MEDIA_TYPE_OCI_LAYER_GZIP,
+from peerstar.oci import mediatypes as mt
+from peerstar.source.sample import (
     SAMPLE_MTIME,
     SAMPLE_TEXT,
     SAMPLE_TEXT_PATH,
@@ -128,7 +128,7 @@ def converted(containerd: Containerd, tmp_path_factory: pytest.TempPathFactory) 
 def test_conversion_changed_the_layers(converted: Converted) -> None:
     layers = converted.manifest["layers"]
     assert len(layers) == 2
-    assert [la["mediaType"] for la in layers] == [MEDIA_TYPE_OCI_LAYER_GZIP] * 2
+    assert [la["mediaType"] for la in layers] == [mt.OCI_LAYER_GZIP] * 2
     for layer, blob, original in zip(layers, converted.blobs, converted.sample.layers,
                                      strict=True):
         assert layer["digest"] == _sha(blob) != original.digest

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from peerstar.sample import SampleImage
+from peerstar.source.sample import SampleImage
 from tests.support.containerd import Containerd
 from tests.support.jsipfs import JsIpfs
 from tests.support.registry import DockerRegistry

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from peerstar.ipfs import compute_cid
-from peerstar.sample import SampleImage
+from peerstar.source.sample import SampleImage
 from tests.image.conftest import (
     NERDCTL,
     FakeRegistry,

@@ -15,7 +15,7 @@ import pytest
 
 from peerstar.estargz import Reader
 from peerstar.ipfs import compute_cid
-from peerstar.sample import SampleImage, build_sample_docker_archive
+from peerstar.source.sample import SampleImage, build_sample_docker_archive
 from tests.image.conftest import (
     NERDCTL,
     FakeRegistry,
@@ -281,7 +281,7 @@ def test_skopeo_reads_pulled_layout(sample_image: SampleImage, tmp_path: Path) -
 def test_pull_skips_other_platforms_not_in_ipfs(store_args: list[str], tmp_path: Path) -> None:
     """nerdctl pushes only the selected platform and leaves the other index entries
     without URLs: pull takes the host's entry and leaves those out, saying so."""
-    from peerstar.oci.ipfsimage import host_platform
+    from peerstar.oci.platform import host_platform
 
     for path in sorted((NERDCTL / "ipfs").iterdir()):
         assert add(store_args, path.read_bytes()) == path.name

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from peerstar.estargz import Reader
-from peerstar.sample import SAMPLE_TEXT, SAMPLE_TEXT_PATH, SampleImage
+from peerstar.source.sample import SAMPLE_TEXT, SAMPLE_TEXT_PATH, SampleImage
 from tests.image.conftest import RegistryImage, cat, leftovers, run_peerstar
 from tests.support.containerd import Containerd
 

@@ -7,14 +7,14 @@ import pytest
 
 from peerstar.errors import PeerstarError
 from peerstar.ipfs import compute_cid
-from peerstar.oci.distribution import parse_credentials, parse_docker_ref
-from peerstar.oci.ipfsimage import (
+from peerstar.ipfsimage.format import (
     go_descriptor,
     go_json,
     parse_image_cid,
-    parse_platform,
     parse_top_descriptor,
 )
+from peerstar.oci.platform import parse_platform
+from peerstar.source.docker import parse_credentials, parse_docker_ref
 
 
 @pytest.mark.parametrize(("text", "host", "repo", "ref"), [

@@ -32,7 +32,7 @@ def test_layout_and_no_temp_files_left(tmp_path: Path) -> None:
     files = _block_files(tmp_path)
     # 401 leaves + 3 internal nodes (174, 174, 53 links) + the root
     assert len(files) == 401 + 3 + 1
-    assert not [p for p in files if p.name.startswith(".tmp-")]
+    assert not [p for p in files if p.name.startswith(".")]  # temp files are dot-named
     for p in files:
         assert p.parent.name == p.name[-3:-1]
         assert CID.decode(p.name).version == 1
@@ -154,7 +154,7 @@ def test_write_failure_is_a_clear_error_and_leaves_no_temp_file(tmp_path: Path) 
     shard.write_text("a file where the shard directory should be")  # works even as root
     with pytest.raises(IPFSError, match="cannot write block"):
         run(s.add(b"new content"))
-    assert [p.name for p in (tmp_path / "blocks").rglob(".tmp-*")] == []
+    assert [p.name for p in (tmp_path / "blocks").rglob(".*")] == []
 
 
 def test_range_reads_parse_each_link_cid_lazily(tmp_path):

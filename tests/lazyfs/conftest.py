@@ -22,14 +22,12 @@ from pathlib import Path
 import pytest
 
 from peerstar.estargz import TOC_DIGEST_ANNOTATION, build
-from peerstar.sample import (
-    MEDIA_TYPE_OCI_CONFIG,
-    MEDIA_TYPE_OCI_LAYER_GZIP,
-    MEDIA_TYPE_OCI_MANIFEST,
+from peerstar.oci import mediatypes as mt
+from peerstar.oci.platform import host_platform
+from peerstar.source.sample import (
     SampleImage,
     build_layer_tar,
     build_sample_image,
-    oci_platform,
     pseudo_random_bytes,
     sample_layer_entries,
 )
@@ -102,7 +100,7 @@ def rich_layer() -> Layer:
 def push_image(registry_url: str, repo: str, tag: str, layers: list[Layer],
                *, estargz: bool = True) -> str:
     """Push layers + config + manifest; returns the manifest digest."""
-    arch, variant = oci_platform()
+    _os, arch, variant = host_platform()
     diff_ids = [sha(lay.tar) for lay in layers]
     config = json.dumps({"architecture": arch, "os": "linux",
                          "rootfs": {"type": "layers", "diff_ids": diff_ids},
@@ -110,17 +108,17 @@ def push_image(registry_url: str, repo: str, tag: str, layers: list[Layer],
     descs = []
     for lay in layers:
         push_blob(registry_url, repo, lay.blob)
-        d = {"mediaType": MEDIA_TYPE_OCI_LAYER_GZIP, "digest": lay.digest, "size": lay.size}
+        d = {"mediaType": mt.OCI_LAYER_GZIP, "digest": lay.digest, "size": lay.size}
         if estargz:
             d["annotations"] = {TOC_DIGEST_ANNOTATION: lay.toc_digest}
         descs.append(d)
     push_blob(registry_url, repo, config)
     manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": MEDIA_TYPE_OCI_MANIFEST,
-        "config": {"mediaType": MEDIA_TYPE_OCI_CONFIG, "digest": sha(config),
+        "schemaVersion": 2, "mediaType": mt.OCI_MANIFEST,
+        "config": {"mediaType": mt.OCI_CONFIG, "digest": sha(config),
                    "size": len(config)},
         "layers": descs}).encode()
-    return put_manifest(registry_url, repo, tag, manifest, MEDIA_TYPE_OCI_MANIFEST)
+    return put_manifest(registry_url, repo, tag, manifest, mt.OCI_MANIFEST)
 
 
 @pytest.fixture(scope="session")

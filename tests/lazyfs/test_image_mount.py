@@ -22,7 +22,7 @@ from peerstar.lazyfs.image import (
     resolve_layers,
     work_dir_for,
 )
-from peerstar.sample import SampleImage
+from peerstar.source.sample import SampleImage
 from tests.lazyfs.conftest import Layer, is_mounted, push_image
 from tests.support.registry import DockerRegistry
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from peerstar.lazyfs.image import image_stats
-from peerstar.sample import build_sample_image
+from peerstar.source.sample import build_sample_image
 from tests.lazyfs.conftest import is_mounted
 from tests.support.registry import free_port
 

@@ -16,7 +16,7 @@ import pytest
 import zstandard
 
 from peerstar.estargz import Reader
-from peerstar.sample import SampleImage, build_sample_docker_archive
+from peerstar.source.sample import SampleImage, build_sample_docker_archive
 from tests.oci.conftest import (
     TOC_ANN,
     check_image_manifest,

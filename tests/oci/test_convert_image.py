@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from peerstar.convert import ConvertError, ConvertOptions, convert
 from peerstar.estargz import build
 from peerstar.oci import BlobError, parse_image_ref
-from peerstar.oci.convert import ConvertError, ConvertOptions, convert
-from peerstar.sample import SampleImage, build_sample_docker_archive
+from peerstar.source.sample import SampleImage, build_sample_docker_archive
 from tests.oci.conftest import (
     OCI_GZIP,
     OCI_INDEX,

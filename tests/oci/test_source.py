@@ -15,13 +15,13 @@ from peerstar.oci import (
     ImageFormatError,
     ImageReferenceError,
     LayoutWriter,
-    open_image,
     parse_image_ref,
 )
 from peerstar.oci.digest import verifying_stream
 from peerstar.oci.model import CONFIG, INDEX, LAYER, MANIFEST
 from peerstar.oci.reference import looks_like_image_ref
-from peerstar.sample import SampleImage, build_sample_docker_archive
+from peerstar.source import open_image
+from peerstar.source.sample import SampleImage, build_sample_docker_archive
 from tests.oci.conftest import OCI_GZIP, LayoutBuilder, dumps, gz, make_tar, sha
 
 

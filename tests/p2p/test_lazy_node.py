@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from peerstar.sample import SAMPLE_TEXT, SAMPLE_TEXT_PATH, SampleImage, build_sample_image
+from peerstar.source.sample import SAMPLE_TEXT, SAMPLE_TEXT_PATH, SampleImage, build_sample_image
 from tests.p2p import swarm
 from tests.p2p.test_registry_swarm import push
 from tests.support.containerd import Containerd, HarnessError, start_containerd

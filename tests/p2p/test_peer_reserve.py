@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from peerstar.k8s.keys import generate_swarm_key
-from peerstar.sample import SAMPLE_TEXT, SAMPLE_TEXT_PATH, build_sample_image
+from peerstar.source.sample import SAMPLE_TEXT, SAMPLE_TEXT_PATH, build_sample_image
 from tests.p2p import swarm
 from tests.p2p.test_lazy_node import SNAPSHOTTER_CONFIG
 from tests.p2p.test_registry_swarm import push

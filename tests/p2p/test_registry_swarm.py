@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from peerstar.sample import SAMPLE_TEXT, SAMPLE_TEXT_PATH, SampleImage, build_sample_image
+from peerstar.source.sample import SAMPLE_TEXT, SAMPLE_TEXT_PATH, SampleImage, build_sample_image
 from tests.p2p import swarm
 from tests.support.jsipfs import JsIpfs
 from tests.support.netns import Node

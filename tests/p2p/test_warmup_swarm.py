@@ -24,7 +24,7 @@ import pytest
 
 from peerstar.estargz import Reader
 from peerstar.ipfs.unixfs import CHUNK_SIZE, DagBuilder, chunk_bytes
-from peerstar.sample import build_sample_image
+from peerstar.source.sample import build_sample_image
 from tests.p2p import swarm
 from tests.support.jsipfs import JsIpfs
 from tests.support.netns import Node

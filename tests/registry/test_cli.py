@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from peerstar.errors import PeerstarError
-from peerstar.sample import SampleImage
+from peerstar.source.sample import SampleImage
 from tests.registry.helpers import MANIFEST_ACCEPT, request
 from tests.registry.ipfsimage import StoredImage, store_layout
 from tests.support.jsipfs import JsIpfs, free_port

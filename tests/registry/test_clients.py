@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from peerstar.estargz import Reader
-from peerstar.sample import SAMPLE_TEXT, SAMPLE_TEXT_PATH, SampleImage
+from peerstar.source.sample import SAMPLE_TEXT, SAMPLE_TEXT_PATH, SampleImage
 from tests.registry.harness import ThreadedRegistry
 from tests.registry.ipfsimage import StoredImage, convert_layout_estargz, store_layout
 from tests.support.containerd import Containerd, HarnessError, require_binaries

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from peerstar.errors import PeerstarError
 from peerstar.registry import check_bind_address
-from peerstar.sample import SampleImage
+from peerstar.source.sample import SampleImage
 from tests.registry.harness import ThreadedRegistry
 from tests.registry.helpers import MANIFEST_ACCEPT, parse_multipart, request
 from tests.registry.ipfsimage import StoredImage, store_blob_image, store_layout
@@ -102,7 +102,7 @@ def test_manifest_by_latest_tag_and_digest(mem_registry: ThreadedRegistry,
 
 def test_index_root_and_annotated_tags(mem_registry: ThreadedRegistry, tmp_path: Path,
                                        sample_image: SampleImage) -> None:
-    from peerstar.sample import build_sample_image
+    from peerstar.source.sample import build_sample_image
 
     layout = tmp_path / "layout"
     build_sample_image(layout, tag="v1")

@@ -18,7 +18,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from peerstar.sample import SampleImage  # noqa: F401 - conftest fixture types
+from peerstar.source.sample import SampleImage  # noqa: F401 - conftest fixture types
 from tests.registry.helpers import parse_multipart, upstream_reads
 from tests.registry.ipfsimage import StoredImage, store_blob_image
 from tests.registry.test_cli import _clean_env, serve

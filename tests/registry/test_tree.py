@@ -10,8 +10,10 @@ import json
 import pytest
 from multiformats import CID
 
-from peerstar.registry.tree import TreeCache, TreeError, parse_image_cid, walk_tree
-from peerstar.sample import SampleImage
+from peerstar.ipfsimage.format import IPFSImageError, parse_image_cid
+from peerstar.oci.errors import OCIError
+from peerstar.registry.tree import TreeCache, walk_tree
+from peerstar.source.sample import SampleImage
 from tests.registry.ipfsimage import store_layout
 from tests.registry.memstore import MemoryStore, raw_cid
 
@@ -53,20 +55,26 @@ async def _top(store: MemoryStore, manifest: bytes, **override) -> str:
 
 @pytest.mark.parametrize(("build", "message"), [
     (lambda s: s.add(b"\x00\x01 not json"), "not JSON"),
-    (lambda s: s.add(b'{"mediaType":"x","digest":"sha256:00","size":1}'), "invalid digest"),
-    (lambda s: _top(s, b'{"config":{},"layers":[]}', urls=None), "no urls"),
-    (lambda s: _top(s, b'{"config":{},"layers":[]}', urls=["https://x"]), "no ipfs:// url"),
+    (lambda s: s.add(b'{"mediaType":"x","digest":"sha256:00","size":1}'), "not a valid digest"),
+    (lambda s: _top(s, b'{"config":{},"layers":[]}', urls=None), "has no ipfs:// URL"),
+    (lambda s: _top(s, b'{"config":{},"layers":[]}', urls=["https://x"]),
+     r"has no ipfs:// URL \(urls: \['https://x'\]\)"),
+    (lambda s: _top(s, b'{"config":{},"layers":[]}', urls=["ipfs://not-a-cid"]),
+     "bad ipfs:// URL"),
     (lambda s: _top(s, b'{"config":{},"layers":[]}', digest="sha256:" + "0" * 64),
-     "does not match digest"),
-    (lambda s: _top(s, b'{"config":{},"layers":[]}', size=-1), "invalid size"),
-    (lambda s: _top(s, b'{"layers":[]}'), "lacks config or layers"),
-    (lambda s: _top(s, b"[1,2]"), "not a JSON object"),
+     "hashes to .*: rejected"),
+    (lambda s: _top(s, b'{"config":{},"layers":[]}', size=-1), "not a non-negative integer"),
+    (lambda s: _top(s, b'{"layers":[]}'), "config: descriptor is not a JSON object"),
+    (lambda s: _top(s, b"[1,2]"), "expected a JSON object"),
+    (lambda s: s.add(b'{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip",'
+                     b'"digest":"sha256:' + b"0" * 64 + b'","size":1}'),
+     "not an image manifest or index"),
 ])
 def test_walk_refuses_non_images(build, message: str) -> None:
     async def go() -> None:
         store = MemoryStore()
         root = await build(store)
-        with pytest.raises(TreeError, match=message):
+        with pytest.raises(OCIError, match=message):
             await walk_tree(root, _reader(store))
     asyncio.run(go())
 
@@ -119,5 +127,5 @@ def test_parse_image_cid() -> None:
     assert CID.decode(got).digest == CID.decode(v0).digest
     assert CID.decode(got).version == 1 and CID.decode(got).codec.name == "dag-pb"
     for bad in ("", "x" * 201, "bafy/..", "not-a-cid", "Qm"):
-        with pytest.raises(ValueError):
+        with pytest.raises(IPFSImageError, match="not an IPFS image reference"):
             parse_image_cid(bad)

@@ -89,7 +89,7 @@ def ipfs_bridge(work: Path, extra_mib: int) -> Iterator[Bridge]:
     """The README's flow up to the registry: the sample image (with `extra_mib` MiB of
     data) pushed with `peerstar push --estargz` into an embedded store under `work`, and
     `peerstar registry serve` over it on a free loopback port, stopped on exit."""
-    from peerstar.sample import build_sample_image
+    from peerstar.source.sample import build_sample_image
     from tests.support.registry import free_port
 
     image = build_sample_image(work / "layout", extra_mib=extra_mib)

@@ -14,9 +14,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from peerstar.sample import SAMPLE_TEXT, SAMPLE_TEXT_PATH, SampleImage
 from peerstar.snapshotter._proto import snapshots_pb2 as pb
 from peerstar.snapshotter._proto import snapshots_pb2_grpc
+from peerstar.source.sample import SAMPLE_TEXT, SAMPLE_TEXT_PATH, SampleImage
 from tests.snapshotter.conftest import Stack
 
 pytestmark = pytest.mark.slow

@@ -33,9 +33,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from peerstar.sample import SAMPLE_TEXT, SAMPLE_TEXT_PATH
 from peerstar.snapshotter._proto import snapshots_pb2 as pb
 from peerstar.snapshotter._proto import snapshots_pb2_grpc
+from peerstar.source.sample import SAMPLE_TEXT, SAMPLE_TEXT_PATH
 from tests.snapshotter.conftest import (
     REPO,
     SnapshotterProc,

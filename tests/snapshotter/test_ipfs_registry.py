@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from peerstar.sample import SAMPLE_TEXT, SAMPLE_TEXT_PATH
+from peerstar.source.sample import SAMPLE_TEXT, SAMPLE_TEXT_PATH
 from tests.snapshotter.conftest import ipfs_bridge, running_stack
 
 pytestmark = pytest.mark.slow

@@ -22,19 +22,17 @@ import grpc
 import pytest
 
 from peerstar.estargz import TOC_DIGEST_ANNOTATION, Reader, build
-from peerstar.sample import (
-    MEDIA_TYPE_OCI_CONFIG,
-    MEDIA_TYPE_OCI_LAYER_GZIP,
-    MEDIA_TYPE_OCI_MANIFEST,
+from peerstar.oci import mediatypes as mt
+from peerstar.oci.platform import host_platform
+from peerstar.snapshotter._proto import snapshots_pb2 as pb
+from peerstar.snapshotter._proto import snapshots_pb2_grpc
+from peerstar.source.sample import (
     SAMPLE_TEXT,
     SAMPLE_TEXT_PATH,
     build_layer_tar,
     gzip_bytes,
-    oci_platform,
     sample_layer_entries,
 )
-from peerstar.snapshotter._proto import snapshots_pb2 as pb
-from peerstar.snapshotter._proto import snapshots_pb2_grpc
 from tests.snapshotter.conftest import (
     Stack,
     mounts_under,
@@ -97,13 +95,13 @@ def push_image(base: str, repo: str, tag: str, *, estargz: bool,
             blob = gzip_bytes(tar)
             layer = PushedLayer(sha(blob), len(blob), sha(tar), "")
         push_blob(base, repo, blob)
-        desc: dict[str, object] = {"mediaType": MEDIA_TYPE_OCI_LAYER_GZIP,
+        desc: dict[str, object] = {"mediaType": mt.OCI_LAYER_GZIP,
                                    "digest": layer.digest, "size": layer.size}
         if layer.toc_digest:
             desc["annotations"] = {TOC_DIGEST_ANNOTATION: layer.toc_digest}
         descs.append(desc)
         layers.append(layer)
-    arch, variant = oci_platform()
+    _os, arch, variant = host_platform()
     cfg: dict[str, object] = {
         "architecture": arch, "os": "linux",
         "config": {"Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]},
@@ -113,11 +111,11 @@ def push_image(base: str, repo: str, tag: str, *, estargz: bool,
     config = json.dumps(cfg).encode()
     push_blob(base, repo, config)
     manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": MEDIA_TYPE_OCI_MANIFEST,
-        "config": {"mediaType": MEDIA_TYPE_OCI_CONFIG, "digest": sha(config),
+        "schemaVersion": 2, "mediaType": mt.OCI_MANIFEST,
+        "config": {"mediaType": mt.OCI_CONFIG, "digest": sha(config),
                    "size": len(config)},
         "layers": descs}).encode()
-    put_manifest(base, repo, tag, manifest, MEDIA_TYPE_OCI_MANIFEST)
+    put_manifest(base, repo, tag, manifest, mt.OCI_MANIFEST)
     return layers
 
 

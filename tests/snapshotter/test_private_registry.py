@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from peerstar.sample import SAMPLE_TEXT, SAMPLE_TEXT_PATH
+from peerstar.source.sample import SAMPLE_TEXT, SAMPLE_TEXT_PATH
 from tests.snapshotter.conftest import SnapshotterProc, Stack, mounts_under, running_stack
 from tests.snapshotter.test_lazy_pull import (
     REMOTE_LABEL,

@@ -135,7 +135,7 @@ class Ctr:
 
         A layout's ref names are bare tags, so the images become `BASE:TAG`.
         """
-        from peerstar.sample import write_oci_archive  # test-only dependency on peerstar
+        from peerstar.source.sample import write_oci_archive  # test-only dependency on peerstar
 
         with tempfile.TemporaryDirectory(prefix="peerstar-import-") as tmp:
             archive = write_oci_archive(Path(layout_dir), Path(tmp) / "image.tar")

@@ -1,8 +1,8 @@
-"""Image conversion: every layer to eStargz (gzip) or zstd:chunked, metadata rewritten.
+"""Whole-image conversion: every layer to eStargz (gzip) or zstd:chunked, metadata rewritten.
 
-Owns the policy of `peerstar convert` for whole images and single layers:
+Owns the policy of `peerstar convert` for whole images:
 - layers (tar, tar+gzip, tar+zstd, Docker or OCI media types) go through
-  `peerstar.estargz.build`; identical layers (same source digest) are converted once;
+  `convert.layer.build_layer`; identical layers (same source digest) are converted once;
   distinct layers are converted concurrently, which cannot change the output: each
   blob depends only on its input and the options;
 - a layer that is already in the requested format and whose TOC and chunks verify is
@@ -14,30 +14,30 @@ Owns the policy of `peerstar convert` for whole images and single layers:
   digests and sizes, Docker media types become OCI ones; platforms and annotations of
   index entries are preserved; manifests that are not images (attestations, artifacts)
   are copied unchanged.
-Reading is `peerstar.oci.source`, writing `peerstar.oci.layout`.
+Each layer reports to a `peerstar.progress.Progress` (key: its source digest).
+Reading is `peerstar.source`, writing `peerstar.oci.layout`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import gzip
 import hashlib
 import os
 import shutil
-import tempfile
-import zlib
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from dataclasses import dataclass, replace
+from typing import Any
 
-import zstandard
-
-from peerstar.estargz import EstargzError, Reader, build
+from peerstar.convert.layer import (
+    ConvertError,
+    ConvertOptions,
+    LayerReport,
+    build_layer,
+    decompressed_digest,
+)
+from peerstar.estargz import EstargzError, Reader
 from peerstar.oci import mediatypes as mt
-from peerstar.oci.digest import HashingWriter, finish_stream
-from peerstar.oci.errors import ImageFormatError, OCIError
+from peerstar.oci.digest import finish_stream
+from peerstar.oci.errors import ImageFormatError
 from peerstar.oci.layout import LayoutWriter
 from peerstar.oci.model import (
     CONFIG,
@@ -52,7 +52,8 @@ from peerstar.oci.model import (
     manifest_children,
 )
 from peerstar.oci.reference import ImageRef
-from peerstar.oci.source import Node, SourceImage, open_image
+from peerstar.progress import NoProgress, Progress
+from peerstar.source import Node, SourceImage, open_image
 
 GZIP_TYPES = frozenset({mt.OCI_LAYER_GZIP, mt.OCI_LAYER_ND_GZIP, mt.DOCKER_LAYER_GZIP,
                         mt.DOCKER_LAYER_FOREIGN_GZIP})
@@ -62,62 +63,6 @@ _FORMAT_ANNOTATIONS = (
     mt.TOC_DIGEST_ANNOTATION, mt.UNCOMPRESSED_SIZE_ANNOTATION,
     mt.ZSTD_MANIFEST_CHECKSUM_ANNOTATION, mt.ZSTD_MANIFEST_POSITION_ANNOTATION,
 )  # fmt: skip
-
-
-class ConvertError(OCIError):
-    """A layer or image that cannot be converted (the message names which and why)."""
-
-
-@dataclass(frozen=True)
-class ConvertOptions:
-    """Options of a conversion; the output is a function of the input and these."""
-
-    compression: str = "gzip"  # "gzip" (eStargz) or "zstd" (zstd:chunked)
-    chunk_size: int = 4 << 20
-    level: int | None = None
-    prioritized: tuple[str, ...] = ()
-    allow_missing_prioritized: bool = False
-    workers: int | None = None  # compression threads inside one layer build
-    layer_jobs: int | None = None  # layers converted at the same time
-    keep_estargz: bool = True  # keep layers that already are in the requested format
-
-
-@dataclass
-class LayerReport:
-    """What happened to one layer."""
-
-    source_digest: str | None
-    source_size: int
-    toc_digest: str
-    diff_id: str
-    uncompressed_size: int
-    blob_digest: str
-    blob_size: int
-    media_type: str
-    annotations: dict[str, str]
-    kept: bool = False
-    missing_prioritized: list[str] = field(default_factory=list)
-    note: str = ""
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        if self.source_digest is not None:
-            out["sourceDigest"] = self.source_digest
-        out.update({
-            "tocDigest": self.toc_digest,
-            "diffID": self.diff_id,
-            "uncompressedSize": self.uncompressed_size,
-            "blobDigest": self.blob_digest,
-            "blobSize": self.blob_size,
-        })
-        if self.source_digest is not None:
-            out["mediaType"] = self.media_type
-            out["kept"] = self.kept
-            if self.missing_prioritized:
-                out["missingPrioritized"] = self.missing_prioritized
-            if self.note:
-                out["note"] = self.note
-        return out
 
 
 @dataclass
@@ -147,138 +92,6 @@ class ImageReport:
         }
 
 
-class Progress(Protocol):
-    """Receives progress events; called from worker threads."""
-
-    def layer_started(self, digest: str, size: int) -> None: ...
-
-    def layer_advanced(self, digest: str, nbytes: int) -> None: ...
-
-    def layer_finished(self, digest: str, report: LayerReport) -> None: ...
-
-
-class _NoProgress:
-    def layer_started(self, digest: str, size: int) -> None:
-        pass
-
-    def layer_advanced(self, digest: str, nbytes: int) -> None:
-        pass
-
-    def layer_finished(self, digest: str, report: LayerReport) -> None:
-        pass
-
-
-# --- single layers -------------------------------------------------------------------
-
-
-def _build_layer(src: BinaryIO, dst: BinaryIO, options: ConvertOptions,
-                 advance: Callable[[int], None] | None, what: str,
-                 spool_dir: Path) -> tuple[Any, str, int]:
-    """Run the builder, hashing its output independently; return (result, digest, size).
-
-    A compressed input is decompressed into `spool_dir`, beside the output, so big
-    layers use the destination's disk rather than a possibly small /tmp."""
-    hw = HashingWriter(dst)
-    try:
-        result = build(
-            src, hw,  # type: ignore[arg-type]
-            compression=options.compression,
-            chunk_size=options.chunk_size,
-            level=options.level,
-            prioritized=options.prioritized,
-            allow_missing_prioritized=options.allow_missing_prioritized,
-            workers=options.workers,
-            progress=advance,
-            spool_dir=str(spool_dir),
-        )
-    except EstargzError as exc:
-        raise ConvertError(f"{what}: {exc}") from None
-    if (hw.digest, hw.size) != (result.blob_digest, result.blob_size):
-        # The builder's own bookkeeping disagrees with the bytes it wrote: a bug, not
-        # bad input; refuse to record wrong digests.
-        raise ConvertError(
-            f"{what}: internal error: builder reported {result.blob_digest} "
-            f"({result.blob_size} bytes) but wrote {hw.digest} ({hw.size} bytes)"
-        )
-    return result, hw.digest, hw.size
-
-
-def convert_layer_file(
-    src: str | os.PathLike[str],
-    dst: str | os.PathLike[str],
-    options: ConvertOptions = ConvertOptions(),  # noqa: B008 - frozen dataclass
-    advance: Callable[[int], None] | None = None,
-) -> LayerReport:
-    """Convert one layer tar (plain, gzip or zstd) at `src` to a blob at `dst`, atomically.
-
-    `dst` must not exist (an existing empty file is replaced): we never overwrite data.
-    """
-    src_p, dst_p = Path(src), Path(dst)
-    if not src_p.exists():
-        raise ConvertError(f"source layer {src_p} does not exist")
-    if not src_p.is_file():
-        raise ConvertError(f"source layer {src_p} is not a file (expected a layer tar)")
-    if dst_p.is_dir():
-        raise ConvertError(
-            f"destination {dst_p} is a directory; a single layer converts to a blob file "
-            "(for images write oci:DIR)"
-        )
-    if dst_p.exists() and dst_p.stat().st_size > 0:
-        raise ConvertError(
-            f"destination {dst_p} already exists: refusing to overwrite it; remove it or "
-            "choose another name"
-        )
-    if not dst_p.parent.is_dir():
-        raise ConvertError(f"destination directory {dst_p.parent} does not exist")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{dst_p.name}.", suffix=".tmp", dir=dst_p.parent)
-    except OSError as exc:
-        raise ConvertError(f"cannot write in {dst_p.parent}: {exc.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as out, open(src_p, "rb") as inp:
-            result, digest, size = _build_layer(inp, out, options, advance, str(src_p),
-                                                  dst_p.parent)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dst_p)
-    except OSError as exc:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise ConvertError(f"converting {src_p} to {dst_p}: {exc}") from None
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return LayerReport(
-        source_digest=None, source_size=src_p.stat().st_size,
-        toc_digest=result.toc_digest, diff_id=result.diff_id,
-        uncompressed_size=result.uncompressed_size, blob_digest=digest, blob_size=size,
-        media_type=result.media_type, annotations=dict(result.annotations),
-        missing_prioritized=list(result.missing_prioritized),
-    )
-
-
-# --- whole images --------------------------------------------------------------------
-
-
-def decompressed_digest(f: BinaryIO, compression: str) -> tuple[str, int]:
-    """sha256 and length of the decompressed stream `f` (gzip members or zstd frames)."""
-    h = hashlib.sha256()
-    total = 0
-    try:
-        if compression == "zstd":
-            reader: BinaryIO = zstandard.ZstdDecompressor().stream_reader(
-                f, read_across_frames=True)  # type: ignore[assignment]
-        else:
-            reader = gzip.GzipFile(fileobj=f, mode="rb")  # type: ignore[assignment]
-        while data := reader.read(1 << 20):
-            h.update(data)
-            total += len(data)
-    except (OSError, EOFError, zlib.error, zstandard.ZstdError) as exc:
-        raise ConvertError(f"blob does not decompress: {exc}") from None
-    return "sha256:" + h.hexdigest(), total
-
 
 class _ImageConverter:
     def __init__(self, source: SourceImage, writer: LayoutWriter, options: ConvertOptions,
@@ -297,14 +110,15 @@ class _ImageConverter:
     def convert_layer(self, desc: Descriptor) -> LayerReport:
         digest, size = desc["digest"], desc["size"]
         what = f"{self.source.ref}: layer {digest}"
-        self.progress.layer_started(digest, size)
+        label = f"layer {digest[7:19]}"
+        self.progress.started(digest, label, None)  # advances count decompressed bytes
         note = ""
         # With a prioritized list, every layer is rebuilt: a kept blob has its own order.
         keep = self.options.keep_estargz and not self.options.prioritized
         kept, note = self._try_keep(desc, what) if keep else (None, "")
         if kept is not None:
-            self.progress.layer_advanced(digest, size)
-            self.progress.layer_finished(digest, kept)
+            self.progress.advanced(digest, size)
+            self.progress.finished(digest, f"{label} kept")
             return kept
         with self.writer.temp_file() as (path, f):
             stream = self.source.read_blob(digest, size)
@@ -312,9 +126,9 @@ class _ImageConverter:
             # missing paths are collected per layer and judged over the whole image.
             per_layer = replace(self.options, allow_missing_prioritized=True)
             try:
-                result, bdigest, bsize = _build_layer(
+                result, bdigest, bsize = build_layer(
                     stream, f, per_layer,
-                    lambda n: self.progress.layer_advanced(digest, n), what,
+                    lambda n: self.progress.advanced(digest, n), what,
                     self.writer.staging)
                 # The builder may stop at the tar's end marker: read the rest so the
                 # source digest is checked over every byte.
@@ -331,7 +145,7 @@ class _ImageConverter:
             annotations=dict(result.annotations),
             missing_prioritized=list(result.missing_prioritized), note=note,
         )
-        self.progress.layer_finished(digest, report)
+        self.progress.finished(digest, f"{label} done")
         return report
 
     def _try_keep(self, desc: Descriptor, what: str) -> tuple[LayerReport | None, str]:
@@ -553,7 +367,7 @@ def convert_image(
 ) -> tuple[Descriptor, list[LayerReport], list[Descriptor]]:
     """Convert `source` into `writer` (not committed). Returns the new top descriptor,
     the per-layer reports (unique layers, image order) and the new image manifests."""
-    conv = _ImageConverter(source, writer, options, progress or _NoProgress())
+    conv = _ImageConverter(source, writer, options, progress or NoProgress())
     top = conv.run()
     return top, list(conv.layers.values()), conv.image_manifests
 
@@ -589,8 +403,3 @@ def convert(
         top_out = dict(top)
         return ImageReport(str(src), str(dst), tag, top_out, layers, manifests)
 
-
-__all__ = [
-    "ConvertError", "ConvertOptions", "ImageReport", "LayerReport", "Progress",
-    "convert", "convert_image", "convert_layer_file", "decompressed_digest",
-]  # fmt: skip

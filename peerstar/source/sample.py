@@ -1,11 +1,12 @@
 """A small, deterministic sample container image, built locally without network.
 
-Owns: the sample image used by tests, benchmarks and demos -- its layer contents, the
-OCI image layout writer, the OCI archive packer (`ctr image import` input) and the
-`docker save` archive writer. Every byte is a function of the arguments and of the
-host's `/bin/busybox` (Debian `busybox-static`): fixed mtimes, uid/gid 0, sorted tar
-entries, gzip headers with mtime 0 and no file name, compact JSON in a fixed key order.
-The same call therefore always yields the same digests.
+Owns: the sample source image used by tests, benchmarks and `peerstar demo` -- its layer
+contents, writing it as an OCI image layout (through the project's `LayoutWriter`) or a
+`docker save` archive, and the OCI archive packer (`ctr image import` input). Every
+blob is a function of the arguments and of the host's `/bin/busybox` (Debian
+`busybox-static`): fixed mtimes, uid/gid 0, sorted tar entries, gzip headers with mtime
+0 and no file name, compact JSON in a fixed key order. The same call therefore always
+yields the same digests.
 
 Layer 1 is a busybox root filesystem (binary, applet symlinks, the usual dirs, a
 passwd/group). Layer 2 adds known text files, a nested tree, an empty file, a
@@ -18,9 +19,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import json
 import os
-import platform
 import posixpath
 import tarfile
 from collections.abc import Iterable, Sequence
@@ -29,18 +28,18 @@ from pathlib import Path
 
 from peerstar.errors import PeerstarError
 from peerstar.localfile import atomic_write
+from peerstar.oci import mediatypes as mt
+from peerstar.oci.digest import sha256_digest
+from peerstar.oci.layout import LayoutWriter
+from peerstar.oci.model import descriptor, dump_json
+from peerstar.oci.platform import host_platform
+from peerstar.oci.reference import is_tag
 
 # Fixed timestamp for every tar entry and the config's `created` (2024-01-01T00:00:00Z).
 SAMPLE_MTIME = 1704067200
 SAMPLE_CREATED = "2024-01-01T00:00:00Z"
 DEFAULT_BUSYBOX = Path("/bin/busybox")
 DEFAULT_REPOSITORY = "peerstar/sample"
-
-MEDIA_TYPE_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-MEDIA_TYPE_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-MEDIA_TYPE_OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-MEDIA_TYPE_OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
-ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"
 
 SAMPLE_TEXT_PATH = "/etc/peerstar-sample.txt"
 SAMPLE_TEXT = b"hello from the peerstar sample image\n"
@@ -50,21 +49,6 @@ BUSYBOX_APPLETS = (
     "mkdir", "mv", "rm", "sh", "sha256sum", "sleep", "stat", "tail", "test", "touch",
     "true", "uname", "wc",
 )  # fmt: skip
-
-# platform.machine() -> (OCI architecture, OCI variant)
-_ARCH_MAP = {
-    "x86_64": ("amd64", ""),
-    "amd64": ("amd64", ""),
-    "aarch64": ("arm64", ""),
-    "arm64": ("arm64", ""),
-    "armv7l": ("arm", "v7"),
-    "armv6l": ("arm", "v6"),
-    "i386": ("386", ""),
-    "i686": ("386", ""),
-    "ppc64le": ("ppc64le", ""),
-    "s390x": ("s390x", ""),
-    "riscv64": ("riscv64", ""),
-}
 
 
 @dataclass(frozen=True)
@@ -130,27 +114,6 @@ class SampleImage:
     def layer_tar(self, index: int) -> bytes:
         """The uncompressed tar of layer `index`, rebuilt from its entries."""
         return build_layer_tar(self.layers[index].entries)
-
-
-def oci_platform() -> tuple[str, str]:
-    """(architecture, variant) of this host in OCI naming, e.g. ("amd64", "")."""
-    machine = platform.machine().lower()
-    try:
-        return _ARCH_MAP[machine]
-    except KeyError:
-        raise PeerstarError(
-            f"unknown host architecture {machine!r}: cannot name it for an OCI image "
-            f"(known: {', '.join(sorted(_ARCH_MAP))})"
-        ) from None
-
-
-def _sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def _json_bytes(obj: object) -> bytes:
-    # Compact and in insertion order: stable bytes, hence stable digests.
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def _rel(path: str) -> str:
@@ -401,45 +364,37 @@ class _Built:
 
 def _build(extra_mib: int, busybox: Path, gzip_level: int) -> _Built:
     layer_entries = sample_layer_entries(extra_mib=extra_mib, busybox=busybox)
-    arch, variant = oci_platform()
+    _os, arch, variant = host_platform()
     layers: list[SampleLayer] = []
     blobs: dict[str, bytes] = {}
     tars: list[bytes] = []
     for entries in layer_entries:
         tar = build_layer_tar(entries)
         blob = gzip_bytes(tar, gzip_level)
-        digest = _sha256(blob)
+        digest = sha256_digest(blob)
         blobs[digest] = blob
         tars.append(tar)
-        layers.append(SampleLayer(digest, _sha256(tar), len(blob), MEDIA_TYPE_OCI_LAYER_GZIP,
+        layers.append(SampleLayer(digest, sha256_digest(tar), len(blob), mt.OCI_LAYER_GZIP,
                                   tuple(entries)))
-    config = _json_bytes(_image_config(arch, variant, [la.diff_id for la in layers]))
-    config_digest = _sha256(config)
+    config = dump_json(_image_config(arch, variant, [la.diff_id for la in layers]))
+    config_digest = sha256_digest(config)
     blobs[config_digest] = config
-    manifest = _json_bytes({
+    manifest = dump_json({
         "schemaVersion": 2,
-        "mediaType": MEDIA_TYPE_OCI_MANIFEST,
-        "config": {"mediaType": MEDIA_TYPE_OCI_CONFIG, "digest": config_digest,
+        "mediaType": mt.OCI_MANIFEST,
+        "config": {"mediaType": mt.OCI_CONFIG, "digest": config_digest,
                    "size": len(config)},
         "layers": [{"mediaType": la.media_type, "digest": la.digest, "size": la.size}
                    for la in layers],
     })
-    manifest_digest = _sha256(manifest)
+    manifest_digest = sha256_digest(manifest)
     blobs[manifest_digest] = manifest
     return _Built(layers, blobs, config, config_digest, manifest, manifest_digest, tars, arch,
-                  variant, layer_entries)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    with atomic_write(path) as f:  # readers never see a partial file
-        f.write(data)
+                  variant or "", layer_entries)
 
 
 def _check_tag(tag: str) -> None:
-    # The Docker reference grammar for a tag: [A-Za-z0-9_][A-Za-z0-9_.-]{0,127}.
-    ok = (0 < len(tag) <= 128 and (tag[0].isascii() and (tag[0].isalnum() or tag[0] == "_"))
-          and all(c.isascii() and (c.isalnum() or c in "_.-") for c in tag))
-    if not ok:
+    if not is_tag(tag):
         raise PeerstarError(f"invalid image tag {tag!r}: use letters, digits, '_', '.', '-' "
                             "(at most 128, not starting with '.' or '-')")
 
@@ -453,7 +408,7 @@ def _sample_image(built: _Built, path: Path, tag: str, repository: str) -> Sampl
         config_digest=built.config_digest, layers=built.layers,
         architecture=built.arch, variant=built.variant,
         files=files, symlinks=links, removed=frozenset(removed),
-        busybox_sha256=_sha256(busybox),
+        busybox_sha256=sha256_digest(busybox),
     )
 
 
@@ -469,55 +424,25 @@ def build_sample_image(
     """Write the sample image into the OCI image layout `layout_dir` under `tag`.
 
     Creates the directory if needed. An existing layout is extended: blobs are added and
-    the index entry named `tag` is replaced, other entries are kept. A non-empty
-    directory without an `oci-layout` file is refused. `repository` is not stored in
+    the index entry named `tag` is replaced, other entries are kept (`LayoutWriter`, so
+    nothing is visible before the whole image is written). A non-empty directory
+    without an `oci-layout` file is refused. `repository` is not stored in
     the layout (OCI ref names are tags); it is the name tests give the image on import.
     """
     _check_tag(tag)
     layout_dir = Path(layout_dir)
-    if layout_dir.exists() and not layout_dir.is_dir():
-        raise PeerstarError(f"{layout_dir} exists and is not a directory: choose a new path "
-                            "for the OCI layout")
-    if layout_dir.is_dir() and any(layout_dir.iterdir()) and not (
-            layout_dir / "oci-layout").is_file():
-        raise PeerstarError(f"{layout_dir} is not empty and is not an OCI image layout (no "
-                            "oci-layout file): refusing to write into it; use an empty or "
-                            "new directory")
-    built = _build(extra_mib, busybox, gzip_level)
-    blob_dir = layout_dir / "blobs" / "sha256"
-    blob_dir.mkdir(parents=True, exist_ok=True)
-    for digest, data in built.blobs.items():
-        target = blob_dir / digest.split(":", 1)[1]
-        # Content-addressed: an existing blob of the right size is the same blob.
-        if not (target.is_file() and target.stat().st_size == len(data)):
-            _write_atomic(target, data)
-    layout_file = layout_dir / "oci-layout"
-    if not layout_file.is_file():
-        _write_atomic(layout_file, _json_bytes({"imageLayoutVersion": "1.0.0"}))
-
-    index_path = layout_dir / "index.json"
-    manifests: list[dict] = []
-    if index_path.is_file():
-        try:
-            old = json.loads(index_path.read_bytes())
-            manifests = [m for m in old.get("manifests", [])
-                         if m.get("annotations", {}).get(ANNOTATION_REF_NAME) != tag]
-        except (ValueError, AttributeError) as exc:
-            raise PeerstarError(f"{index_path} is not a valid OCI index ({exc}): remove the "
-                                "layout directory and build again") from None
-    platform_obj = {"architecture": built.arch, "os": "linux"}
-    if built.variant:
-        platform_obj["variant"] = built.variant
-    manifests.append({
-        "mediaType": MEDIA_TYPE_OCI_MANIFEST,
-        "digest": built.manifest_digest,
-        "size": len(built.manifest),
-        "annotations": {ANNOTATION_REF_NAME: tag},
-        "platform": platform_obj,
-    })
-    # index.json last: it is the commit point that makes the new tag visible.
-    _write_atomic(index_path, _json_bytes({
-        "schemaVersion": 2, "mediaType": MEDIA_TYPE_OCI_INDEX, "manifests": manifests}))
+    layout_dir.parent.mkdir(parents=True, exist_ok=True)
+    with LayoutWriter(layout_dir) as writer:  # refuses a path that is not (or not yet) a layout
+        built = _build(extra_mib, busybox, gzip_level)
+        for digest, data in built.blobs.items():
+            media_type = (mt.OCI_MANIFEST if digest == built.manifest_digest else
+                          mt.OCI_CONFIG if digest == built.config_digest else mt.OCI_LAYER_GZIP)
+            writer.add_bytes(data, media_type)
+        platform = {"architecture": built.arch, "os": "linux"}
+        if built.variant:
+            platform["variant"] = built.variant
+        writer.commit(descriptor(mt.OCI_MANIFEST, built.manifest_digest, len(built.manifest),
+                                 platform=platform), tag)
     return _sample_image(built, layout_dir, tag, repository)
 
 
@@ -590,16 +515,16 @@ def build_sample_docker_archive(
     chain = ""
     for la in built.layers:
         # Chain ID, as docker uses for layer directory names.
-        chain = la.diff_id if not chain else _sha256(f"{chain} {la.diff_id}".encode())
+        chain = la.diff_id if not chain else sha256_digest(f"{chain} {la.diff_id}".encode())
         layer_ids.append(chain.split(":", 1)[1])
     config_name = built.config_digest.split(":", 1)[1] + ".json"
     repo_tag = f"{repository}:{tag}"
-    manifest_json = _json_bytes([{
+    manifest_json = dump_json([{
         "Config": config_name,
         "RepoTags": [repo_tag],
         "Layers": [f"{lid}/layer.tar" for lid in layer_ids],
     }])
-    repositories = _json_bytes({repository: {tag: layer_ids[-1]}})
+    repositories = dump_json({repository: {tag: layer_ids[-1]}})
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as f, tarfile.open(fileobj=f, mode="w",
                                                format=tarfile.PAX_FORMAT) as tar:
@@ -609,7 +534,7 @@ def build_sample_docker_archive(
             if i:
                 v1["parent"] = layer_ids[i - 1]
             members += [(lid, None), (f"{lid}/VERSION", b"1.0"),
-                        (f"{lid}/json", _json_bytes(v1)),
+                        (f"{lid}/json", dump_json(v1)),
                         (f"{lid}/layer.tar", built.layer_tars[i])]
         members += [(config_name, built.config), ("manifest.json", manifest_json),
                     ("repositories", repositories)]
@@ -622,19 +547,19 @@ def build_sample_docker_archive(
     # type even though the tars are plain; use the same so `manifest_digest` matches.
     docker_layers = [
         SampleLayer(la.diff_id, la.diff_id, len(t),
-                    "application/vnd.docker.image.rootfs.diff.tar.gzip", la.entries)
+                    mt.DOCKER_LAYER_GZIP, la.entries)
         for la, t in zip(built.layers, built.layer_tars, strict=True)
     ]
-    docker_manifest = _json_bytes({
+    docker_manifest = dump_json({
         "schemaVersion": 2,
-        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-        "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
+        "mediaType": mt.DOCKER_MANIFEST,
+        "config": {"mediaType": mt.DOCKER_CONFIG,
                    "size": len(built.config), "digest": built.config_digest},
         "layers": [{"mediaType": la.media_type, "size": la.size, "digest": la.digest}
                    for la in docker_layers],
     })
     image = _sample_image(built, path, tag, repository)
     image.layers = docker_layers
-    image.manifest_digest = _sha256(docker_manifest)
+    image.manifest_digest = sha256_digest(docker_manifest)
     image.manifest_size = len(docker_manifest)
     return image

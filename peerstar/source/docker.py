@@ -1,4 +1,4 @@
-"""Reading `docker://HOST/REPO:TAG` images over the OCI distribution API (registry v2).
+"""The `docker://HOST/REPO:TAG` source: images read over the OCI distribution API.
 
 Owns: parsing docker references (skopeo's `docker://` transport; a bare reference means
 the same), a small synchronous registry client (manifests incl. indexes, blobs streamed,
@@ -31,18 +31,13 @@ from peerstar.oci import mediatypes as mt
 from peerstar.oci.digest import parse_digest, sha256_digest
 from peerstar.oci.errors import BlobError, ImageReferenceError, OCIError
 from peerstar.oci.model import Descriptor, Document, descriptor, kind_of, parse_document
-from peerstar.oci.reference import ImageRef
-from peerstar.oci.source import MAX_DOCUMENT_BYTES, ReadAt, SourceImage
+from peerstar.oci.reference import ImageRef, is_tag
+from peerstar.source.image import MAX_DOCUMENT_BYTES, ReadAt, SourceImage
 
 DOCKER = "docker"
 DOCKER_HUB = "registry-1.docker.io"
-# Everything we can turn into an OCI image; the registry picks the stored type.
-MANIFEST_ACCEPT = ", ".join([
-    mt.OCI_INDEX, mt.OCI_MANIFEST, mt.DOCKER_MANIFEST_LIST, mt.DOCKER_MANIFEST,
-])
 _REPO_RE = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)"
                       r"[a-z0-9]+)*)*$")
-_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 
 
 class RegistryError(OCIError):
@@ -76,7 +71,7 @@ def parse_docker_ref(text: str) -> DockerImageRef:
     last = name.rsplit("/", 1)[-1]
     if ":" in last:
         name, _, tag = name.rpartition(":")
-        if not _TAG_RE.match(tag):
+        if not is_tag(tag):
             raise ImageReferenceError(f"image {text!r}: {tag!r} is not a valid tag")
         if not at:
             reference = tag
@@ -227,7 +222,7 @@ class RegistryClient:
     def get_manifest(self, reference: str) -> tuple[bytes, str, str]:
         """(bytes, media type, digest) of a manifest or index; verified when possible."""
         url = f"{self.base}/manifests/{reference}"
-        resp = self._send("GET", url, {"Accept": MANIFEST_ACCEPT})
+        resp = self._send("GET", url, {"Accept": mt.MANIFEST_ACCEPT})
         if resp.status_code != 200:
             raise self._fail(resp, f"manifest {reference}")
         data = resp.content
