@@ -7,8 +7,10 @@ each decompressed and checked against its `chunkDigest` before any byte is retur
 verified chunks are cached on disk by digest), the read-ahead along a file (the next
 `READ_AHEAD_CHUNKS` chunks of a file being read are fetched beside the reader, by their
 own threads, so a sequential reader finds them in flight or done instead of paying one
-round trip per chunk), `prefetch` (`[0, .prefetch.landmark)`), the idle-time background
-fetcher (yields to on-demand reads), and `stats()`.
+round trip per chunk; for an ELF binary read from its start, the interpreter and the
+libraries the loader will open from this layer, see `elfdeps`), `prefetch`
+(`[0, .prefetch.landmark)`), the idle-time background fetcher (yields to on-demand
+reads), and `stats()`.
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ import threading
 import time
 from bisect import bisect_right
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 
 from peerstar.estargz import Reader
 from peerstar.estargz.errors import VerifyError
 from peerstar.estargz.toc import TOCEntry
-from peerstar.lazyfs import metrics
+from peerstar.lazyfs import elfdeps, metrics
 from peerstar.lazyfs.cache import DiskCache
 from peerstar.lazyfs.fetcher import BlobFetcher, FetchError
 
@@ -36,10 +39,11 @@ BACKGROUND_BATCH = 1 << 20  # bytes per background request
 # most 128 KiB, so without this every piece of a 4 MiB chunk would re-read it from disk.
 MEMORY_CHUNKS_BYTES = 32 << 20
 # Chunks of a file fetched ahead of the one a reader is in (4 MiB each by default), and the
-# threads per layer that fetch them: bounded, and apart from the readers' own threads, so a
-# read-ahead never holds up an on-demand read of another file.
+# threads per layer that fetch them and a binary's libraries (`elfdeps`): bounded, and apart
+# from the readers' own threads, so a read-ahead never holds up an on-demand read of
+# another file.
 READ_AHEAD_CHUNKS = 2
-READ_AHEAD_WORKERS = 2
+READ_AHEAD_WORKERS = 8
 
 
 class ChunkVerifyError(Exception):
@@ -78,7 +82,8 @@ class LazyLayer:
         self._chunk_inflight: dict[str, Future[bytes]] = {}
         # file name -> index of the last chunk handed to the read-ahead
         self._ahead_marks: dict[str, int] = {}
-        self._ahead_queue: queue.Queue[TOCEntry] | None = None
+        self._ahead_queue: queue.Queue[Callable[[], object]] | None = None
+        self._elf_seen: set[str] = set()  # files whose loader dependencies were queued
 
     @classmethod
     def open(cls, fetcher: BlobFetcher, *, toc_digest: str | None,
@@ -163,43 +168,88 @@ class LazyLayer:
         """`size` bytes of regular file `entry` at `offset` (raises ChunkVerifyError,
         FetchError)."""
         self._mark_foreground()
+        # Queued before this read's own fetch, so that the next chunks and, for a binary,
+        # the loader's next files travel beside it rather than one round trip later.
+        self._read_ahead(entry, offset + size)
+        if offset == 0:
+            self._follow_elf(entry)
         data = self.reader.read_entry(entry, offset, size, read_chunk=self.chunk_bytes)
         self._mark_foreground()
-        self._read_ahead(entry, offset + len(data))
         return data
 
     def _read_ahead(self, entry: TOCEntry, end: int) -> None:
-        """Queue the chunks of `entry` that follow file offset `end` (at most
-        READ_AHEAD_CHUNKS past the chunk holding it), each once."""
+        """Queue the chunks of `entry` after the one holding file offset `end - 1` (at
+        most READ_AHEAD_CHUNKS past it), each once."""
         chunks = self.reader.entry_chunks(entry)
         if len(chunks) < 2 or end >= entry.size:
             return
-        i = bisect_right([c.chunk_offset for c in chunks], end) - 1
-        last = min(i + READ_AHEAD_CHUNKS, len(chunks) - 1)
+        i = bisect_right([c.chunk_offset for c in chunks], max(end - 1, 0)) - 1
+        self._queue_chunks(entry, chunks, i + 1, min(i + READ_AHEAD_CHUNKS, len(chunks) - 1))
+
+    def _queue_chunks(self, entry: TOCEntry, chunks: list[TOCEntry], first: int,
+                      last: int) -> None:
         with self._mem_lock:
-            done = self._ahead_marks.get(entry.name, 0)
+            done = self._ahead_marks.get(entry.name, -1)
             if last <= done:
                 return
             self._ahead_marks[entry.name] = last
+            todo = [c for c in chunks[max(first, done + 1):last + 1]
+                    if self._chunk_key(c) not in self._mem]
+        for c in todo:
+            self._ahead(lambda c=c: self.chunk_bytes(c, "readahead"))
+
+    def _follow_elf(self, entry: TOCEntry) -> None:
+        """For an ELF file read from its start, fetch the interpreter and the libraries
+        the loader will open next (those this layer holds), and theirs in turn."""
+        with self._mem_lock:
+            if entry.name in self._elf_seen or entry.size < 64:
+                return
+            self._elf_seen.add(entry.name)
+
+        def read(off: int, n: int) -> bytes:
+            return self.reader.read_entry(entry, off, n,
+                                          read_chunk=lambda c: self.chunk_bytes(c, "readahead"))
+
+        def fetch(deps: elfdeps.ElfDeps) -> list[TOCEntry]:
+            # Every file's chunks are queued before any of their own dependencies is
+            # followed, so the workers fetch side by side instead of waiting in a parse.
+            found = [d for d in elfdeps.resolve(self.reader, entry.name, deps)
+                     if d.size and self.reader.entry_chunks(d)]
+            for dep in found:
+                chunks = self.reader.entry_chunks(dep)
+                self._queue_chunks(dep, chunks, 0, min(READ_AHEAD_CHUNKS, len(chunks) - 1))
+            return found
+
+        def follow() -> None:
+            # The interpreter first: the kernel opens it as soon as it has the program
+            # headers, before the loader reads the dynamic section.
+            head = elfdeps.parse(read, entry.size, needed=False)
+            if head is None:
+                return
+            fetch(head)
+            deps = elfdeps.parse(read, entry.size)
+            if deps is not None:
+                for dep in fetch(deps):
+                    self._follow_elf(dep)
+        self._ahead(follow)
+
+    def _ahead(self, job: Callable[[], object]) -> None:
+        with self._mem_lock:
             if self._ahead_queue is None:
                 self._ahead_queue = queue.Queue()
                 for n in range(READ_AHEAD_WORKERS):
                     threading.Thread(target=self._ahead_worker, daemon=True,
                                      name=f"ahead-{self._label}-{n}").start()
-            todo = [c for c in chunks[max(i, done + 1):last + 1]
-                    if self._chunk_key(c) not in self._mem]
-        for c in todo:
-            self._ahead_queue.put(c)
+        self._ahead_queue.put(job)
 
     def _ahead_worker(self) -> None:
         assert self._ahead_queue is not None
         while not self._stop.is_set():
-            chunk = self._ahead_queue.get()
+            job = self._ahead_queue.get()
             try:
-                self.chunk_bytes(chunk, "readahead")
+                job()
             except (FetchError, ChunkVerifyError) as exc:  # the reader will see it itself
-                log.debug("layer %s: read-ahead of %s@%d: %s", self.digest, chunk.name,
-                          chunk.chunk_offset, exc)
+                log.debug("layer %s: read-ahead: %s", self.digest, exc)
 
     def _mark_foreground(self) -> None:
         now = time.monotonic()

@@ -59,21 +59,26 @@ def test_prefetch_is_exactly_the_landmark_range(rich_layer: Layer, mnt: Path,
         server.stop()
 
 
+DELAY = 5.0
+
+
 def test_mount_is_ready_before_prefetch_and_reads_wait_for_it(rich_layer: Layer, mnt: Path,
                                                               cache_dir: Path) -> None:
     server = BlobServer({rich_layer.digest: rich_layer.blob}).start()
-    server.delays["bytes=0-49999"] = 1.5  # the prefetch range comes late
+    # The prefetch range comes late; late enough that a loaded machine's daemon start-up
+    # (~1-2 s under a parallel test run) cannot be mistaken for waiting on it.
+    server.delays["bytes=0-49999"] = DELAY
     try:
         t0 = time.monotonic()
         m = mount_layer(server.url(rich_layer.digest), rich_layer.digest,
                         rich_layer.toc_digest, mnt, cache_dir,
                         MountOptions(prefetch=PrefetchOptions(background=False, timeout=10)))
         try:
-            assert not m.prefetch_done and time.monotonic() - t0 < 1.5
+            assert not m.prefetch_done and time.monotonic() - t0 < DELAY
             # A prioritized file waits for the prefetch instead of fetching on its own:
             # one request for the range, none after it.
             assert (mnt / "data/prio.txt").read_bytes() == PRIORITY
-            assert time.monotonic() - t0 >= 1.5
+            assert time.monotonic() - t0 >= DELAY
             assert server.ranges.count("bytes=0-49999") == 1
             assert server.ranges[-1] == "bytes=0-49999"
             assert _stats(mnt, rich_layer)["prefetchDone"] is True

@@ -62,7 +62,8 @@ def test_concurrent_readers_share_one_fetch_and_verify(served: BlobServer, rich_
     for t in threads:
         t.join(10)
     assert sorted(out) == sorted(BIG[CHUNK + i * 1000:CHUNK + i * 1000 + 100] for i in range(6))
-    assert calls == [CHUNK]
+    assert calls.count(CHUNK) == 1  # (the read-ahead decompresses the chunks after it)
+    assert set(calls) <= {CHUNK, CHUNK * 2, CHUNK * 3}
 
 
 def test_bad_bytes_are_forgotten(rich_layer: Layer, tmp_path: Path) -> None:
