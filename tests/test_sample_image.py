@@ -28,10 +28,7 @@ from peerstar.source.sample import (
     write_oci_archive,
 )
 from tests.support.containerd import Containerd, HarnessError, require_binaries
-
-
-def _sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+from tests.support.content import sha256_digest
 
 
 def _blob(layout: Path, digest: str) -> bytes:
@@ -90,7 +87,7 @@ def test_layout_is_valid_oci(sample_image: SampleImage) -> None:
         blob = _blob(layout, layer["digest"])
         assert len(blob) == layer["size"]
         tar = gzip.decompress(blob)
-        assert _sha(tar) == config["rootfs"]["diff_ids"][i]
+        assert sha256_digest(tar) == config["rootfs"]["diff_ids"][i]
         assert tar == sample_image.layer_tar(i)
 
 
@@ -105,7 +102,7 @@ def test_layer_contents(sample_image: SampleImage) -> None:
         sh = tar.getmember("bin/sh")
         assert sh.issym() and sh.linkname == "busybox"
         busybox = tar.extractfile("bin/busybox").read()
-        assert _sha(busybox) == sample_image.busybox_sha256 == _sha(
+        assert sha256_digest(busybox) == sample_image.busybox_sha256 == sha256_digest(
             Path("/bin/busybox").read_bytes())
     with tarfile.open(fileobj=io.BytesIO(sample_image.layer_tar(1))) as tar:
         assert tar.extractfile(SAMPLE_TEXT_PATH.lstrip("/")).read() == SAMPLE_TEXT
@@ -199,7 +196,7 @@ def test_skopeo_reads_docker_archive(tmp_path: Path) -> None:
     raw = subprocess.run([skopeo, "inspect", "--config", "--raw",
                           f"docker-archive:{image.path}"],
                          capture_output=True, check=True, timeout=60)
-    assert _sha(raw.stdout) == image.config_digest
+    assert sha256_digest(raw.stdout) == image.config_digest
 
 
 @pytest.mark.slow

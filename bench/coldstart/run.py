@@ -40,7 +40,6 @@ import tarfile
 import tempfile
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,9 +48,13 @@ sys.path.insert(0, str(REPO))
 
 from peerstar.estargz import Reader  # noqa: E402
 from peerstar.oci import mediatypes as mt  # noqa: E402
-from peerstar.oci.platform import host_platform  # noqa: E402
 from tests.support.containerd import start_containerd  # noqa: E402
-from tests.support.registry import DockerRegistry, free_port, start_registry  # noqa: E402
+from tests.support.registry import (  # noqa: E402
+    DockerRegistry,
+    free_port,
+    push_image,
+    start_registry,
+)
 from tests.support.snapshotter import SnapshotterProc, mounts_under  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -363,49 +366,14 @@ def estargz_layers(tars: list[Path], out: Path, prioritize_from: Path | None) ->
 # --- the registry, and a counting proxy in front of it ---------------------------------
 
 
-def _http(method: str, url: str, data: bytes | None = None,
-          headers: dict[str, str] | None = None) -> tuple[int, dict[str, str]]:
-    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
-    with urllib.request.urlopen(req, timeout=300) as resp:
-        return resp.status, dict(resp.headers.items())
-
-
-def push_blob(base: str, repo: str, data: bytes, digest: str) -> None:
-    _, headers = _http("POST", f"{base}/v2/{repo}/blobs/uploads/", b"")
-    loc = headers["Location"]
-    loc = base + loc if loc.startswith("/") else loc
-    status, _ = _http("PUT", f"{loc}{'&' if '?' in loc else '?'}digest={digest}", data,
-                      {"Content-Type": "application/octet-stream"})
-    assert status == 201, status
-
-
-def push_image(base: str, repo: str, layers: list[Layer]) -> None:
-    descs = []
-    for la in layers:
-        push_blob(base, repo, la.blob.read_bytes(), la.digest)
-        desc: dict[str, object] = {"mediaType": mt.OCI_LAYER_GZIP, "digest": la.digest,
-                                   "size": la.size}
-        if la.toc_digest:
-            desc["annotations"] = {mt.TOC_DIGEST_ANNOTATION: la.toc_digest,
-                                   mt.UNCOMPRESSED_SIZE_ANNOTATION: str(la.uncompressed)}
-        descs.append(desc)
-    _os, arch, variant = host_platform()
-    cfg: dict[str, object] = {
-        "architecture": arch, "os": "linux",
-        "config": {"Env": [ENV_PATH], "Cmd": WORKLOAD},
-        "rootfs": {"type": "layers", "diff_ids": [la.diff_id for la in layers]}}
-    if variant:
-        cfg["variant"] = variant
-    config = json.dumps(cfg).encode()
-    config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
-    push_blob(base, repo, config, config_digest)
-    manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": mt.OCI_MANIFEST,
-        "config": {"mediaType": mt.OCI_CONFIG, "digest": config_digest, "size": len(config)},
-        "layers": descs}).encode()
-    status, _ = _http("PUT", f"{base}/v2/{repo}/manifests/v1", manifest,
-                      {"Content-Type": mt.OCI_MANIFEST})
-    assert status == 201, status
+def push_workload_image(base: str, repo: str, layers: list[Layer]) -> None:
+    """The image as `repo:v1`: `layers`, a config that runs the workload, the manifest."""
+    push_image(
+        base, repo, "v1",
+        ((la.blob.read_bytes(), {mt.TOC_DIGEST_ANNOTATION: la.toc_digest,
+                                 mt.UNCOMPRESSED_SIZE_ANNOTATION: str(la.uncompressed)}
+          if la.toc_digest else {}) for la in layers),
+        [la.diff_id for la in layers], {"Env": [ENV_PATH], "Cmd": WORKLOAD})
 
 
 class CountingProxy:
@@ -768,7 +736,7 @@ def main() -> int:
         images.update(B=images["b"], C=images["c"], D=images["c"])
         for m in "abc":
             repo, layers = images[m]
-            push_image(registry.url, repo, layers)
+            push_workload_image(registry.url, repo, layers)
             proxy.layers |= {la.digest for la in layers}
         log("pushed")
         results: dict[str, list[Trial]] = {m: [] for m in modes}

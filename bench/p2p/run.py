@@ -60,7 +60,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import hashlib
 import json
 import os
 import shutil
@@ -90,6 +89,7 @@ from peerstar.source.sample import (  # noqa: E402
 )
 from tests.p2p import swarm  # noqa: E402
 from tests.support.containerd import Containerd, start_containerd  # noqa: E402
+from tests.support.content import sha256_digest  # noqa: E402
 from tests.support.jsipfs import JsIpfs  # noqa: E402
 from tests.support.netns import Network, Node  # noqa: E402
 from tests.support.snapshotter import (  # noqa: E402
@@ -141,10 +141,6 @@ class Image:
                 "layers": len(self.tars), "files": self.files, "need": self.need,
                 "cids": self.cids,
                 "sizes": {k: sum(la.size for la in v) for k, v in self.layers.items()}}
-
-
-def sha256_digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def write_layout(dst: Path, layers: list[cs.Layer], workload: list[str]) -> Path:

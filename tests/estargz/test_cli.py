@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from peerstar.estargz import Reader, build
-from tests.estargz.helpers import all_kinds_tar
+from tests.support.tars import tar_all_kinds
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -21,7 +21,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def blob(tmp_path_factory):
     out = io.BytesIO()
-    res = build(all_kinds_tar(), out, chunk_size=64 << 10)
+    res = build(tar_all_kinds(), out, chunk_size=64 << 10)
     p = tmp_path_factory.mktemp("cli") / "layer.esgz"
     p.write_bytes(out.getvalue())
     return p, res
@@ -34,12 +34,12 @@ def test_verify_ls_cat(blob):
     assert b"OK" in v.stdout and res.toc_digest.encode() in v.stdout
     ls = run("estargz", "ls", str(p), "--json")
     rows = [json.loads(line) for line in ls.stdout.splitlines()]
-    big = next(r for r in rows if r["path"] == "etc/big.bin")
-    assert big["size"] == 300_000 and big["chunks"][1] == [65536, 65536]
-    cat = run("estargz", "cat", str(p), "etc/hosts")
-    assert cat.stdout == b"127.0.0.1 localhost\n"
-    part = run("estargz", "cat", str(p), "etc/big.bin", "--offset", "65530", "--length", "10")
-    assert part.stdout == Reader.from_bytes(p.read_bytes()).read("etc/big.bin", 65530, 10)
+    big = next(r for r in rows if r["path"] == "bin/big-odd")
+    assert big["size"] == 3 * 65536 + 12345 and big["chunks"][1] == [65536, 65536]
+    cat = run("estargz", "cat", str(p), "etc/hostname")
+    assert cat.stdout == b"peerstar\n"
+    part = run("estargz", "cat", str(p), "bin/big-odd", "--offset", "65530", "--length", "10")
+    assert part.stdout == Reader.from_bytes(p.read_bytes()).read("bin/big-odd", 65530, 10)
 
 
 @pytest.mark.parametrize("case", ["wrong-toc", "tampered", "missing", "not-a-blob", "no-path",
@@ -51,7 +51,7 @@ def test_errors_are_one_line(blob, tmp_path, case):
         args += ["--toc-digest", "sha256:" + "0" * 64]
     elif case == "tampered":
         data = bytearray(p.read_bytes())
-        e = Reader.from_bytes(bytes(data)).lookup("etc/hosts")
+        e = Reader.from_bytes(bytes(data)).lookup("etc/passwd")
         data[e.offset + 12] ^= 0xFF
         bad = tmp_path / "bad.esgz"
         bad.write_bytes(bytes(data))

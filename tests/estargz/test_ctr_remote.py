@@ -9,7 +9,6 @@ pull from.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import posixpath
@@ -36,6 +35,7 @@ from peerstar.source.sample import (
     build_sample_image,
 )
 from tests.support.containerd import Containerd, Ctr
+from tests.support.content import sha256_digest
 from tests.support.registry import DockerRegistry
 
 pytestmark = pytest.mark.slow
@@ -49,10 +49,6 @@ _TAR_TYPES = {
     tarfile.SYMTYPE: "symlink",
     tarfile.LNKTYPE: "hardlink",
 }
-
-
-def _sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def _clean(name: str) -> str:
@@ -131,7 +127,7 @@ def test_conversion_changed_the_layers(converted: Converted) -> None:
     assert [la["mediaType"] for la in layers] == [mt.OCI_LAYER_GZIP] * 2
     for layer, blob, original in zip(layers, converted.blobs, converted.sample.layers,
                                      strict=True):
-        assert layer["digest"] == _sha(blob) != original.digest
+        assert layer["digest"] == sha256_digest(blob) != original.digest
         assert layer["size"] == len(blob)
         assert layer["annotations"][TOC_DIGEST_ANNOTATION].startswith("sha256:")
 
@@ -141,7 +137,7 @@ def test_diff_ids_and_uncompressed_size(converted: Converted) -> None:
     for i, (layer, blob) in enumerate(zip(converted.manifest["layers"], converted.blobs,
                                           strict=True)):
         plain = gzip.decompress(blob)  # a valid multi-member gzip stream
-        assert diff_ids[i] == _sha(plain)
+        assert diff_ids[i] == sha256_digest(plain)
         assert layer["annotations"][UNCOMPRESSED_SIZE_ANNOTATION] == str(len(plain))
     # The original DiffIDs are gone: the TOC entry is part of the new tar stream.
     assert diff_ids != converted.sample.diff_ids
@@ -153,7 +149,7 @@ def test_peerstar_reads_converted_layer(converted: Converted, index: int) -> Non
     toc_digest = layer["annotations"][TOC_DIGEST_ANNOTATION]
     r = Reader.from_bytes(converted.blobs[index], toc_digest=toc_digest)
     assert r.compression == "gzip"
-    assert r.toc_digest == toc_digest == _sha(r.toc_json)
+    assert r.toc_digest == toc_digest == sha256_digest(r.toc_json)
     r.verify_all()
 
     original = _original_entries(converted.sample.layer_tar(index))
@@ -172,7 +168,7 @@ def test_peerstar_reads_converted_layer(converted: Converted, index: int) -> Non
         assert e.uname == "root" and e.gname == "root", name
         if want.type == "reg":
             assert e.size == len(want.data), name
-            assert e.digest == _sha(want.data), name
+            assert e.digest == sha256_digest(want.data), name
             assert r.read(name) == want.data, name
         elif want.type == "symlink":
             assert e.link_name == want.link, name
@@ -196,7 +192,7 @@ def test_chunks_and_ranged_reads(converted: Converted) -> None:
     assert [c.type for c in chunks] == ["reg", "chunk", "chunk"]
     for c in chunks:
         end = c.chunk_offset + (c.chunk_size or len(big) - c.chunk_offset)
-        assert c.chunk_digest == _sha(big[c.chunk_offset:end])
+        assert c.chunk_digest == sha256_digest(big[c.chunk_offset:end])
     # A read across a chunk boundary, and one at the very end.
     assert r.read(big_name, CHUNK - 10, 30) == big[CHUNK - 10:CHUNK + 20]
     assert r.read(big_name, len(big) - 5) == big[-5:]
@@ -219,7 +215,7 @@ def _push_and_check(ctr: Ctr, registry: DockerRegistry, src: str, repo: str, tag
     got = registry.get_manifest(repo, tag)
     assert got.status == 200, got.body[:500]
     assert got.headers["docker-content-digest"] == manifest_digest
-    assert _sha(got.body) == manifest_digest
+    assert sha256_digest(got.body) == manifest_digest
     by_digest = registry.get_manifest(repo, manifest_digest)
     assert by_digest.status == 200 and by_digest.body == got.body
     manifest = json.loads(got.body)
@@ -262,7 +258,7 @@ def test_original_layers_unchanged_in_content_store(containerd: Containerd,
     # Converting must not disturb the source image (its blobs stay byte-identical).
     for layer in converted.sample.layers:
         data = containerd.ctr.run("content", "get", layer.digest).stdout
-        assert _sha(data) == layer.digest
+        assert sha256_digest(data) == layer.digest
 
 
 @pytest.fixture(scope="module")
@@ -294,7 +290,7 @@ def test_peerstar_reads_zstd_chunked_layer(converted_zstd: Converted, index: int
     r.verify_all()
     off, clen, ulen, typ = (int(x) for x in ann[ZSTD_MANIFEST_POSITION_ANNOTATION].split(":"))
     assert (off, clen, ulen, typ) == (r.footer.toc_offset, r.footer.toc_size, len(r.toc_json), 1)
-    assert ann[ZSTD_MANIFEST_CHECKSUM_ANNOTATION] == _sha(blob[off:off + clen])
+    assert ann[ZSTD_MANIFEST_CHECKSUM_ANNOTATION] == sha256_digest(blob[off:off + clen])
     diff_id, _ = compute_diff_id(lambda o, n: blob[o:o + n], len(blob), "zstd")
     assert converted_zstd.config["rootfs"]["diff_ids"][index] == diff_id
     original = _original_entries(converted_zstd.sample.layer_tar(index))

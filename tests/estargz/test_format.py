@@ -21,7 +21,8 @@ from peerstar.estargz import (
 from peerstar.estargz.footer import estargz_footer, parse_footer
 from peerstar.estargz.reader import compute_diff_id
 from peerstar.estargz.toc import TOCEntry, go_quote, marshal_toc
-from tests.estargz.helpers import all_kinds_tar, make_tar, rewrite_toc
+from tests.estargz.helpers import rewrite_toc
+from tests.support.tars import BINARY_XATTR, Entry, tar_all_kinds, write_tar
 
 COMPRESSIONS = ["gzip", "zstd"]
 
@@ -70,7 +71,7 @@ def test_toc_json_layout_is_go_marshal_indent():
 
 @pytest.mark.parametrize("compression", COMPRESSIONS)
 def test_round_trip_every_entry_kind(compression):
-    tar = all_kinds_tar()
+    tar = tar_all_kinds()
     blob, res = blob_of(tar, compression=compression, chunk_size=64 << 10)
     r = Reader.from_bytes(blob, toc_digest=res.toc_digest)
     r.verify_all()
@@ -87,22 +88,28 @@ def test_round_trip_every_entry_kind(compression):
             if m.issym():
                 assert (e.type, e.link_name) == ("symlink", m.linkname)
             if m.ischr():
-                assert (e.type, e.dev_major, e.dev_minor) == ("char", 1, 3)
-    assert r.lookup("etc/hard") is r.lookup("etc/hosts")
-    assert r.lookup("etc/hosts").num_link == 3
-    assert r.lookup("etc/hosts").uname == "alice" and r.lookup("etc/hosts").gname == "staff"
-    assert r.lookup("x").xattrs == {"user.note": "héllo".encode()}
-    assert r.lookup("x").num_link == 2
-    assert r.lookup("dev/fifo").type == "fifo"
-    assert set(r.listdir("etc")) == {"hosts", "empty", "big.bin", "link", "hard", "hard2"}
-    big = r.chunks("etc/big.bin")
+                assert (e.type, e.dev_major, e.dev_minor) == ("char", m.devmajor, m.devminor)
+    # a hardlink, and a hardlink to a hardlink, are the entry they name
+    assert r.lookup("bin/big-link") is r.lookup("bin/big-link2") is r.lookup("bin/big-odd")
+    assert r.lookup("bin/big-odd").num_link == 3
+    assert r.lookup("etc/hostname.hl") is r.lookup("etc/hostname")
+    assert r.lookup("bin/big-odd").uname == "bob" and r.lookup("bin/big-odd").gname == "users"
+    assert r.lookup("etc/xattr-dir").xattrs == {
+        "user.comment": "hello <world> & ☃".encode(), "trusted.overlay.opaque": b"y",
+        "user.empty": b""}
+    assert r.lookup("bin/ping").xattrs == {"security.capability": BINARY_XATTR}
+    assert r.lookup("etc/xattr-dir").num_link == 2 and r.lookup("etc").num_link == 3
+    assert r.lookup("run/fifo").type == "fifo"
+    assert set(r.listdir("etc")) == {"hostname", "empty", "passwd", "mtab", "hostname.hl",
+                                     "xattr-dir"}
+    big = r.chunks("bin/big-odd")
     assert [(c.chunk_offset, c.chunk_size) for c in big] == [
-        (0, 65536), (65536, 65536), (131072, 65536), (196608, 65536), (262144, 37856)]
+        (0, 65536), (65536, 65536), (131072, 65536), (196608, 12345)]
     # the TOC writes chunkSize only while a whole chunk remains
     raw = json.loads(r.toc_json)["entries"]
-    big_raw = [x for x in raw if x["name"] == "./etc/big.bin"]
-    assert [x.get("chunkSize") for x in big_raw] == [65536] * 4 + [None]
-    assert r.read("etc/big.bin", 65530, 20) == r.read("etc/big.bin")[65530:65550]
+    big_raw = [x for x in raw if x["name"] == "bin/big-odd"]
+    assert [x.get("chunkSize") for x in big_raw] == [65536] * 3 + [None]
+    assert r.read("bin/big-odd", 65530, 20) == r.read("bin/big-odd")[65530:65550]
     assert compute_diff_id(lambda o, n: blob[o:o + n], len(blob), compression) == (
         res.diff_id, res.uncompressed_size)
     assert res.blob_digest == "sha256:" + hashlib.sha256(blob).hexdigest()
@@ -110,7 +117,7 @@ def test_round_trip_every_entry_kind(compression):
 
 
 def test_gzip_members_start_at_each_payload_and_blob_is_plain_tar_gz():
-    tar = all_kinds_tar()
+    tar = tar_all_kinds()
     blob, res = blob_of(tar, chunk_size=64 << 10)
     r = Reader.from_bytes(blob, toc_digest=res.toc_digest)
     for e in r.entries:
@@ -124,7 +131,7 @@ def test_gzip_members_start_at_each_payload_and_blob_is_plain_tar_gz():
 
 
 def test_zstd_chunked_layout_and_annotations():
-    tar = all_kinds_tar()
+    tar = tar_all_kinds()
     blob, res = blob_of(tar, compression="zstd")
     pos = res.annotations["io.containers.zstd-chunked.manifest-position"]
     off, clen, ulen, typ = (int(x) for x in pos.split(":"))
@@ -139,14 +146,14 @@ def test_zstd_chunked_layout_and_annotations():
 
 @pytest.mark.parametrize("compression", COMPRESSIONS)
 def test_output_is_identical_for_any_thread_count(compression):
-    tar = all_kinds_tar()
+    tar = tar_all_kinds()
     a, _ = blob_of(tar, compression=compression, chunk_size=50_000, workers=1)
     b, _ = blob_of(tar, compression=compression, chunk_size=50_000, workers=7)
     assert a == b
 
 
 def test_compressed_inputs_give_the_same_blob():
-    tar = all_kinds_tar()
+    tar = tar_all_kinds()
     plain, r1 = blob_of(tar)
     gz, r2 = blob_of(gzip.compress(tar))
     zs, r3 = blob_of(zstandard.ZstdCompressor().compress(tar))
@@ -154,25 +161,26 @@ def test_compressed_inputs_give_the_same_blob():
 
 
 def test_prioritized_files_come_first_with_parents_and_link_targets():
-    tar = all_kinds_tar()
-    blob, res = blob_of(tar, prioritized=["etc/hard2", "dev/null"])
+    tar = tar_all_kinds()
+    blob, res = blob_of(tar, prioritized=["bin/big-link2", "dev/null"])
     names = [e.name for e in Reader.from_bytes(blob).entries if e.type != "chunk"]
-    assert names[:7] == ["", "etc", "etc/hosts", "etc/hard", "etc/hard2", "dev", "dev/null"]
+    assert names[:7] == ["", "bin", "bin/big-odd", "bin/big-link", "bin/big-link2", "dev",
+                         "dev/null"]
     assert names[7] == ".prefetch.landmark"
     r = Reader.from_bytes(blob)
     assert r.prefetch_end() == r.lookup(".prefetch.landmark").offset
     with pytest.raises(EstargzError, match="nope"):
         blob_of(tar, prioritized=["nope"])
-    _, res = blob_of(tar, prioritized=["nope", "etc/hosts"], allow_missing_prioritized=True)
+    _, res = blob_of(tar, prioritized=["nope", "etc/hostname"], allow_missing_prioritized=True)
     assert res.missing_prioritized == ["nope"]
 
 
 def test_later_duplicate_entry_wins_and_old_landmarks_are_dropped():
-    tar = make_tar([
-        {"name": "a", "data": b"old"},
-        {"name": ".prefetch.landmark", "data": b"\x0f"},
-        {"name": "b", "data": b"b"},
-        {"name": "./a", "data": b"new"},
+    tar = write_tar([
+        Entry("a", data=b"old"),
+        Entry(".prefetch.landmark", data=b"\x0f"),
+        Entry("b", data=b"b"),
+        Entry("./a", data=b"new"),
     ])
     blob, _ = blob_of(tar)
     r = Reader.from_bytes(blob)
@@ -185,7 +193,7 @@ def test_later_duplicate_entry_wins_and_old_landmarks_are_dropped():
 
 @pytest.fixture(scope="module")
 def good():
-    blob, res = blob_of(all_kinds_tar(), chunk_size=64 << 10)
+    blob, res = blob_of(tar_all_kinds(), chunk_size=64 << 10)
     return blob, res
 
 
@@ -205,20 +213,20 @@ def test_toc_digest_mismatch(good):
 def test_tampered_chunk_is_caught_on_read(good):
     blob, res = good
     r = Reader.from_bytes(blob)
-    e = r.lookup("etc/hosts")
+    e = r.lookup("etc/passwd")
     tampered = bytearray(blob)
-    # flip a byte inside the member holding etc/hosts, keep the TOC
+    # flip a byte inside the member holding etc/passwd, keep the TOC
     tampered[e.offset + 12] ^= 0xFF
     r2 = Reader.from_bytes(bytes(tampered), toc_digest=res.toc_digest)
     with pytest.raises(VerifyError):
-        r2.read("etc/hosts")
+        r2.read("etc/passwd")
     with pytest.raises(VerifyError):
         r2.verify_all()
     assert r2.read("etc/empty") == b""
 
 
 def test_toc_with_a_wrong_chunk_digest_fails_reads_not_open():
-    tar = make_tar([{"name": "f", "data": b"A" * 1000}, {"name": "g", "data": b"g"}])
+    tar = write_tar([Entry("f", data=b"A" * 1000), Entry("g", data=b"g")])
     blob, res = blob_of(tar)
 
     def lie(doc):
@@ -248,7 +256,7 @@ def test_toc_with_a_wrong_chunk_digest_fails_reads_not_open():
     ],
 )
 def test_lying_tocs_are_rejected(mutate, msg):
-    tar = make_tar([{"name": "a", "data": b"aaaa"}, {"name": "b", "data": b"b" * 5000}])
+    tar = write_tar([Entry("a", data=b"aaaa"), Entry("b", data=b"b" * 5000)])
     blob, _ = blob_of(tar)
     bad = rewrite_toc(blob, mutate)
     with pytest.raises(FormatError, match=msg):
@@ -256,7 +264,7 @@ def test_lying_tocs_are_rejected(mutate, msg):
 
 
 def test_decompression_bomb_sizes_are_rejected():
-    tar = make_tar([{"name": "a", "data": b"aaaa"}, {"name": "b", "data": b"b" * 5000}])
+    tar = write_tar([Entry("a", data=b"aaaa"), Entry("b", data=b"b" * 5000)])
     blob, _ = blob_of(tar)
 
     def bomb(d):
@@ -278,10 +286,10 @@ def test_toc_that_is_not_json():
 
 def test_bad_tar_inputs():
     with pytest.raises(FormatError, match="'..'"):
-        blob_of(make_tar([{"name": "../evil", "data": b"x"}]))
+        blob_of(write_tar([Entry("../evil", data=b"x")]))
     with pytest.raises(FormatError, match="outside"):
-        blob_of(make_tar([{"name": "h", "type": tarfile.LNKTYPE, "linkname": "../x"}]))
-    tar = make_tar([{"name": "a", "data": b"x" * 5000}])
+        blob_of(write_tar([Entry("h", tarfile.LNKTYPE, linkname="../x")]))
+    tar = write_tar([Entry("a", data=b"x" * 5000)])
     with pytest.raises(FormatError, match="truncated"):
         blob_of(tar[:1200])
     with pytest.raises(FormatError, match="decompress"):
@@ -291,18 +299,18 @@ def test_bad_tar_inputs():
 
 
 def test_symlinks_climbing_out_of_the_root_fail_strict_checks():
-    ok = make_tar([{"name": "a/b/", "type": tarfile.DIRTYPE},
-                   {"name": "a/b/up", "type": tarfile.SYMTYPE, "linkname": "../../etc/x"},
-                   {"name": "a/abs", "type": tarfile.SYMTYPE, "linkname": "/etc/passwd"}])
+    ok = write_tar([Entry("a/b/", tarfile.DIRTYPE),
+                    Entry("a/b/up", tarfile.SYMTYPE, linkname="../../etc/x"),
+                    Entry("a/abs", tarfile.SYMTYPE, linkname="/etc/passwd")])
     Reader.from_bytes(blob_of(ok)[0]).check_links()
-    bad = make_tar([{"name": "a/b/", "type": tarfile.DIRTYPE},
-                    {"name": "a/b/up", "type": tarfile.SYMTYPE, "linkname": "../../../etc/x"}])
+    bad = write_tar([Entry("a/b/", tarfile.DIRTYPE),
+                     Entry("a/b/up", tarfile.SYMTYPE, linkname="../../../etc/x")])
     with pytest.raises(FormatError, match="outside the layer root"):
         Reader.from_bytes(blob_of(bad)[0]).check_links()
 
 
 def test_legacy_stargz_footer_is_read():
-    tar = make_tar([{"name": "f", "data": b"legacy"}])
+    tar = write_tar([Entry("f", data=b"legacy")])
     blob, _ = blob_of(tar)
     ft = parse_footer(blob[-51:], len(blob))
     extra = b"%016xSTARGZ" % ft.toc_offset
@@ -328,7 +336,7 @@ def test_spool_write_errors_are_not_reported_as_bad_input(monkeypatch, tmp_path)
         return Full(f.raw)
 
     monkeypatch.setattr(tf_mod, "TemporaryFile", full_tmp)
-    tar = gzip.compress(make_tar([{"name": "a", "data": b"x" * 5000}]))
+    tar = gzip.compress(write_tar([Entry("a", data=b"x" * 5000)]))
     with pytest.raises(EstargzError, match="No space left.*spool directory") as ei:
         blob_of(tar, spool_dir=str(tmp_path))
     assert not isinstance(ei.value, FormatError)

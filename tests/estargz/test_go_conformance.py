@@ -33,6 +33,7 @@ import pytest
 from peerstar.estargz import BuildResult, Reader, TOCEntry, VerifyError, build
 from peerstar.estargz.reader import compute_diff_id
 from tests.support import tars
+from tests.support.content import sha256_digest
 from tests.support.goracle import GoBuild, GoOracle, OracleError, OracleUnavailable, get_oracle
 
 TOC_DIGEST_KEY = "containerd.io/snapshot/stargz/toc.digest"
@@ -314,10 +315,6 @@ def expected_chunks(content: bytes, chunk: int) -> list[tuple[int, int, str]]:
     ]
 
 
-def sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
 def assert_no_mismatch(problems: list[str], what: str) -> None:
     if problems:
         shown = "\n".join(problems[:25])
@@ -362,7 +359,7 @@ def want_view(
         }
         if e.type == "reg":
             assert e.content is not None
-            v["content_digest"] = sha(e.content)
+            v["content_digest"] = sha256_digest(e.content)
             v["chunks"] = expected_chunks(e.content, chunk)
         if go_reader:
             v["go_mode"] = go_file_mode(e.mode, e.type)
@@ -416,7 +413,7 @@ def peer_view(r: Reader) -> dict[str, dict[str, Any]]:
             "modtime": e.modtime, "num_link": e.num_link,
         }
         if e.type == "reg":
-            v["content_digest"] = sha(r.read(path))
+            v["content_digest"] = sha256_digest(r.read(path))
             # peerstar lists an empty file's reg entry as one zero-length chunk; Go's
             # ChunkEntryForOffset finds none. Both mean "no data": compare without it.
             v["chunks"] = [(c.chunk_offset, c.chunk_size, c.chunk_digest or c.digest)
@@ -447,7 +444,7 @@ def test_peerstar_blob_opens_and_verifies_in_go(
     assert info["compression"] == compression
     assert info["tocDigest"] == res.toc_digest
     assert res.blob_size == len(blob) == info["blobSize"]
-    assert res.blob_digest == sha(blob)
+    assert res.blob_digest == sha256_digest(blob)
 
     # DiffID and uncompressed size as Go computes them from peerstar's bytes.
     assert (res.diff_id, res.uncompressed_size) == goracle.diffid(path)
@@ -461,7 +458,7 @@ def test_peerstar_blob_opens_and_verifies_in_go(
         toc = goracle.toc(path)
         off, clen = info["tocOffset"], info["tocSize"]
         assert res.annotations[ZSTD_POSITION_KEY] == f"{off}:{clen}:{len(toc)}:1"
-        assert res.annotations[ZSTD_CHECKSUM_KEY] == sha(blob[off:off + clen])
+        assert res.annotations[ZSTD_CHECKSUM_KEY] == sha256_digest(blob[off:off + clen])
         assert res.media_type == "application/vnd.oci.image.layer.v1.tar+zstd"
     else:
         assert res.media_type == "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -847,7 +844,7 @@ def test_legacy_stargz_footer_reads_like_go(blobs: Blobs, goracle: GoOracle,
     r.verify_all()
     assert sorted(peer_tree(r)) == [e["path"] for e in go_ls["entries"]]
     want = next(e for e in go_ls["entries"] if e["path"] == "bin/big-odd")["contentDigest"]
-    assert sha(r.read("bin/big-odd")) == want
+    assert sha256_digest(r.read("bin/big-odd")) == want
 
 
 # --- a realistic tree ----------------------------------------------------------------------

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from peerstar.estargz import EstargzError, Reader, build
-from tests.estargz.helpers import make_tar
+from tests.support.tars import Entry, write_tar
 
 names = st.text(alphabet="abcxyz.-_é", min_size=1, max_size=12).filter(
     lambda s: s not in (".", "..") and not s.startswith(".wh") and "landmark" not in s
@@ -34,10 +34,10 @@ def _tree_tar(tree: dict[str, bytes]) -> tuple[bytes, dict[str, bytes]]:
             d = "/".join(parts[:i])
             if d not in seen_dirs:
                 seen_dirs.add(d)
-                entries.append({"name": d + "/", "type": tarfile.DIRTYPE, "mode": 0o755})
-        entries.append({"name": path, "data": tree[path]})
+                entries.append(Entry(d + "/", tarfile.DIRTYPE, mode=0o755))
+        entries.append(Entry(path, data=tree[path]))
         expect[path] = tree[path]
-    return make_tar(entries), expect
+    return write_tar(entries), expect
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -58,9 +58,9 @@ def test_random_trees_round_trip(tree, chunk, compression, level):
 
 
 def _blob() -> bytes:
-    tar = make_tar([{"name": "d/", "type": tarfile.DIRTYPE},
-                    {"name": "d/a", "data": b"hello" * 300},
-                    {"name": "d/b", "data": bytes(range(256)) * 40}])
+    tar = write_tar([Entry("d/", tarfile.DIRTYPE),
+                     Entry("d/a", data=b"hello" * 300),
+                     Entry("d/b", data=bytes(range(256)) * 40)])
     out = io.BytesIO()
     build(tar, out, chunk_size=4000)
     return out.getvalue()

@@ -4,7 +4,6 @@ no traceback, and nothing half-written left behind."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import resource
@@ -29,22 +28,15 @@ from tests.image.conftest import (
     leftovers,
     run_peerstar,
 )
+from tests.support.content import compact_json, sha256_digest
 from tests.support.jsipfs import JsIpfs, free_port
 
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
 
-def _sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def _dump(obj: object) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode()
-
-
 def _fixture_manifest() -> tuple[dict[str, Any], dict[str, str]]:
     """The nerdctl fixture's pushed manifest and {digest: cid} of its files."""
-    cids = {_sha(p.read_bytes()): p.name for p in (NERDCTL / "ipfs").iterdir()}
+    cids = {sha256_digest(p.read_bytes()): p.name for p in (NERDCTL / "ipfs").iterdir()}
     root = json.loads((NERDCTL / "ipfs" / (NERDCTL / "ROOT_CID").read_text().strip())
                       .read_bytes())
     index = json.loads((NERDCTL / "ipfs" / cids[root["digest"]]).read_bytes())
@@ -60,10 +52,10 @@ def _add_fixture(store_args: list[str]) -> None:
 
 def _add_image(store_args: list[str], manifest: dict[str, Any]) -> str:
     """Add `manifest` and its descriptor; the descriptor's CID."""
-    data = _dump(manifest)
+    data = compact_json(manifest)
     cid = add(store_args, data)
-    return add(store_args, _dump({"mediaType": MANIFEST, "digest": _sha(data),
-                                  "size": len(data), "urls": [f"ipfs://{cid}"]}))
+    return add(store_args, compact_json({"mediaType": MANIFEST, "digest": sha256_digest(data),
+                                         "size": len(data), "urls": [f"ipfs://{cid}"]}))
 
 
 def _pull_fails(store_args: list[str], cid: str, tmp_path: Path, *needles: str,
@@ -96,25 +88,25 @@ def test_cid_that_is_not_a_descriptor(store_args: list[str], tmp_path: Path) -> 
     text = add(store_args, b"hello, not json\n")
     _pull_fails(store_args, text, tmp_path, "is not an image descriptor", "not JSON")
     manifest, _ = _fixture_manifest()
-    doc = add(store_args, _dump(manifest))
+    doc = add(store_args, compact_json(manifest))
     _pull_fails(store_args, doc, tmp_path, "is not an image descriptor",
                 "a manifest or index, not its descriptor")
     big = add(store_args, os.urandom(300 << 10))
     _pull_fails(store_args, big, tmp_path, "too large to be an image descriptor")
     layer = manifest["layers"][0]
-    layer_desc = add(store_args, _dump({k: layer[k] for k in ("mediaType", "digest", "size",
-                                                               "urls")}))
+    layer_desc = add(store_args, compact_json({k: layer[k] for k in ("mediaType", "digest",
+                                                                     "size", "urls")}))
     _pull_fails(store_args, layer_desc, tmp_path, "not an image manifest or index")
 
 
 def test_descriptor_without_ipfs_url(store_args: list[str], tmp_path: Path) -> None:
     _add_fixture(store_args)
     manifest, cids = _fixture_manifest()
-    data = _dump(manifest)
+    data = compact_json(manifest)
     # The top descriptor has no urls at all.
-    bare = add(store_args, _dump({"mediaType": MANIFEST, "digest": _sha(data),
-                                  "size": len(data)}))
-    _pull_fails(store_args, bare, tmp_path, "has no ipfs:// URL", _sha(data))
+    bare = add(store_args, compact_json({"mediaType": MANIFEST, "digest": sha256_digest(data),
+                                         "size": len(data)}))
+    _pull_fails(store_args, bare, tmp_path, "has no ipfs:// URL", sha256_digest(data))
     # A layer whose only URL is http(s): nerdctl replaces those, so it was not pushed.
     layer = manifest["layers"][0]
     layer["urls"] = ["https://example.invalid/layer"]
@@ -133,7 +125,7 @@ def test_tampered_blob_is_rejected(store_args: list[str], tmp_path: Path) -> Non
     tampered[len(tampered) // 2] ^= 0xFF
     layer["urls"] = [f"ipfs://{add(store_args, bytes(tampered))}"]
     cid = _add_image(store_args, manifest)
-    _pull_fails(store_args, cid, tmp_path, layer["digest"], f"hashes to {_sha(tampered)}",
+    _pull_fails(store_args, cid, tmp_path, layer["digest"], f"hashes to {sha256_digest(tampered)}",
                 "rejected")
     # Longer than its descriptor says.
     layer["urls"] = [f"ipfs://{add(store_args, original + b'x')}"]

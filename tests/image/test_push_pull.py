@@ -27,6 +27,7 @@ from tests.image.conftest import (
     run_peerstar,
 )
 from tests.support.containerd import HarnessError, require_binaries
+from tests.support.content import compact_json, sha256_digest
 
 OCI_TYPES = {
     "application/vnd.oci.image.index.v1+json",
@@ -37,10 +38,6 @@ OCI_TYPES = {
     "application/vnd.oci.image.layer.v1.tar+zstd",
 }
 DESCRIPTOR_KEYS = ["mediaType", "digest", "size", "urls", "annotations", "platform"]
-
-
-def _sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def _push(store_args: list[str], *args: str | Path) -> str:
@@ -62,7 +59,7 @@ def _check_descriptor(desc: dict[str, Any], store_args: list[str],
     cid = url[len("ipfs://"):]
     data = cat(store_args, cid)
     assert compute_cid(data) == cid  # added with kubo's --cid-version=1 layout
-    assert len(data) == desc["size"] and _sha(data) == desc["digest"]
+    assert len(data) == desc["size"] and sha256_digest(data) == desc["digest"]
     seen[desc["digest"]] = data
     if "annotations" in desc:
         assert list(desc["annotations"]) == sorted(desc["annotations"])
@@ -84,7 +81,7 @@ def _check_pushed(store_args: list[str], cid: str) -> tuple[dict[str, Any], dict
     root = cat(store_args, cid)
     top = json.loads(root)
     assert list(top) == ["mediaType", "digest", "size", "urls"]
-    assert json.dumps(top, separators=(",", ":")).encode() == root
+    assert compact_json(top) == root
     seen: dict[str, bytes] = {}
     _check_descriptor(top, store_args, seen)
     return top, seen
@@ -175,7 +172,7 @@ def test_docker_archive_gets_oci_types(tmp_path: Path) -> None:
         want = ("application/vnd.oci.image.layer.v1.tar+gzip" if data[:2] == b"\x1f\x8b"
                 else "application/vnd.oci.image.layer.v1.tar")
         assert layer["mediaType"] == want
-    assert [_sha(blobs[d["digest"]]) for d in manifest["layers"]] == \
+    assert [sha256_digest(blobs[d["digest"]]) for d in manifest["layers"]] == \
         [d["digest"] for d in manifest["layers"]]
     out = tmp_path / "out"
     res = run_peerstar("pull", *args, cid, "-o", f"oci:{out}:t1")
@@ -221,19 +218,19 @@ def _two_platform_layout(sample_image: SampleImage, dst: Path) -> tuple[str, str
     # Two distinct manifests: the arm64 one carries an annotation so its digest differs.
     manifest = json.loads((dst / "blobs" / "sha256" / m_digest.split(":")[1]).read_bytes())
     manifest["annotations"] = {"test": "arm64"}
-    arm = json.dumps(manifest, separators=(",", ":")).encode()
-    (dst / "blobs" / "sha256" / _sha(arm).split(":")[1]).write_bytes(arm)
+    arm = compact_json(manifest)
+    (dst / "blobs" / "sha256" / sha256_digest(arm).split(":")[1]).write_bytes(arm)
     index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
              "manifests": [
                  {**entry, "platform": {"architecture": "amd64", "os": "linux"}},
-                 {**entry, "digest": _sha(arm), "size": len(arm),
+                 {**entry, "digest": sha256_digest(arm), "size": len(arm),
                   "platform": {"architecture": "arm64", "os": "linux", "variant": "v8"}}]}
-    data = json.dumps(index, separators=(",", ":")).encode()
-    (dst / "blobs" / "sha256" / _sha(data).split(":")[1]).write_bytes(data)
+    data = compact_json(index)
+    (dst / "blobs" / "sha256" / sha256_digest(data).split(":")[1]).write_bytes(data)
     (dst / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [{
-        "mediaType": index["mediaType"], "digest": _sha(data), "size": len(data),
+        "mediaType": index["mediaType"], "digest": sha256_digest(data), "size": len(data),
         "annotations": {"org.opencontainers.image.ref.name": "multi"}}]}))
-    return m_digest, _sha(arm)
+    return m_digest, sha256_digest(arm)
 
 
 def test_platform_selection(sample_image: SampleImage, tmp_path: Path) -> None:
@@ -287,22 +284,22 @@ def test_pull_skips_other_platforms_not_in_ipfs(store_args: list[str], tmp_path:
         assert add(store_args, path.read_bytes()) == path.name
     root_cid = (NERDCTL / "ROOT_CID").read_text().strip()
     top = json.loads((NERDCTL / "ipfs" / root_cid).read_bytes())
-    by_digest = {_sha(p.read_bytes()): p for p in (NERDCTL / "ipfs").iterdir()}
+    by_digest = {sha256_digest(p.read_bytes()): p for p in (NERDCTL / "ipfs").iterdir()}
     index = json.loads(by_digest[top["digest"]].read_bytes())
     os_, arch, _ = host_platform()
     [entry] = index["manifests"]
     entry["platform"] = {"architecture": arch, "os": os_}
-    other = {"mediaType": entry["mediaType"], "digest": _sha(b"never pushed"), "size": 12,
+    other = {"mediaType": entry["mediaType"], "digest": sha256_digest(b"never pushed"), "size": 12,
              "platform": {"architecture": "s390x" if arch != "s390x" else "ppc64le",
                           "os": "linux"}}
     index["manifests"] = [entry, other]
 
     def push_index(doc: dict[str, Any]) -> str:
-        data = json.dumps(doc, separators=(",", ":")).encode()
+        data = compact_json(doc)
         icid = add(store_args, data)
-        return add(store_args, json.dumps({
-            "mediaType": doc["mediaType"], "digest": _sha(data), "size": len(data),
-            "urls": [f"ipfs://{icid}"]}, separators=(",", ":")).encode())
+        return add(store_args, compact_json({
+            "mediaType": doc["mediaType"], "digest": sha256_digest(data), "size": len(data),
+            "urls": [f"ipfs://{icid}"]}))
 
     out = tmp_path / "pulled"
     res = run_peerstar("pull", *store_args, push_index(index), "-o", f"oci:{out}")

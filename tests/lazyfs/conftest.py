@@ -10,9 +10,7 @@ Layers:
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import subprocess
 import tarfile
 from collections.abc import Iterator
@@ -22,8 +20,6 @@ from pathlib import Path
 import pytest
 
 from peerstar.estargz import TOC_DIGEST_ANNOTATION, build
-from peerstar.oci import mediatypes as mt
-from peerstar.oci.platform import host_platform
 from peerstar.source.sample import (
     SampleImage,
     build_layer_tar,
@@ -31,18 +27,15 @@ from peerstar.source.sample import (
     pseudo_random_bytes,
     sample_layer_entries,
 )
-from tests.support.registry import DockerRegistry, put_manifest
-from tests.support.registry import upload_blob as push_blob
+from tests.support import registry
+from tests.support.content import sha256_digest
+from tests.support.registry import DockerRegistry
 from tests.support.tars import Entry, write_tar
 
 MTIME = 1700000000
 CHUNK = 256 << 10  # small chunks so a few MiB make many chunks
 BIG = pseudo_random_bytes("lazyfs/big", 3 * CHUNK + 12345)
 PRIORITY = b"prioritized contents\n" * 100
-
-
-def sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 RICH_ITEMS = [
@@ -99,26 +92,13 @@ def rich_layer() -> Layer:
 
 def push_image(registry_url: str, repo: str, tag: str, layers: list[Layer],
                *, estargz: bool = True) -> str:
-    """Push layers + config + manifest; returns the manifest digest."""
-    _os, arch, variant = host_platform()
-    diff_ids = [sha(lay.tar) for lay in layers]
-    config = json.dumps({"architecture": arch, "os": "linux",
-                         "rootfs": {"type": "layers", "diff_ids": diff_ids},
-                         "config": {}}).encode()
-    descs = []
-    for lay in layers:
-        push_blob(registry_url, repo, lay.blob)
-        d = {"mediaType": mt.OCI_LAYER_GZIP, "digest": lay.digest, "size": lay.size}
-        if estargz:
-            d["annotations"] = {TOC_DIGEST_ANNOTATION: lay.toc_digest}
-        descs.append(d)
-    push_blob(registry_url, repo, config)
-    manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": mt.OCI_MANIFEST,
-        "config": {"mediaType": mt.OCI_CONFIG, "digest": sha(config),
-                   "size": len(config)},
-        "layers": descs}).encode()
-    return put_manifest(registry_url, repo, tag, manifest, mt.OCI_MANIFEST)
+    """Push layers + config + manifest; returns the manifest digest. Without `estargz`
+    the layers go without their TOC digest annotations, as a plain gzip image."""
+    return registry.push_image(
+        registry_url, repo, tag,
+        [(lay.blob, {TOC_DIGEST_ANNOTATION: lay.toc_digest} if estargz else {})
+         for lay in layers],
+        [sha256_digest(lay.tar) for lay in layers])
 
 
 @pytest.fixture(scope="session")

@@ -16,10 +16,10 @@ from peerstar.lazyfs.cache import DiskCache
 from peerstar.lazyfs.fetcher import BlobFetcher, FetchError, blob_url, is_plain_http_host
 from tests.lazyfs.blobserver import BlobServer
 from tests.lazyfs.conftest import BIG, PRIORITY, Layer
-from tests.lazyfs.conftest import sha as _sha
+from tests.support.content import sha256_digest
 
 DATA = bytes(range(256)) * 4000  # 1,024,000 bytes
-DIGEST = _sha(DATA)
+DIGEST = sha256_digest(DATA)
 
 
 @pytest.fixture

@@ -21,6 +21,8 @@ import pytest
 import zstandard
 
 from peerstar.estargz import Reader
+from tests.support.content import compact_json, sha256_digest
+from tests.support.tars import tar_of_files
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -35,33 +37,6 @@ REF_NAME = "org.opencontainers.image.ref.name"
 LANDMARKS = {".prefetch.landmark", ".no.prefetch.landmark", "stargz.index.json"}
 
 
-def sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode()
-
-
-def make_tar(files: dict[str, bytes], *, dirs: tuple[str, ...] = ()) -> bytes:
-    """A small deterministic layer tar: dirs, then regular files (mtime fixed)."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for d in dirs:
-            info = tarfile.TarInfo(d)
-            info.type = tarfile.DIRTYPE
-            info.mode = 0o755
-            info.mtime = 1704067200
-            tar.addfile(info)
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mode = 0o644
-            info.mtime = 1704067200
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 def gz(data: bytes) -> bytes:
     return gzip.compress(data, mtime=0)
 
@@ -72,11 +47,11 @@ class LayoutBuilder:
     def __init__(self, root: Path) -> None:
         self.root = root
         (root / "blobs" / "sha256").mkdir(parents=True)
-        (root / "oci-layout").write_bytes(dumps({"imageLayoutVersion": "1.0.0"}))
+        (root / "oci-layout").write_bytes(compact_json({"imageLayoutVersion": "1.0.0"}))
         self.entries: list[dict] = []
 
     def blob(self, data: bytes, media_type: str, **extra: Any) -> dict:
-        digest = sha(data)
+        digest = sha256_digest(data)
         (self.root / "blobs" / "sha256" / digest[7:]).write_bytes(data)
         return {"mediaType": media_type, "digest": digest, "size": len(data), **extra}
 
@@ -86,7 +61,7 @@ class LayoutBuilder:
         config = {"architecture": arch, "os": "linux", "config": {"Env": ["A=1"]},
                   "rootfs": {"type": "layers", "diff_ids": diff_ids},
                   "history": [{"created_by": "test"}]}
-        cdesc = self.blob(dumps(config), OCI_CONFIG)
+        cdesc = self.blob(compact_json(config), OCI_CONFIG)
         ldescs = []
         for data, mtype, ann in layers:
             d = self.blob(data, mtype)
@@ -95,7 +70,7 @@ class LayoutBuilder:
             ldescs.append(d)
         manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": cdesc,
                     "layers": ldescs, "annotations": {"org.example.keep": "yes"}}
-        return self.blob(dumps(manifest), OCI_MANIFEST,
+        return self.blob(compact_json(manifest), OCI_MANIFEST,
                          platform={"architecture": arch, "os": "linux"})
 
     def tag(self, desc: dict, name: str | None) -> None:
@@ -106,7 +81,7 @@ class LayoutBuilder:
 
     def finish(self) -> Path:
         (self.root / "index.json").write_bytes(
-            dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": self.entries}))
+            compact_json({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": self.entries}))
         return self.root
 
 
@@ -115,7 +90,7 @@ class LayoutBuilder:
 
 def read_blob(layout: Path, digest: str) -> bytes:
     data = (layout / "blobs" / "sha256" / digest.split(":", 1)[1]).read_bytes()
-    assert sha(data) == digest, f"blob file {digest} does not hash to its name"
+    assert sha256_digest(data) == digest, f"blob file {digest} does not hash to its name"
     return data
 
 
@@ -150,14 +125,14 @@ def toc_digest_independent(blob: bytes, media_type: str) -> tuple[str, dict[str,
     if media_type == OCI_GZIP:
         with tarfile.open(fileobj=io.BytesIO(gzip.decompress(blob)), mode="r:") as tar:
             toc = tar.extractfile("stargz.index.json").read()
-        return sha(toc), {}
+        return sha256_digest(toc), {}
     # zstd:chunked footer: last 40 bytes (inside a skippable frame).
     off, clen, ulen, kind = struct.unpack("<QQQQ", blob[-40:-8])
     assert blob[-8:] == b"GnUlInUx" and kind == 1
     ztoc = blob[off : off + clen]
     toc = zstandard.ZstdDecompressor().decompress(ztoc, max_output_size=ulen)
     assert len(toc) == ulen
-    return sha(toc), {ZCHECK_ANN: sha(ztoc), ZPOS_ANN: f"{off}:{clen}:{ulen}:1"}
+    return sha256_digest(toc), {ZCHECK_ANN: sha256_digest(ztoc), ZPOS_ANN: f"{off}:{clen}:{ulen}:1"}
 
 
 @dataclass
@@ -185,7 +160,7 @@ def check_image_manifest(layout: Path, desc: dict, *, compression: str = "gzip"
         assert layer["size"] == len(blob)
         assert layer["mediaType"] == want_type
         raw = decompress(blob, layer["mediaType"])
-        assert diff_id == sha(raw)
+        assert diff_id == sha256_digest(raw)
         ann = layer["annotations"]
         assert ann[USIZE_ANN] == str(len(raw))
         toc, zann = toc_digest_independent(blob, layer["mediaType"])
@@ -209,7 +184,7 @@ def layer_tars() -> list[bytes]:
     """Three distinct layer tars; the second has a multi-chunk file (at 64 KiB chunks)."""
     big = hashlib.sha256(b"seed").digest() * 10000  # 320000 bytes
     return [
-        make_tar({"etc/hello.txt": b"hello\n", "etc/empty": b""}, dirs=("etc",)),
-        make_tar({"data/big.bin": big, "data/small": b"s" * 100}, dirs=("data",)),
-        make_tar({"arm/only.txt": b"arm64 layer\n"}, dirs=("arm",)),
+        tar_of_files({"etc/hello.txt": b"hello\n", "etc/empty": b""}, dirs=("etc",)),
+        tar_of_files({"data/big.bin": big, "data/small": b"s" * 100}, dirs=("data",)),
+        tar_of_files({"arm/only.txt": b"arm64 layer\n"}, dirs=("arm",)),
     ]

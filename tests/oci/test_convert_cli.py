@@ -20,12 +20,12 @@ from peerstar.source.sample import SampleImage, build_sample_docker_archive
 from tests.oci.conftest import (
     TOC_ANN,
     check_image_manifest,
-    make_tar,
     read_blob,
-    sha,
     tar_files,
     toc_digest_independent,
 )
+from tests.support.content import sha256_digest
+from tests.support.tars import tar_of_files
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -45,7 +45,7 @@ def run(*args: str, fsize: int | None = None) -> subprocess.CompletedProcess:
 @pytest.fixture
 def layer_tar(tmp_path: Path) -> tuple[Path, bytes]:
     big = bytes(range(256)) * 2000
-    tar = make_tar({"etc/hello.txt": b"hi\n", "opt/big.bin": big, "opt/z": b"z"},
+    tar = tar_of_files({"etc/hello.txt": b"hi\n", "opt/big.bin": big, "opt/z": b"z"},
                    dirs=("etc", "opt"))
     p = tmp_path / "layer.tar"
     p.write_bytes(tar)
@@ -75,8 +75,8 @@ def test_single_layer_json(tmp_path: Path, layer_tar: tuple[Path, bytes], input_
     else:
         raw = zstandard.ZstdDecompressor().stream_reader(blob, read_across_frames=True).read()
     toc, _ = toc_digest_independent(blob, media)
-    assert got == {"tocDigest": toc, "diffID": sha(raw), "uncompressedSize": len(raw),
-                   "blobDigest": sha(blob), "blobSize": len(blob)}
+    assert got == {"tocDigest": toc, "diffID": sha256_digest(raw), "uncompressedSize": len(raw),
+                   "blobDigest": sha256_digest(blob), "blobSize": len(blob)}
     assert tar_files(raw) == tar_files(tar)
     r = Reader.from_bytes(blob, toc_digest=toc)
     assert [c.chunk_offset for c in r.chunks("opt/big.bin")] == list(range(0, 512000, 65536))
@@ -114,7 +114,7 @@ def test_image_json_summary(sample_image: SampleImage, tmp_path: Path) -> None:
         assert row == {
             "sourceDigest": src_digest, "tocDigest": desc["annotations"][TOC_ANN],
             "diffID": diff_id, "uncompressedSize": len(gzip.decompress(blob)),
-            "blobDigest": sha(blob), "blobSize": len(blob),
+            "blobDigest": sha256_digest(blob), "blobSize": len(blob),
             "mediaType": desc["mediaType"], "kept": False,
         }
 

@@ -28,9 +28,9 @@ from tests.oci.conftest import (
     layout_tree,
     read_blob,
     read_json,
-    sha,
     tar_files,
 )
+from tests.support.content import sha256_digest
 
 
 def _index(layout: Path) -> dict:
@@ -101,11 +101,11 @@ def _multi_layout(root: Path, layer_tars: list[bytes]) -> tuple[Path, dict, dict
     b = LayoutBuilder(root)
     l0, l1, l2 = layer_tars
     amd = b.image([(gz(l0), OCI_GZIP, None), (gz(l1), OCI_GZIP, {"org.example.l": "1"})],
-                  [sha(l0), sha(l1)], arch="amd64")
+                  [sha256_digest(l0), sha256_digest(l1)], arch="amd64")
     # arm64 shares the first layer and has a plain (uncompressed) tar second layer.
     arm = b.image([(gz(l0), OCI_GZIP, None),
                    (l2, "application/vnd.oci.image.layer.v1.tar", None)],
-                  [sha(l0), sha(l2)], arch="arm64")
+                  [sha256_digest(l0), sha256_digest(l2)], arch="arm64")
     cfg = b.blob(b"{}", "application/vnd.example.config+json")
     data = b.blob(b"attestation", "application/vnd.in-toto+json")
     art = b.blob(json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": cfg,
@@ -190,8 +190,10 @@ def test_skopeo_inspect_and_copy_single(sample_image: SampleImage, tmp_path: Pat
 def test_untagged_multi_manifest_index_json_becomes_an_index(
         tmp_path: Path, layer_tars: list[bytes]) -> None:
     b = LayoutBuilder(tmp_path / "src")
-    amd = b.image([(gz(layer_tars[0]), OCI_GZIP, None)], [sha(layer_tars[0])], arch="amd64")
-    arm = b.image([(gz(layer_tars[2]), OCI_GZIP, None)], [sha(layer_tars[2])], arch="arm64")
+    amd = b.image([(gz(layer_tars[0]), OCI_GZIP, None)], [sha256_digest(layer_tars[0])],
+                  arch="amd64")
+    arm = b.image([(gz(layer_tars[2]), OCI_GZIP, None)], [sha256_digest(layer_tars[2])],
+                  arch="arm64")
     b.tag(amd, None)
     b.tag(arm, None)
     src = b.finish()
@@ -235,28 +237,30 @@ def test_already_estargz_layers_kept_byte_identical(tmp_path: Path,
         (e0, OCI_GZIP, dict(r0.annotations)),             # annotated eStargz: kept
         (e1, OCI_GZIP, None),                             # footer only: kept
         (plain, OCI_GZIP, None),                          # plain gzip: converted
-        (e0, OCI_GZIP, {TOC_ANN: sha(b"not the toc")}),   # annotation lies: reconverted
+        (e0, OCI_GZIP, {TOC_ANN: sha256_digest(b"not the toc")}),  # annotation lies: reconverted
         (lying, OCI_GZIP, None),                          # chunk digest lies: reconverted
-    ], [r0.diff_id, r1.diff_id, sha(l2), r0.diff_id, sha(decompress(lying, OCI_GZIP))])
+    ], [r0.diff_id, r1.diff_id, sha256_digest(l2), r0.diff_id,
+        sha256_digest(decompress(lying, OCI_GZIP))])
     b.tag(man, "e")
     src = b.finish()
     out = tmp_path / "out"
     report = convert(f"oci:{src}:e", parse_image_ref(f"oci:{out}"))
     checked = check_image_manifest(out, _index(out)["manifests"][0])
     layers = checked.manifest["layers"]
-    assert layers[0]["digest"] == sha(e0) and read_blob(out, sha(e0)) == e0
-    assert layers[1]["digest"] == sha(e1) and read_blob(out, sha(e1)) == e1
+    assert layers[0]["digest"] == sha256_digest(e0) and read_blob(out, sha256_digest(e0)) == e0
+    assert layers[1]["digest"] == sha256_digest(e1) and read_blob(out, sha256_digest(e1)) == e1
     assert layers[1]["annotations"][TOC_ANN] == r1.toc_digest
     assert layers[1]["annotations"][USIZE_ANN] == str(r1.uncompressed_size)
-    assert layers[2]["digest"] not in (sha(plain),)
+    assert layers[2]["digest"] not in (sha256_digest(plain),)
     # Same source digest as layer 0 but a different descriptor: converted once, layer 0's
     # result reused (identical layers are converted once, keyed on the digest).
-    assert layers[3]["digest"] == sha(e0)
-    assert layers[4]["digest"] != sha(lying)
+    assert layers[3]["digest"] == sha256_digest(e0)
+    assert layers[4]["digest"] != sha256_digest(lying)
     kept = {la.source_digest: la.kept for la in report.layers}
-    assert kept == {sha(e0): True, sha(e1): True, sha(plain): False, sha(lying): False}
+    assert kept == {sha256_digest(e0): True, sha256_digest(e1): True,
+                    sha256_digest(plain): False, sha256_digest(lying): False}
     notes = {la.source_digest: la.note for la in report.layers}
-    assert "reconverted" in notes[sha(lying)]
+    assert "reconverted" in notes[sha256_digest(lying)]
     assert checked.layer_files[4] == tar_files(l2)
 
 
@@ -264,7 +268,7 @@ def test_lying_annotation_alone_is_reconverted(tmp_path: Path,
                                                layer_tars: list[bytes]) -> None:
     e0, r0 = _estargz(layer_tars[0])
     b = LayoutBuilder(tmp_path / "src")
-    b.tag(b.image([(e0, OCI_GZIP, {TOC_ANN: sha(b"wrong")})], [r0.diff_id]), "x")
+    b.tag(b.image([(e0, OCI_GZIP, {TOC_ANN: sha256_digest(b"wrong")})], [r0.diff_id]), "x")
     out = tmp_path / "out"
     [layer] = convert(f"oci:{b.finish()}", parse_image_ref(f"oci:{out}")).layers
     assert not layer.kept and "annotated as eStargz" in layer.note
@@ -284,7 +288,7 @@ def test_zstdchunked_layer_kept_gzip_estargz_reconverted(tmp_path: Path,
                      ConvertOptions(compression="zstd"))
     assert [la.kept for la in report.layers] == [True, False]
     checked = check_image_manifest(out, _index(out)["manifests"][0], compression="zstd")
-    assert checked.manifest["layers"][0]["digest"] == sha(z0)
+    assert checked.manifest["layers"][0]["digest"] == sha256_digest(z0)
     # The annotations we computed for the kept blob equal the builder's own.
     assert checked.manifest["layers"][0]["annotations"] == rz.annotations
 
@@ -337,7 +341,7 @@ def test_prioritized_files_per_layer_and_missing_everywhere(tmp_path: Path,
     e0, r0 = _estargz(layer_tars[0])  # already eStargz, but rebuilt for the priority list
     b = LayoutBuilder(tmp_path / "src")
     b.tag(b.image([(e0, OCI_GZIP, dict(r0.annotations)), (gz(layer_tars[1]), OCI_GZIP, None)],
-                  [r0.diff_id, sha(layer_tars[1])]), "p")
+                  [r0.diff_id, sha256_digest(layer_tars[1])]), "p")
     src = b.finish()
     out = tmp_path / "out"
     report = convert(f"oci:{src}", parse_image_ref(f"oci:{out}"),

@@ -22,7 +22,9 @@ from peerstar.oci.model import CONFIG, INDEX, LAYER, MANIFEST
 from peerstar.oci.reference import looks_like_image_ref
 from peerstar.source import open_image
 from peerstar.source.sample import SampleImage, build_sample_docker_archive
-from tests.oci.conftest import OCI_GZIP, LayoutBuilder, dumps, gz, make_tar, sha
+from tests.oci.conftest import OCI_GZIP, LayoutBuilder, gz
+from tests.support.content import compact_json, sha256_digest
+from tests.support.tars import tar_of_files
 
 
 @pytest.mark.parametrize("text,transport,path,tag", [
@@ -84,25 +86,25 @@ def _docker25_archive(path: Path, images: list[tuple[str, bytes]]) -> list[str]:
 
         for repo_tag, layer in images:
             blob = gz(layer)
-            hexd = sha(blob)[7:]
+            hexd = sha256_digest(blob)[7:]
             add(f"blobs/sha256/{hexd}", blob)
             link = tarfile.TarInfo(f"{hexd}/layer.tar")
             link.type = tarfile.SYMTYPE
             link.linkname = f"../blobs/sha256/{hexd}"
             tar.addfile(link)
-            config = dumps({"architecture": "amd64", "os": "linux",
-                            "rootfs": {"type": "layers", "diff_ids": [sha(layer)]}})
-            add(f"blobs/sha256/{sha(config)[7:]}", config)
-            entries.append({"Config": f"blobs/sha256/{sha(config)[7:]}",
+            config = compact_json({"architecture": "amd64", "os": "linux", "rootfs": {
+                "type": "layers", "diff_ids": [sha256_digest(layer)]}})
+            add(f"blobs/sha256/{sha256_digest(config)[7:]}", config)
+            entries.append({"Config": f"blobs/sha256/{sha256_digest(config)[7:]}",
                             "RepoTags": [repo_tag], "Layers": [f"{hexd}/layer.tar"]})
-            digests.append(sha(blob))
-        add("manifest.json", dumps(entries))
+            digests.append(sha256_digest(blob))
+        add("manifest.json", compact_json(entries))
     path.write_bytes(buf.getvalue())
     return digests
 
 
 def test_docker_archive_selection_symlinks_and_gzip(tmp_path: Path) -> None:
-    a, b = make_tar({"a": b"A"}), make_tar({"b": b"B"})
+    a, b = tar_of_files({"a": b"A"}), tar_of_files({"b": b"B"})
     arch = tmp_path / "two.tar"
     digests = _docker25_archive(arch, [("example.com/one:1", a), ("two:latest", b)])
     with pytest.raises(ImageReferenceError, match="holds 2 images.*example.com/one:1"):
@@ -131,8 +133,8 @@ def test_oci_layout_tag_selection(tmp_path: Path, sample_image: SampleImage) -> 
         assert src.top_descriptor["digest"] == sample_image.manifest_digest
         assert src.tag == "latest"
     b = LayoutBuilder(tmp_path / "l")
-    t = make_tar({"x": b"1"})
-    m = b.image([(gz(t), OCI_GZIP, None)], [sha(t)])
+    t = tar_of_files({"x": b"1"})
+    m = b.image([(gz(t), OCI_GZIP, None)], [sha256_digest(t)])
     b.tag(m, "one")
     b.tag(m, "two")
     root = b.finish()
@@ -162,15 +164,15 @@ def test_index_json_not_json(tmp_path: Path) -> None:
 
 def test_verifying_stream() -> None:
     data = b"hello world"
-    ok = verifying_stream(io.BytesIO(data), sha(data), len(data), name="t")
+    ok = verifying_stream(io.BytesIO(data), sha256_digest(data), len(data), name="t")
     assert ok.read() == data
-    bad = verifying_stream(io.BytesIO(data), sha(b"other"), len(data), name="t")
+    bad = verifying_stream(io.BytesIO(data), sha256_digest(b"other"), len(data), name="t")
     with pytest.raises(BlobError, match="hashes to"):
         bad.read()
-    longer = verifying_stream(io.BytesIO(data + b"!"), sha(data), len(data), name="t")
+    longer = verifying_stream(io.BytesIO(data + b"!"), sha256_digest(data), len(data), name="t")
     with pytest.raises(BlobError, match="longer than"):
         longer.read()
-    short = verifying_stream(io.BytesIO(data[:5]), sha(data), len(data), name="t")
+    short = verifying_stream(io.BytesIO(data[:5]), sha256_digest(data), len(data), name="t")
     with pytest.raises(BlobError, match="has 5 bytes"):
         short.read()
 
@@ -184,7 +186,7 @@ def test_layout_writer_new_and_abort(tmp_path: Path) -> None:
     with LayoutWriter(target) as w:
         d = w.add_bytes(b"{}", "application/vnd.oci.image.config.v1+json")
         w.commit(d, "t")
-    assert (target / "blobs" / "sha256" / sha(b"{}")[7:]).read_bytes() == b"{}"
+    assert (target / "blobs" / "sha256" / sha256_digest(b"{}")[7:]).read_bytes() == b"{}"
     index = json.loads((target / "index.json").read_bytes())
     assert index["manifests"][0]["annotations"] == {"org.opencontainers.image.ref.name": "t"}
     assert json.loads((target / "oci-layout").read_bytes()) == {"imageLayoutVersion": "1.0.0"}
@@ -193,9 +195,9 @@ def test_layout_writer_new_and_abort(tmp_path: Path) -> None:
 
 def test_walk_kinds_for_index(tmp_path: Path) -> None:
     b = LayoutBuilder(tmp_path / "l")
-    t = make_tar({"x": b"1"})
-    m = b.image([(gz(t), OCI_GZIP, None)], [sha(t)])
-    idx = b.blob(dumps({"schemaVersion": 2, "manifests": [m, m]}),
+    t = tar_of_files({"x": b"1"})
+    m = b.image([(gz(t), OCI_GZIP, None)], [sha256_digest(t)])
+    idx = b.blob(compact_json({"schemaVersion": 2, "manifests": [m, m]}),
                  "application/vnd.oci.image.index.v1+json")
     b.tag(idx, "i")
     with open_image(f"oci:{b.finish()}") as src:

@@ -19,15 +19,7 @@ from typing import Any
 
 from peerstar.estargz import build
 from peerstar.oci import mediatypes as mt
-
-
-def _sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def _dump(obj: object) -> bytes:
-    # Go's json.Marshal: compact, no HTML escaping needed for our content.
-    return json.dumps(obj, separators=(",", ":")).encode()
+from tests.support.content import compact_json, sha256_digest
 
 
 @dataclass
@@ -53,7 +45,7 @@ def _blob(layout: Path, digest: str) -> bytes:
 
 async def _add(store: Any, img: StoredImage, data: bytes, media_type: str) -> dict:
     cid = await store.add(data)
-    digest = _sha(data)
+    digest = sha256_digest(data)
     img.cids[digest] = cid
     img.content[digest] = data
     img.media_types[digest] = media_type
@@ -73,7 +65,7 @@ async def _store_manifest(store: Any, img: StoredImage, layout: Path, desc: dict
         img.layer_digests.append(new["digest"])
         layers.append({**layer, **new})
     manifest["layers"] = layers
-    out = await _add(store, img, _dump(manifest), desc["mediaType"])
+    out = await _add(store, img, compact_json(manifest), desc["mediaType"])
     img.manifest_digests.append(out["digest"])
     extra = {k: v for k, v in desc.items() if k in ("annotations", "platform")}
     return {**out, **extra}
@@ -96,11 +88,11 @@ async def store_layout(store: Any, layout: Path, *, tag: str = "latest",
     else:
         manifests = [await _store_manifest(store, img, layout, m) for m in index["manifests"]]
         new_index = {"schemaVersion": 2, "mediaType": mt.OCI_INDEX, "manifests": manifests}
-        top_desc = await _add(store, img, _dump(new_index), mt.OCI_INDEX)
+        top_desc = await _add(store, img, compact_json(new_index), mt.OCI_INDEX)
         img.index_digest = top_desc["digest"]
     img.top_digest = top_desc["digest"]
     img.top_media_type = top_desc["mediaType"]
-    img.root_cid = await store.add(_dump(top_desc))
+    img.root_cid = await store.add(compact_json(top_desc))
     return img
 
 
@@ -125,19 +117,19 @@ def convert_layout_estargz(src: Path, dst: Path, *, tag: str = "latest") -> Path
                        "size": res.blob_size, "annotations": dict(res.annotations)})
         diff_ids.append(res.diff_id)
     config["rootfs"]["diff_ids"] = diff_ids
-    cfg_bytes = _dump(config)
-    blobs[_sha(cfg_bytes)] = cfg_bytes
-    manifest["config"] = {**manifest["config"], "digest": _sha(cfg_bytes),
+    cfg_bytes = compact_json(config)
+    blobs[sha256_digest(cfg_bytes)] = cfg_bytes
+    manifest["config"] = {**manifest["config"], "digest": sha256_digest(cfg_bytes),
                           "size": len(cfg_bytes)}
     manifest["layers"] = layers
-    man_bytes = _dump(manifest)
-    blobs[_sha(man_bytes)] = man_bytes
+    man_bytes = compact_json(manifest)
+    blobs[sha256_digest(man_bytes)] = man_bytes
     (dst / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
     for digest, data in blobs.items():
         (dst / "blobs" / "sha256" / digest.split(":")[1]).write_bytes(data)
-    (dst / "oci-layout").write_bytes(_dump({"imageLayoutVersion": "1.0.0"}))
-    new_desc = {**desc, "digest": _sha(man_bytes), "size": len(man_bytes)}
-    (dst / "index.json").write_bytes(_dump({"schemaVersion": 2, "manifests": [new_desc]}))
+    (dst / "oci-layout").write_bytes(compact_json({"imageLayoutVersion": "1.0.0"}))
+    new_desc = {**desc, "digest": sha256_digest(man_bytes), "size": len(man_bytes)}
+    (dst / "index.json").write_bytes(compact_json({"schemaVersion": 2, "manifests": [new_desc]}))
     return dst
 
 
@@ -145,8 +137,8 @@ async def store_blob_image(store: Any, layer: bytes | Path) -> StoredImage:
     """A one-layer image whose layer is `layer` (bytes, or a file streamed to the store),
     stored in nerdctl's format; for Range and load tests on large blobs."""
     img = StoredImage(root_cid="", top_digest="", top_media_type=mt.OCI_MANIFEST)
-    cfg = _dump({"architecture": "amd64", "os": "linux",
-                 "rootfs": {"type": "layers", "diff_ids": []}})
+    cfg = compact_json({"architecture": "amd64", "os": "linux",
+                        "rootfs": {"type": "layers", "diff_ids": []}})
     cfg_desc = await _add(store, img, cfg, mt.OCI_CONFIG)
     img.config_digest = cfg_desc["digest"]
     if isinstance(layer, Path):
@@ -167,8 +159,8 @@ async def store_blob_image(store: Any, layer: bytes | Path) -> StoredImage:
     img.layer_digests.append(layer_desc["digest"])
     manifest = {"schemaVersion": 2, "mediaType": mt.OCI_MANIFEST, "config": cfg_desc,
                 "layers": [layer_desc]}
-    top = await _add(store, img, _dump(manifest), mt.OCI_MANIFEST)
+    top = await _add(store, img, compact_json(manifest), mt.OCI_MANIFEST)
     img.manifest_digests.append(top["digest"])
     img.top_digest = top["digest"]
-    img.root_cid = await store.add(_dump(top))
+    img.root_cid = await store.add(compact_json(top))
     return img

@@ -4,7 +4,6 @@ mid-stream), slow clients, metrics and the access log."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,12 +22,9 @@ from tests.registry.harness import ThreadedRegistry
 from tests.registry.helpers import MANIFEST_ACCEPT, parse_multipart, request
 from tests.registry.ipfsimage import StoredImage, store_blob_image, store_layout
 from tests.registry.memstore import Fault, MemoryStore, raw_cid
+from tests.support.content import sha256_digest
 
 BIG = 3 << 20  # a blob spanning many store chunks
-
-
-def _sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 @pytest.fixture
@@ -48,15 +44,15 @@ def big_blob(mem_registry: ThreadedRegistry) -> tuple[str, str, bytes]:
         for blob, mtype in ((cfg, "application/vnd.oci.image.config.v1+json"),
                             (data, "application/vnd.oci.image.layer.v1.tar+gzip")):
             cid = await store.add(blob)
-            descs.append({"mediaType": mtype, "digest": _sha(blob), "size": len(blob),
+            descs.append({"mediaType": mtype, "digest": sha256_digest(blob), "size": len(blob),
                           "urls": [f"ipfs://{cid}"]})
         man = json.dumps({"schemaVersion": 2,
                           "mediaType": "application/vnd.oci.image.manifest.v1+json",
                           "config": descs[0], "layers": [descs[1]]}).encode()
         mcid = await store.add(man)
         top = {"mediaType": "application/vnd.oci.image.manifest.v1+json",
-               "digest": _sha(man), "size": len(man), "urls": [f"ipfs://{mcid}"]}
-        return await store.add(json.dumps(top).encode()), _sha(data)
+               "digest": sha256_digest(man), "size": len(man), "urls": [f"ipfs://{mcid}"]}
+        return await store.add(json.dumps(top).encode()), sha256_digest(data)
 
     root, digest = mem_registry.run(push())
     return root, digest, data
@@ -83,7 +79,7 @@ def test_manifest_by_latest_tag_and_digest(mem_registry: ThreadedRegistry,
         assert r.status == 200, ref
         assert r.body == want
         assert r.headers["content-type"] == "application/vnd.oci.image.manifest.v1+json"
-        assert r.headers["docker-content-digest"] == image.top_digest == _sha(r.body)
+        assert r.headers["docker-content-digest"] == image.top_digest == sha256_digest(r.body)
         assert int(r.headers["content-length"]) == len(want)
         assert r.headers["accept-ranges"] == "bytes"
     # the manifest names every blob with an ipfs:// url (nerdctl's format)
@@ -119,7 +115,7 @@ def test_index_root_and_annotated_tags(mem_registry: ThreadedRegistry, tmp_path:
     assert v2.headers["docker-content-digest"] == img.manifest_digests[1]
     for d in img.manifest_digests:
         r = request(mem_registry.host, "GET", f"{base}/manifests/{d}")
-        assert r.status == 200 and _sha(r.body) == d
+        assert r.status == 200 and sha256_digest(r.body) == d
     tags = request(mem_registry.host, "GET", base + "/tags/list").json()
     assert tags == {"name": f"ipfs/{img.root_cid}", "tags": ["latest", "v1", "v2"]}
 

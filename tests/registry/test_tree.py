@@ -4,7 +4,6 @@ one walk per CID under concurrency, failures not cached."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 
 import pytest
@@ -16,10 +15,7 @@ from peerstar.registry.tree import TreeCache, walk_tree
 from peerstar.source.sample import SampleImage
 from tests.registry.ipfsimage import store_layout
 from tests.registry.memstore import MemoryStore, raw_cid
-
-
-def _sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+from tests.support.content import sha256_digest
 
 
 def _reader(store: MemoryStore):
@@ -48,7 +44,7 @@ def test_walk_records_every_descriptor(sample_image: SampleImage) -> None:
 async def _top(store: MemoryStore, manifest: bytes, **override) -> str:
     cid = await store.add(manifest)
     desc = {"mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": _sha(manifest), "size": len(manifest), "urls": [f"ipfs://{cid}"]}
+            "digest": sha256_digest(manifest), "size": len(manifest), "urls": [f"ipfs://{cid}"]}
     desc.update(override)
     return await store.add(json.dumps(desc).encode())
 

@@ -19,12 +19,10 @@ in kubo's layout (`tests.registry.dagstore`) that records, holds and fails calls
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import io
 import json
 import random
 import re
-import tarfile
 import time
 import urllib.request
 from collections import Counter
@@ -43,20 +41,8 @@ from tests.registry.conftest import open_backend
 from tests.registry.dagstore import DagStore
 from tests.registry.harness import ThreadedRegistry
 from tests.registry.helpers import MANIFEST_ACCEPT, request
-
-
-def _tar(files: list[tuple[str, bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        top = tarfile.TarInfo("data")
-        top.type, top.mode, top.mtime = tarfile.DIRTYPE, 0o755, 1704067200
-        tf.addfile(top)
-        for name, data in files:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mtime = 1704067200
-            tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+from tests.support.content import compact_json, sha256_digest
+from tests.support.tars import tar_of_files
 
 
 def _files(seed: int, sizes: list[int]) -> list[tuple[str, bytes]]:
@@ -98,7 +84,8 @@ class Layer:
 def _estargz(files: list[tuple[str, bytes]], prioritized: tuple[str, ...] = (),
              compression: str = "gzip") -> Layer:
     out = io.BytesIO()
-    res = build(io.BytesIO(_tar(files)), out, compression=compression, level=1,
+    tar = tar_of_files(files, dirs=("data",))
+    res = build(io.BytesIO(tar), out, compression=compression, level=1,
                 prioritized=prioritized)
     media = mt.OCI_LAYER_GZIP if compression == "gzip" else res.media_type
     return Layer(out.getvalue(), dict(res.annotations), media)
@@ -120,33 +107,27 @@ def layers() -> list[Layer]:
     ]
 
 
-def _dump(obj: object) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode()
-
-
 async def _store_image(store: DagStore, layers: list[Layer]) -> tuple[str, str]:
     """Add `layers` as a one-manifest image in nerdctl's format: (root CID, manifest
     digest); fills each layer's cid and digest."""
-    def sha(data: bytes) -> str:
-        return "sha256:" + hashlib.sha256(data).hexdigest()
-
     async def desc(data: bytes, media_type: str, **extra: object) -> dict:
         cid = await store.add(data)
-        return {"mediaType": media_type, "digest": sha(data), "size": len(data),
+        return {"mediaType": media_type, "digest": sha256_digest(data), "size": len(data),
                 "urls": [f"ipfs://{cid}"], **extra}
 
-    cfg = await desc(_dump({"architecture": "amd64", "os": "linux",
-                            "rootfs": {"type": "layers", "diff_ids": []}}), mt.OCI_CONFIG)
+    cfg = await desc(compact_json({"architecture": "amd64", "os": "linux",
+                                   "rootfs": {"type": "layers", "diff_ids": []}}),
+                     mt.OCI_CONFIG)
     descs = []
     for layer in layers:
         d = await desc(layer.blob, layer.media_type,
                        **({"annotations": layer.annotations} if layer.annotations else {}))
         layer.cid, layer.digest = d["urls"][0][len("ipfs://"):], d["digest"]
         descs.append(d)
-    manifest = _dump({"schemaVersion": 2, "mediaType": mt.OCI_MANIFEST, "config": cfg,
-                      "layers": descs})
+    manifest = compact_json({"schemaVersion": 2, "mediaType": mt.OCI_MANIFEST, "config": cfg,
+                             "layers": descs})
     top = await desc(manifest, mt.OCI_MANIFEST)
-    return await store.add(_dump(top)), top["digest"]
+    return await store.add(compact_json(top)), top["digest"]
 
 
 def _metric(url: str, name: str) -> dict[str, float]:

@@ -22,8 +22,6 @@ import grpc
 import pytest
 
 from peerstar.estargz import TOC_DIGEST_ANNOTATION, Reader, build
-from peerstar.oci import mediatypes as mt
-from peerstar.oci.platform import host_platform
 from peerstar.snapshotter._proto import snapshots_pb2 as pb
 from peerstar.snapshotter._proto import snapshots_pb2_grpc
 from peerstar.source.sample import (
@@ -40,18 +38,15 @@ from tests.snapshotter.conftest import (
     start_snapshotter,
     stop_snapshotter,
 )
+from tests.support import registry
 from tests.support.containerd import Ctr
-from tests.support.registry import DockerRegistry, free_port, put_manifest, start_registry
-from tests.support.registry import upload_blob as push_blob
+from tests.support.content import sha256_digest
+from tests.support.registry import DockerRegistry, free_port, start_registry
 
 pytestmark = pytest.mark.slow
 
 EXTRA_MIB = 8
 REMOTE_LABEL = "containerd.io/snapshot/remote"
-
-
-def sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 @dataclass
@@ -78,7 +73,7 @@ def push_image(base: str, repo: str, tag: str, *, estargz: bool,
     (the sample text prioritized, so it comes with the prefetch) or as plain gzip.
     `tampered`: a file of the data layer whose bytes are corrupted in the pushed blob."""
     layers: list[PushedLayer] = []
-    descs = []
+    blobs: list[bytes] = []
     for i, entries in enumerate(sample_layer_entries(extra_mib=EXTRA_MIB)):
         tar = build_layer_tar(entries)
         if estargz:
@@ -90,32 +85,16 @@ def push_image(base: str, repo: str, tag: str, *, estargz: bool,
             blob = out.getvalue()
             if tampered and i == 1:
                 blob = tamper(blob, tampered)
-            layer = PushedLayer(sha(blob), len(blob), res.diff_id, res.toc_digest)
+            layer = PushedLayer(sha256_digest(blob), len(blob), res.diff_id, res.toc_digest)
         else:
             blob = gzip_bytes(tar)
-            layer = PushedLayer(sha(blob), len(blob), sha(tar), "")
-        push_blob(base, repo, blob)
-        desc: dict[str, object] = {"mediaType": mt.OCI_LAYER_GZIP,
-                                   "digest": layer.digest, "size": layer.size}
-        if layer.toc_digest:
-            desc["annotations"] = {TOC_DIGEST_ANNOTATION: layer.toc_digest}
-        descs.append(desc)
+            layer = PushedLayer(sha256_digest(blob), len(blob), sha256_digest(tar), "")
+        blobs.append(blob)
         layers.append(layer)
-    _os, arch, variant = host_platform()
-    cfg: dict[str, object] = {
-        "architecture": arch, "os": "linux",
-        "config": {"Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]},
-        "rootfs": {"type": "layers", "diff_ids": [la.diff_id for la in layers]}}
-    if variant:
-        cfg["variant"] = variant
-    config = json.dumps(cfg).encode()
-    push_blob(base, repo, config)
-    manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": mt.OCI_MANIFEST,
-        "config": {"mediaType": mt.OCI_CONFIG, "digest": sha(config),
-                   "size": len(config)},
-        "layers": descs}).encode()
-    put_manifest(base, repo, tag, manifest, mt.OCI_MANIFEST)
+    registry.push_image(base, repo, tag, [
+        (blob, {TOC_DIGEST_ANNOTATION: la.toc_digest} if la.toc_digest else {})
+        for blob, la in zip(blobs, layers, strict=True)], [la.diff_id for la in layers],
+        {"Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]})
     return layers
 
 

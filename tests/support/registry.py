@@ -8,14 +8,13 @@ Also `PrivateRegistry`: the same registry the way a real private one is set up -
 with a certificate of a test CA for its IP address, htpasswd basic auth -- inside a
 network namespace joined to the host by a veth (`tests.support.netns.HostLinkedNode`),
 so clients on the host reach it at a 10.78.n.2 address and treat it as a remote HTTPS
-registry. The upload helpers (`upload_blob`, `put_manifest`) reach it once its base URL
-is registered with `register_access` (CA and credentials per base URL).
+registry. The upload helpers (`upload_blob`, `put_manifest`, `push_image`) reach it once
+its base URL is registered with `register_access` (CA and credentials per base URL).
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import shutil
 import socket
@@ -25,10 +24,15 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from peerstar.oci import mediatypes as mt
+from peerstar.oci.platform import host_platform
 from tests.support.containerd import HarnessError, require_binaries
+from tests.support.content import sha256_digest
 from tests.support.netns import HostLinkedNode
 
 MANIFEST_ACCEPT = ", ".join([
@@ -217,7 +221,7 @@ def _http(method: str, url: str, data: bytes | None = None,
 def upload_blob(base: str, repo: str, data: bytes) -> str:
     """A monolithic upload (POST, then PUT ?digest=) of the distribution API to the
     registry at `base` (http://HOST:PORT); returns the blob's digest."""
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    digest = sha256_digest(data)
     _, headers = _http("POST", f"{base}/v2/{repo}/blobs/uploads/", b"")
     loc = headers["Location"]
     loc = base + loc if loc.startswith("/") else loc
@@ -232,7 +236,36 @@ def put_manifest(base: str, repo: str, tag: str, manifest: bytes, media_type: st
     status, _ = _http("PUT", f"{base}/v2/{repo}/manifests/{tag}", manifest,
                       {"Content-Type": media_type})
     assert status == 201, status
-    return "sha256:" + hashlib.sha256(manifest).hexdigest()
+    return sha256_digest(manifest)
+
+
+def push_image(base: str, repo: str, tag: str,
+               layers: Iterable[tuple[bytes, Mapping[str, str]]], diff_ids: Iterable[str],
+               image_config: Mapping[str, Any] | None = None) -> str:
+    """Push a single-platform OCI image under `tag`: the gzip layer blobs, each with its
+    descriptor annotations (none for a plain gzip layer), a config for this machine's
+    platform with `diff_ids` and `image_config` as its `config` section, and the
+    manifest. Returns the manifest's digest."""
+    descs: list[dict[str, Any]] = []
+    for blob, notes in layers:
+        desc: dict[str, Any] = {"mediaType": mt.OCI_LAYER_GZIP,
+                                "digest": upload_blob(base, repo, blob), "size": len(blob)}
+        if notes:
+            desc["annotations"] = dict(notes)
+        descs.append(desc)
+    _os, arch, variant = host_platform()
+    config: dict[str, Any] = {
+        "architecture": arch, "os": "linux", "config": dict(image_config or {}),
+        "rootfs": {"type": "layers", "diff_ids": list(diff_ids)}}
+    if variant:
+        config["variant"] = variant
+    config_bytes = json.dumps(config).encode()
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": mt.OCI_MANIFEST,
+        "config": {"mediaType": mt.OCI_CONFIG,
+                   "digest": upload_blob(base, repo, config_bytes), "size": len(config_bytes)},
+        "layers": descs}).encode()
+    return put_manifest(base, repo, tag, manifest, mt.OCI_MANIFEST)
 
 
 def start_registry(base: Path | None = None) -> DockerRegistry:

@@ -3,7 +3,9 @@
 Owns the inputs of the eStargz tests: a tar with every entry kind and the awkward
 corners of the tar and TOC formats (`tar_all_kinds`), a tar of reserved and duplicate
 names (`tar_reserved_names`), a realistic tree from installed Debian packages
-(`tar_debian_tree`), and gzip / zstd wrappers. Every builder is deterministic: same
+(`tar_debian_tree`), and gzip / zstd wrappers; and for any test that needs a layer of
+given contents, `write_tar` of `Entry`s or, for just directories and files,
+`tar_of_files`. Every builder is deterministic: same
 bytes on every call on a given machine (the Debian tree depends on what is installed).
 """
 
@@ -17,7 +19,7 @@ import random
 import stat
 import subprocess
 import tarfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import zstandard
@@ -31,6 +33,7 @@ T_EPOCH = 0
 T_FAR = 4_102_444_800  # 2100-01-01
 T_PAX = 9_000_000_000
 T_FRACTION = 1_600_000_123.6
+T_2024 = 1_704_067_200  # 2024-01-01, the time of `tar_of_files` entries
 
 BINARY_XATTR = b"\x01\x00\x00\x02\xff\xfe\x00\x80"  # like security.capability: not UTF-8
 
@@ -89,6 +92,16 @@ def write_tar(entries: Iterable[Entry]) -> bytes:
             tf.format = e.format
             tf.addfile(ti, io.BytesIO(e.data) if ti.size else None)
     return buf.getvalue()
+
+
+def tar_of_files(files: Mapping[str, bytes] | Iterable[tuple[str, bytes]], *,
+                 dirs: Iterable[str] = (), mtime: float = T_2024) -> bytes:
+    """A plain layer tar: `dirs` (mode 0755), then the regular files (0644) in the order
+    given, all owned by 0:0 with no owner names and modified at `mtime`."""
+    items = files.items() if isinstance(files, Mapping) else files
+    plain = dict(uname="", gname="", mtime=mtime)
+    return write_tar([*(Entry(d, tarfile.DIRTYPE, mode=0o755, **plain) for d in dirs),
+                      *(Entry(name, data=data, **plain) for name, data in items)])
 
 
 def all_kinds_entries() -> list[Entry]:
