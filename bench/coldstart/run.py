@@ -49,9 +49,9 @@ sys.path.insert(0, str(REPO))
 from peerstar.estargz import Reader  # noqa: E402
 from peerstar.oci import mediatypes as mt  # noqa: E402
 from tests.support.containerd import start_containerd  # noqa: E402
+from tests.support.ports import free_port  # noqa: E402
 from tests.support.registry import (  # noqa: E402
     DockerRegistry,
-    free_port,
     push_image,
     start_registry,
 )

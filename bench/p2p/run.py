@@ -237,17 +237,6 @@ def prepare(image: Image, work: Path) -> None:
     image.need = cs.workload_bytes(image.files, image.tars, image.layers["estargz"])
 
 
-def push(node: Node, layout: Path) -> str:
-    """`peerstar push` on the node into its js-ipfs; the CID. The eStargz layouts are
-    already what `push --estargz` converts to, so they are pushed as they are."""
-    proc = node.run([sys.executable, "-m", "peerstar", "push", "--ipfs-address",
-                     f"/ip4/127.0.0.1/tcp/{swarm.API_PORT}", f"oci:{layout}:latest"],
-                    cwd=str(REPO), timeout=1200, env=dict(os.environ, PYTHONPATH=str(REPO)))
-    if proc.returncode != 0:
-        raise SystemExit(f"push of {layout} failed: {proc.stderr.decode()[-2000:]}")
-    return proc.stdout.decode().strip().splitlines()[-1]
-
-
 # --- measuring -------------------------------------------------------------------------
 
 
@@ -649,7 +638,8 @@ def main() -> int:
     with cluster(work, stargzd) as cl:
         for im in images:
             for variant, layout in im.layouts.items():
-                im.cids[variant] = push(cl.a, layout)
+                # the eStargz layouts are already what `push --estargz` converts to
+                im.cids[variant] = swarm.push(cl.a, layout, timeout=1200)
             log(f"pushed {im.name} on A: {im.cids}")
         try:
             for n in range(args.trials):

@@ -35,8 +35,9 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from peerstar.ipfs import open_store  # noqa: E402
-from tests.registry.ipfsimage import store_blob_image  # noqa: E402
-from tests.support.jsipfs import free_port, start_jsipfs  # noqa: E402
+from tests.support.ipfsimage import push_blob_image  # noqa: E402
+from tests.support.jsipfs import start_jsipfs  # noqa: E402
+from tests.support.ports import free_port  # noqa: E402
 
 
 def _combine(parts: list[tuple]) -> tuple[float, float, float, int]:
@@ -152,14 +153,7 @@ def main() -> int:
             blob = Path(tmp) / "blob"
             blob.write_bytes(os.urandom(size))
 
-            async def push():
-                store = open_store(daemon.api_multiaddr, timeout=300)
-                try:
-                    return await store_blob_image(store, blob)
-                finally:
-                    await store.close()
-
-            img = asyncio.run(push())
+            img = push_blob_image(lambda: open_store(daemon.api_multiaddr, timeout=300), blob)
             layer = img.layer_digests[0]
             cid = img.cids[layer]
         urls = []

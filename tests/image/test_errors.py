@@ -29,7 +29,8 @@ from tests.image.conftest import (
     run_peerstar,
 )
 from tests.support.content import compact_json, sha256_digest
-from tests.support.jsipfs import JsIpfs, free_port
+from tests.support.jsipfs import JsIpfs
+from tests.support.ports import free_port
 
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from peerstar.ipfs import CHUNK_SIZE, compute_cid
-from tests.support.jsipfs import JsIpfs, free_port
+from tests.support.jsipfs import JsIpfs
+from tests.support.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = random.Random(8).randbytes(2 * CHUNK_SIZE + 333)

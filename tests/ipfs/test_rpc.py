@@ -21,7 +21,8 @@ from peerstar.ipfs import (
     parse_api_address,
 )
 from tests.ipfs.conftest import run
-from tests.support.jsipfs import JsIpfs, free_port, generate_swarm_key, start_jsipfs
+from tests.support.jsipfs import JsIpfs, generate_swarm_key, start_jsipfs
+from tests.support.ports import free_port
 
 BIG = random.Random(5).randbytes(40 * CHUNK_SIZE)
 

@@ -10,17 +10,12 @@ registry outage).
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import uuid
 
 from aiohttp import web
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.support.ports import free_port
 
 
 class BlobServer:
@@ -31,7 +26,7 @@ class BlobServer:
         self.head = head  # False: HEAD answers 405, as some registries' storage does
         self.heads = 0
         self.token = token
-        self.port = _free_port()
+        self.port = free_port()
         self.bytes_served = 0
         self.ranges: list[str] = []  # Range headers of blob GETs, in order
         self.token_requests = 0

@@ -24,6 +24,7 @@ from peerstar.lazyfs import find_mount, mount_layer
 from peerstar.lazyfs.options import FetchOptions, MountOptions, PrefetchOptions
 from tests.lazyfs.blobserver import BlobServer
 from tests.lazyfs.conftest import BIG, PRIORITY, Layer, is_mounted
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -142,10 +143,7 @@ def test_background_fetch_completes_then_survives_outage(rich_layer: Layer, mnt:
                         MountOptions(fetch=FetchOptions(retries=0),
                                      prefetch=PrefetchOptions(background_idle=0.2)))
         try:
-            deadline = time.monotonic() + 20
-            while _stats(mnt, rich_layer)["fetchedPercent"] < 100 and \
-                    time.monotonic() < deadline:
-                time.sleep(0.1)
+            wait_until(lambda: _stats(mnt, rich_layer)["fetchedPercent"] >= 100, 20, 0.1)
             st = _stats(mnt, rich_layer)
             assert st["fetchedPercent"] == 100.0 and st["cachedSize"] == rich_layer.size
             # Background fetches are batched, not one request per region.
@@ -245,10 +243,7 @@ def test_sigterm_unmounts(rich_layer: Layer, mnt: Path, cache_dir: Path) -> None
         fd = os.open(mnt / "data/prio.txt", os.O_RDONLY)  # even with a file open
         try:
             os.kill(m.pid, signal.SIGTERM)
-            deadline = time.monotonic() + 10
-            while m.alive and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert not m.alive
+            assert wait_until(lambda: not m.alive)
             assert not is_mounted(mnt)  # detached although busy
             with pytest.raises(OSError) as exc:
                 os.pread(fd, 10, 0)  # the daemon is gone: an error, not bytes or a hang

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import errno
 import struct
-import subprocess
-import time
 import urllib.request
 import zlib
 from pathlib import Path
@@ -20,8 +18,7 @@ from peerstar.lazyfs import mount_layer
 from peerstar.lazyfs.options import FetchOptions, MountOptions, PrefetchOptions
 from tests.lazyfs.blobserver import BlobServer
 from tests.lazyfs.conftest import BIG, CHUNK, PRIORITY, Layer, push_image
-from tests.support.containerd import require_binaries
-from tests.support.registry import DockerRegistry, start_registry
+from tests.support.registry import start_registry
 
 pytestmark = pytest.mark.slow
 
@@ -74,24 +71,6 @@ def test_tampered_chunk_gives_eio_and_others_still_read(rich_layer: Layer, mnt: 
         server.stop()
 
 
-def _restart(reg: DockerRegistry) -> None:
-    """Start the stopped registry again on the same port with the same storage."""
-    binary = require_binaries("docker-registry")["docker-registry"]
-    with open(reg.log_path, "ab") as log:
-        reg.process = subprocess.Popen([binary, "serve", str(reg.base / "config.yml")],
-                                       stdin=subprocess.DEVNULL, stdout=log,
-                                       stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(reg.url + "/v2/", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError("registry did not come back")
-
-
 def test_registry_outage_after_prefetch(rich_layer: Layer, mnt: Path, cache_dir: Path,
                                         tmp_path: Path) -> None:
     reg = start_registry(tmp_path / "registry")
@@ -104,7 +83,7 @@ def test_registry_outage_after_prefetch(rich_layer: Layer, mnt: Path, cache_dir:
                                                               wait=True)))
         try:
             assert m.prefetch_done
-            reg._terminate()  # the registry is down from here on
+            reg.take_down()  # the registry is down from here on
             with pytest.raises(OSError):
                 urllib.request.urlopen(reg.url + "/v2/", timeout=2)
             # Prefetched (prioritized) file: served from the cache, never read before.
@@ -114,7 +93,7 @@ def test_registry_outage_after_prefetch(rich_layer: Layer, mnt: Path, cache_dir:
             assert _read_errno(mnt / "data/big.bin") == errno.EIO
             assert _read_errno(mnt / "data/big.bin", 5, 5) == errno.EIO
             assert (mnt / "data/empty").read_bytes() == b""  # no fetch needed
-            _restart(reg)
+            reg.bring_back()
             assert (mnt / "data/big.bin").read_bytes() == BIG
             assert m.stats()["verifyFailures"] == 0
         finally:

@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,7 @@ from peerstar.lazyfs.image import (
 from peerstar.source.sample import SampleImage
 from tests.lazyfs.conftest import Layer, is_mounted, push_image
 from tests.support.registry import DockerRegistry
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -32,15 +32,6 @@ pytestmark = pytest.mark.slow
 def _peerstar(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "peerstar", *args], capture_output=True,
                           text=True, timeout=120, cwd=str(Path(__file__).parents[2]))
-
-
-def _wait(cond, timeout: float = 15.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +84,7 @@ def test_mount_merged_rootfs(pushed_sample: str, sample_image_10: SampleImage,
             (target / "etc/new-file").write_text("x")  # read-only
     finally:
         subprocess.run(["umount", str(target)], check=True)  # plain umount ends it all
-    assert _wait(lambda: not work.exists())
+    assert wait_until(lambda: not work.exists(), 15)
     assert not is_mounted(target)
     with open("/proc/self/mountinfo") as f:
         assert str(work) not in f.read()

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,8 @@ import pytest
 from peerstar.lazyfs.image import image_stats
 from peerstar.source.sample import build_sample_image
 from tests.lazyfs.conftest import is_mounted
-from tests.support.registry import free_port
+from tests.support.ports import free_port
+from tests.support.waiting import http_ok, wait_until
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -42,14 +41,8 @@ def test_push_serve_mount_read(tmp_path: Path) -> None:
     target.mkdir()
     work_root = tmp_path / "work"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=2):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, "registry did not start"
-                time.sleep(0.1)
+        assert wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/v2/"), 30, 0.1), \
+            "registry did not start"
         res = _peerstar("mount", f"127.0.0.1:{port}/ipfs/{cid}", str(target), "--work-root",
                         str(work_root), "--cache-dir", str(tmp_path / "cache"),
                         "--no-background")

@@ -16,6 +16,7 @@ from peerstar.lazyfs.fetcher import BlobFetcher
 from peerstar.lazyfs.layer import ChunkVerifyError, LazyLayer
 from tests.lazyfs.blobserver import BlobServer
 from tests.lazyfs.conftest import BIG, CHUNK, PRIORITY, Layer
+from tests.support.waiting import wait_until
 
 
 @pytest.fixture
@@ -123,10 +124,8 @@ def test_background_fetch_waits_for_idle_from_mount_time_and_across_layers(
         lay.last_foreground = time.monotonic() - 10
         time.sleep(0.3)
         assert served.bytes_served == before
-        deadline = time.monotonic() + 10
-        while served.bytes_served == before and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert served.bytes_served > before  # idle now: the rest of the layer is fetched
+        # idle now: the rest of the layer is fetched
+        assert wait_until(lambda: served.bytes_served > before)
     finally:
         lay.stop()
 
@@ -153,10 +152,8 @@ def test_read_ahead_along_a_file_never_holds_up_other_reads(
     lay.reader.decompress_chunk = gated  # type: ignore[method-assign]
     try:
         assert lay.read_file(big, 0, 100) == BIG[:100]  # chunk 0; chunks 1 and 2 queued
-        deadline = time.monotonic() + 10
-        while keys[1] not in lay._mem and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert keys[1] in lay._mem  # fetched and verified ahead of the reader
+        # fetched and verified ahead of the reader
+        assert wait_until(lambda: keys[1] in lay._mem, interval=0.02)
         assert keys[2] in lay._chunk_inflight and keys[3] not in lay._mem
         # Another file's on-demand read does not queue behind the held read-ahead.
         assert lay.read_file(prio, 0, len(PRIORITY)) == PRIORITY
@@ -173,10 +170,7 @@ def test_read_ahead_along_a_file_never_holds_up_other_reads(
         gate.set()
         reader.join(30)
         assert got == [BIG[CHUNK * 2:CHUNK * 2 + 10]]
-        deadline = time.monotonic() + 10
-        while keys[3] not in lay._mem and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert keys[3] in lay._mem
+        assert wait_until(lambda: keys[3] in lay._mem, interval=0.02)
         _, end2 = lay.reader.chunk_section(chunks[2])
         firsts = [int(r.removeprefix("bytes=").split("-")[0]) for r in served.ranges[n:]]
         assert all(f >= end2 // lay.fetcher.region_size * lay.fetcher.region_size

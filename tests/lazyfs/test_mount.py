@@ -11,7 +11,6 @@ import os
 import stat
 import subprocess
 import tarfile
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ import pytest
 from peerstar.lazyfs import MountError, find_mount, mount_layer
 from peerstar.lazyfs.options import FetchOptions, MountOptions, PrefetchOptions
 from tests.lazyfs.conftest import BIG, MTIME, PRIORITY, RICH_ITEMS, Layer, is_mounted
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -127,10 +127,7 @@ def test_small_read_fetches_little_and_stats(docker_registry, sample_layers: lis
         assert m.stats()["fetchedSize"] > 8 << 20
     finally:
         subprocess.run(["umount", str(mnt)], check=True)  # plain umount ends the daemon
-    deadline = time.monotonic() + 10
-    while m.alive and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not m.alive
+    assert wait_until(lambda: not m.alive)
     saved = json.loads(m.paths.stats.read_text())  # final stats kept on disk
     assert saved["fetchedSize"] > 8 << 20
     assert "peerstar_lazyfs_fetched_bytes_total" in m.paths.prom.read_text()
@@ -189,10 +186,7 @@ def test_old_daemon_leaves_a_new_mounts_state_alone(pushed_rich: str, rich_layer
         assert old.alive and not is_mounted(mnt)
         new = _mount(pushed_rich, rich_layer, mnt, cache_dir)
         busy.close()
-        deadline = time.monotonic() + 10
-        while old.alive and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not old.alive
+        assert wait_until(lambda: not old.alive)
         assert old._proc is not None and old._proc.wait(5) == 0  # a clean exit, not a crash
         again = find_mount(mnt, cache_dir)
         assert again is not None and again.pid == new.pid

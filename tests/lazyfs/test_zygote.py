@@ -24,21 +24,13 @@ from peerstar.lazyfs.state import PASSWORD_ENV, TOKEN_ENV, USERNAME_ENV
 from peerstar.lazyfs.zygote import Zygote, ZygoteError
 from tests.lazyfs.blobserver import BlobServer
 from tests.lazyfs.conftest import BIG, PRIORITY, Layer, is_mounted
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 NO_BACKGROUND = MountOptions(prefetch=PrefetchOptions(background=False))
 WAIT_PREFETCH = MountOptions(prefetch=PrefetchOptions(background=False, wait=True))
-
-
-def _wait(cond, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return bool(cond())
 
 
 def _ppid(pid: int) -> int:
@@ -79,7 +71,7 @@ def test_forked_mount_is_fast_and_in_its_own_session(rich_layer: Layer, mnt: Pat
         finally:
             m.unmount()
         assert not is_mounted(mnt)
-        assert _wait(lambda: not _pid_alive(m.pid))
+        assert wait_until(lambda: not _pid_alive(m.pid))
         assert "unmounted" in m.paths.log.read_text()
         assert z.alive
 
@@ -110,7 +102,7 @@ def test_mounts_survive_zygote_and_starter_death(rich_layer: Layer, mnt: Path,
         os.kill(zpid, signal.SIGKILL)
         starter.send_signal(signal.SIGKILL)
         starter.wait(10)
-        assert _wait(lambda: not _pid_alive(zpid))
+        assert wait_until(lambda: not _pid_alive(zpid))
         assert _pid_alive(pid)
         assert is_mounted(mnt)
         assert (mnt / "data/big.bin").read_bytes() == BIG
@@ -118,7 +110,7 @@ def test_mounts_survive_zygote_and_starter_death(rich_layer: Layer, mnt: Path,
         assert m is not None and m.pid == pid
         m.unmount()
         assert not is_mounted(mnt)
-        assert _wait(lambda: not _pid_alive(pid))
+        assert wait_until(lambda: not _pid_alive(pid))
     finally:
         if starter.poll() is None:
             starter.kill()
@@ -150,7 +142,7 @@ def test_zygote_exits_when_owner_closes_or_dies() -> None:
         assert _pid_alive(zpid)
         owner.send_signal(signal.SIGKILL)
         owner.wait(10)
-        assert _wait(lambda: not _pid_alive(zpid))
+        assert wait_until(lambda: not _pid_alive(zpid))
     finally:
         if owner.poll() is None:
             owner.kill()
@@ -230,7 +222,7 @@ def test_zygote_lost_mid_request_does_not_start_a_second_daemon(
         assert not is_mounted(mnt)
         assert not m_log_has_daemon(cache_dir)
         assert not z.alive  # broken off: a late answer must not be read as another's
-        assert _wait(lambda: z.proc.poll() is not None)
+        assert wait_until(lambda: z.proc.poll() is not None)
     finally:
         z.close()
 

@@ -22,7 +22,7 @@ from multiformats import CID, multihash
 
 from peerstar.k8s.keys import generate_swarm_key
 from tests.support.containerd import HarnessError
-from tests.support.jsipfs import JsIpfs
+from tests.support.jsipfs import JsIpfs, start_jsipfs
 from tests.support.netns import Network, Node
 
 REPO = Path(__file__).resolve().parents[2]
@@ -106,6 +106,22 @@ def cat(node: Node, cid: str, offset: int | None = None, length: int | None = No
     return rpc_raw(node, "cat", params, timeout=timeout + 10)
 
 
+def push(node: Node, layout: Path, *, estargz: bool = False, timeout: float = 300.0) -> str:
+    """`peerstar push` of the layout's `latest` image on `node` into its js-ipfs (with
+    `estargz`, converted to eStargz on the way); the image's CID."""
+    proc = node.run([sys.executable, "-m", "peerstar", "push", *(["--estargz"] if estargz
+                                                                  else []),
+                     "--ipfs-address", f"/ip4/127.0.0.1/tcp/{API_PORT}", f"oci:{layout}:latest"],
+                    cwd=str(REPO), timeout=timeout, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    if proc.returncode != 0:
+        raise HarnessError(f"peerstar push of {layout} in {node.label} failed: "
+                           f"{proc.stderr.decode(errors='replace')[-3000:]}")
+    cid = proc.stdout.decode().strip().splitlines()[-1]
+    if not cid.startswith("baf"):
+        raise HarnessError(f"peerstar push of {layout} printed {cid!r}, not a CIDv1")
+    return cid
+
+
 def mh(cid: str) -> str:
     """A block's identity in a blockstore: its multihash (hex), whatever the CID's codec."""
     return bytes(CID.decode(cid).digest).hex()
@@ -148,21 +164,9 @@ def start_daemon(node: Node, swarm_key: bytes | None, bootstrap: Sequence[str] =
                  timeout: float = 120.0) -> JsIpfs:
     """js-ipfs in `node`: swarm on the node's address, API etc. on its own loopback, the
     given swarm key (None = public network) and bootstrap list, nothing else to dial."""
-    repo = Path(tempfile.mkdtemp(prefix=f"peerstar-p2p-{node.label}-"))
-    daemon = JsIpfs(repo=repo, api_port=API_PORT, swarm_port=SWARM_PORT,
-                    gateway_port=GATEWAY_PORT, rpc_port=RPC_PORT, swarm_host=node.addr,
-                    prefix=node.prefix, swarm_key=swarm_key, owns_repo=True)
-    try:
-        daemon.init()
-        cfg_path = repo / "config"
-        cfg = json.loads(cfg_path.read_text())
-        cfg["Bootstrap"] = list(bootstrap)
-        cfg_path.write_text(json.dumps(cfg, indent=2))
-        daemon.start(timeout=timeout)
-    except BaseException:
-        daemon.stop()
-        raise
-    return daemon
+    return start_jsipfs(swarm_key=swarm_key, prefix=node.prefix, swarm_host=node.addr,
+                        ports=(API_PORT, SWARM_PORT, GATEWAY_PORT, RPC_PORT),
+                        bootstrap=bootstrap, timeout=timeout)
 
 
 @contextmanager

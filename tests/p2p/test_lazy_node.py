@@ -14,22 +14,20 @@ import json
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from peerstar.source.sample import SAMPLE_TEXT, SAMPLE_TEXT_PATH, SampleImage, build_sample_image
 from tests.p2p import swarm
-from tests.p2p.test_registry_swarm import push
-from tests.support.containerd import Containerd, HarnessError, start_containerd
+from tests.support.containerd import Containerd
 from tests.support.jsipfs import JsIpfs
 from tests.support.netns import Node
 from tests.support.snapshotter import (
-    NodeSnapshotter,
+    SnapshotterProc,
     mounts_under,
     netns_prefix,
-    stop_snapshotter,
+    running_stack,
 )
 
 pytestmark = pytest.mark.slow
@@ -43,44 +41,27 @@ class NodeB:
     b: Node
     daemons: dict[str, JsIpfs]
     image: SampleImage
-    snapshotter: NodeSnapshotter
+    snapshotter: SnapshotterProc
     containerd: Containerd
 
 
 @pytest.fixture(scope="module")
 def node_b(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeB]:
-    import tempfile
-
     work = tmp_path_factory.mktemp("p2p-lazy")
     image = build_sample_image(work / "layout", extra_mib=8)
+    # Stopped in reverse: B's registry, then containerd and the snapshotter (which
+    # unmounts the lazy layers); the swarm goes last.
     with swarm.private_swarm("ab") as (nodes, daemons):
         a, b = nodes["a"], nodes["b"]
-        snap: NodeSnapshotter | None = None
-        containerd: Containerd | None = None
-        try:
-            try:
-                snap = NodeSnapshotter(Path(tempfile.mkdtemp(prefix="pss-", dir="/tmp")),
-                                       SNAPSHOTTER_CONFIG)
-                snap.node = b
-                snap.start()
-                containerd = start_containerd(proxy_plugins={"peerstar": str(snap.address)})
-            except HarnessError as exc:
-                pytest.fail(f"cannot start node B's stack: {exc}", pytrace=False)
-            with swarm.registry(b, work / "registry-b.log"):
-                yield NodeB(a, b, daemons, image, snap, containerd)
-        finally:
-            # containerd first (its containers use the mounts), then the snapshotter (it
-            # unmounts the lazy layers); the swarm goes last.
-            if containerd is not None:
-                containerd.stop()
-            if snap is not None:
-                stop_snapshotter(snap)
+        with running_stack(SNAPSHOTTER_CONFIG, prefix=netns_prefix(b)) as stack, \
+                swarm.registry(b, work / "registry-b.log"):
+            yield NodeB(a, b, daemons, image, stack.snapshotter, stack.containerd)
 
 
 def test_rpull_and_run_lazily_on_b(node_b: NodeB) -> None:
     a_id = node_b.daemons["a"].peer_id
     assert a_id in swarm.wait_for_peers(node_b.b, {a_id})
-    cid = push(node_b.a, node_b.image.path)
+    cid = swarm.push(node_b.a, node_b.image.path, estargz=True)
     ref = f"localhost:{swarm.REGISTRY_PORT}/ipfs/{cid}:latest"
     ctr = node_b.containerd.ctr
     argv = [*netns_prefix(node_b.b), ctr.ctr_remote_binary, "--address", ctr.address,

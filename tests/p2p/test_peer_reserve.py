@@ -11,7 +11,6 @@ a containerd; `ctr-remote` pulls inside the node's namespace.
 from __future__ import annotations
 
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -22,10 +21,9 @@ from peerstar.k8s.keys import generate_swarm_key
 from peerstar.source.sample import SAMPLE_TEXT, SAMPLE_TEXT_PATH, build_sample_image
 from tests.p2p import swarm
 from tests.p2p.test_lazy_node import SNAPSHOTTER_CONFIG
-from tests.p2p.test_registry_swarm import push
-from tests.support.containerd import Containerd, HarnessError, start_containerd
+from tests.support.containerd import Containerd, HarnessError
 from tests.support.netns import Network, Node
-from tests.support.snapshotter import NodeSnapshotter, netns_prefix, stop_snapshotter
+from tests.support.snapshotter import netns_prefix, running_stack
 
 pytestmark = pytest.mark.slow
 
@@ -33,17 +31,10 @@ pytestmark = pytest.mark.slow
 @contextmanager
 def lazy_node(node: Node, work: Path) -> Iterator[Containerd]:
     """The node's bridge, snapshotter and containerd (proxy plugin `peerstar`)."""
-    with ExitStack() as stack:
-        snap = NodeSnapshotter(Path(tempfile.mkdtemp(prefix="pss-", dir="/tmp")),
-                               SNAPSHOTTER_CONFIG)
-        snap.node = node
-        snap.start()
-        stack.callback(stop_snapshotter, snap)
-        containerd = start_containerd(namespace=f"p2p-{node.label}",
-                                      proxy_plugins={"peerstar": str(snap.address)})
-        stack.callback(containerd.stop)  # first: its containers use the mounts
-        stack.enter_context(swarm.registry(node, work / f"registry-{node.label}.log"))
-        yield containerd
+    with running_stack(SNAPSHOTTER_CONFIG, prefix=netns_prefix(node),
+                       namespace=f"p2p-{node.label}") as stack, \
+            swarm.registry(node, work / f"registry-{node.label}.log"):
+        yield stack.containerd
 
 
 def run_lazily(node: Node, containerd: Containerd, ref: str) -> str:
@@ -72,7 +63,7 @@ def test_c_runs_the_image_lazily_from_b_after_a_is_gone(tmp_path: Path) -> None:
         except HarnessError as exc:
             pytest.fail(f"cannot start the swarm: {exc}", pytrace=False)
         assert da.peer_id in swarm.wait_for_peers(b, {da.peer_id})
-        cid = push(a, image.path)
+        cid = swarm.push(a, image.path, estargz=True)
         ref = f"localhost:{swarm.REGISTRY_PORT}/ipfs/{cid}:latest"
         a_blocks = swarm.local_blocks(a)
 

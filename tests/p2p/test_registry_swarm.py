@@ -45,17 +45,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield Cluster(nodes, daemons, image, work)
 
 
-def push(node: Node, layout: Path) -> str:
-    proc = node.run([sys.executable, "-m", "peerstar", "push", "--estargz", "--ipfs-address",
-                     f"/ip4/127.0.0.1/tcp/{swarm.API_PORT}", f"oci:{layout}:latest"],
-                    cwd=str(swarm.REPO), timeout=300,
-                    env=dict(os.environ, PYTHONPATH=str(swarm.REPO)))
-    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-3000:]
-    cid = proc.stdout.decode().strip().splitlines()[-1]
-    assert cid.startswith("baf"), cid
-    return cid
-
-
 def lazy_read(node: Node, cid: str, path: str) -> dict[str, object]:
     proc = node.run([sys.executable, "-m", "tests.p2p.lazyread", REGISTRY, cid, path],
                     cwd=str(swarm.REPO), timeout=300,
@@ -69,7 +58,7 @@ def test_pushed_on_a_read_lazily_on_b_then_c_without_a(cluster: Cluster) -> None
     a_id = cluster.daemons["a"].peer_id
     assert a_id in swarm.wait_for_peers(nb, {a_id})
     assert a_id in swarm.wait_for_peers(nc, {a_id})
-    cid = push(na, cluster.image.path)
+    cid = swarm.push(na, cluster.image.path, estargz=True)
     assert not swarm.local_blocks(nb) & swarm.local_blocks(na)  # b holds none of it yet
 
     with swarm.registry(nb, cluster.logs / "registry-b.log"):

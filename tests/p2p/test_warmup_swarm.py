@@ -93,16 +93,6 @@ def _layers(layout: Path) -> list[LayerDag]:
     return [LayerDag.of(layer["digest"], blob(layer["digest"])) for layer in manifest["layers"]]
 
 
-def _push_plain(node: Node, layout: Path) -> str:
-    """`peerstar push` of an already converted layout (its blobs as they are)."""
-    proc = node.run([sys.executable, "-m", "peerstar", "push", "--ipfs-address",
-                     f"/ip4/127.0.0.1/tcp/{swarm.API_PORT}", f"oci:{layout}:latest"],
-                    cwd=str(swarm.REPO), timeout=300,
-                    env=dict(os.environ, PYTHONPATH=str(swarm.REPO)))
-    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-3000:]
-    return proc.stdout.decode().strip().splitlines()[-1]
-
-
 def _upstream_lines(log: Path) -> list[dict]:
     out = []
     for line in log.read_text(errors="replace").splitlines():
@@ -115,7 +105,7 @@ def test_manifest_warms_layers_on_b_then_a_multi_leaf_read_fans_out(cluster: Clu
     na, nb = cluster.nodes["a"], cluster.nodes["b"]
     a_id = cluster.daemons["a"].peer_id
     assert a_id in swarm.wait_for_peers(nb, {a_id})
-    cid = _push_plain(na, cluster.layout)
+    cid = swarm.push(na, cluster.layout)  # converted already: its blobs pushed as they are
     layers = _layers(cluster.layout)
     assert len(layers) == 2
 

@@ -4,13 +4,11 @@ clean exit on SIGTERM."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,8 +18,10 @@ import pytest
 from peerstar.errors import PeerstarError
 from peerstar.source.sample import SampleImage
 from tests.registry.helpers import MANIFEST_ACCEPT, request
-from tests.registry.ipfsimage import StoredImage, store_layout
-from tests.support.jsipfs import JsIpfs, free_port
+from tests.support.ipfsimage import StoredImage, push_layout
+from tests.support.jsipfs import JsIpfs
+from tests.support.ports import free_port
+from tests.support.waiting import http_ok, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -54,16 +54,6 @@ def serve(args: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen[byt
                 proc.wait(5)
 
 
-def _push(store_factory, layout: Path) -> StoredImage:
-    async def go() -> StoredImage:
-        store = store_factory()
-        try:
-            return await store_layout(store, layout)
-        finally:
-            await store.close()
-    return asyncio.run(go())
-
-
 def _check_serves(host: str, img: StoredImage) -> None:
     r = request(host, "GET", f"/v2/ipfs/{img.root_cid}/manifests/latest",
                 {"Accept": MANIFEST_ACCEPT})
@@ -78,7 +68,7 @@ def test_serve_embedded_with_flags(tmp_path: Path, sample_image: SampleImage) ->
     from peerstar.ipfs import EmbeddedStore
 
     root = tmp_path / "store"
-    img = _push(lambda: EmbeddedStore(root), sample_image.path)
+    img = push_layout(lambda: EmbeddedStore(root), sample_image.path)
     port, mport = free_port(), free_port()
     with serve(["--root", str(root), "--listen", f"127.0.0.1:{port}", "--metrics-listen",
                 f"127.0.0.1:{mport}", "--read-timeout", "5s", "--read-retry-num", "1"],
@@ -101,7 +91,7 @@ def test_serve_daemon_from_environment(jsipfs_daemon: JsIpfs,
                                        sample_image: SampleImage) -> None:
     from peerstar.ipfs import open_store
 
-    img = _push(lambda: open_store(jsipfs_daemon.api_multiaddr), sample_image.path)
+    img = push_layout(lambda: open_store(jsipfs_daemon.api_multiaddr), sample_image.path)
     port = free_port()
     env = _clean_env(PEERSTAR_IPFS_ADDRESS=jsipfs_daemon.api_multiaddr,
                      PEERSTAR_REGISTRY_LISTEN=f"127.0.0.1:{port}",
@@ -133,15 +123,7 @@ def test_non_loopback_allowed_with_explicit_listen(tmp_path: Path) -> None:
     port = free_port()
     with serve(["--root", str(tmp_path), "--listen", f"0.0.0.0:{port}", "--no-access-log"],
                _clean_env()):
-        deadline = time.monotonic() + 5
-        while True:
-            try:
-                assert request(f"127.0.0.1:{port}", "GET", "/v2/").status == 200
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+        assert wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/v2/"), 5, 0.1)
 
 
 def test_parsers() -> None:

@@ -16,8 +16,8 @@ import pytest
 from peerstar.estargz import Reader
 from peerstar.source.sample import SAMPLE_TEXT, SAMPLE_TEXT_PATH, SampleImage
 from tests.registry.harness import ThreadedRegistry
-from tests.registry.ipfsimage import StoredImage, convert_layout_estargz, store_layout
 from tests.support.containerd import Containerd, HarnessError, require_binaries
+from tests.support.ipfsimage import StoredImage, convert_layout_estargz, store_layout
 
 pytestmark = pytest.mark.slow
 

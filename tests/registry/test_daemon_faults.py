@@ -6,7 +6,6 @@ paths: splice(2) and the copy through Python."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import http.client
 import os
@@ -21,7 +20,7 @@ from peerstar.registry import ReadPolicy, ServerOptions
 from peerstar.registry.splice import available as splice_available
 from tests.registry.harness import ThreadedRegistry
 from tests.registry.helpers import request
-from tests.registry.ipfsimage import StoredImage, store_blob_image
+from tests.support.ipfsimage import StoredImage, push_blob_image
 from tests.support.jsipfs import JsIpfs, start_jsipfs
 
 pytestmark = pytest.mark.slow
@@ -52,13 +51,7 @@ def _check_path(reg: ThreadedRegistry, zero_copy: bool) -> None:
 
 def _push(daemon: JsIpfs, blob: bytes) -> StoredImage:
     # A generous timeout for the 64 MiB add: the registry's short one is for reads.
-    async def go() -> StoredImage:
-        store = open_store(daemon.api_multiaddr, timeout=120)
-        try:
-            return await store_blob_image(store, blob)
-        finally:
-            await store.close()
-    return asyncio.run(go())
+    return push_blob_image(lambda: open_store(daemon.api_multiaddr, timeout=120), blob)
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,10 @@ from peerstar.registry import check_bind_address
 from peerstar.source.sample import SampleImage
 from tests.registry.harness import ThreadedRegistry
 from tests.registry.helpers import MANIFEST_ACCEPT, parse_multipart, request
-from tests.registry.ipfsimage import StoredImage, store_blob_image, store_layout
 from tests.registry.memstore import Fault, MemoryStore, raw_cid
 from tests.support.content import sha256_digest
+from tests.support.ipfsimage import StoredImage, store_blob_image, store_layout
+from tests.support.waiting import wait_until
 
 BIG = 3 << 20  # a blob spanning many store chunks
 
@@ -36,26 +37,8 @@ def image(mem_registry: ThreadedRegistry, sample_image: SampleImage) -> StoredIm
 def big_blob(mem_registry: ThreadedRegistry) -> tuple[str, str, bytes]:
     """(root cid, digest, bytes) of an image whose single layer is BIG random bytes."""
     data = os.urandom(BIG)
-
-    async def push() -> tuple[str, str]:
-        store: MemoryStore = mem_registry.store
-        cfg = b'{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}'
-        descs = []
-        for blob, mtype in ((cfg, "application/vnd.oci.image.config.v1+json"),
-                            (data, "application/vnd.oci.image.layer.v1.tar+gzip")):
-            cid = await store.add(blob)
-            descs.append({"mediaType": mtype, "digest": sha256_digest(blob), "size": len(blob),
-                          "urls": [f"ipfs://{cid}"]})
-        man = json.dumps({"schemaVersion": 2,
-                          "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                          "config": descs[0], "layers": [descs[1]]}).encode()
-        mcid = await store.add(man)
-        top = {"mediaType": "application/vnd.oci.image.manifest.v1+json",
-               "digest": sha256_digest(man), "size": len(man), "urls": [f"ipfs://{mcid}"]}
-        return await store.add(json.dumps(top).encode()), sha256_digest(data)
-
-    root, digest = mem_registry.run(push())
-    return root, digest, data
+    img = mem_registry.run(store_blob_image(mem_registry.store, data))
+    return img.root_cid, img.layer_digests[0], data
 
 
 def _blob_path(root: str, digest: str) -> str:
@@ -404,15 +387,10 @@ def test_slow_reader_is_dropped(mem_registry: ThreadedRegistry) -> None:
     s.connect(("127.0.0.1", mem_registry.port))
     s.sendall(f"GET {_blob_path(root, digest)} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     metrics_host = mem_registry.metrics_url.split("/", 3)[2]
-    deadline = time.monotonic() + 10  # write_timeout is 3 s in this fixture
-    try:
-        while time.monotonic() < deadline:
-            body = request(metrics_host, "GET", "/metrics").body
-            if b'aborted_responses_total{reason="client_slow"} 1.0' in body:
-                break
-            time.sleep(0.25)
-        else:
-            pytest.fail("a client that reads nothing was never dropped")
+    try:  # write_timeout is 3 s in this fixture
+        assert wait_until(lambda: b'aborted_responses_total{reason="client_slow"} 1.0'
+                          in request(metrics_host, "GET", "/metrics").body, 10, 0.25), \
+            "a client that reads nothing was never dropped"
     finally:
         s.close()
 
@@ -460,13 +438,8 @@ def test_client_hanging_up_stops_the_upstream_read(mem_registry: ThreadedRegistr
     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     s.close()  # RST: the client is gone
     metrics_host = mem_registry.metrics_url.split("/", 3)[2]
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        body = request(metrics_host, "GET", "/metrics").body
-        if b'aborted_responses_total{reason="client_gone"} 1.0' in body:
-            break
-        time.sleep(0.1)
-    else:
-        pytest.fail("the response to a vanished client was never stopped")
+    assert wait_until(lambda: b'aborted_responses_total{reason="client_gone"} 1.0'
+                      in request(metrics_host, "GET", "/metrics").body, 10, 0.1), \
+        "the response to a vanished client was never stopped"
     # far less than the blob was read from the store
     assert mem_registry.store.bytes_read < 16 << 20

@@ -20,9 +20,10 @@ import pytest
 
 from peerstar.source.sample import SampleImage  # noqa: F401 - conftest fixture types
 from tests.registry.helpers import parse_multipart, upstream_reads
-from tests.registry.ipfsimage import StoredImage, store_blob_image
 from tests.registry.test_cli import _clean_env, serve
-from tests.support.jsipfs import JsIpfs, free_port
+from tests.support.ipfsimage import StoredImage, push_blob_image
+from tests.support.jsipfs import JsIpfs
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -37,16 +38,6 @@ def layer_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
     path = tmp_path_factory.mktemp("load") / "layer.bin"
     path.write_bytes(data)
     return path, data
-
-
-def _push(factory, path: Path) -> StoredImage:
-    async def go() -> StoredImage:
-        store = factory()
-        try:
-            return await store_blob_image(store, path)
-        finally:
-            await store.close()
-    return asyncio.run(go())
 
 
 async def _hammer(url: str, data: bytes, deadline: float) -> dict[str, int]:
@@ -109,10 +100,10 @@ def _pushed_on(backend: str, request: pytest.FixtureRequest, tmp_path: Path, pat
 
     if backend == "jsipfs":
         daemon: JsIpfs = request.getfixturevalue("jsipfs_daemon")
-        img = _push(lambda: open_store(daemon.api_multiaddr, timeout=120), path)
+        img = push_blob_image(lambda: open_store(daemon.api_multiaddr, timeout=120), path)
         return img, ["--ipfs-address", daemon.api_multiaddr]
     root = tmp_path / "store"
-    return _push(lambda: EmbeddedStore(root), path), ["--root", str(root)]
+    return push_blob_image(lambda: EmbeddedStore(root), path), ["--root", str(root)]
 
 
 @pytest.mark.parametrize("backend", ["jsipfs", "embedded"])

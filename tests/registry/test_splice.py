@@ -31,8 +31,10 @@ from peerstar.registry.splice import (
 )
 from tests.registry.harness import ThreadedRegistry
 from tests.registry.helpers import parse_multipart, request
-from tests.registry.ipfsimage import StoredImage, store_blob_image
+from tests.support.ipfsimage import StoredImage, push_blob_image
 from tests.support.jsipfs import JsIpfs
+from tests.support.ports import free_port
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.skipif(not available(), reason="splice(2) is Linux-only")
 
@@ -369,9 +371,7 @@ def test_chunk_data_without_its_crlf_is_bad_framing() -> None:
 
 
 def test_daemon_down_is_an_error_not_a_hang() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens there
 
     async def go() -> None:
         sc = SpliceCat(f"http://127.0.0.1:{port}")
@@ -399,13 +399,7 @@ def blob() -> bytes:
 
 @pytest.fixture(scope="module")
 def stored(jsipfs_daemon: JsIpfs, blob: bytes) -> StoredImage:
-    async def go() -> StoredImage:
-        store = open_store(jsipfs_daemon.api_multiaddr, timeout=120)
-        try:
-            return await store_blob_image(store, blob)
-        finally:
-            await store.close()
-    return asyncio.run(go())
+    return push_blob_image(lambda: open_store(jsipfs_daemon.api_multiaddr, timeout=120), blob)
 
 
 def _registry(daemon: JsIpfs, **options: object) -> ThreadedRegistry:
@@ -510,13 +504,10 @@ def test_spliced_client_hanging_up_is_an_abort_and_serving_goes_on(
     assert s.recv(4096).startswith(b"HTTP/1.1 200")
     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     s.close()  # RST with most of the 8 MiB unsent
-    deadline = time.monotonic() + 10
-    while True:
-        metrics = request(spliced.metrics_url.split("/", 3)[2], "GET", "/metrics").body
-        if b'aborted_responses_total{reason="client_gone"} 1.0' in metrics:
-            break
-        assert time.monotonic() < deadline, "the aborted relay was not noticed"
-        time.sleep(0.1)
+    metrics_host = spliced.metrics_url.split("/", 3)[2]
+    assert wait_until(lambda: b'aborted_responses_total{reason="client_gone"} 1.0'
+                      in request(metrics_host, "GET", "/metrics").body, 10, 0.1), \
+        "the aborted relay was not noticed"
     r = request(spliced.host, "GET", _path(stored), {"Range": "bytes=5-100004"})
     assert r.status == 206 and r.body == blob[5:100005]
 

@@ -25,7 +25,7 @@ from peerstar.registry.subdag import INTERIOR, LEAF, LOAD_SPAN, ROOT, SubDagLoca
 from tests.registry.conftest import open_backend
 from tests.registry.harness import ThreadedRegistry
 from tests.registry.helpers import parse_multipart, upstream_reads
-from tests.registry.ipfsimage import store_blob_image
+from tests.support.ipfsimage import store_blob_image
 
 
 @functools.cache

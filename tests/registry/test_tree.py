@@ -13,9 +13,9 @@ from peerstar.ipfsimage.format import IPFSImageError, parse_image_cid
 from peerstar.oci.errors import OCIError
 from peerstar.registry.tree import TreeCache, walk_tree
 from peerstar.source.sample import SampleImage
-from tests.registry.ipfsimage import store_layout
 from tests.registry.memstore import MemoryStore, raw_cid
 from tests.support.content import sha256_digest
+from tests.support.ipfsimage import store_layout
 
 
 def _reader(store: MemoryStore):

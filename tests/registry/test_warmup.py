@@ -43,6 +43,7 @@ from tests.registry.harness import ThreadedRegistry
 from tests.registry.helpers import MANIFEST_ACCEPT, request
 from tests.support.content import compact_json, sha256_digest
 from tests.support.tars import tar_of_files
+from tests.support.waiting import wait_until
 
 
 def _files(seed: int, sizes: list[int]) -> list[tuple[str, bytes]]:
@@ -245,9 +246,7 @@ def test_manifest_is_answered_while_the_warm_up_hangs_and_in_flight_stays_bounde
     assert r.status == 200 and r.headers["docker-content-digest"] == manifest
     assert time.monotonic() - started < 25  # it came back (it would hang forever)
     warm = reg.server.warmup  # type: ignore[union-attr]
-    deadline = time.monotonic() + 30
-    while store.in_flight < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: store.in_flight >= 2, 30, 0.01)
     assert store.in_flight == 2  # held in the store: the bound is reached...
     time.sleep(0.3)
     assert store.max_in_flight == 2 and warm.in_flight == 2  # ...and not passed

@@ -1,7 +1,7 @@
-"""Fixtures for snapshotter tests: `peerstar snapshotter serve` as a real process
-(`tests.support.snapshotter`, re-exported here for the tests that import it from this
-module), a private containerd whose proxy plugin `peerstar` points at it, and a registry
-bridge over an embedded store.
+"""Fixtures for snapshotter tests: `peerstar snapshotter serve` as a real process and a
+private containerd whose proxy plugin `peerstar` points at it (`tests.support.snapshotter`,
+re-exported here for the tests that import it from this module), and a registry bridge
+over an embedded store.
 """
 
 from __future__ import annotations
@@ -19,45 +19,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.containerd import Containerd, CriOptions, HarnessError, start_containerd
 from tests.support.snapshotter import (  # noqa: F401 - re-exported for the tests
     REPO,
     SnapshotterProc,
+    Stack,
     mounts_under,
+    running_stack,
     start_snapshotter,
     stop_snapshotter,
 )
-
-
-@dataclass
-class Stack:
-    snapshotter: SnapshotterProc
-    containerd: Containerd
-
-
-@contextmanager
-def running_stack(config_text: str, cri: CriOptions | None = None) -> Iterator[Stack]:
-    """The snapshotter (with `config_text` as its TOML) and a containerd using it as
-    proxy plugin `peerstar` (with its CRI plugin configured by `cri`, if given); both
-    stopped and cleaned up afterwards."""
-    if os.geteuid() != 0:
-        pytest.fail("snapshotter tests must run as root (overlay and FUSE mounts)",
-                    pytrace=False)
-    try:
-        snap = start_snapshotter(config_text)
-    except HarnessError as exc:
-        pytest.fail(f"cannot start the snapshotter: {exc}", pytrace=False)
-    try:
-        daemon = start_containerd(proxy_plugins={"peerstar": str(snap.address)}, cri=cri)
-    except HarnessError as exc:
-        stop_snapshotter(snap)
-        pytest.fail(f"cannot start containerd{' with CRI' if cri else ''}: {exc}",
-                    pytrace=False)
-    try:
-        yield Stack(snap, daemon)
-    finally:
-        daemon.stop()
-        stop_snapshotter(snap)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +60,7 @@ def ipfs_bridge(work: Path, extra_mib: int) -> Iterator[Bridge]:
     data) pushed with `peerstar push --estargz` into an embedded store under `work`, and
     `peerstar registry serve` over it on a free loopback port, stopped on exit."""
     from peerstar.source.sample import build_sample_image
-    from tests.support.registry import free_port
+    from tests.support.ports import free_port
 
     image = build_sample_image(work / "layout", extra_mib=extra_mib)
     store = work / "store"

@@ -14,7 +14,7 @@ import grpc
 from peerstar.snapshotter._proto import snapshots_pb2 as pb
 from peerstar.snapshotter._proto import snapshots_pb2_grpc
 from tests.snapshotter.conftest import REPO, start_snapshotter, stop_snapshotter
-from tests.support.registry import free_port
+from tests.support.ports import free_port
 
 
 def test_flags_win_over_file_and_metrics_served() -> None:

@@ -55,6 +55,7 @@ from tests.support.containerd import (
 from tests.support.cri import protogen
 from tests.support.cri.client import CriImages, api_pb2
 from tests.support.registry import DockerRegistry
+from tests.support.waiting import wait_until
 
 REMOTE_LABEL = "containerd.io/snapshot/remote"
 CRI_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
@@ -227,10 +228,8 @@ def test_cri_status_of_missing_image_and_remove_unmounts(
     cri.images.remove(img.ref)  # idempotent
     # containerd's garbage collector removes the image's snapshots from the backend;
     # removing a remote snapshot ends its lazy mount.
-    deadline = time.monotonic() + 30
-    while set(remote_by_layer(cri)) & {la.digest for la in img.layers}:
-        assert time.monotonic() < deadline, (backend_infos(cri), cri.snapshotter.log()[-3000:])
-        time.sleep(0.2)
+    assert wait_until(lambda: not set(remote_by_layer(cri)) & {la.digest for la in img.layers},
+                      30, 0.2), (backend_infos(cri), cri.snapshotter.log()[-3000:])
     fuse_after = set(mounts_under(cri.snapshotter.root))
     assert len(fuse_before - fuse_after) == 2 and not fuse_after - fuse_before
 
@@ -264,10 +263,8 @@ def test_layers_rpulled_in_another_namespace_serve_the_cri_pull(
                                      "rpulled", "cat", SAMPLE_TEXT_PATH)
         assert out == SAMPLE_TEXT.decode()
         st.containerd.ctr.run("images", "rm", "--sync", img.ref)
-        deadline = time.monotonic() + 30
-        while backend_infos(st) or mounts_under(st.snapshotter.root):
-            assert time.monotonic() < deadline, st.snapshotter.log()[-3000:]
-            time.sleep(0.2)
+        assert wait_until(lambda: not backend_infos(st) and not mounts_under(st.snapshotter.root),
+                          30, 0.2), st.snapshotter.log()[-3000:]
 
 
 @pytest.mark.slow

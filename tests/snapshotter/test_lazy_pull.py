@@ -41,7 +41,9 @@ from tests.snapshotter.conftest import (
 from tests.support import registry
 from tests.support.containerd import Ctr
 from tests.support.content import sha256_digest
-from tests.support.registry import DockerRegistry, free_port, start_registry
+from tests.support.ports import free_port
+from tests.support.registry import DockerRegistry, start_registry
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -269,10 +271,9 @@ def test_remote_layer_remounted_after_its_daemon_died(
     for point in mounts_under(snap.root):  # the daemons exit on umount
         assert subprocess.run(["umount", "-l", point]).returncode == 0
     assert mounts_under(snap.root) == []
-    deadline = time.monotonic() + 20  # like a reboot: the old daemons are gone for good
-    while any(Path(f"/proc/{pid}").exists() for pid in daemons):
-        assert time.monotonic() < deadline, "mount daemons did not exit after umount"
-        time.sleep(0.05)
+    # like a reboot: the old daemons are gone for good
+    assert wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in daemons), 20), \
+        "mount daemons did not exit after umount"
     snap.start()
     assert len(mounts_under(snap.root)) == 2
     assert snap.log().count("'remounted'") >= 2
@@ -337,24 +338,6 @@ def test_cri_labels_mount_remotely_and_remove_unmounts(
         stop_snapshotter(proc)
 
 
-def _restart_same_port(reg: DockerRegistry, timeout: float = 30.0) -> None:
-    """Start `reg` again on its port (its config file holds it) after `_terminate()`."""
-    with open(reg.log_path, "ab") as log:
-        reg.process = subprocess.Popen(
-            ["docker-registry", "serve", str(reg.base / "config.yml")],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if reg.request("GET", "/v2/", timeout=2).status == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"registry did not come back: {reg.log_tail()}")
-
-
 def test_registry_outage_after_prefetch() -> None:
     """Registry gone after the pull: prefetched and already-read files still read,
     others fail with EIO; once the registry is back they read correctly."""
@@ -377,13 +360,13 @@ def test_registry_outage_after_prefetch() -> None:
             # Read all of busybox once, so every later command runs from the cache.
             assert run("warm", "sha256sum", "/bin/busybox").returncode == 0
             st.snapshotter.wait_prefetched()
-            reg._terminate()
+            reg.take_down()
             ok = run("cached", "cat", SAMPLE_TEXT_PATH)
             assert (ok.returncode, ok.stdout) == (0, SAMPLE_TEXT), ok.stderr
             bad = run("uncached", "cat", far)
             assert bad.returncode != 0 and bad.stdout == b""
             assert bad.stderr == b"cat: read error: Input/output error\n"
-            _restart_same_port(reg)
+            reg.bring_back()
             back = run("back", "sha256sum", far)
             assert back.returncode == 0, back.stderr
             assert back.stdout.split()[0].decode() == hashlib.sha256(expected).hexdigest()
@@ -399,14 +382,9 @@ def test_crashed_mount_daemon_is_replaced_for_new_containers(
     ctr.remote("image", "rpull", "--plain-http", "--snapshotter", "peerstar", ref)
     victim = next(s for s in snap.mount_states() if s["digest"] == layers[1].digest)
     os.kill(victim["pid"], signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while True:  # the FUSE mount is dead once its server is gone
-        try:
-            os.stat(victim["mountpoint"])
-        except OSError:
-            break
-        assert time.monotonic() < deadline, "mount still answers after its daemon died"
-        time.sleep(0.05)
+    # the FUSE mount is dead (stat fails) once its server is gone
+    assert wait_until(lambda: not os.path.exists(victim["mountpoint"])), \
+        "mount still answers after its daemon died"
     out = ctr.text("run", "--snapshotter", "peerstar", "--rm", ref, "after-crash", "cat",
                    SAMPLE_TEXT_PATH)
     assert out == SAMPLE_TEXT.decode()

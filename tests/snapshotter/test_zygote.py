@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,21 +17,13 @@ from peerstar.snapshotter.remote import LayerMounter, RemoteLayer
 from tests.lazyfs.blobserver import BlobServer
 from tests.lazyfs.conftest import PRIORITY, Layer, is_mounted, make_layer, rich_tar
 from tests.snapshotter.conftest import start_snapshotter, stop_snapshotter
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
 
 def _cmdline(pid: int) -> bytes:
     return Path(f"/proc/{pid}/cmdline").read_bytes()
-
-
-def _wait(cond, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return bool(cond())
 
 
 @pytest.fixture(scope="module")
@@ -129,9 +120,9 @@ def test_snapshotter_starts_a_zygote_that_dies_with_it() -> None:
                           if b"peerstar.lazyfs.zygote" in _cmdline(p)]
             return bool(zygotes)
 
-        assert _wait(found)
+        assert wait_until(found)
         os.kill(spid, signal.SIGKILL)
         snap.process.wait(10)
-        assert _wait(lambda: not _pid_alive(zygotes[0]))
+        assert wait_until(lambda: not _pid_alive(zygotes[0]))
     finally:
         stop_snapshotter(snap)

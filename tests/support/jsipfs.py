@@ -1,8 +1,9 @@
 """A real IPFS daemon for tests: js-ipfs 0.66.1 (kubo's HTTP RPC), see REFERENCE.md section 4.
 
 Owns: initialising a js-ipfs repo in a temporary directory, configuring it for an isolated
-test (Swarm/API/Gateway/RPC on 127.0.0.1 with free ports, no bootstrap peers, no MDNS,
-no delegates, routing "none", optional swarm.key for a private network), starting it with
+test (Swarm/API/Gateway/RPC on 127.0.0.1 with free ports, no bootstrap peers unless
+given, no MDNS, no delegates, routing "none", optional swarm.key for a private network),
+starting it with
 `tests/support/jsipfs/start.mjs` (the stock `jsipfs daemon` ignores swarm.key), waiting
 until `POST /api/v0/id` answers, `swarm/connect` between daemons, and stopping it.
 
@@ -20,7 +21,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,19 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.containerd import HarnessError
+from tests.support.ports import free_port
 
 JSIPFS_DIR = Path(__file__).resolve().parent / "jsipfs"
 START_SCRIPT = JSIPFS_DIR / "start.mjs"
 JSIPFS_BIN = JSIPFS_DIR / "node_modules" / ".bin" / "jsipfs"
 INSTALL_HINT = f"npm install --prefix {JSIPFS_DIR} --no-audit --no-fund (scripts/install.sh)"
 READY_MARK = "PEERSTAR-JSIPFS-READY"
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (the daemon binds it a moment later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def generate_swarm_key() -> bytes:
@@ -74,6 +68,7 @@ class JsIpfs:
     swarm_host: str = "127.0.0.1"
     prefix: list[str] = field(default_factory=list)
     swarm_key: bytes | None = None
+    bootstrap: list[str] = field(default_factory=list)  # multiaddrs; none: dial nobody
     owns_repo: bool = True
     proc: subprocess.Popen[bytes] | None = None
     peer_id: str = ""
@@ -114,7 +109,7 @@ class JsIpfs:
             Announce=[],
             NoAnnounce=[],
         )
-        cfg["Bootstrap"] = []
+        cfg["Bootstrap"] = list(self.bootstrap)
         cfg.setdefault("Discovery", {}).setdefault("MDNS", {})["Enabled"] = False
         cfg["Discovery"].setdefault("webRTCStar", {})["Enabled"] = False
         cfg["Routing"] = {"Type": "none"}
@@ -254,13 +249,15 @@ def start_jsipfs(
     prefix: Sequence[str] = (),
     swarm_host: str = "127.0.0.1",
     ports: tuple[int, int, int, int] | None = None,
+    bootstrap: Sequence[str] = (),
     repo: Path | None = None,
     timeout: float = 90.0,
 ) -> JsIpfs:
     """Init and start a js-ipfs daemon in a fresh temporary repo; HarnessError on failure.
 
     `ports` = (api, swarm, gateway, rpc); by default free ports on the host's 127.0.0.1
-    (inside a namespace pass them, e.g. (5001, 4001, 8080, 5003)).
+    (inside a namespace pass them, e.g. (5001, 4001, 8080, 5003)). `bootstrap`: the
+    multiaddrs of the peers it dials at start.
     """
     owns = repo is None
     repo = Path(tempfile.mkdtemp(prefix="peerstar-jsipfs-")) if repo is None else repo
@@ -269,7 +266,7 @@ def start_jsipfs(
     daemon = JsIpfs(
         repo=repo, api_port=ports[0], swarm_port=ports[1], gateway_port=ports[2],
         rpc_port=ports[3], swarm_host=swarm_host, prefix=list(prefix), swarm_key=swarm_key,
-        owns_repo=owns,
+        bootstrap=list(bootstrap), owns_repo=owns,
     )
     try:
         daemon.init()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import json
 import shutil
-import socket
 import ssl
 import subprocess
 import tempfile
@@ -34,6 +33,8 @@ from peerstar.oci.platform import host_platform
 from tests.support.containerd import HarnessError, require_binaries
 from tests.support.content import sha256_digest
 from tests.support.netns import HostLinkedNode
+from tests.support.ports import free_port
+from tests.support.waiting import http_ok, wait_until
 
 MANIFEST_ACCEPT = ", ".join([
     "application/vnd.oci.image.index.v1+json",
@@ -41,13 +42,6 @@ MANIFEST_ACCEPT = ", ".join([
     "application/vnd.docker.distribution.manifest.list.v2+json",
     "application/vnd.docker.distribution.manifest.v2+json",
 ])
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (start-up retries on a race)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _config(root: Path, port: int) -> str:
@@ -121,32 +115,47 @@ class DockerRegistry(_RegistryLog):
         return self.request("GET", f"/v2/{repository}/manifests/{reference}",
                             {"Accept": MANIFEST_ACCEPT})
 
+    def _launch(self) -> subprocess.Popen[bytes]:
+        """Run the registry on the config under `base` (its port is in there)."""
+        binary = require_binaries("docker-registry")["docker-registry"]
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [binary, "serve", str(self.base / "config.yml")], stdin=subprocess.DEVNULL,
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return self.process
+
     def start(self, timeout: float = 30.0, attempts: int = 3) -> DockerRegistry:
         """Start on a free port and wait until `/v2/` answers 200."""
-        binary = require_binaries("docker-registry")["docker-registry"]
         storage = self.base / "storage"
         storage.mkdir(parents=True, exist_ok=True)
         for _attempt in range(attempts):
             self.port = free_port()
-            config = self.base / "config.yml"
-            config.write_text(_config(storage, self.port))
-            with open(self.log_path, "ab") as log:
-                self.process = subprocess.Popen(
-                    [binary, "serve", str(config)], stdin=subprocess.DEVNULL, stdout=log,
-                    stderr=subprocess.STDOUT, start_new_session=True)
+            (self.base / "config.yml").write_text(_config(storage, self.port))
+            process = self._launch()
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
-                if self.process.poll() is not None:
+                if process.poll() is not None:
                     break  # most likely lost the port race: try another port
-                try:
-                    if self.request("GET", "/v2/", timeout=2).status == 200:
-                        return self
-                except OSError:
-                    pass
+                if http_ok(self.url + "/v2/"):
+                    return self
                 time.sleep(0.05)
             self._terminate()
         raise HarnessError(f"docker-registry did not answer GET /v2/ after {attempts} "
                            f"attempts; log:\n{self.log_tail()}")
+
+    def take_down(self) -> None:
+        """An outage: stop the registry process, keeping its port and storage for
+        `bring_back`."""
+        self._terminate()
+
+    def bring_back(self, timeout: float = 30.0) -> DockerRegistry:
+        """Start the registry again after `take_down`, on the same port with the same
+        storage, and wait until `/v2/` answers 200."""
+        self._launch()
+        if not wait_until(lambda: http_ok(self.url + "/v2/"), timeout):
+            raise HarnessError(f"docker-registry did not come back on port {self.port}; "
+                               f"log:\n{self.log_tail()}")
+        return self
 
     def _terminate(self) -> None:
         proc = self.process

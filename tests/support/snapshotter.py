@@ -7,6 +7,9 @@ command prefix -- `netns_prefix(node)` enters only a node's network namespace
 containerd and runc see -- and stopping it: stopping unmounts any lazy layers left under
 its root, since their mount daemons run in their own sessions on purpose (restart
 safety) and nothing else would end them.
+
+Also `running_stack`: the snapshotter plus a private containerd using it as proxy plugin
+`peerstar`, the pair every end-to-end test runs images on.
 """
 
 from __future__ import annotations
@@ -19,10 +22,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.support.containerd import HarnessError
+import pytest
+
+from tests.support.containerd import Containerd, CriOptions, HarnessError, start_containerd
 from tests.support.netns import Node
 
 REPO = Path(__file__).resolve().parents[2]
@@ -140,9 +147,11 @@ class SnapshotterProc:
             time.sleep(0.05)
 
 
-def start_snapshotter(config_text: str = "") -> SnapshotterProc:
+def start_snapshotter(config_text: str = "", prefix: Sequence[str] = ()) -> SnapshotterProc:
+    """The snapshotter with `config_text` as its TOML, in a new short /tmp dir, run behind
+    `prefix` (e.g. `netns_prefix(node)`; empty: on the host)."""
     base = Path(tempfile.mkdtemp(prefix="pss-", dir="/tmp"))
-    return SnapshotterProc(base, config_text).start()
+    return SnapshotterProc(base, config_text, prefix=list(prefix)).start()
 
 
 def stop_snapshotter(proc: SnapshotterProc) -> None:
@@ -157,12 +166,37 @@ def netns_prefix(node: Node) -> list[str]:
     return ["nsenter", f"--net=/run/netns/{node.netns}"]
 
 
-class NodeSnapshotter(SnapshotterProc):
-    """`peerstar snapshotter serve` inside a node's network namespace (set `node`)."""
+@dataclass
+class Stack:
+    snapshotter: SnapshotterProc
+    containerd: Containerd
 
-    node: Node | None = None
 
-    def start(self, timeout: float = 30.0) -> SnapshotterProc:
-        assert self.node is not None
-        self.prefix = netns_prefix(self.node)
-        return super().start(timeout)
+@contextmanager
+def running_stack(config_text: str, cri: CriOptions | None = None, *,
+                  prefix: Sequence[str] = (), namespace: str | None = None
+                  ) -> Iterator[Stack]:
+    """The snapshotter (with `config_text` as its TOML, behind `prefix`) and a containerd
+    on the host using it as proxy plugin `peerstar` (in containerd namespace `namespace`,
+    with its CRI plugin configured by `cri`, if given); both stopped and cleaned up
+    afterwards, containerd first (its containers use the snapshotter's mounts). A part
+    that cannot start fails the test with the reason, no traceback."""
+    if os.geteuid() != 0:
+        pytest.fail("snapshotter tests must run as root (overlay and FUSE mounts)",
+                    pytrace=False)
+    try:
+        snap = start_snapshotter(config_text, prefix)
+    except HarnessError as exc:
+        pytest.fail(f"cannot start the snapshotter: {exc}", pytrace=False)
+    try:
+        daemon = start_containerd(namespace=namespace, cri=cri,
+                                  proxy_plugins={"peerstar": str(snap.address)})
+    except HarnessError as exc:
+        stop_snapshotter(snap)
+        pytest.fail(f"cannot start containerd{' with CRI' if cri else ''}: {exc}",
+                    pytrace=False)
+    try:
+        yield Stack(snap, daemon)
+    finally:
+        daemon.stop()
+        stop_snapshotter(snap)

@@ -1,5 +1,7 @@
 """Store an OCI image layout into a content store in nerdctl's on-IPFS format (test helper;
 `peerstar push` is written elsewhere), and convert the sample image to eStargz.
+`push_layout` / `push_blob_image` do the storing from outside an event loop, on a store
+of their own (a daemon's or an embedded one) that they close after.
 
 nerdctl's format (REFERENCE.md section 3): every blob added with CIDv1; each descriptor
 gets `urls: ["ipfs://<cid>"]`; manifests and index are rewritten bottom-up with those
@@ -9,10 +11,12 @@ is the image's CID.
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import hashlib
 import io
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,3 +168,24 @@ async def store_blob_image(store: Any, layer: bytes | Path) -> StoredImage:
     img.top_digest = top["digest"]
     img.root_cid = await store.add(compact_json(top))
     return img
+
+
+def _on_store(store_factory: Callable[[], Any],
+              use: Callable[[Any], Awaitable[StoredImage]]) -> StoredImage:
+    async def go() -> StoredImage:
+        store = store_factory()
+        try:
+            return await use(store)
+        finally:
+            await store.close()
+    return asyncio.run(go())
+
+
+def push_layout(store_factory: Callable[[], Any], layout: Path) -> StoredImage:
+    """`store_layout` of `layout` on a new store from `store_factory`."""
+    return _on_store(store_factory, lambda store: store_layout(store, layout))
+
+
+def push_blob_image(store_factory: Callable[[], Any], layer: bytes | Path) -> StoredImage:
+    """`store_blob_image` of `layer` on a new store from `store_factory`."""
+    return _on_store(store_factory, lambda store: store_blob_image(store, layer))

@@ -1,0 +1,30 @@
+"""Waiting in tests for something another process or thread does: `wait_until` polls a
+condition until it holds or a timeout passes, and says which; the caller asserts on it,
+with the message that explains a failure. `http_ok` is the condition "this server is up"."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from collections.abc import Callable
+
+
+def wait_until(cond: Callable[[], object], timeout: float = 10.0,
+               interval: float = 0.05) -> bool:
+    """Poll `cond` every `interval` seconds until it is true or `timeout` seconds have
+    passed; whether it became true (it is asked once more at the deadline)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(interval)
+    return bool(cond())
+
+
+def http_ok(url: str, timeout: float = 2.0) -> bool:
+    """Whether GET `url` answers 200 right now (no connection, or another status: no)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
