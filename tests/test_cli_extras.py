@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.cli import assert_one_line_error
+
 REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
@@ -36,10 +38,7 @@ def test_commands_name_the_missing_extra(bare_venv: Path, argv: list[str], extra
     proc = subprocess.run([str(bare_venv / "bin" / "peerstar"), *argv], capture_output=True,
                           text=True, timeout=120, cwd="/")
     assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert lines[0].startswith("peerstar: error:")
-    assert f"pip install 'peerstar[{extra}]'" in lines[0]
+    assert_one_line_error(proc, f"pip install 'peerstar[{extra}]'")
 
 
 def test_commands_without_extras_work(bare_venv: Path, tmp_path: Path) -> None:

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 from peerstar.estargz import TOC_DIGEST_ANNOTATION, Reader
+from tests.support.cli import assert_one_line_error, run_peerstar
 
 
 def test_demo_runs_and_leaves_a_verified_estargz_image(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "peerstar", "demo", "--workdir", str(tmp_path),
-                        "--extra-mib", "2"], capture_output=True, text=True, timeout=300)
+    p = run_peerstar("demo", "--workdir", str(tmp_path), "--extra-mib", "2")
     assert p.returncode == 0, p.stderr
     assert "hello from the peerstar sample image" in p.stdout
     assert p.stdout.count(" ok ") >= 2
@@ -35,8 +33,7 @@ def test_demo_runs_and_leaves_a_verified_estargz_image(tmp_path):
 def test_demo_refuses_a_workdir_that_is_not_a_layout(tmp_path):
     (tmp_path / "sample").mkdir()
     (tmp_path / "sample" / "precious.txt").write_text("keep me")
-    p = subprocess.run([sys.executable, "-m", "peerstar", "demo", "--workdir", str(tmp_path)],
-                       capture_output=True, text=True, timeout=120)
+    p = run_peerstar("demo", "--workdir", str(tmp_path), timeout=120)
     assert p.returncode == 1
-    assert p.stderr.startswith("peerstar: error:") and "Traceback" not in p.stderr
+    assert_one_line_error(p)
     assert (tmp_path / "sample" / "precious.txt").read_text() == "keep me"

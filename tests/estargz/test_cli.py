@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
 
 import pytest
 
 from peerstar.estargz import Reader, build
+from tests.support.cli import assert_one_line_error, run_peerstar
 from tests.support.tars import tar_all_kinds
-
-
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "peerstar", *args], capture_output=True,
-                          text=False, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -29,16 +23,18 @@ def blob(tmp_path_factory):
 
 def test_verify_ls_cat(blob):
     p, res = blob
-    v = run("estargz", "verify", str(p), "--toc-digest", res.toc_digest, "--diff-id", res.diff_id)
+    v = run_peerstar("estargz", "verify", str(p), "--toc-digest", res.toc_digest, "--diff-id",
+                     res.diff_id, text=False)
     assert v.returncode == 0, v.stderr
     assert b"OK" in v.stdout and res.toc_digest.encode() in v.stdout
-    ls = run("estargz", "ls", str(p), "--json")
+    ls = run_peerstar("estargz", "ls", str(p), "--json", text=False)
     rows = [json.loads(line) for line in ls.stdout.splitlines()]
     big = next(r for r in rows if r["path"] == "bin/big-odd")
     assert big["size"] == 3 * 65536 + 12345 and big["chunks"][1] == [65536, 65536]
-    cat = run("estargz", "cat", str(p), "etc/hostname")
+    cat = run_peerstar("estargz", "cat", str(p), "etc/hostname", text=False)
     assert cat.stdout == b"peerstar\n"
-    part = run("estargz", "cat", str(p), "bin/big-odd", "--offset", "65530", "--length", "10")
+    part = run_peerstar("estargz", "cat", str(p), "bin/big-odd", "--offset", "65530", "--length",
+                        "10", text=False)
     assert part.stdout == Reader.from_bytes(p.read_bytes()).read("bin/big-odd", 65530, 10)
 
 
@@ -66,8 +62,6 @@ def test_errors_are_one_line(blob, tmp_path, case):
         args = ["estargz", "cat", str(p), "etc/nothing"]
     elif case == "wrong-diffid":
         args += ["--diff-id", "sha256:" + "1" * 64]
-    r = run(*args)
+    r = run_peerstar(*args, text=False)
     assert r.returncode == 1
-    err = r.stderr.decode()
-    assert err.startswith("peerstar: error: ") and err.count("\n") == 1, err
-    assert "Traceback" not in err
+    assert_one_line_error(r)

@@ -1,7 +1,7 @@
-"""Fixtures for `peerstar push` / `peerstar pull` tests: the CLI run as a subprocess (exit
-codes and stderr as a user sees them), a js-ipfs daemon, the sample image pushed into the
-docker-registry by `ctr image push --plain-http`, and a tiny loopback registry whose
-answers (auth challenges, errors) the tests choose.
+"""Fixtures for `peerstar push` / `peerstar pull` tests, which run the CLI as a subprocess
+(`tests.support.cli`: exit codes and stderr as a user sees them): a js-ipfs daemon, the
+sample image pushed into the docker-registry by `ctr image push --plain-http`, and a tiny
+loopback registry whose answers (auth challenges, errors) the tests choose.
 
 No test sees the developer's own IPFS daemon or data: HOME, IPFS_PATH and XDG_DATA_HOME
 point at temporary directories.
@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -28,43 +25,8 @@ from tests.support.containerd import Containerd
 from tests.support.jsipfs import JsIpfs
 from tests.support.registry import DockerRegistry
 
-REPO = Path(__file__).resolve().parents[2]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 NERDCTL = FIXTURES / "nerdctl"
-
-
-@dataclass
-class Result:
-    code: int
-    stdout: str
-    stderr: str
-
-    @property
-    def last_line(self) -> str:
-        lines = self.stdout.strip().splitlines()
-        return lines[-1] if lines else ""
-
-
-def run_peerstar(*args: str | os.PathLike[str], env: dict[str, str] | None = None,
-                 timeout: float = 600, preexec: Callable[[], None] | None = None) -> Result:
-    """`python -m peerstar ARGS` in a subprocess with the test's environment."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "peerstar", *map(str, args)], cwd=REPO, capture_output=True,
-        timeout=timeout, env=env or dict(os.environ), preexec_fn=preexec,
-    )
-    return Result(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
-
-
-def assert_one_line_error(res: Result, *needles: str) -> str:
-    """The command failed with exactly one `peerstar: error:` line and no traceback."""
-    assert res.code != 0, res
-    lines = [x for x in res.stderr.splitlines() if x.strip()]
-    assert len(lines) == 1, res.stderr
-    assert lines[0].startswith("peerstar: error: "), res.stderr
-    assert "Traceback" not in res.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def leftovers(parent: Path) -> list[str]:

@@ -24,10 +24,9 @@ from tests.image.conftest import (
     FakeRegistry,
     RegistryImage,
     add,
-    assert_one_line_error,
     leftovers,
-    run_peerstar,
 )
+from tests.support.cli import assert_one_line_error, last_line, run_peerstar
 from tests.support.content import compact_json, sha256_digest
 from tests.support.jsipfs import JsIpfs
 from tests.support.ports import free_port
@@ -217,12 +216,12 @@ def test_write_failure_while_pulling_leaves_nothing(sample_image: SampleImage,
                                                     tmp_path: Path) -> None:
     store = ["--root", str(tmp_path / "store")]
     res = run_peerstar("push", *store, f"oci:{sample_image.path}")
-    assert res.code == 0, res.stderr
-    cid = res.last_line
+    assert res.returncode == 0, res.stderr
+    cid = last_line(res)
     work = tmp_path / "work"
     work.mkdir()
     out = work / "out"
-    res = run_peerstar("pull", *store, cid, "-o", f"oci:{out}", preexec=_limit_file_size)
+    res = run_peerstar("pull", *store, cid, "-o", f"oci:{out}", preexec_fn=_limit_file_size)
     assert_one_line_error(res, f"{out}: writing", "File too large", "nothing was written")
     assert list(work.iterdir()) == []
 
@@ -246,10 +245,10 @@ def test_disk_full_while_pulling_leaves_nothing(sample_image: SampleImage,
         pytest.skip("a real full disk needs root to mount a small tmpfs")
     store = ["--root", str(tmp_path / "store")]
     res = run_peerstar("push", *store, f"oci:{sample_image.path}")
-    assert res.code == 0, res.stderr
+    assert res.returncode == 0, res.stderr
     with _tmpfs(tmp_path / "small", "512k") as small:
         out = small / "out"
-        res = run_peerstar("pull", *store, res.last_line, "-o", f"oci:{out}")
+        res = run_peerstar("pull", *store, last_line(res), "-o", f"oci:{out}")
         assert_one_line_error(res, "disk full", "nothing was written")
         assert list(small.iterdir()) == []
 

@@ -21,11 +21,10 @@ from tests.image.conftest import (
     FakeRegistry,
     RegistryImage,
     add,
-    assert_one_line_error,
     cat,
     leftovers,
-    run_peerstar,
 )
+from tests.support.cli import assert_one_line_error, last_line, run_peerstar
 from tests.support.containerd import HarnessError, require_binaries
 from tests.support.content import compact_json, sha256_digest
 
@@ -42,8 +41,8 @@ DESCRIPTOR_KEYS = ["mediaType", "digest", "size", "urls", "annotations", "platfo
 
 def _push(store_args: list[str], *args: str | Path) -> str:
     res = run_peerstar("push", *store_args, *args)
-    assert res.code == 0, res.stderr
-    cid = res.last_line
+    assert res.returncode == 0, res.stderr
+    cid = last_line(res)
     assert cid.startswith(("bafk", "bafy")), res.stdout
     return cid
 
@@ -128,8 +127,8 @@ def test_pull_nerdctl_fixture(store_args: list[str], tmp_path: Path) -> None:
     top = json.loads((NERDCTL / "ipfs" / root_cid).read_bytes())
     out = tmp_path / "pulled"
     res = run_peerstar("pull", *store_args, f"ipfs://{root_cid}", "--output", f"oci:{out}")
-    assert res.code == 0, res.stderr
-    assert res.last_line == top["digest"]
+    assert res.returncode == 0, res.stderr
+    assert last_line(res) == top["digest"]
     index = json.loads((out / "index.json").read_bytes())
     [entry] = index["manifests"]
     assert entry == {"mediaType": top["mediaType"], "digest": top["digest"],
@@ -176,7 +175,7 @@ def test_docker_archive_gets_oci_types(tmp_path: Path) -> None:
         [d["digest"] for d in manifest["layers"]]
     out = tmp_path / "out"
     res = run_peerstar("pull", *args, cid, "-o", f"oci:{out}:t1")
-    assert res.code == 0, res.stderr
+    assert res.returncode == 0, res.stderr
 
 
 def test_bearer_token_registry(fake_registry: Any, sample_image: SampleImage,
@@ -265,7 +264,7 @@ def test_skopeo_reads_pulled_layout(sample_image: SampleImage, tmp_path: Path) -
     cid = _push(args, f"oci:{sample_image.path}")
     out = tmp_path / "pulled"
     res = run_peerstar("pull", *args, cid, "--output", f"oci:{out}:v2")
-    assert res.code == 0, res.stderr
+    assert res.returncode == 0, res.stderr
     info = json.loads(subprocess.run([skopeo, "inspect", f"oci:{out}:v2"], check=True,
                                      capture_output=True, timeout=60).stdout)
     assert info["Layers"] == sample_image.layer_digests
@@ -303,7 +302,7 @@ def test_pull_skips_other_platforms_not_in_ipfs(store_args: list[str], tmp_path:
 
     out = tmp_path / "pulled"
     res = run_peerstar("pull", *store_args, push_index(index), "-o", f"oci:{out}")
-    assert res.code == 0, res.stderr
+    assert res.returncode == 0, res.stderr
     assert f"left out: platforms linux/{other['platform']['architecture']}" in res.stderr
     blobs = {p.name for p in (out / "blobs" / "sha256").iterdir()}
     assert entry["digest"].split(":")[1] in blobs

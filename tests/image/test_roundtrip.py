@@ -12,7 +12,8 @@ import pytest
 
 from peerstar.estargz import Reader
 from peerstar.source.sample import SAMPLE_TEXT, SAMPLE_TEXT_PATH, SampleImage
-from tests.image.conftest import RegistryImage, cat, leftovers, run_peerstar
+from tests.image.conftest import RegistryImage, cat, leftovers
+from tests.support.cli import last_line, run_peerstar
 from tests.support.containerd import Containerd
 
 TOC = "containerd.io/snapshot/stargz/toc.digest"
@@ -25,8 +26,8 @@ def test_registry_estargz_push_pull_run(store_args: list[str], registry_image: R
                                         tmp_path: Path) -> None:
     res = run_peerstar("push", *store_args, "--estargz", "--plain-http",
                        f"docker://{registry_image.ref}")
-    assert res.code == 0, res.stderr
-    cid = res.last_line
+    assert res.returncode == 0, res.stderr
+    cid = last_line(res)
     # Converted layers: eStargz with both annotations, in IPFS under their urls.
     top = json.loads(cat(store_args, cid))
     manifest = json.loads(cat(store_args, top["urls"][0][len("ipfs://"):]))
@@ -40,11 +41,11 @@ def test_registry_estargz_push_pull_run(store_args: list[str], registry_image: R
     # Re-pushing converts again and still gives the same CID (deterministic conversion).
     again = run_peerstar("push", *store_args, "--estargz", "--plain-http",
                          f"docker://{registry_image.ref}")
-    assert again.code == 0 and again.last_line == cid
+    assert again.returncode == 0 and last_line(again) == cid
 
     out = tmp_path / "pulled"
     res = run_peerstar("pull", *store_args, f"ipfs://{cid}", "--output", f"oci:{out}")
-    assert res.code == 0, res.stderr
+    assert res.returncode == 0, res.stderr
     assert leftovers(tmp_path) == []
 
     ctr = containerd.ctr

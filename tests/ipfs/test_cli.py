@@ -3,35 +3,23 @@ daemon; bad input gives one line on stderr, a non-zero exit and no traceback."""
 
 from __future__ import annotations
 
-import os
 import random
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from peerstar.ipfs import CHUNK_SIZE, compute_cid
+from tests.support.cli import assert_one_line_error, run_peerstar
 from tests.support.jsipfs import JsIpfs
 from tests.support.ports import free_port
 
-REPO = Path(__file__).resolve().parents[2]
 DATA = random.Random(8).randbytes(2 * CHUNK_SIZE + 333)
 
 
 def peerstar(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    env = dict(os.environ, PYTHONPATH=str(REPO))  # HOME etc. come from the conftest
-    return subprocess.run([sys.executable, "-m", "peerstar", "ipfs", *args], input=stdin,
-                          capture_output=True, env=env, timeout=120)
-
-
-def one_line_error(proc: subprocess.CompletedProcess[bytes], needle: str) -> None:
-    err = proc.stderr.decode()
-    assert proc.returncode != 0
-    assert "Traceback" not in err
-    assert err.count("\n") == 1, err
-    assert err.startswith("peerstar: error: ")
-    assert needle in err, err
+    """`peerstar ipfs ARGS` (HOME etc. come from the conftest)."""
+    return run_peerstar("ipfs", *args, input=stdin, text=False, timeout=120)
 
 
 @pytest.fixture
@@ -87,23 +75,23 @@ def test_add_and_cat_through_the_daemon(jsipfs: JsIpfs, blob: Path) -> None:
 
 
 def test_malformed_cid(tmp_path: Path) -> None:
-    one_line_error(peerstar("cat", "bafy-not-a-cid", "--root", str(tmp_path)),
-                   "not a valid CID")
+    assert_one_line_error(peerstar("cat", "bafy-not-a-cid", "--root", str(tmp_path)),
+                          "not a valid CID")
 
 
 def test_unknown_cid_on_embedded_store(tmp_path: Path) -> None:
     cid = compute_cid(b"nobody added this")
-    one_line_error(peerstar("cat", cid, "--root", str(tmp_path)),
-                   f"{cid} is not in the embedded store at {tmp_path}")
+    assert_one_line_error(peerstar("cat", cid, "--root", str(tmp_path)),
+                          f"{cid} is not in the embedded store at {tmp_path}")
 
 
 def test_daemon_down(blob: Path) -> None:
     addr = f"/ip4/127.0.0.1/tcp/{free_port()}"
     proc = peerstar("add", str(blob), "--ipfs-address", addr, "--retries", "1")
-    one_line_error(proc, f"no IPFS API at {addr}: start the daemon or drop --ipfs-address "
-                         "to use the embedded store")
+    assert_one_line_error(proc, f"no IPFS API at {addr}: start the daemon or drop "
+                                "--ipfs-address to use the embedded store")
     proc = peerstar("cat", compute_cid(b"x"), "--ipfs-address", addr, "--retries", "0")
-    one_line_error(proc, "no IPFS API at")
+    assert_one_line_error(proc, "no IPFS API at")
 
 
 @pytest.mark.parametrize(
@@ -118,11 +106,11 @@ def test_daemon_down(blob: Path) -> None:
     ],
 )
 def test_bad_arguments(args: list[str], needle: str) -> None:
-    one_line_error(peerstar(*args), needle)
+    assert_one_line_error(peerstar(*args), needle)
 
 
 def test_offset_past_end(tmp_path: Path, blob: Path) -> None:
     root = tmp_path / "s"
     cid = peerstar("add", str(blob), "--root", str(root)).stdout.decode().strip()
-    one_line_error(peerstar("cat", cid, "--root", str(root), "--offset", str(len(DATA) + 1)),
-                   "past the end")
+    assert_one_line_error(peerstar("cat", cid, "--root", str(root), "--offset", str(len(DATA) + 1)),
+                          "past the end")

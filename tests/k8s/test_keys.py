@@ -12,13 +12,13 @@ import os
 import re
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from peerstar.k8s import keys
 from peerstar.k8s.keys import Identity, IdentityError, ed25519_public_key
+from tests.support.cli import run_peerstar
 
 KEY_RE = re.compile(r"\A/key/swarm/psk/1\.0\.0/\n/base16/\n[0-9a-f]{64}\n\Z")
 REPO = Path(__file__).resolve().parents[2]
@@ -27,11 +27,6 @@ REPO = Path(__file__).resolve().parents[2]
 KNOWN_PRIVKEY = ("CAESQDE1dQekm3aAfsM/jVo+VXUam1n8QL2jCUX8JccU9z1G6j3PION1RziUfXWfgfUnixRhgE/"
                  "wIRuG3/cbHZS+BSY=")
 KNOWN_PEER_ID = "12D3KooWRakEYespFAzhhMEJ9ZpuvTFmTM4VXCAVyJyUHEjW5u9P"
-
-
-def peerstar(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "peerstar", *args], capture_output=True,
-                          text=True, cwd=cwd or REPO, timeout=60)
 
 
 def test_swarm_key_format_and_parse() -> None:
@@ -70,7 +65,7 @@ def test_swarm_keys_are_random() -> None:
 
 
 def test_cli_swarm_key_prints_a_key() -> None:
-    a, b = peerstar("swarm-key"), peerstar("swarm-key")
+    a, b = run_peerstar("swarm-key"), run_peerstar("swarm-key")
     assert a.returncode == 0 and b.returncode == 0, a.stderr
     assert KEY_RE.match(a.stdout) and KEY_RE.match(b.stdout)
     assert a.stdout != b.stdout
@@ -78,12 +73,12 @@ def test_cli_swarm_key_prints_a_key() -> None:
 
 def test_cli_swarm_key_output_file(tmp_path: Path) -> None:
     out = tmp_path / "swarm.key"
-    r = peerstar("swarm-key", "-o", str(out))
+    r = run_peerstar("swarm-key", "-o", str(out))
     assert r.returncode == 0 and r.stdout == ""
     assert KEY_RE.match(out.read_text())
     assert stat.S_IMODE(out.stat().st_mode) == 0o400
     before = out.read_bytes()
-    r = peerstar("swarm-key", "-o", str(out))
+    r = run_peerstar("swarm-key", "-o", str(out))
     assert r.returncode == 1
     assert "refusing to replace" in r.stderr and "Traceback" not in r.stderr
     assert out.read_bytes() == before

@@ -8,7 +8,6 @@ import json
 import os
 import stat
 import subprocess
-import sys
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,16 +19,12 @@ import yaml
 
 from peerstar.k8s import keys, kubo, manifests
 from peerstar.k8s.manifests import Options, bootstrap_secret, render_manifests
+from tests.support.cli import run_peerstar
 
 REPO = Path(__file__).resolve().parents[2]
 # The oldest Kubernetes still commonly run (kind's defaults are newer) and the newest bundled.
 K8S_VERSIONS = ["1.27.0", kubernetes_validate.utils.latest_version()]
 KUBO_FIXTURE = Path(__file__).with_name("kubo_server_config.json")
-
-
-def peerstar(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "peerstar", *args], capture_output=True,
-                          text=True, cwd=REPO, timeout=60)
 
 
 def all_objects(opts: Options | None = None) -> list[dict[str, Any]]:
@@ -89,8 +84,8 @@ def test_validator_is_live() -> None:
 
 
 def test_cli_output_parses_and_validates() -> None:
-    r = peerstar("k8s", "manifests", "-n", "ps", "--kubo-image", "kubo:x",
-                 "--peerstar-image", "peerstar:y", "--storage-max", "7GB")
+    r = run_peerstar("k8s", "manifests", "-n", "ps", "--kubo-image", "kubo:x",
+                     "--peerstar-image", "peerstar:y", "--storage-max", "7GB")
     assert r.returncode == 0, r.stderr
     docs = list(yaml.safe_load_all(r.stdout))
     assert [d["kind"] for d in docs] == ["Namespace", "RuntimeClass", "Service", "Deployment",
@@ -106,7 +101,7 @@ def test_cli_output_parses_and_validates() -> None:
     assert images == {"kubo:x", "peerstar:y"}
     assert "--storage-max" in r.stdout and "7GB" in r.stdout
 
-    r = peerstar("k8s", "bootstrap", "--namespace", "ps")
+    r = run_peerstar("k8s", "bootstrap", "--namespace", "ps")
     assert r.returncode == 0, r.stderr
     (secret,) = list(yaml.safe_load_all(r.stdout))
     kubernetes_validate.validate(secret, K8S_VERSIONS[-1], strict=True)
@@ -114,7 +109,7 @@ def test_cli_output_parses_and_validates() -> None:
     key = base64.b64decode(secret["data"]["swarm.key"]).decode()
     assert len(keys.parse_swarm_key(key)) == 32
     # A fresh key every time.
-    again = yaml.safe_load(peerstar("k8s", "bootstrap").stdout)
+    again = yaml.safe_load(run_peerstar("k8s", "bootstrap").stdout)
     assert again["data"]["swarm.key"] != secret["data"]["swarm.key"]
 
 
@@ -124,7 +119,7 @@ def test_cli_output_parses_and_validates() -> None:
     (["k8s", "bootstrap", "-n", "-x"], "namespace"),
 ])
 def test_cli_rejects_bad_options(args: list[str], message: str) -> None:
-    r = peerstar(*args)
+    r = run_peerstar(*args)
     assert r.returncode == 2 and message in r.stderr and r.stdout == ""
 
 
@@ -345,7 +340,7 @@ def test_snapshotter_container() -> None:
                                            "options": {"SystemdCgroup": True}}
     (rc,) = [o for o in render_manifests() if o["kind"] == "RuntimeClass"]
     assert rc["handler"] == "peerstar"
-    cgroupfs = tomllib.loads(peerstar("k8s", "containerd-config", "--cgroupfs").stdout)
+    cgroupfs = tomllib.loads(run_peerstar("k8s", "containerd-config", "--cgroupfs").stdout)
     runtime = cgroupfs["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"]
     assert runtime["peerstar"]["options"]["SystemdCgroup"] is False
 
@@ -390,8 +385,8 @@ def test_cli_kubo_config(tmp_path: Path) -> None:
     ident = keys.Identity.generate()
     idfile = tmp_path / "bootstrap.key"
     idfile.write_text(ident.private_key)
-    r = peerstar("k8s", "kubo-config", "--repo", str(repo), "--identity-file", str(idfile),
-                 "--storage-max", "3GB")
+    r = run_peerstar("k8s", "kubo-config", "--repo", str(repo), "--identity-file", str(idfile),
+                     "--storage-max", "3GB")
     assert r.returncode == 0, r.stderr
     cfg = json.loads((repo / "config").read_text())
     assert cfg["Identity"] == {"PeerID": ident.peer_id, "PrivKey": ident.private_key}
@@ -400,8 +395,8 @@ def test_cli_kubo_config(tmp_path: Path) -> None:
     assert sorted(p.name for p in repo.iterdir()) == ["config"]  # no temp file left
 
     peer = keys.Identity.generate().peer_id
-    r = peerstar("k8s", "kubo-config", "--repo", str(repo), "--bootstrap-host", "b.ns.svc",
-                 "--bootstrap-peer-id", peer)
+    r = run_peerstar("k8s", "kubo-config", "--repo", str(repo), "--bootstrap-host", "b.ns.svc",
+                     "--bootstrap-peer-id", peer)
     assert r.returncode == 0, r.stderr
     cfg = json.loads((repo / "config").read_text())
     assert cfg["Bootstrap"] == [f"/dns4/b.ns.svc/tcp/4001/p2p/{peer}"]
@@ -417,13 +412,13 @@ def test_cli_kubo_config(tmp_path: Path) -> None:
 ])
 def test_cli_kubo_config_errors(tmp_path: Path, args: list[str], message: str) -> None:
     (tmp_path / "config").write_text("{}")
-    r = peerstar("k8s", "kubo-config", "--repo", str(tmp_path), *args)
+    r = run_peerstar("k8s", "kubo-config", "--repo", str(tmp_path), *args)
     assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr
     assert (tmp_path / "config").read_text() == "{}"
 
 
 def test_cli_kubo_config_missing_repo(tmp_path: Path) -> None:
-    r = peerstar("k8s", "kubo-config", "--repo", str(tmp_path / "nope"))
+    r = run_peerstar("k8s", "kubo-config", "--repo", str(tmp_path / "nope"))
     assert r.returncode == 1 and "run `ipfs init` first" in r.stderr
 
 

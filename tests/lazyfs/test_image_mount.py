@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,15 +22,11 @@ from peerstar.lazyfs.image import (
 )
 from peerstar.source.sample import SampleImage
 from tests.lazyfs.conftest import Layer, is_mounted, push_image
+from tests.support.cli import run_peerstar
 from tests.support.registry import DockerRegistry
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
-
-
-def _peerstar(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "peerstar", *args], capture_output=True,
-                          text=True, timeout=120, cwd=str(Path(__file__).parents[2]))
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +50,8 @@ def test_mount_merged_rootfs(pushed_sample: str, sample_image_10: SampleImage,
     target = tmp_path / "rootfs"
     target.mkdir()
     work_root, cache = tmp_path / "work", tmp_path / "cache"
-    res = _peerstar("mount", pushed_sample, str(target), "--work-root", str(work_root),
-                    "--cache-dir", str(cache), "--no-background", "--json")
+    res = run_peerstar("mount", pushed_sample, str(target), "--work-root", str(work_root),
+                       "--cache-dir", str(cache), "--no-background", "--json")
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout)
     assert [lay["digest"] for lay in summary["layers"]] == [lay.digest for lay in sample_layers]
@@ -94,16 +89,16 @@ def test_peerstar_unmount(pushed_sample: str, tmp_path: Path) -> None:
     target = tmp_path / "rootfs"
     target.mkdir()
     work_root = tmp_path / "work"
-    res = _peerstar("mount", pushed_sample, str(target), "--work-root", str(work_root),
-                    "--cache-dir", str(tmp_path / "cache"))
+    res = run_peerstar("mount", pushed_sample, str(target), "--work-root", str(work_root),
+                       "--cache-dir", str(tmp_path / "cache"))
     assert res.returncode == 0, res.stderr
     assert "2 lazy layers" in res.stdout
     assert (target / "etc/hostname").read_bytes() == b"peerstar-sample\n"
-    res = _peerstar("unmount", str(target), "--work-root", str(work_root))
+    res = run_peerstar("unmount", str(target), "--work-root", str(work_root))
     assert res.returncode == 0, res.stderr
     assert not is_mounted(target)
     assert not work_dir_for(target, work_root).exists()
-    res = _peerstar("unmount", str(target), "--work-root", str(work_root))
+    res = run_peerstar("unmount", str(target), "--work-root", str(work_root))
     assert res.returncode == 1 and "not mounted by peerstar" in res.stderr
 
 
@@ -112,8 +107,8 @@ def test_non_estargz_image_is_refused(docker_registry: DockerRegistry,
     push_image(docker_registry.url, "lazyfs/plain", "v1", sample_layers, estargz=False)
     target = tmp_path / "rootfs"
     target.mkdir()
-    res = _peerstar("mount", f"{docker_registry.host}/lazyfs/plain:v1", str(target),
-                    "--work-root", str(tmp_path / "work"), "--cache-dir", str(tmp_path / "c"))
+    res = run_peerstar("mount", f"{docker_registry.host}/lazyfs/plain:v1", str(target),
+                       "--work-root", str(tmp_path / "work"), "--cache-dir", str(tmp_path / "c"))
     assert res.returncode == 1
     assert "is not eStargz" in res.stderr and "Traceback" not in res.stderr
     assert not is_mounted(target)

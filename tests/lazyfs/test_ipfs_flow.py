@@ -14,6 +14,7 @@ import pytest
 from peerstar.lazyfs.image import image_stats
 from peerstar.source.sample import build_sample_image
 from tests.lazyfs.conftest import is_mounted
+from tests.support.cli import run_peerstar
 from tests.support.ports import free_port
 from tests.support.waiting import http_ok, wait_until
 
@@ -21,15 +22,11 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _peerstar(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "peerstar", *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=str(REPO))
-
-
 def test_push_serve_mount_read(tmp_path: Path) -> None:
     sample = build_sample_image(tmp_path / "layout", extra_mib=8)
     root = tmp_path / "store"
-    res = _peerstar("push", "--estargz", "--root", str(root), f"oci:{tmp_path / 'layout'}:latest")
+    res = run_peerstar("push", "--estargz", "--root", str(root),
+                       f"oci:{tmp_path / 'layout'}:latest")
     assert res.returncode == 0, res.stderr
     cid = res.stdout.strip().splitlines()[-1]
     port = free_port()
@@ -43,9 +40,9 @@ def test_push_serve_mount_read(tmp_path: Path) -> None:
     try:
         assert wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/v2/"), 30, 0.1), \
             "registry did not start"
-        res = _peerstar("mount", f"127.0.0.1:{port}/ipfs/{cid}", str(target), "--work-root",
-                        str(work_root), "--cache-dir", str(tmp_path / "cache"),
-                        "--no-background")
+        res = run_peerstar("mount", f"127.0.0.1:{port}/ipfs/{cid}", str(target), "--work-root",
+                           str(work_root), "--cache-dir", str(tmp_path / "cache"),
+                           "--no-background")
         assert res.returncode == 0, res.stderr
         try:
             assert (target / "etc/peerstar-sample.txt").read_bytes() == \
@@ -56,7 +53,7 @@ def test_push_serve_mount_read(tmp_path: Path) -> None:
             assert stats["size"] > 8 << 20
             assert 0 < stats["fetchedSize"] < stats["size"] // 20  # type: ignore[operator]
         finally:
-            res = _peerstar("unmount", str(target), "--work-root", str(work_root))
+            res = run_peerstar("unmount", str(target), "--work-root", str(work_root))
             assert res.returncode == 0, res.stderr
         assert not is_mounted(target)
     finally:

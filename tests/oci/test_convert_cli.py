@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import resource
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,10 +22,9 @@ from tests.oci.conftest import (
     tar_files,
     toc_digest_independent,
 )
+from tests.support.cli import run_peerstar
 from tests.support.content import sha256_digest
 from tests.support.tars import tar_of_files
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def run(*args: str, fsize: int | None = None) -> subprocess.CompletedProcess:
@@ -36,17 +33,15 @@ def run(*args: str, fsize: int | None = None) -> subprocess.CompletedProcess:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
 
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "peerstar", "convert", *args],
-                          capture_output=True, timeout=120, env=env,
-                          preexec_fn=limit if fsize is not None else None)
+    return run_peerstar("convert", *args, text=False, timeout=120,
+                        preexec_fn=limit if fsize is not None else None)
 
 
 @pytest.fixture
 def layer_tar(tmp_path: Path) -> tuple[Path, bytes]:
     big = bytes(range(256)) * 2000
     tar = tar_of_files({"etc/hello.txt": b"hi\n", "opt/big.bin": big, "opt/z": b"z"},
-                   dirs=("etc", "opt"))
+                       dirs=("etc", "opt"))
     p = tmp_path / "layer.tar"
     p.write_bytes(tar)
     return p, tar

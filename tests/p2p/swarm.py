@@ -109,9 +109,9 @@ def cat(node: Node, cid: str, offset: int | None = None, length: int | None = No
 def push(node: Node, layout: Path, *, estargz: bool = False, timeout: float = 300.0) -> str:
     """`peerstar push` of the layout's `latest` image on `node` into its js-ipfs (with
     `estargz`, converted to eStargz on the way); the image's CID."""
-    proc = node.run([sys.executable, "-m", "peerstar", "push", *(["--estargz"] if estargz
-                                                                  else []),
-                     "--ipfs-address", f"/ip4/127.0.0.1/tcp/{API_PORT}", f"oci:{layout}:latest"],
+    convert = ["--estargz"] if estargz else []
+    proc = node.run([sys.executable, "-m", "peerstar", "push", *convert, "--ipfs-address",
+                     f"/ip4/127.0.0.1/tcp/{API_PORT}", f"oci:{layout}:latest"],
                     cwd=str(REPO), timeout=timeout, env=dict(os.environ, PYTHONPATH=str(REPO)))
     if proc.returncode != 0:
         raise HarnessError(f"peerstar push of {layout} in {node.label} failed: "

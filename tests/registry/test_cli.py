@@ -18,6 +18,7 @@ import pytest
 from peerstar.errors import PeerstarError
 from peerstar.source.sample import SampleImage
 from tests.registry.helpers import MANIFEST_ACCEPT, request
+from tests.support.cli import assert_one_line_error, run_peerstar
 from tests.support.ipfsimage import StoredImage, push_layout
 from tests.support.jsipfs import JsIpfs
 from tests.support.ports import free_port
@@ -110,13 +111,10 @@ def test_serve_daemon_from_environment(jsipfs_daemon: JsIpfs,
 ])
 def test_bad_settings_fail_cleanly(tmp_path: Path, args: list[str], env: dict[str, str],
                                    message: str) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "peerstar", "registry", "serve", "--root", str(tmp_path),
-         *args], env=_clean_env(**env), capture_output=True, timeout=30, cwd=REPO)
+    proc = run_peerstar("registry", "serve", "--root", str(tmp_path), *args,
+                        env=_clean_env(**env), timeout=30)
     assert proc.returncode == 1
-    err = proc.stderr.decode()
-    assert err.startswith("peerstar: error: ") and message in err
-    assert "Traceback" not in err
+    assert_one_line_error(proc, message)
 
 
 def test_non_loopback_allowed_with_explicit_listen(tmp_path: Path) -> None:

@@ -93,10 +93,10 @@ def push_image(base: str, repo: str, tag: str, *, estargz: bool,
             layer = PushedLayer(sha256_digest(blob), len(blob), sha256_digest(tar), "")
         blobs.append(blob)
         layers.append(layer)
-    registry.push_image(base, repo, tag, [
-        (blob, {TOC_DIGEST_ANNOTATION: la.toc_digest} if la.toc_digest else {})
-        for blob, la in zip(blobs, layers, strict=True)], [la.diff_id for la in layers],
-        {"Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]})
+    annotated = [(blob, {TOC_DIGEST_ANNOTATION: la.toc_digest} if la.toc_digest else {})
+                 for blob, la in zip(blobs, layers, strict=True)]
+    registry.push_image(base, repo, tag, annotated, [la.diff_id for la in layers],
+                        {"Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]})
     return layers
 
 
