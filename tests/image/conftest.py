@@ -22,6 +22,7 @@ import pytest
 
 from peerstar.source.sample import SampleImage
 from tests.support.containerd import Containerd
+from tests.support.ipfsimage import on_store
 from tests.support.jsipfs import JsIpfs
 from tests.support.registry import DockerRegistry
 
@@ -210,27 +211,9 @@ def store_for(args: list[str]) -> object:
 
 def cat(args: list[str], cid: str) -> bytes:
     """The whole content of `cid` in the store `args` select."""
-    import asyncio
-
-    async def go() -> bytes:
-        store = store_for(args)
-        try:
-            return await store.cat_bytes(cid)  # type: ignore[attr-defined]
-        finally:
-            await store.close()  # type: ignore[attr-defined]
-
-    return asyncio.run(go())
+    return on_store(lambda: store_for(args), lambda store: store.cat_bytes(cid))
 
 
 def add(args: list[str], data: bytes) -> str:
     """Add `data` (pinned) to the store `args` select; its CID."""
-    import asyncio
-
-    async def go() -> str:
-        store = store_for(args)
-        try:
-            return await store.add(data)  # type: ignore[attr-defined]
-        finally:
-            await store.close()  # type: ignore[attr-defined]
-
-    return asyncio.run(go())
+    return on_store(lambda: store_for(args), lambda store: store.add(data))

@@ -1,7 +1,7 @@
 """Store an OCI image layout into a content store in nerdctl's on-IPFS format (test helper;
 `peerstar push` is written elsewhere), and convert the sample image to eStargz.
 `push_layout` / `push_blob_image` do the storing from outside an event loop, on a store
-of their own (a daemon's or an embedded one) that they close after.
+of their own (a daemon's or an embedded one) that they close after (`on_store`).
 
 nerdctl's format (REFERENCE.md section 3): every blob added with CIDv1; each descriptor
 gets `urls: ["ipfs://<cid>"]`; manifests and index are rewritten bottom-up with those
@@ -19,7 +19,7 @@ import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from peerstar.estargz import build
 from peerstar.oci import mediatypes as mt
@@ -170,9 +170,13 @@ async def store_blob_image(store: Any, layer: bytes | Path) -> StoredImage:
     return img
 
 
-def _on_store(store_factory: Callable[[], Any],
-              use: Callable[[Any], Awaitable[StoredImage]]) -> StoredImage:
-    async def go() -> StoredImage:
+T = TypeVar("T")
+
+
+def on_store(store_factory: Callable[[], Any], use: Callable[[Any], Awaitable[T]]) -> T:
+    """`use(store)` run to completion on a new store from `store_factory`, which is closed
+    after (for tests outside an event loop)."""
+    async def go() -> T:
         store = store_factory()
         try:
             return await use(store)
@@ -183,9 +187,9 @@ def _on_store(store_factory: Callable[[], Any],
 
 def push_layout(store_factory: Callable[[], Any], layout: Path) -> StoredImage:
     """`store_layout` of `layout` on a new store from `store_factory`."""
-    return _on_store(store_factory, lambda store: store_layout(store, layout))
+    return on_store(store_factory, lambda store: store_layout(store, layout))
 
 
 def push_blob_image(store_factory: Callable[[], Any], layer: bytes | Path) -> StoredImage:
     """`store_blob_image` of `layer` on a new store from `store_factory`."""
-    return _on_store(store_factory, lambda store: store_blob_image(store, layer))
+    return on_store(store_factory, lambda store: store_blob_image(store, layer))
