@@ -2,7 +2,8 @@
 
 Owns: writing its config (filesystem storage in a temp dir, no auth, delete enabled,
 listening on 127.0.0.1 only), starting it on a free port, waiting until `GET /v2/`
-answers 200, small HTTP helpers for assertions, and stopping it.
+answers 200, small HTTP helpers for assertions, an outage (`take_down`, then
+`bring_back` on the same port), and stopping it.
 
 Also `PrivateRegistry`: the same registry the way a real private one is set up -- HTTPS
 with a certificate of a test CA for its IP address, htpasswd basic auth -- inside a
