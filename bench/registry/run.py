@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import random
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from peerstar.ipfs import open_store  # noqa: E402
+from tests.support.cli import serving_registry  # noqa: E402
 from tests.support.ipfsimage import push_blob_image  # noqa: E402
 from tests.support.jsipfs import start_jsipfs  # noqa: E402
 from tests.support.ports import free_port  # noqa: E402
@@ -147,39 +147,30 @@ def main() -> int:
     size = args.mib << 20
 
     daemon = start_jsipfs()
-    procs: list[subprocess.Popen] = []
     try:
-        with tempfile.TemporaryDirectory(prefix="peerstar-bench-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="peerstar-bench-") as tmp, \
+                contextlib.ExitStack() as registries:
             blob = Path(tmp) / "blob"
             blob.write_bytes(os.urandom(size))
 
             img = push_blob_image(lambda: open_store(daemon.api_multiaddr, timeout=300), blob)
+            blob.unlink()
             layer = img.layer_digests[0]
             cid = img.cids[layer]
-        urls = []
-        for subdag in ("1", "0"):
-            port = free_port()
-            env = {k: v for k, v in os.environ.items() if not k.startswith("PEERSTAR_")}
-            env["PYTHONPATH"] = str(REPO)
-            env["PEERSTAR_REGISTRY_SUBDAG"] = subdag
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "peerstar", "registry", "serve", "--ipfs-address",
-                 daemon.api_multiaddr, "--listen", f"127.0.0.1:{port}", "--no-access-log"],
-                env=env, stderr=subprocess.PIPE, cwd=REPO)
-            procs.append(proc)
-            assert proc.stderr is not None
-            line = proc.stderr.readline().decode()
-            if "listening" not in line:
-                raise SystemExit(f"registry did not start: {line}")
-            urls.append(f"http://127.0.0.1:{port}/v2/ipfs/{img.root_cid}/blobs/{layer}")
-        rows = asyncio.run(bench(daemon.api_url, urls, cid, size, args.seconds,
-                                 concurrencies, reads))
+            urls = []
+            for subdag in ("1", "0"):
+                port = free_port()
+                env = {k: v for k, v in os.environ.items() if not k.startswith("PEERSTAR_")}
+                env["PEERSTAR_REGISTRY_SUBDAG"] = subdag
+                registries.enter_context(serving_registry(
+                    "--ipfs-address", daemon.api_multiaddr, "--listen", f"127.0.0.1:{port}",
+                    "--no-access-log", log=Path(tmp) / f"registry-subdag{subdag}.log", env=env))
+                urls.append(f"http://127.0.0.1:{port}/v2/ipfs/{img.root_cid}/blobs/{layer}")
+            rows = asyncio.run(bench(daemon.api_url, urls, cid, size, args.seconds,
+                                     concurrencies, reads))
         _print(rows, f"Range reads of a {args.mib} MiB blob, {args.seconds:g} s per cell, "
                      f"js-ipfs 0.66 daemon, {os.cpu_count()} CPUs")
     finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(15)
         daemon.stop()
     return 0
 

@@ -5,8 +5,6 @@ and only a small part of the image is fetched."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,9 +12,8 @@ import pytest
 from peerstar.lazyfs.image import image_stats
 from peerstar.source.sample import build_sample_image
 from tests.lazyfs.conftest import is_mounted
-from tests.support.cli import run_peerstar
+from tests.support.cli import run_peerstar, serving_registry
 from tests.support.ports import free_port
-from tests.support.waiting import http_ok, wait_until
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -30,16 +27,11 @@ def test_push_serve_mount_read(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     cid = res.stdout.strip().splitlines()[-1]
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "peerstar", "registry", "serve", "--root",
-                               str(root), "--listen", f"127.0.0.1:{port}", "--no-access-log"],
-                              cwd=str(REPO), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE)
     target = tmp_path / "rootfs"
     target.mkdir()
     work_root = tmp_path / "work"
-    try:
-        assert wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/v2/"), 30, 0.1), \
-            "registry did not start"
+    with serving_registry("--root", root, "--listen", f"127.0.0.1:{port}", "--no-access-log",
+                          log=tmp_path / "registry.log"):
         res = run_peerstar("mount", f"127.0.0.1:{port}/ipfs/{cid}", str(target), "--work-root",
                            str(work_root), "--cache-dir", str(tmp_path / "cache"),
                            "--no-background")
@@ -56,6 +48,3 @@ def test_push_serve_mount_read(tmp_path: Path) -> None:
             res = run_peerstar("unmount", str(target), "--work-root", str(work_root))
             assert res.returncode == 0, res.stderr
         assert not is_mounted(target)
-    finally:
-        server.terminate()
-        server.wait(10)

@@ -13,7 +13,7 @@ import tempfile
 import time
 import urllib.parse
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import pytest
 from multiformats import CID, multihash
 
 from peerstar.k8s.keys import generate_swarm_key
+from tests.support.cli import serving_registry
 from tests.support.containerd import HarnessError
 from tests.support.jsipfs import JsIpfs, start_jsipfs
 from tests.support.netns import Network, Node
@@ -197,33 +198,8 @@ def private_swarm(labels: str) -> Iterator[tuple[dict[str, Node], dict[str, JsIp
         net.remove()
 
 
-@contextmanager
-def registry(node: Node, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def registry(node: Node, log: Path) -> AbstractContextManager[subprocess.Popen[bytes]]:
     """`peerstar registry serve` on the node's own localhost:5050, over the node's daemon."""
-    with open(log, "wb") as err:
-        proc = node.popen(
-            [sys.executable, "-m", "peerstar", "registry", "serve", "--listen",
-             f"127.0.0.1:{REGISTRY_PORT}", "--ipfs-address", f"/ip4/127.0.0.1/tcp/{API_PORT}",
-             "--read-timeout", "60s"],
-            cwd=str(REPO), stdout=subprocess.DEVNULL, stderr=err,
-            env=dict(os.environ, PYTHONPATH=str(REPO)),
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                http(node, "GET", f"http://127.0.0.1:{REGISTRY_PORT}/v2/", timeout=5)
-                break
-            except HarnessError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise HarnessError(f"registry in {node.label} did not start: "
-                                       f"{log.read_text(errors='replace')[-2000:]}") from None
-                time.sleep(0.3)
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+    return serving_registry("--listen", f"127.0.0.1:{REGISTRY_PORT}", "--ipfs-address",
+                            f"/ip4/127.0.0.1/tcp/{API_PORT}", "--read-timeout", "60s", log=log,
+                            prefix=node.prefix)

@@ -7,10 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -18,7 +14,7 @@ import pytest
 from peerstar.errors import PeerstarError
 from peerstar.source.sample import SampleImage
 from tests.registry.helpers import MANIFEST_ACCEPT, request
-from tests.support.cli import assert_one_line_error, run_peerstar
+from tests.support.cli import assert_one_line_error, run_peerstar, serving_registry
 from tests.support.ipfsimage import StoredImage, push_layout
 from tests.support.jsipfs import JsIpfs
 from tests.support.ports import free_port
@@ -33,26 +29,6 @@ def _clean_env(**extra: str) -> dict[str, str]:
     env["PYTHONPATH"] = str(REPO)
     env.update(extra)
     return env
-
-
-@contextmanager
-def serve(args: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen([sys.executable, "-m", "peerstar", "registry", "serve", *args],
-                            env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            cwd=REPO)
-    try:
-        assert proc.stderr is not None
-        line = proc.stderr.readline().decode()
-        assert "peerstar registry listening on" in line, line
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
 
 
 def _check_serves(host: str, img: StoredImage) -> None:
@@ -71,25 +47,25 @@ def test_serve_embedded_with_flags(tmp_path: Path, sample_image: SampleImage) ->
     root = tmp_path / "store"
     img = push_layout(lambda: EmbeddedStore(root), sample_image.path)
     port, mport = free_port(), free_port()
-    with serve(["--root", str(root), "--listen", f"127.0.0.1:{port}", "--metrics-listen",
-                f"127.0.0.1:{mport}", "--read-timeout", "5s", "--read-retry-num", "1"],
-               _clean_env()) as proc:
+    log_path = tmp_path / "registry.log"
+    with serving_registry("--root", root, "--listen", f"127.0.0.1:{port}", "--metrics-listen",
+                          f"127.0.0.1:{mport}", "--read-timeout", "5s", "--read-retry-num",
+                          "1", log=log_path, env=_clean_env()) as proc:
         _check_serves(f"127.0.0.1:{port}", img)
         metrics = request(f"127.0.0.1:{mport}", "GET", "/metrics").body.decode()
         assert ('peerstar_registry_requests_total{method="GET",route="blob",status="206"} 1.0'
                 in metrics)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
-        assert proc.stderr is not None
-        log = [json.loads(line) for line in proc.stderr.read().decode().splitlines()
+        log = [json.loads(line) for line in log_path.read_text().splitlines()
                if line.startswith("{")]
     assert [(e["method"], e["status"]) for e in log] == [("GET", 200), ("GET", 206)]
     assert log[1]["bytes"] == 20 and log[1]["range"] == "bytes=10-29"
 
 
 @pytest.mark.slow
-def test_serve_daemon_from_environment(jsipfs_daemon: JsIpfs,
-                                       sample_image: SampleImage) -> None:
+def test_serve_daemon_from_environment(jsipfs_daemon: JsIpfs, sample_image: SampleImage,
+                                       tmp_path: Path) -> None:
     from peerstar.ipfs import open_store
 
     img = push_layout(lambda: open_store(jsipfs_daemon.api_multiaddr), sample_image.path)
@@ -97,7 +73,7 @@ def test_serve_daemon_from_environment(jsipfs_daemon: JsIpfs,
     env = _clean_env(PEERSTAR_IPFS_ADDRESS=jsipfs_daemon.api_multiaddr,
                      PEERSTAR_REGISTRY_LISTEN=f"127.0.0.1:{port}",
                      PEERSTAR_REGISTRY_READ_TIMEOUT="10s")
-    with serve(["--no-access-log"], env):
+    with serving_registry("--no-access-log", log=tmp_path / "registry.log", env=env):
         _check_serves(f"127.0.0.1:{port}", img)
 
 
@@ -119,8 +95,8 @@ def test_bad_settings_fail_cleanly(tmp_path: Path, args: list[str], env: dict[st
 
 def test_non_loopback_allowed_with_explicit_listen(tmp_path: Path) -> None:
     port = free_port()
-    with serve(["--root", str(tmp_path), "--listen", f"0.0.0.0:{port}", "--no-access-log"],
-               _clean_env()):
+    with serving_registry("--root", tmp_path, "--listen", f"0.0.0.0:{port}", "--no-access-log",
+                          log=tmp_path / "registry.log", env=_clean_env()):
         assert wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/v2/"), 5, 0.1)
 
 

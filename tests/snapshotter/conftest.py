@@ -8,10 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -60,36 +56,19 @@ def ipfs_bridge(work: Path, extra_mib: int) -> Iterator[Bridge]:
     data) pushed with `peerstar push --estargz` into an embedded store under `work`, and
     `peerstar registry serve` over it on a free loopback port, stopped on exit."""
     from peerstar.source.sample import build_sample_image
+    from tests.support.cli import last_line, run_peerstar, serving_registry
     from tests.support.ports import free_port
 
     image = build_sample_image(work / "layout", extra_mib=extra_mib)
     store = work / "store"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PEERSTAR_")}
-    # the embedded store, never a daemon
-    env.update(IPFS_PATH="/nonexistent-peerstar-test", PYTHONPATH=str(REPO))
-    push = subprocess.run(
-        [sys.executable, "-m", "peerstar", "push", "--estargz", "--root", str(store),
-         f"oci:{image.path}:latest"], capture_output=True, text=True, env=env, cwd=REPO,
-        timeout=300)
+    env["IPFS_PATH"] = "/nonexistent-peerstar-test"  # the embedded store, never a daemon
+    push = run_peerstar("push", "--estargz", "--root", store, f"oci:{image.path}:latest",
+                        env=env)
     assert push.returncode == 0, push.stderr
-    cid = push.stdout.strip().splitlines()[-1]
+    cid = last_line(push)
     port = free_port()
     log_path = work / "registry.log"
-    with open(log_path, "wb") as log:
-        registry = subprocess.Popen(
-            [sys.executable, "-m", "peerstar", "registry", "serve", "--root", str(store),
-             "--listen", f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=log,
-            env=env, cwd=REPO)
-    try:
-        deadline = time.monotonic() + 30
-        while "listening on" not in log_path.read_text():
-            assert registry.poll() is None and time.monotonic() < deadline, \
-                log_path.read_text()
-            time.sleep(0.05)
+    with serving_registry("--root", store, "--listen", f"127.0.0.1:{port}", log=log_path,
+                          env=env, timeout=30):
         yield Bridge(cid, port, log_path)
-        registry.send_signal(signal.SIGTERM)
-        registry.wait(15)
-    finally:
-        if registry.poll() is None:
-            registry.kill()
-            registry.wait()

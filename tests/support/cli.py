@@ -2,8 +2,9 @@
 
 Owns: `run_peerstar` (`python -m peerstar ...` with the checkout as working directory
 and on PYTHONPATH, output captured), `last_line` (where a command prints its result,
-e.g. a CID), and `assert_one_line_error`, the check that a failure is reported as the
-CLI promises: a non-zero exit, one `peerstar: error: ...` line on stderr, no traceback.
+e.g. a CID), `assert_one_line_error`, the check that a failure is reported as the CLI
+promises: a non-zero exit, one `peerstar: error: ...` line on stderr, no traceback; and
+`serving_registry`, `peerstar registry serve` running for the length of a `with`.
 """
 
 from __future__ import annotations
@@ -11,11 +12,19 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tests.support.containerd import HarnessError
+from tests.support.waiting import wait_until
+
 REPO = Path(__file__).resolve().parents[2]
+
+
+def _env(env: Mapping[str, str] | None) -> dict[str, str]:
+    return {**(os.environ if env is None else env), "PYTHONPATH": str(REPO)}
 
 
 def run_peerstar(*args: str | os.PathLike[str], text: bool = True, timeout: float = 300.0,
@@ -27,8 +36,39 @@ def run_peerstar(*args: str | os.PathLike[str], text: bool = True, timeout: floa
     kwargs.setdefault("cwd", REPO)
     return subprocess.run(
         [sys.executable, "-m", "peerstar", *map(str, args)], capture_output=True,
-        env={**(os.environ if env is None else env), "PYTHONPATH": str(REPO)},
-        encoding="utf-8" if text else None, timeout=timeout, **kwargs)
+        env=_env(env), encoding="utf-8" if text else None, timeout=timeout, **kwargs)
+
+
+@contextmanager
+def serving_registry(*args: str | os.PathLike[str], log: Path,
+                     env: Mapping[str, str] | None = None, prefix: Sequence[str] = (),
+                     timeout: float = 60.0) -> Iterator[subprocess.Popen[bytes]]:
+    """`peerstar registry serve ARGS` behind `prefix` (e.g. a node's `ip netns exec`),
+    its stderr (the start line, then the access log) written to `log`; yielded once it
+    says it is listening, and stopped on exit (SIGTERM, then SIGKILL)."""
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            [*prefix, sys.executable, "-m", "peerstar", "registry", "serve", *map(str, args)],
+            cwd=REPO, env=_env(env), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=err)
+
+    def listening() -> bool:
+        return "listening on" in log.read_text(errors="replace")
+
+    try:
+        if not wait_until(lambda: proc.poll() is not None or listening(), timeout) \
+                or not listening():
+            raise HarnessError(f"peerstar registry serve {' '.join(map(str, args))} did not "
+                               f"start: {log.read_text(errors='replace')[-2000:]}")
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
 
 
 def last_line(proc: subprocess.CompletedProcess[str]) -> str:
