@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import tarfile
@@ -22,6 +21,7 @@ from peerstar.estargz.footer import estargz_footer, parse_footer
 from peerstar.estargz.reader import compute_diff_id
 from peerstar.estargz.toc import TOCEntry, go_quote, marshal_toc
 from tests.estargz.helpers import rewrite_toc
+from tests.support.content import sha256_digest
 from tests.support.tars import BINARY_XATTR, Entry, tar_all_kinds, write_tar
 
 COMPRESSIONS = ["gzip", "zstd"]
@@ -112,7 +112,7 @@ def test_round_trip_every_entry_kind(compression):
     assert r.read("bin/big-odd", 65530, 20) == r.read("bin/big-odd")[65530:65550]
     assert compute_diff_id(lambda o, n: blob[o:o + n], len(blob), compression) == (
         res.diff_id, res.uncompressed_size)
-    assert res.blob_digest == "sha256:" + hashlib.sha256(blob).hexdigest()
+    assert res.blob_digest == sha256_digest(blob)
     assert res.blob_size == len(blob)
 
 
@@ -137,10 +137,9 @@ def test_zstd_chunked_layout_and_annotations():
     off, clen, ulen, typ = (int(x) for x in pos.split(":"))
     assert typ == 1 and blob[off - 8:off - 4] == b"\x50\x2a\x4d\x18"
     ztoc = blob[off:off + clen]
-    assert res.annotations["io.containers.zstd-chunked.manifest-checksum"] == (
-        "sha256:" + hashlib.sha256(ztoc).hexdigest())
+    assert res.annotations["io.containers.zstd-chunked.manifest-checksum"] == sha256_digest(ztoc)
     toc = zstandard.ZstdDecompressor().decompress(ztoc)
-    assert len(toc) == ulen and "sha256:" + hashlib.sha256(toc).hexdigest() == res.toc_digest
+    assert len(toc) == ulen and sha256_digest(toc) == res.toc_digest
     assert blob[-8:] == b"GnUlInUx" and blob[-48:-44] == b"\x50\x2a\x4d\x18"
 
 

@@ -16,7 +16,6 @@ names like the reference: clean("/" + name) without the leading "/".
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import json
 import math
@@ -309,8 +308,7 @@ def go_file_mode(raw: int, typ: str) -> int:
 def expected_chunks(content: bytes, chunk: int) -> list[tuple[int, int, str]]:
     """(chunkOffset, chunkSize, chunkDigest) of each chunk of a file."""
     return [
-        (off, len(content[off:off + chunk]),
-         "sha256:" + hashlib.sha256(content[off:off + chunk]).hexdigest())
+        (off, len(content[off:off + chunk]), sha256_digest(content[off:off + chunk]))
         for off in range(0, len(content), chunk)
     ]
 

@@ -9,7 +9,6 @@ point at temporary directories.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 import uuid
@@ -22,6 +21,7 @@ import pytest
 
 from peerstar.source.sample import SampleImage
 from tests.support.containerd import Containerd
+from tests.support.content import sha256_digest
 from tests.support.ipfsimage import on_store
 from tests.support.jsipfs import JsIpfs
 from tests.support.registry import DockerRegistry
@@ -168,7 +168,7 @@ def _handler(reg: FakeRegistry) -> type[BaseHTTPRequestHandler]:
                 if data is None:
                     self._send(404, b'{"errors":[{"code":"MANIFEST_UNKNOWN"}]}', head=head)
                     return
-                headers = {"Docker-Content-Digest": "sha256:" + hashlib.sha256(data).hexdigest()}
+                headers = {"Docker-Content-Digest": sha256_digest(data)}
                 if parts[-2] == "manifests":
                     headers["Content-Type"] = json.loads(data)["mediaType"]
                 self._send(200, data, headers, head)

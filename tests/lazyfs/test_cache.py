@@ -21,6 +21,7 @@ from peerstar.lazyfs.cache import DiskCache
 from peerstar.lazyfs.options import CacheOptions, MountOptions, PrefetchOptions
 from tests.lazyfs.blobserver import BlobServer
 from tests.lazyfs.conftest import BIG, PRIORITY, Layer
+from tests.support.waiting import wait_until
 
 
 @pytest.fixture
@@ -155,10 +156,8 @@ def test_mount_reads_right_bytes_on_a_full_disk_and_caches_again_after(
                         rich_layer.toc_digest, mnt, cache_dir, options)
         try:
             assert (mnt / "data/big.bin").read_bytes() == BIG
-            deadline = time.monotonic() + 10
-            while len(_entries(small_fs / "chunks")) < len(before) + 4:
-                assert time.monotonic() < deadline, _entries(small_fs / "chunks")
-                time.sleep(0.1)
+            assert wait_until(lambda: len(_entries(small_fs / "chunks")) >= len(before) + 4,
+                              10, 0.1), _entries(small_fs / "chunks")
             sizes = sorted(_entries(small_fs / "chunks").values())
             assert sum(sizes) - sum(before.values()) == len(BIG)  # whole chunks only
         finally:

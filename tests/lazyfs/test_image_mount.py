@@ -5,7 +5,6 @@ non-eStargz image is refused with a clear error."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -23,6 +22,7 @@ from peerstar.lazyfs.image import (
 from peerstar.source.sample import SampleImage
 from tests.lazyfs.conftest import Layer, is_mounted, push_image
 from tests.support.cli import run_peerstar
+from tests.support.content import sha256_digest
 from tests.support.registry import DockerRegistry
 from tests.support.waiting import wait_until
 
@@ -69,7 +69,7 @@ def test_mount_merged_rootfs(pushed_sample: str, sample_image_10: SampleImage,
         for path, link in sample_image_10.symlinks.items():
             assert os.readlink(target / path.lstrip("/")) == link
         busybox = (target / "bin/busybox").read_bytes()
-        assert "sha256:" + hashlib.sha256(busybox).hexdigest() == sample_image_10.busybox_sha256
+        assert sha256_digest(busybox) == sample_image_10.busybox_sha256
         for path in sample_image_10.removed:
             assert not os.path.lexists(target / path.lstrip("/")), path
         assert sorted(os.listdir(target / "var/opaque")) == ["new.txt"]
@@ -121,9 +121,9 @@ def test_unusable_ca_file_is_refused(pushed_sample: str, tmp_path: Path) -> None
     bad.write_text("not a certificate\n")
     for ca, why in ((tmp_path / "none.pem", "does not exist"),
                     (bad, "holds no usable PEM certificate")):
-        res = _peerstar("mount", pushed_sample, str(target), "--ca-file", str(ca),
-                        "--work-root", str(tmp_path / "work"), "--cache-dir",
-                        str(tmp_path / "c"))
+        res = run_peerstar("mount", pushed_sample, str(target), "--ca-file", str(ca),
+                           "--work-root", str(tmp_path / "work"), "--cache-dir",
+                           str(tmp_path / "c"))
         assert res.returncode == 1, res.stderr
         lines = res.stderr.strip().splitlines()
         assert len(lines) == 1, res.stderr  # one line, no traceback
