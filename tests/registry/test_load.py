@@ -20,7 +20,8 @@ import pytest
 
 from peerstar.source.sample import SampleImage  # noqa: F401 - conftest fixture types
 from tests.registry.helpers import parse_multipart, upstream_reads
-from tests.registry.test_cli import _clean_env, serve
+from tests.registry.test_cli import _clean_env
+from tests.support.cli import serving_registry
 from tests.support.ipfsimage import StoredImage, push_blob_image
 from tests.support.jsipfs import JsIpfs
 from tests.support.ports import free_port
@@ -112,8 +113,9 @@ def test_load_random_ranges(backend: str, request: pytest.FixtureRequest, tmp_pa
     path, data = layer_file
     img, args = _pushed_on(backend, request, tmp_path, path)
     port, metrics_port = free_port(), free_port()
-    with serve([*args, "--listen", f"127.0.0.1:{port}", "--no-access-log",
-                "--metrics-listen", f"127.0.0.1:{metrics_port}"], _clean_env()):
+    with serving_registry(*args, "--listen", f"127.0.0.1:{port}", "--no-access-log",
+                          "--metrics-listen", f"127.0.0.1:{metrics_port}",
+                          log=tmp_path / "registry.log", env=_clean_env()):
         url = f"http://127.0.0.1:{port}/v2/ipfs/{img.root_cid}/blobs/{img.layer_digests[0]}"
         t0 = time.monotonic()
         stats = asyncio.run(_hammer(url, data, t0 + DURATION))
@@ -149,8 +151,8 @@ def test_full_blob_streams_in_bounded_memory(backend: str, request: pytest.Fixtu
     path, data = layer_file
     img, args = _pushed_on(backend, request, tmp_path, path)
     port = free_port()
-    with serve([*args, "--listen", f"127.0.0.1:{port}", "--no-access-log"],
-               _clean_env()) as proc:
+    with serving_registry(*args, "--listen", f"127.0.0.1:{port}", "--no-access-log",
+                          log=tmp_path / "registry.log", env=_clean_env()) as proc:
         blob_path = f"/v2/ipfs/{img.root_cid}/blobs/{img.layer_digests[0]}"
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
         conn.request("HEAD", blob_path)
