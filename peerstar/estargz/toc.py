@@ -312,10 +312,12 @@ def check_entry(e: TOCEntry, label: str) -> None:
         raise FormatError(f"{label} has unknown type {e.type!r}")
     for key, attr in _INT_FIELDS.items():
         v = getattr(e, attr)
-        if v < 0:
-            raise FormatError(f"{label}: {key} is negative ({v})")
-        if v >= _INT_LIMIT:
-            raise FormatError(f"{label}: {key} is too large ({v})")
+        if not 0 <= v < _INT_LIMIT:
+            raise FormatError(f"{label}: {key} is {'negative' if v < 0 else 'too large'} ({v})")
+    _check_names(e, label)
+
+
+def _check_names(e: TOCEntry, label: str) -> None:
     if e.type != "chunk":
         _check_name(e.name, label, "name")
     if e.type == "hardlink":
@@ -387,15 +389,16 @@ class _Text:
         want = _STEP
         while True:
             try:
-                v, end = _DECODER.raw_decode(self.buf, self.pos)
-            except json.JSONDecodeError as exc:
+                v, end = _SCAN(self.buf, self.pos)
+            except (StopIteration, json.JSONDecodeError) as exc:
                 # Incomplete, or malformed: only more text can tell.
-                if self.eof or len(self.buf) - self.pos >= MAX_ENTRY_JSON:
-                    if not self.eof:
-                        raise FormatError(
-                            f"TOC is not valid JSON, or {what} is larger than "
-                            f"{MAX_ENTRY_JSON >> 20} MiB: {exc.msg}") from None
-                    raise FormatError(f"TOC is not valid JSON: {exc.msg} in {what}") from None
+                if self.eof:
+                    why = exc.msg if isinstance(exc, json.JSONDecodeError) else "malformed"
+                    raise FormatError(f"TOC is not valid JSON: {what}: {why}") from None
+                if len(self.buf) - self.pos >= MAX_ENTRY_JSON:
+                    raise FormatError(
+                        f"TOC is not valid JSON, or {what} is larger than "
+                        f"{MAX_ENTRY_JSON >> 20} MiB") from None
             except (ValueError, RecursionError) as exc:  # huge integers, deep nesting
                 raise FormatError(f"TOC is not valid JSON: {what}: {exc}") from None
             else:
@@ -407,7 +410,7 @@ class _Text:
 
 
 _WS = re.compile(r"[ \t\n\r]*")
-_DECODER = json.JSONDecoder()
+_SCAN = json.JSONDecoder().scan_once  # (text, index) -> (value, end); StopIteration if none
 
 
 def _pieces(data: bytes | Iterable[bytes]) -> Iterator[bytes]:
@@ -464,13 +467,25 @@ def _parse_entries(t: _Text) -> list[TOCEntry]:
     memo: dict[str, str] = {}  # modtimes, owner names and types repeat: keep one copy
     cost = 0
     while True:
-        e = _parse_entry(len(entries), t.value(f"TOC entry #{len(entries)}"), memo)
+        try:
+            raw = t.value("an entry")
+        except FormatError as exc:
+            raise FormatError(f"{exc} (TOC entry #{len(entries)})") from None
+        e = _parse_entry(len(entries), raw, memo)
         cost += entry_cost(e)
         entries.append(e)
         if cost > TOC_MEMORY_LIMIT:
             raise FormatError(toc_too_large(cost, len(entries)))
-        if t.expect(",]", "',' or ']'") == "]":
+        c = t.peek()
+        t.pos += 1
+        if c == "]":
             return entries
+        if c != ",":
+            raise FormatError(f"TOC is not valid JSON: expected ',' or ']' after entry "
+                              f"#{len(entries) - 1}, found {repr(c) if c else 'the end'}")
+
+
+_INTERNED = frozenset(("modtime", "uname", "gname"))
 
 
 def _parse_entry(i: int, raw: Any, memo: dict[str, str]) -> TOCEntry:
@@ -481,37 +496,49 @@ def _parse_entry(i: int, raw: Any, memo: dict[str, str]) -> TOCEntry:
     if not isinstance(name, str) or not isinstance(typ, str):
         raise FormatError(f"TOC entry #{i}: name and type must be strings")
     name = _text(name)
-    label = f"TOC entry #{i} ({name!r})"
     if typ not in ENTRY_TYPES:
-        raise FormatError(f"{label} has unknown type {typ!r}")
+        raise FormatError(f"TOC entry #{i} ({name!r}) has unknown type {typ!r}")
     e = TOCEntry(name=name, type=memo.setdefault(typ, typ))
-    for key, attr in _INT_FIELDS.items():
-        v = raw.get(key)
-        if v is not None:
-            if not isinstance(v, int) or isinstance(v, bool):
-                raise FormatError(f"{label}: {key} is not an integer")
+    for key, v in raw.items():
+        if v is None:
+            continue
+        attr = _INT_FIELDS.get(key)
+        if attr is not None:
+            if type(v) is not int or not 0 <= v < _INT_LIMIT:
+                what = ("not an integer" if type(v) is not int
+                        else f"negative ({v})" if v < 0 else f"too large ({v})")
+                raise FormatError(f"TOC entry #{i} ({name!r}): {key} is {what}")
             setattr(e, attr, v)
-    for key, attr in _STR_FIELDS.items():
-        v = raw.get(key)
-        if v is not None:
+            continue
+        attr = _STR_FIELDS.get(key)
+        if attr is not None:
             if not isinstance(v, str):
-                raise FormatError(f"{label}: {key} is not a string")
+                raise FormatError(f"TOC entry #{i} ({name!r}): {key} is not a string")
             v = _text(v)
-            if attr in ("modtime", "uname", "gname"):
+            if attr in _INTERNED:
                 v = memo.setdefault(v, v)
             setattr(e, attr, v)
+        elif key == "xattrs" and v:
+            _parse_xattrs(e, v, f"TOC entry #{i} ({name!r})")
     if e.chunk_digest and e.chunk_digest == e.digest:
         e.chunk_digest = e.digest
-    xattrs = raw.get("xattrs")
-    if xattrs:
-        if not isinstance(xattrs, dict):
-            raise FormatError(f"{label}: xattrs is not an object")
-        for k, v in xattrs.items():
-            if not isinstance(v, str):
-                raise FormatError(f"{label}: xattr {k!r} is not base64 text")
-            try:
-                e.xattrs[_text(k)] = base64.b64decode(v, validate=True)
-            except ValueError:
-                raise FormatError(f"{label}: xattr {k!r} is not valid base64") from None
-    check_entry(e, label)
+    if e.type != "chunk" and not _plain_name(e.name) or e.type == "hardlink":
+        _check_names(e, f"TOC entry #{i} ({name!r})")
     return e
+
+
+def _plain_name(name: str) -> bool:
+    """True when `name` certainly passes _check_name (the fast path)."""
+    return not name.startswith("/") and ".." not in name and "\x00" not in name
+
+
+def _parse_xattrs(e: TOCEntry, xattrs: Any, label: str) -> None:
+    if not isinstance(xattrs, dict):
+        raise FormatError(f"{label}: xattrs is not an object")
+    for k, v in xattrs.items():
+        if not isinstance(v, str):
+            raise FormatError(f"{label}: xattr {k!r} is not base64 text")
+        try:
+            e.xattrs[_text(k)] = base64.b64decode(v, validate=True)
+        except ValueError:
+            raise FormatError(f"{label}: xattr {k!r} is not valid base64") from None
