@@ -134,33 +134,26 @@ def parse_modtime(text: str) -> int | None:
 
 # --- writing -------------------------------------------------------------------------
 
-_HEX = "0123456789abcdef"
+_GO_ESCAPE = re.compile('["\\\\\x00-\x1f<>&\u2028\u2029]')
+_GO_NAMED = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _go_escape(m: re.Match[str]) -> str:
+    ch = m.group()
+    named = _GO_NAMED.get(ch)
+    return named if named is not None else f"\\u{ord(ch):04x}"
 
 
 def go_quote(s: str) -> str:
     """A JSON string literal exactly as Go's encoding/json writes it (HTML-safe)."""
-    # Go replaces invalid UTF-8 with U+FFFD; names from tar may carry raw bytes as
-    # surrogate escapes.
-    s = s.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    out = ['"']
-    for ch in s:
-        o = ord(ch)
-        if ch == '"' or ch == "\\":
-            out.append("\\" + ch)
-        elif ch == "\n":
-            out.append("\\n")
-        elif ch == "\r":
-            out.append("\\r")
-        elif ch == "\t":
-            out.append("\\t")
-        elif o < 0x20 or ch in "<>&":
-            out.append("\\u00" + _HEX[o >> 4] + _HEX[o & 0xF])
-        elif o in (0x2028, 0x2029):
-            out.append(f"\\u{o:04x}")
-        else:
-            out.append(ch)
-    out.append('"')
-    return "".join(out)
+    if not s.isascii():
+        # Go replaces invalid UTF-8 with U+FFFD; names from tar may carry raw bytes as
+        # surrogate escapes (and any other lone surrogate is no character either).
+        try:
+            s = s.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        except UnicodeEncodeError:
+            s = _SURROGATES.sub("\ufffd", s)
+    return '"' + _GO_ESCAPE.sub(_go_escape, s) + '"'
 
 
 def _entry_fields(e: TOCEntry) -> list[tuple[str, str]]:
@@ -235,7 +228,10 @@ def format_modtime(mtime: float) -> str:
     reference's formatModtime); any year, as Go's time.Format writes it."""
     if not math.isfinite(mtime) or math.floor(mtime) == 0 or mtime == _GO_ZERO_TIME:
         return ""
-    secs = math.floor(mtime + 0.5) if mtime >= 0 else -math.floor(-mtime + 0.5)
+    if isinstance(mtime, int):
+        secs = mtime  # exact, however large (a float would round it)
+    else:
+        secs = math.floor(mtime + 0.5) if mtime >= 0 else -math.floor(-mtime + 0.5)
     y, mo, d, hh, mm, ss = utc_fields(secs)
     return f"{format_year(y)}-{mo:02d}-{d:02d}T{hh:02d}:{mm:02d}:{ss:02d}Z"
 
