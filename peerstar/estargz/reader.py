@@ -34,6 +34,7 @@ ReadAt = Callable[[int, int], bytes]
 # Deflate cannot expand by more than ~1032:1, zstd by ~32768:1 (RLE blocks); a TOC
 # that claims more uncompressed bytes than its compressed range can hold is lying.
 _MAX_RATIO = {"gzip": 1032, "gzip-legacy": 1032, "zstd": 65536}
+_EMPTY_DIGEST = "sha256:" + hashlib.sha256(b"").hexdigest()
 
 
 class Reader:
@@ -155,7 +156,9 @@ class Reader:
                         f"{name!r}: chunk at {c.chunk_offset} should start at {expect} "
                         "(chunks must cover the file without gaps or overlaps)"
                     )
-                if reg.size and c.chunk_size <= 0:
+                if c.chunk_size <= 0 and (reg.size or c is not reg):
+                    # (a chunk entry's size defaults to the rest of the file, which a
+                    # lying size makes zero or negative)
                     raise FormatError(f"{name!r}: chunk at {c.chunk_offset} has no size")
                 expect += c.chunk_size
             if expect != reg.size:
@@ -305,6 +308,8 @@ class Reader:
         for name, chunks in self._chunks.items():
             reg = chunks[0]
             if reg.size == 0:
+                if reg.digest and reg.digest != _EMPTY_DIGEST:
+                    raise VerifyError(f"{name!r}: empty file with the digest {reg.digest!r}")
                 continue
             h = hashlib.sha256()
             for c in chunks:

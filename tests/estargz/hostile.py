@@ -36,6 +36,17 @@ REPO = Path(__file__).resolve().parents[2]
 # --- tars ------------------------------------------------------------------------------
 
 
+def raw(s: str | bytes) -> bytes:
+    """Text as a tar holds it: surrogate escapes back to their bytes, other lone
+    surrogates as the invalid UTF-8 an attacker can write."""
+    if isinstance(s, bytes):
+        return s
+    try:
+        return s.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "surrogatepass")
+
+
 def octal(v: int, width: int) -> bytes:
     return b"%0*o\x00" % (width - 1, v)
 
@@ -56,11 +67,8 @@ def header(name: str | bytes, *, typeflag: bytes = b"0", size: int | bytes = 0,
         assert len(out) <= width
         return out.ljust(width, b"\x00")
 
-    def text(v: str | bytes) -> bytes:
-        return v if isinstance(v, bytes) else v.encode("utf-8", "surrogateescape")
-
     blk = bytearray(BLOCK)
-    n = text(name)
+    n = raw(name)
     blk[0:len(n)] = n
     blk[100:108] = field(mode, 8)
     blk[108:116] = field(uid, 8)
@@ -69,7 +77,7 @@ def header(name: str | bytes, *, typeflag: bytes = b"0", size: int | bytes = 0,
     blk[136:148] = field(mtime, 12)
     blk[148:156] = b" " * 8
     blk[156:157] = typeflag
-    ln = text(linkname)
+    ln = raw(linkname)
     blk[157:157 + len(ln)] = ln
     blk[257:265] = b"ustar\x0000"
     blk[265:269] = b"root"
@@ -85,8 +93,7 @@ def pad(data: bytes) -> bytes:
 
 
 def pax_record(key: str | bytes, value: str | bytes) -> bytes:
-    k = key if isinstance(key, bytes) else key.encode()
-    v = value if isinstance(value, bytes) else value.encode("utf-8", "surrogateescape")
+    k, v = raw(key), raw(value)
     body = b" " + k + b"=" + v + b"\n"
     n = len(body) + 1
     while len(str(n)) + len(body) != n:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from peerstar.oci.convert import ConvertError, convert
+from peerstar.convert import ConvertError, convert
 from peerstar.oci.reference import parse_image_ref
 from tests.estargz.hostile import (
     base256,
