@@ -71,6 +71,8 @@ _IN_FLIGHT = 32 << 20  # uncompressed bytes submitted but not yet written
 _LARGE = 8 << 20  # a member larger than this is compressed on the writing thread, streamed
 _STEP = 1 << 20  # read size for payloads
 _EMPTY_DIGEST = "sha256:" + hashlib.sha256(b"").hexdigest()
+_KEEP_TOC = 16 << 20  # TOC JSON kept between its two uses up to this size
+_FEED = 256 << 10  # small pieces of a streamed member are fed to the compressor together
 
 
 @dataclass
@@ -338,22 +340,27 @@ class _Writer:
 
     def add(self, piece: bytes) -> None:
         """Append uncompressed bytes to the open member."""
-        if self._stream is not None:
-            self.write(self._stream.feed(piece))
-            return
         self._current.append(piece)
         self._current_bytes += len(piece)
+        if self._stream is not None:
+            if self._current_bytes >= _FEED:
+                self._feed()
+            return
         if self._current_bytes > _LARGE:
             self.drain()
             self.offsets.append(self.written)
             self._stream = self._comp.stream()
             self.write(self._stream.start())
-            for p in self._current:
-                self.write(self._stream.feed(p))
-            self._current, self._current_bytes = [], 0
+            self._feed()
+
+    def _feed(self) -> None:
+        assert self._stream is not None
+        self.write(self._stream.feed(b"".join(self._current)))
+        self._current, self._current_bytes = [], 0
 
     def close_member(self) -> None:
         if self._stream is not None:
+            self._feed()
             self.write(self._stream.finish())
             self._stream = None
             self.members += 1
@@ -433,10 +440,10 @@ def build(
         inp.close()
 
 
-def _meta_entry(h: TarHeader, kind: str) -> TOCEntry:
+def _meta_entry(h: TarHeader, kind: str, *, modtime: bool = True) -> TOCEntry:
     """The TOC entry of `h` without what compression adds (digests, offsets, chunks)."""
     e = TOCEntry(name=h.name, type=kind, mode=h.mode, uid=h.uid, gid=h.gid,
-                 modtime=format_modtime(h.mtime), xattrs=h.xattrs())
+                 modtime=format_modtime(h.mtime) if modtime else "", xattrs=h.xattrs())
     if kind in ("hardlink", "symlink"):
         e.link_name = h.linkname
     elif kind in ("char", "block"):
@@ -466,7 +473,7 @@ def _scan(inp: _Input) -> list[TarHeader]:
             h.linkname.startswith("/") or ".." in h.linkname.split("/")
         ):
             raise FormatError(f"hardlink {h.name!r} points outside the layer: {h.linkname!r}")
-        e = _meta_entry(h, kind)
+        e = _meta_entry(h, kind, modtime=False)  # (the cost does not count modtimes)
         check_entry(e, f"tar entry {h.name!r}")
         # A lower bound of what the entry costs in the TOC (digests and further chunks
         # come later): stop reading a tar whose TOC could never be read.
@@ -578,14 +585,22 @@ def _build(
         cost += entry_cost(e)
         if cost > TOC_MEMORY_LIMIT:
             raise FormatError(toc_too_large(cost, n + 1))
-    # Two passes over the TOC's JSON (its size first) rather than one string of it.
-    toc_size = sum(len(p) for p in iter_toc_json(toc))
+    # The TOC's size comes before its JSON: the pieces are kept if they are few, else
+    # made a second time, rather than held as one large string.
+    kept: list[bytes] | None = []
+    toc_size = 0
+    for p in iter_toc_json(toc):
+        toc_size += len(p)
+        if kept is not None:
+            kept.append(p)
+            if toc_size > _KEEP_TOC:
+                kept = None
     if toc_size > MAX_TOC_BYTES:
         raise FormatError(f"TOC would be {toc_size} bytes, more than {MAX_TOC_BYTES}")
     toc_hash = hashlib.sha256()
 
     def toc_json() -> Iterator[bytes]:
-        for p in iter_toc_json(toc):
+        for p in kept if kept is not None else iter_toc_json(toc):
             toc_hash.update(p)
             yield p
 
