@@ -73,6 +73,8 @@ _STEP = 1 << 20  # read size for payloads
 _EMPTY_DIGEST = "sha256:" + hashlib.sha256(b"").hexdigest()
 _KEEP_TOC = 16 << 20  # TOC JSON kept between its two uses up to this size
 _FEED = 256 << 10  # small pieces of a streamed member are fed to the compressor together
+_ZSTD_SIZE_HINT = 4 << 20  # zstd parameters are those of a level for an input this large
+_ZSTD_CONTEXTS = 96 << 20  # zstd compression contexts of all threads together
 
 
 @dataclass
@@ -254,11 +256,22 @@ class _Compressor:
         self.compression = compression
         self.level = level
         self._local = threading.local()
+        # zstd's parameters for a level are chosen for a 4 MiB input (the default chunk)
+        # rather than for an unknown size: level 22 would take a 640 MiB context for
+        # each thread; this way no context takes more than 65 MiB.
+        self.zstd_params = zstandard.ZstdCompressionParameters.from_level(
+            level, source_size=_ZSTD_SIZE_HINT) if compression == "zstd" else None
+
+    def max_workers(self) -> int:
+        """Threads whose compression contexts fit in _ZSTD_CONTEXTS (gzip: no limit)."""
+        if self.zstd_params is None:
+            return 1 << 16
+        return max(1, _ZSTD_CONTEXTS // self.zstd_params.estimated_compression_context_size())
 
     def _zstd(self) -> zstandard.ZstdCompressor:
         zc = getattr(self._local, "zc", None)
         if zc is None:
-            zc = self._local.zc = zstandard.ZstdCompressor(level=self.level)
+            zc = self._local.zc = zstandard.ZstdCompressor(compression_params=self.zstd_params)
         return zc
 
     def member(self, pieces: list[bytes]) -> bytes:
@@ -513,6 +526,7 @@ def _build(
     _check_tree(ordered)
 
     comp = _Compressor(compression, level)
+    workers = min(workers, comp.max_workers())
     diff = hashlib.sha256()
     toc: list[TOCEntry] = []
     offset_slots: list[tuple[TOCEntry, int]] = []  # (entry, member index)
@@ -617,7 +631,7 @@ def _build(
         w.write(stream.finish())
         w.write(estargz_footer(toc_offset))
     else:
-        co = zstandard.ZstdCompressor(level=level).compressobj(size=toc_size)
+        co = comp._zstd().compressobj(size=toc_size)
         ztoc = b"".join([*(co.compress(p) for p in toc_json()), co.flush()])
         toc_offset += 8  # the footer points past the skippable frame's own header
         w.write(skippable_frame(ztoc))

@@ -53,6 +53,14 @@ def check_descriptor(d: object, *, where: str) -> Descriptor:
             f"{where}: descriptor size {size!r} is not a non-negative integer: the image is "
             "corrupt"
         )
+    annotations = d.get("annotations")
+    if annotations is not None and not (isinstance(annotations, dict) and all(
+            isinstance(v, str) for v in annotations.values())):
+        raise ImageFormatError(
+            f"{where}: descriptor annotations are not a map of strings: the image is corrupt")
+    if d.get("platform") is not None and not isinstance(d["platform"], dict):
+        raise ImageFormatError(f"{where}: descriptor platform is not an object: the image is "
+                               "corrupt")
     return d
 
 
