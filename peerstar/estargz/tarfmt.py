@@ -20,6 +20,7 @@ from peerstar.estargz.errors import FormatError
 
 BLOCK = 512
 MAX_META = 1 << 20  # bound on PAX / GNU long-name payloads (Go's archive/tar: 1 MiB)
+_MAX_GLOBAL_RECORDS = 256  # each applies to every entry: keep that linear
 _INT64 = 1 << 63
 _OCTAL = re.compile(rb"[0-7]+")
 _DECIMAL = re.compile(r"[+-]?[0-9]{1,19}", re.ASCII)
@@ -132,6 +133,7 @@ def iter_headers(f: BinaryIO) -> Iterator[TarHeader]:
     f.seek(pos)
     global_pax: dict[str, str] = {}
     pending_pax: dict[str, str] = {}
+    meta = {b"x": 0, b"g": 0}  # metadata bytes read: per entry ('x') and in all ('g')
     long_name: str | None = None
     long_link: str | None = None
     while True:
@@ -159,6 +161,14 @@ def iter_headers(f: BinaryIO) -> Iterator[TarHeader]:
                 raise FormatError(
                     f"tar metadata entry at offset {at} has {size} bytes, more than "
                     f"{MAX_META} (the limit of Go's archive/tar)")
+            if typeflag in meta:
+                # Records pile up until an entry takes them (or, global ones, for every
+                # entry): bound them as one header is bounded.
+                meta[typeflag] += size
+                if meta[typeflag] > MAX_META:
+                    raise FormatError(
+                        f"tar has more than {MAX_META} bytes of PAX records "
+                        f"{'in all' if typeflag == b'g' else 'for one entry'} (at offset {at})")
             data = _read_exact(f, size)
             pad = (-size) % BLOCK
             f.seek(pad, 1)
@@ -167,6 +177,10 @@ def iter_headers(f: BinaryIO) -> Iterator[TarHeader]:
                 pending_pax.update(_parse_pax(data))
             elif typeflag == b"g":
                 global_pax.update(_parse_pax(data))
+                if len(global_pax) > _MAX_GLOBAL_RECORDS:
+                    raise FormatError(
+                        f"tar has more than {_MAX_GLOBAL_RECORDS} global PAX records, which "
+                        "apply to every entry")
             elif typeflag == b"L":
                 long_name = _str(data)
             else:
@@ -197,6 +211,7 @@ def iter_headers(f: BinaryIO) -> Iterator[TarHeader]:
             h.linkname = long_link
         _apply_pax(h, {**global_pax, **pending_pax})
         pending_pax, long_name, long_link = {}, None, None
+        meta[b"x"] = 0
         # Header-only types carry no payload whatever `size` says (as Go's reader does).
         payload = 0 if h.typeflag in (b"1", b"2", b"3", b"4", b"5", b"6") else h.size
         if payload > end - pos:

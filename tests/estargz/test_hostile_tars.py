@@ -85,6 +85,23 @@ def test_metadata_entries_past_the_limit():
     refused(tar(header("p", typeflag=b"x", size=base256(1 << 62, 12))), "limit of Go")
 
 
+def test_pax_records_that_pile_up():
+    """Consecutive 'x' headers accumulate for the next entry, global ones for all: both
+    bounded, so neither memory nor the per-entry merge can grow without limit."""
+    big = {f"SCHILY.xattr.user.k{i}": "v" * 100 for i in range(5000)}  # ~600 KiB each
+    refused(tar(pax(big), pax({k + "x": v for k, v in big.items()}), member("a")),
+            "PAX records for one entry")
+    many = {f"comment{i}": "" for i in range(300)}
+    glob = pax(many).replace(b"PaxHeaders/x", b"PaxHeaders/g", 1)
+    blk = bytearray(glob[:512])
+    blk[156:157] = b"g"
+    blk[148:156] = b" " * 8
+    blk[148:156] = b"%06o\x00 " % sum(blk)
+    refused(tar(bytes(blk) + glob[512:], member("a")), "global PAX records")
+    r = blob_of(tar(pax({"path": "x"}), pax({"mtime": "1"}), member("ignored", b"data")))
+    assert r.read("x") == b"data" and r.lookup("x").modtime == "1970-01-01T00:00:01Z"
+
+
 # --- numbers ---------------------------------------------------------------------------
 
 
