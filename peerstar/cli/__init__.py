@@ -19,6 +19,7 @@ import sys
 
 from peerstar.cli.escape import printable
 from peerstar.errors import PeerstarError
+from peerstar.localfile import oserror_text
 
 # Modules that only an extra installs, and that extra: `pip install 'peerstar[EXTRA]'`.
 EXTRAS = {"pyfuse3": "fuse", "trio": "fuse", "grpc": "grpc", "grpc_tools": "grpc",
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
-        _error(f"{where}{exc.strerror or exc}")
+        _error(f"{where}{oserror_text(exc)}")
         return 1
     except Exception as exc:
         return _internal_error(args, exc)

@@ -24,7 +24,7 @@ from peerstar.errors import PeerstarError
 from peerstar.estargz import Reader, TOCEntry
 from peerstar.estargz.reader import ReadAt, compute_diff_id
 from peerstar.estargz.toc import format_year, parse_modtime, utc_fields
-from peerstar.localfile import RangeFile
+from peerstar.localfile import RangeFile, oserror_text
 
 _IN_MEMORY = 16 << 20
 
@@ -63,7 +63,7 @@ def _blob(path: str, toc_digest: str | None = None) -> Iterator[tuple[ReadAt, in
             try:
                 return f.read_at(offset, length)
             except OSError as exc:
-                raise PeerstarError(f"cannot read: {exc.strerror or exc}") from None
+                raise PeerstarError(f"cannot read: {oserror_text(exc)}") from None
 
         try:
             yield read_at, f.size, Reader.open(read_at, f.size, toc_digest=toc_digest)
