@@ -1,18 +1,32 @@
-"""`peerstar estargz verify|ls|cat`: inspect a local eStargz / zstd:chunked blob."""
+"""`peerstar estargz verify|ls|cat`: inspect a local eStargz / zstd:chunked blob.
+
+Every error names the blob; names from the blob are printed escaped
+(`escape.printable`) and times of any year are shown (the TOC may say year 10000).
+`cat` writes a chunk's bytes only once the chunk is verified, keeping at most
+`_IN_MEMORY` bytes of it in memory (a larger part goes through a temporary file), so
+no blob can make it hold a huge chunk.
+"""
 
 from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
+import shutil
 import stat
 import sys
-from datetime import UTC, datetime
+import tempfile
+from collections.abc import Iterator
 
+from peerstar.cli.escape import printable
 from peerstar.errors import PeerstarError
 from peerstar.estargz import Reader, TOCEntry
-from peerstar.estargz.reader import compute_diff_id
-from peerstar.localfile import RangeFile
+from peerstar.estargz.reader import ReadAt, compute_diff_id
+from peerstar.estargz.toc import format_year, parse_modtime, utc_fields
+from peerstar.localfile import RangeFile, oserror_text
+
+_IN_MEMORY = 16 << 20
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,31 +53,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(func=cmd_cat)
 
 
-def _open(path: str, toc_digest: str | None = None) -> tuple[RangeFile, Reader]:
-    f = RangeFile(path)
-    try:
-        return f, Reader.open(f.read_at, f.size, toc_digest=toc_digest)
-    except PeerstarError as exc:
-        f.close()
-        raise PeerstarError(f"{path}: {exc}") from None
+@contextlib.contextmanager
+def _blob(path: str, toc_digest: str | None = None) -> Iterator[tuple[ReadAt, int, Reader]]:
+    """(read_at, size, reader) of the blob at `path`; any problem with it, from opening
+    to the last read, is one error that names it."""
+    with RangeFile(path) as f:
+
+        def read_at(offset: int, length: int) -> bytes:
+            try:
+                return f.read_at(offset, length)
+            except OSError as exc:
+                raise PeerstarError(f"cannot read: {oserror_text(exc)}") from None
+
+        try:
+            yield read_at, f.size, Reader.open(read_at, f.size, toc_digest=toc_digest)
+        except PeerstarError as exc:
+            raise PeerstarError(f"{path}: {exc}") from None
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    f, r = _open(args.blob, args.toc_digest)
-    with f:
-        try:
-            r.check_links()
-            r.verify_all()
-            if args.diff_id:
-                got, _ = compute_diff_id(f.read_at, f.size, r.compression)
-                if got != args.diff_id:
-                    raise PeerstarError(f"DiffID is {got}, expected {args.diff_id}")
-        except PeerstarError as exc:
-            raise PeerstarError(f"{args.blob}: {exc}") from None
+    with _blob(args.blob, args.toc_digest) as (read_at, size, r):
+        r.verify()
+        if args.diff_id:
+            got, _ = compute_diff_id(read_at, size, r.compression)
+            if got != args.diff_id:
+                raise PeerstarError(f"DiffID is {got}, expected {args.diff_id}")
     files = sum(1 for e in r.entries if e.type == "reg")
     chunks = sum(1 for e in r.entries if e.is_data and e.chunk_size)
-    print(f"OK {args.blob}: {r.compression}, {files} files, {chunks} chunks verified, "
-          f"TOC {r.toc_digest}")
+    print(f"OK {printable(args.blob)}: {r.compression}, {files} files, {chunks} chunks "
+          f"verified, TOC {r.toc_digest}")
     return 0
 
 
@@ -71,9 +89,15 @@ def _type_char(e: TOCEntry) -> str:
     return {"dir": "d", "symlink": "l", "char": "c", "block": "b", "fifo": "p"}.get(e.type, "-")
 
 
+def _when(e: TOCEntry) -> str:
+    """The entry's mtime as "YYYY-MM-DD HH:MM" UTC, for any year (the epoch when the TOC
+    has none or a malformed one)."""
+    y, mo, d, hh, mm, _ = utc_fields(parse_modtime(e.modtime) or 0)
+    return f"{format_year(y)}-{mo:02d}-{d:02d} {hh:02d}:{mm:02d}"
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
-    f, r = _open(args.blob)
-    with f:
+    with _blob(args.blob) as (_, _, r):
         for path, e in r.walk():
             if args.json:
                 print(json.dumps({
@@ -85,24 +109,34 @@ def cmd_ls(args: argparse.Namespace) -> int:
                     "chunks": [[c.chunk_offset, c.chunk_size] for c in r.chunks(path)],
                 }))
             elif args.long:
-                mode = _type_char(e) + stat.filemode(e.mode)[1:]
-                when = datetime.fromtimestamp(e.mtime(), UTC).strftime("%Y-%m-%d %H:%M")
-                owner = f"{e.uname or e.uid}/{e.gname or e.gid}"
-                link = f" -> {e.link_name}" if e.type == "symlink" else ""
-                print(f"{mode} {owner:>12} {e.size:>10} {when} {path}{link}")
+                # Permission bits only: the TOC's mode may hold anything up to 2^63.
+                mode = _type_char(e) + stat.filemode(e.mode & 0o7777)[1:]
+                owner = printable(f"{e.uname or e.uid}/{e.gname or e.gid}")
+                link = f" -> {printable(e.link_name)}" if e.type == "symlink" else ""
+                print(f"{mode} {owner:>12} {e.size:>10} {_when(e)} {printable(path)}{link}")
             else:
-                print(path)
+                print(printable(path))
     return 0
 
 
 def cmd_cat(args: argparse.Namespace) -> int:
-    f, r = _open(args.blob)
-    with f:
-        try:
-            data = r.read(args.path, args.offset, args.length)
-        except (FileNotFoundError, IsADirectoryError, ValueError) as exc:
-            raise PeerstarError(f"{args.blob}: {exc}") from None
-        except PeerstarError as exc:
-            raise PeerstarError(f"{args.blob}: {exc}") from None
-    sys.stdout.buffer.write(data)
+    if args.offset < 0:
+        raise PeerstarError(f"--offset must not be negative, not {args.offset}")
+    out = sys.stdout.buffer
+    with _blob(args.blob) as (_, _, r):
+        e = r.lookup(args.path)
+        if e is None:
+            raise PeerstarError(f"{args.path!r} is not in this layer")
+        if e.type != "reg":
+            raise PeerstarError(f"{args.path!r} is a {e.type}, not a regular file")
+        for chunk, lo, hi in r.chunk_spans(e, args.offset, args.length):
+            if hi - lo <= _IN_MEMORY:
+                out.write(b"".join(r.iter_chunk(chunk, lo, hi)))
+                continue
+            with tempfile.TemporaryFile(prefix="peerstar-cat-") as spool:
+                for piece in r.iter_chunk(chunk, lo, hi):
+                    spool.write(piece)
+                spool.seek(0)  # the whole chunk verified: now its bytes may be shown
+                shutil.copyfileobj(spool, out, 1 << 20)
+    out.flush()
     return 0

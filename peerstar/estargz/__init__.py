@@ -8,10 +8,14 @@ reader serves a local file, a bytes object or an HTTP Range fetcher.
 
 Public API:
 - `build(src, dst, ...) -> BuildResult`: a layer tar (plain, gzip or zstd) in, a blob
-  written to the binary stream `dst`.
+  written to the binary stream `dst`; it refuses what a reader would reject.
 - `Reader.open(read_at, size, toc_digest=None)` / `Reader.from_bytes(blob)`: parse the
-  footer and TOC; `lookup`, `listdir`, `read`, `verify_all`.
+  footer and TOC; `lookup`, `listdir`, `walk`, `read`, `iter_chunk`, `verify`.
 - `EstargzError` and its subclasses for every malformed or lying input.
+
+Modules: `footer`, `toc` (entries, JSON, limits), `tree` (the tree a TOC describes),
+`tarfmt` (tar headers), `decompress` (bounded streaming inflate), `reader`, `build`.
+Memory and time stay bounded whatever an input declares (see `toc.TOC_MEMORY_LIMIT`).
 """
 
 from peerstar.estargz.build import BuildResult, build

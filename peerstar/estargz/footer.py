@@ -58,15 +58,17 @@ def skippable_frame(body: bytes) -> bytes:
     return ZSTD_SKIPPABLE_MAGIC + struct.pack("<I", len(body)) + body
 
 
+_HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
+
+
 def _parse_hex_offset(field: bytes, what: str) -> int:
     if field[16:] != b"STARGZ":
         raise FormatError(f"{what} footer has no STARGZ magic")
-    try:
-        text = field[:16].decode("ascii")
-        value = int(text, 16)
-    except (UnicodeDecodeError, ValueError):
-        raise FormatError(f"{what} footer has a malformed TOC offset {field[:16]!r}") from None
-    return value
+    # Sixteen hex digits and nothing else: int() would also take a sign, spaces and
+    # underscores, and a negative offset must never reach a read.
+    if not set(field[:16]) <= _HEX_DIGITS:
+        raise FormatError(f"{what} footer has a malformed TOC offset {field[:16]!r}")
+    return int(field[:16], 16)
 
 
 def _parse_gzip_extra(tail: bytes) -> bytes:

@@ -4,45 +4,64 @@ All bytes come through `read_at(offset, length)`, so the reader works the same o
 local file, a bytes object or a remote blob fetched with HTTP Range. Every chunk is
 checked against its `chunkDigest` before any of its bytes are returned, and the TOC
 against the expected TOC digest when one is given.
+
+Memory stays bounded whatever the blob declares: the TOC is decompressed and parsed
+as a stream (and refused beyond `toc.TOC_MEMORY_LIMIT`), chunks are decompressed in
+pieces and never past the size the TOC gives them, and `verify_all` and
+`iter_entry` hold one piece at a time, however large a chunk is.
 """
 
 from __future__ import annotations
 
 import hashlib
-import posixpath
-import zlib
 from bisect import bisect_right
 from collections.abc import Callable, Iterator
 
-import zstandard
-
+from peerstar.estargz.decompress import (
+    DecompressError,
+    TruncatedError,
+    inflate,
+    inflate_bytes,
+    read_exact,
+)
 from peerstar.estargz.errors import FormatError, VerifyError
 from peerstar.estargz.footer import MAX_FOOTER_SIZE, Footer, parse_footer
-from peerstar.estargz.tarfmt import BLOCK
-from peerstar.estargz.toc import TOC_TAR_NAME, TOCEntry, clean_name, parse_toc
+from peerstar.estargz.tarfmt import BLOCK, parse_number
+from peerstar.estargz.toc import MAX_TOC_BYTES, TOC_TAR_NAME, TOCEntry, clean_name, parse_toc
+from peerstar.estargz.tree import Tree
 
 ReadAt = Callable[[int, int], bytes]
-MAX_TOC_BYTES = 512 << 20  # an uncompressed TOC larger than this is treated as a bomb
 # Deflate cannot expand by more than ~1032:1, zstd by ~32768:1 (RLE blocks); a TOC
 # that claims more uncompressed bytes than its compressed range can hold is lying.
 _MAX_RATIO = {"gzip": 1032, "gzip-legacy": 1032, "zstd": 65536}
+_EMPTY_DIGEST = "sha256:" + hashlib.sha256(b"").hexdigest()
 
 
 class Reader:
     """A parsed blob: the TOC, the tree built from it, and range reads."""
 
-    def __init__(self, read_at: ReadAt, size: int, footer: Footer, toc_json: bytes) -> None:
+    def __init__(self, read_at: ReadAt, size: int, footer: Footer) -> None:
+        """Read and parse the TOC that `footer` points at (use `open`)."""
         self._read_at = read_at
         self.size = size
         self.footer = footer
         self.compression = footer.compression
-        self.toc_json = toc_json
-        self.toc_digest = "sha256:" + hashlib.sha256(toc_json).hexdigest()
-        self.version, self.entries = parse_toc(toc_json)
-        self._by_name: dict[str, TOCEntry] = {}
+        h = hashlib.sha256()
+
+        def hashed() -> Iterator[bytes]:
+            for piece in _toc_pieces(read_at, footer):
+                h.update(piece)
+                yield piece
+
+        self.version, self.entries = parse_toc(hashed())
+        self.toc_digest = "sha256:" + h.hexdigest()
         self._chunks: dict[str, list[TOCEntry]] = {}
-        self._children: dict[str, dict[str, TOCEntry]] = {}
         self._index()
+
+    @property
+    def toc_json(self) -> bytes:
+        """The TOC's JSON bytes, read again from the blob (not kept: it can be large)."""
+        return b"".join(_toc_pieces(self._read_at, self.footer))
 
     # -- opening --------------------------------------------------------------------
 
@@ -54,8 +73,7 @@ class Reader:
         tail_len = min(size, MAX_FOOTER_SIZE)
         tail = _read_checked(read_at, size - tail_len, tail_len)
         footer = parse_footer(tail, size)
-        toc_json = _read_toc(read_at, footer)
-        r = cls(read_at, size, footer, toc_json)
+        r = cls(read_at, size, footer)
         if toc_digest is not None and r.toc_digest != toc_digest:
             raise VerifyError(
                 f"TOC digest is {r.toc_digest}, expected {toc_digest}: the blob does not "
@@ -81,7 +99,7 @@ class Reader:
                 if last_reg is None:
                     raise FormatError(f"chunk entry {e.name!r} does not follow a regular file")
                 e.name = last_name
-                self._chunks.setdefault(e.name, []).append(e)
+                self._chunks[e.name].append(e)
                 if e.chunk_size == 0:
                     e.chunk_size = last_reg.size - e.chunk_offset
                 continue
@@ -101,54 +119,9 @@ class Reader:
                     e.chunk_size = e.size
             else:
                 last_reg = None
-            if e.type == "dir":
-                e.num_link += 1
-            self._by_name[e.name] = e
-        self._by_name.setdefault("", TOCEntry(name="", type="dir", mode=0o755, num_link=2))
-        root = self._by_name[""]
-        if root.type != "dir":
-            raise FormatError("the TOC's root entry is not a directory")
-        self._children[""] = {}
-        for e in self.entries:
-            if e.type == "chunk" or e.name == "":
-                continue
-            if self._by_name.get(e.name) is not e:
-                continue  # a later entry of the same name replaced this one
-            parent = self._dir(posixpath.dirname(e.name))
-            target = e
-            e.num_link += 1
-            if e.type == "hardlink":
-                target = self._source(e)
-                target.num_link += 1
-            if target.type == "dir":
-                parent.num_link += 1
-            self._children[parent.name][posixpath.basename(e.name)] = target
+        self._tree = Tree(self.entries)
+        self._by_name = self._tree.by_name
         self._check_chunks()
-
-    def _dir(self, name: str) -> TOCEntry:
-        e = self._by_name.get(name)
-        if e is None:
-            e = TOCEntry(name=name, type="dir", mode=0o755, num_link=2)
-            self._by_name[name] = e
-            parent = self._dir(posixpath.dirname(name))
-            parent.num_link += 1
-            self._children[parent.name][posixpath.basename(name)] = e
-        elif e.type != "dir":
-            raise FormatError(f"{name!r} is used as a directory but is a {e.type}")
-        self._children.setdefault(name, {})
-        return e
-
-    def _source(self, e: TOCEntry) -> TOCEntry:
-        seen = set()
-        while e.type == "hardlink":
-            if e.name in seen:
-                raise FormatError(f"hardlink loop at {e.name!r}")
-            seen.add(e.name)
-            target = self._by_name.get(clean_name(e.link_name))
-            if target is None:
-                raise FormatError(f"{e.name!r} is a hardlink to {e.link_name!r}, which is missing")
-            e = target
-        return e
 
     def _check_chunks(self) -> None:
         """Reject TOCs whose data entries lie: overlaps, gaps, offsets past the payload."""
@@ -183,7 +156,9 @@ class Reader:
                         f"{name!r}: chunk at {c.chunk_offset} should start at {expect} "
                         "(chunks must cover the file without gaps or overlaps)"
                     )
-                if reg.size and c.chunk_size <= 0:
+                if c.chunk_size <= 0 and (reg.size or c is not reg):
+                    # (a chunk entry's size defaults to the rest of the file, which a
+                    # lying size makes zero or negative)
                     raise FormatError(f"{name!r}: chunk at {c.chunk_offset} has no size")
                 expect += c.chunk_size
             if expect != reg.size:
@@ -195,7 +170,7 @@ class Reader:
         """The entry at `path` (normalised like the reference); hardlinks resolved."""
         e = self._by_name.get(clean_name(path))
         if e is not None and e.type == "hardlink":
-            e = self._source(e)
+            e = self._tree.source(e)
         return e
 
     def listdir(self, path: str) -> dict[str, TOCEntry]:
@@ -203,19 +178,11 @@ class Reader:
         e = self.lookup(name)
         if e is None or e.type != "dir":
             raise FileNotFoundError(f"{path!r} is not a directory in this layer")
-        return dict(self._children.get(name, {}))
+        return dict(self._tree.children.get(name, {}))
 
     def walk(self) -> Iterator[tuple[str, TOCEntry]]:
         """Every path in the tree (depth first, sorted), with its (resolved) entry."""
-        stack = [""]
-        while stack:
-            d = stack.pop()
-            for base, e in sorted(self._children.get(d, {}).items(), reverse=True):
-                p = f"{d}/{base}" if d else base
-                if e.type == "dir":
-                    stack.append(p)
-            for base, e in sorted(self._children.get(d, {}).items()):
-                yield (f"{d}/{base}" if d else base), e
+        return self._tree.walk()
 
     def chunks(self, path: str) -> list[TOCEntry]:
         e = self.lookup(path)
@@ -234,41 +201,65 @@ class Reader:
         """The compressed byte range [start, end) holding `chunk`."""
         return chunk.offset, chunk.next_offset
 
-    def decompress_chunk(self, chunk: TOCEntry, section: bytes, *, verify: bool = True) -> bytes:
-        """A chunk's bytes from its compressed section, checked against its digest."""
+    def iter_chunk(self, chunk: TOCEntry, lo: int = 0, hi: int | None = None, *,
+                   verify: bool = True, section: bytes | None = None) -> Iterator[bytes]:
+        """Bytes [lo, hi) of `chunk` (chunk-relative), in pieces, decompressed from the
+        blob (or from its already fetched compressed `section`).
+
+        The whole chunk is decompressed and hashed, one piece at a time and never past
+        its size in the TOC; the pieces are verified only when the iterator finishes
+        without raising VerifyError: consume it to the end before trusting them.
+        """
         n = chunk.chunk_size
+        hi = n if hi is None else min(hi, n)
+        if section is None:
+            pieces = inflate(self._read_at, chunk.offset, chunk.next_offset, self.compression)
+        else:
+            pieces = inflate_bytes(section, self.compression)
+        h = hashlib.sha256() if verify else None
+        got = 0
         try:
-            if self.compression == "zstd":
-                d = zstandard.ZstdDecompressor().decompressobj()
-                out = d.decompress(section)[:n]  # one frame: bounded by its content size
-            else:
-                d = zlib.decompressobj(zlib.MAX_WBITS | 16)
-                out = d.decompress(section, n)
-        except (zlib.error, zstandard.ZstdError) as exc:
+            for piece in pieces:
+                if got + len(piece) > n:
+                    piece = piece[:n - got]
+                if h is not None:
+                    h.update(piece)
+                a, b = max(lo - got, 0), min(hi - got, len(piece))
+                if a < b:
+                    yield piece if (a, b) == (0, len(piece)) else piece[a:b]
+                got += len(piece)
+                if got == n:
+                    break
+        except DecompressError as exc:
             raise VerifyError(
                 f"{chunk.name!r}: chunk at offset {chunk.offset} does not decompress: {exc}"
             ) from None
-        if len(out) != n:
+        except TruncatedError as exc:
+            raise FormatError(str(exc)) from None
+        finally:
+            pieces.close()
+        if got != n:
             raise VerifyError(
-                f"{chunk.name!r}: chunk at offset {chunk.offset} holds {len(out)} bytes, "
+                f"{chunk.name!r}: chunk at offset {chunk.offset} holds {got} bytes, "
                 f"TOC says {n}"
             )
-        if verify:
+        if h is not None:
             want = chunk.chunk_digest or (chunk.digest if chunk.size == n else "")
             if not want:
                 raise VerifyError(f"{chunk.name!r}: chunk at {chunk.chunk_offset} has no digest")
-            got = "sha256:" + hashlib.sha256(out).hexdigest()
-            if got != want:
+            got_digest = "sha256:" + h.hexdigest()
+            if got_digest != want:
                 raise VerifyError(
                     f"{chunk.name!r}: chunk at file offset {chunk.chunk_offset} has digest "
-                    f"{got}, TOC says {want}: the blob was altered"
+                    f"{got_digest}, TOC says {want}: the blob was altered"
                 )
-        return out
+
+    def decompress_chunk(self, chunk: TOCEntry, section: bytes, *, verify: bool = True) -> bytes:
+        """A chunk's bytes from its compressed section, checked against its digest."""
+        return b"".join(self.iter_chunk(chunk, verify=verify, section=section))
 
     def read_chunk(self, chunk: TOCEntry, *, verify: bool = True) -> bytes:
-        start, end = self.chunk_section(chunk)
-        return self.decompress_chunk(chunk, _read_checked(self._read_at, start, end - start),
-                                     verify=verify)
+        return b"".join(self.iter_chunk(chunk, verify=verify))
 
     def read(self, path: str, offset: int = 0, size: int = -1) -> bytes:
         """`size` bytes of the file at `path` from `offset` (all when -1), verified."""
@@ -284,58 +275,59 @@ class Reader:
     def read_entry(self, entry: TOCEntry, offset: int, size: int = -1, *,
                    read_chunk: Callable[[TOCEntry], bytes] | None = None) -> bytes:
         """Bytes [offset, offset+size) of the regular file `entry`, from the chunks that
-        cover them; `read_chunk` (default: fetch and verify) lets a caller serve chunks
-        from a cache."""
+        cover them; `read_chunk` (default: fetch and verify, keeping only the bytes
+        asked for) lets a caller serve whole chunks from a cache."""
+        out = []
+        for c, lo, hi in self.chunk_spans(entry, offset, size):
+            if read_chunk is not None:
+                out.append(read_chunk(c)[lo:hi])
+            else:
+                out.append(b"".join(self.iter_chunk(c, lo, hi)))
+        return b"".join(out)
+
+    def chunk_spans(self, entry: TOCEntry, offset: int,
+                    size: int = -1) -> Iterator[tuple[TOCEntry, int, int]]:
+        """(chunk, lo, hi) for each chunk holding bytes [offset, offset+size) of regular
+        file `entry`, with [lo, hi) relative to the chunk."""
         end = entry.size if size < 0 else min(entry.size, offset + size)
         if offset >= end:
-            return b""
-        get = read_chunk or self.read_chunk
+            return
         chunks = self.entry_chunks(entry)
         starts = [c.chunk_offset for c in chunks]
         i = max(0, bisect_right(starts, offset) - 1)
-        out = []
         while i < len(chunks) and chunks[i].chunk_offset < end:
             c = chunks[i]
-            data = get(c)
             lo = max(offset, c.chunk_offset) - c.chunk_offset
             hi = min(end, c.chunk_offset + c.chunk_size) - c.chunk_offset
-            out.append(data[lo:hi])
+            yield c, lo, hi
             i += 1
-        return b"".join(out)
 
     def verify_all(self) -> None:
-        """Check every chunk of every file against its digest (and each file's digest)."""
+        """Check every chunk of every file against its digest (and each file's digest),
+        one piece in memory at a time."""
         for name, chunks in self._chunks.items():
             reg = chunks[0]
             if reg.size == 0:
+                if reg.digest and reg.digest != _EMPTY_DIGEST:
+                    raise VerifyError(f"{name!r}: empty file with the digest {reg.digest!r}")
                 continue
             h = hashlib.sha256()
             for c in chunks:
-                h.update(self.read_chunk(c))
+                for piece in self.iter_chunk(c):
+                    h.update(piece)
             if reg.digest and "sha256:" + h.hexdigest() != reg.digest:
                 raise VerifyError(f"{name!r}: file digest does not match the TOC")
 
     def check_links(self) -> None:
-        """Reject relative symlinks whose target climbs above the layer root.
+        """Reject relative symlinks whose target climbs above the layer root
+        (`Tree.check_links`)."""
+        self._tree.check_links()
 
-        Absolute targets are fine: runtimes resolve them inside the container's root.
-        A relative target with more `..` than the link has parent directories can only
-        mean to reach outside the tree (an extractor that follows it writes outside the
-        target), so strict readers refuse the layer.
-        """
-        for path, e in self.walk():
-            if e.type != "symlink" or e.link_name.startswith("/"):
-                continue
-            depth = path.count("/")
-            for part in e.link_name.split("/"):
-                if part == "..":
-                    depth -= 1
-                    if depth < 0:
-                        raise FormatError(
-                            f"symlink {path!r} -> {e.link_name!r} points outside the layer root"
-                        )
-                elif part not in ("", "."):
-                    depth += 1
+    def verify(self) -> None:
+        """Everything `peerstar estargz verify` checks once the TOC is open: links stay
+        inside the root, every chunk and file digest matches."""
+        self.check_links()
+        self.verify_all()
 
     def prefetch_end(self) -> int | None:
         """Offset of `.prefetch.landmark` (end of the prioritized files), if present."""
@@ -349,79 +341,78 @@ class Reader:
 
 
 def _read_checked(read_at: ReadAt, offset: int, length: int) -> bytes:
-    data = read_at(offset, length)
-    if len(data) != length:
-        raise FormatError(
-            f"blob is truncated: wanted {length} bytes at offset {offset}, got {len(data)}"
-        )
-    return data
-
-
-def _read_toc(read_at: ReadAt, footer: Footer) -> bytes:
-    raw = _read_checked(read_at, footer.toc_offset, footer.toc_size)
-    if footer.compression == "zstd":
-        if footer.toc_uncompressed_size > MAX_TOC_BYTES:
-            raise FormatError(f"TOC claims {footer.toc_uncompressed_size} bytes: too large")
-        try:
-            d = zstandard.ZstdDecompressor()
-            out = d.decompress(raw, max_output_size=footer.toc_uncompressed_size or MAX_TOC_BYTES)
-        except zstandard.ZstdError as exc:
-            raise FormatError(f"TOC frame does not decompress: {exc}") from None
-        if footer.toc_uncompressed_size and len(out) != footer.toc_uncompressed_size:
-            raise FormatError("TOC size differs from the size in the footer")
-        return out
-    d = zlib.decompressobj(zlib.MAX_WBITS | 16)
     try:
-        head = d.decompress(raw, BLOCK)
+        return read_exact(read_at, offset, length)
+    except TruncatedError as exc:
+        raise FormatError(str(exc)) from None
+
+
+def _toc_pieces(read_at: ReadAt, footer: Footer) -> Iterator[bytes]:
+    """The TOC's JSON bytes, in pieces, never past the size its header or footer gives."""
+    start, end = footer.toc_offset, footer.toc_offset + footer.toc_size
+    try:
+        if footer.compression == "zstd":
+            declared = footer.toc_uncompressed_size
+            if declared > MAX_TOC_BYTES:
+                raise FormatError(f"TOC claims {declared} bytes: too large")
+            limit = declared or MAX_TOC_BYTES
+            total = 0
+            for piece in inflate(read_at, start, end, "zstd"):
+                total += len(piece)
+                if total > limit:
+                    if declared:
+                        raise FormatError("TOC size differs from the size in the footer")
+                    raise FormatError(f"TOC is larger than {MAX_TOC_BYTES} bytes: too large")
+                yield piece
+            if declared and total != declared:
+                raise FormatError("TOC size differs from the size in the footer")
+            return
+        pieces = inflate(read_at, start, end, "gzip")
+        head = b""
+        for piece in pieces:
+            head += piece
+            if len(head) >= BLOCK:
+                break
         if len(head) < BLOCK:
             raise FormatError("TOC member is too short to hold a tar header")
         name = head[:100].split(b"\x00", 1)[0]
         if name != TOC_TAR_NAME.encode():
             raise FormatError(f"TOC tar entry is named {name!r}, expected {TOC_TAR_NAME!r}")
-        size_field = head[124:136].split(b"\x00", 1)[0].strip()
-        try:
-            n = int(size_field or b"0", 8)
-        except ValueError:
-            raise FormatError("TOC tar header has a malformed size") from None
+        n = parse_number(head[124:136], "size")
+        if n < 0:
+            raise FormatError("TOC tar header has a negative size")
         if n > MAX_TOC_BYTES:
             raise FormatError(f"TOC claims {n} bytes: too large")
-        body = d.decompress(d.unconsumed_tail, n)
-    except zlib.error as exc:
+        rest, total = head[BLOCK:], 0
+        while True:
+            rest = rest[:n - total]
+            if rest:
+                total += len(rest)
+                yield rest
+            if total >= n:
+                break
+            rest = next(pieces, b"")
+            if not rest:
+                break
+        pieces.close()
+        if total != n:
+            raise FormatError(f"TOC is truncated: {total} of {n} bytes")
+    except DecompressError as exc:
         raise FormatError(f"TOC member does not decompress: {exc}") from None
-    if len(body) != n:
-        raise FormatError(f"TOC is truncated: {len(body)} of {n} bytes")
-    return body
+    except TruncatedError as exc:
+        raise FormatError(str(exc)) from None
 
 
 def compute_diff_id(read_at: ReadAt, size: int, compression: str) -> tuple[str, int]:
     """sha256 and length of the whole decompressed blob (its DiffID), streamed."""
     h = hashlib.sha256()
     total = 0
-    step = 1 << 20
-
-    def pieces() -> Iterator[bytes]:
-        for off in range(0, size, step):
-            yield _read_checked(read_at, off, min(step, size - off))
-
     try:
-        if compression == "zstd":
-            d = zstandard.ZstdDecompressor().decompressobj(read_across_frames=True)
-            for p in pieces():
-                out = d.decompress(p)
-                h.update(out)
-                total += len(out)
-        else:
-            d = zlib.decompressobj(zlib.MAX_WBITS | 16)
-            for p in pieces():
-                while p:
-                    out = d.decompress(p)
-                    h.update(out)
-                    total += len(out)
-                    if d.eof:
-                        p = d.unused_data
-                        d = zlib.decompressobj(zlib.MAX_WBITS | 16)
-                    else:
-                        p = b""
-    except (zlib.error, zstandard.ZstdError) as exc:
+        for piece in inflate(read_at, 0, size, compression, across=True):
+            h.update(piece)
+            total += len(piece)
+    except DecompressError as exc:
         raise VerifyError(f"blob does not decompress: {exc}") from None
+    except TruncatedError as exc:
+        raise FormatError(str(exc)) from None
     return "sha256:" + h.hexdigest(), total

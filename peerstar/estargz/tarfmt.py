@@ -9,6 +9,9 @@ header in front when a field does not fit.
 
 from __future__ import annotations
 
+import math
+import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -16,7 +19,12 @@ from typing import BinaryIO
 from peerstar.estargz.errors import FormatError
 
 BLOCK = 512
-MAX_META = 64 << 20  # bound on PAX / GNU long-name payloads
+MAX_META = 1 << 20  # bound on PAX / GNU long-name payloads (Go's archive/tar: 1 MiB)
+_MAX_GLOBAL_RECORDS = 256  # each applies to every entry: keep that linear
+_INT64 = 1 << 63
+_OCTAL = re.compile(rb"[0-7]+")
+_DECIMAL = re.compile(r"[+-]?[0-9]{1,19}", re.ASCII)
+_PAX_TIME = re.compile(r"([+-]?[0-9]{1,19})(?:\.([0-9]*))?", re.ASCII)
 
 TYPE_NAMES = {
     b"0": "reg",
@@ -30,7 +38,7 @@ TYPE_NAMES = {
 }
 
 
-@dataclass
+@dataclass(slots=True)
 class TarHeader:
     name: str
     typeflag: bytes
@@ -38,7 +46,7 @@ class TarHeader:
     mode: int = 0
     uid: int = 0
     gid: int = 0
-    mtime: float = 0
+    mtime: float = 0  # an int unless the PAX mtime has a fraction
     linkname: str = ""
     uname: str = ""
     gname: str = ""
@@ -66,20 +74,22 @@ def _str(b: bytes) -> str:
     return b.split(b"\x00", 1)[0].decode("utf-8", "surrogateescape")
 
 
-def _num(b: bytes, what: str) -> int:
+def parse_number(b: bytes, what: str) -> int:
+    """A numeric header field: octal text, or GNU base-256; int64 range, as Go reads them."""
     if b and b[0] & 0x80:
         # GNU base-256: big-endian two's complement with the top bit as a marker.
         v = int.from_bytes(bytes([b[0] & 0x7F]) + b[1:], "big")
         if b[0] & 0x40:
             v -= 1 << (len(b) * 8 - 1)
+        if not -_INT64 <= v < _INT64:
+            raise FormatError(f"tar header field {what} is out of range ({v})")
         return v
     s = b.split(b"\x00", 1)[0].strip(b" \x00")
     if not s:
         return 0
-    try:
-        return int(s, 8)
-    except ValueError:
-        raise FormatError(f"tar header field {what} is not a number: {b!r}") from None
+    if not _OCTAL.fullmatch(s):
+        raise FormatError(f"tar header field {what} is not a number: {b!r}")
+    return int(s, 8)
 
 
 def _parse_pax(data: bytes) -> dict[str, str]:
@@ -88,19 +98,18 @@ def _parse_pax(data: bytes) -> dict[str, str]:
     while pos < len(data):
         if data[pos] == 0:
             break
-        sp = data.find(b" ", pos)
-        if sp < 0:
+        sp = data.find(b" ", pos, pos + 20)
+        if sp < 0 or not data[pos:sp].isdigit():
             raise FormatError("malformed PAX record (no length)")
-        try:
-            n = int(data[pos:sp])
-        except ValueError:
-            raise FormatError("malformed PAX record length") from None
+        n = int(data[pos:sp])
         if n <= sp - pos or pos + n > len(data):
             raise FormatError("PAX record length out of range")
         rec = data[sp + 1 : pos + n]
         if not rec.endswith(b"\n") or b"=" not in rec:
             raise FormatError("malformed PAX record")
         k, v = rec[:-1].split(b"=", 1)
+        if not k or b"\x00" in k:
+            raise FormatError(f"PAX record has an empty key or a NUL in its key {k!r}")
         recs[k.decode("utf-8", "surrogateescape")] = v.decode("utf-8", "surrogateescape")
         pos += n
     return recs
@@ -114,10 +123,17 @@ def _read_exact(f: BinaryIO, n: int) -> bytes:
 
 
 def iter_headers(f: BinaryIO) -> Iterator[TarHeader]:
-    """Yield each entry's header from a seekable tar, skipping payloads (seeks past them)."""
+    """Yield each entry's header from a seekable tar, skipping payloads (seeks past them).
+
+    A payload that runs past the end of the tar is an error (the tar is truncated, or a
+    size lies); the padding of the last payload may be missing.
+    """
     pos = f.tell()
+    end = f.seek(0, os.SEEK_END)
+    f.seek(pos)
     global_pax: dict[str, str] = {}
     pending_pax: dict[str, str] = {}
+    meta = {b"x": 0, b"g": 0}  # metadata bytes read: per entry ('x') and in all ('g')
     long_name: str | None = None
     long_link: str | None = None
     while True:
@@ -129,19 +145,30 @@ def iter_headers(f: BinaryIO) -> Iterator[TarHeader]:
         pos += BLOCK
         if blk == b"\x00" * BLOCK:
             return
-        chk = _num(blk[148:156], "checksum")
+        at = pos - BLOCK
+        chk = parse_number(blk[148:156], "checksum")
         calc = sum(blk[:148]) + 256 + sum(blk[156:])
         if chk != calc:
             signed = sum((b - 256 if b > 127 else b) for b in blk[:148] + blk[156:]) + 256
             if chk != signed:
-                raise FormatError(f"tar header at offset {pos - BLOCK} has a bad checksum")
+                raise FormatError(f"tar header at offset {at} has a bad checksum")
         typeflag = blk[156:157]
-        size = _num(blk[124:136], "size")
+        size = parse_number(blk[124:136], "size")
         if size < 0:
-            raise FormatError(f"tar header at offset {pos - BLOCK} has a negative size")
+            raise FormatError(f"tar header at offset {at} has a negative size")
         if typeflag in (b"x", b"g", b"L", b"K"):
             if size > MAX_META:
-                raise FormatError(f"tar metadata entry of {size} bytes is too large")
+                raise FormatError(
+                    f"tar metadata entry at offset {at} has {size} bytes, more than "
+                    f"{MAX_META} (the limit of Go's archive/tar)")
+            if typeflag in meta:
+                # Records pile up until an entry takes them (or, global ones, for every
+                # entry): bound them as one header is bounded.
+                meta[typeflag] += size
+                if meta[typeflag] > MAX_META:
+                    raise FormatError(
+                        f"tar has more than {MAX_META} bytes of PAX records "
+                        f"{'in all' if typeflag == b'g' else 'for one entry'} (at offset {at})")
             data = _read_exact(f, size)
             pad = (-size) % BLOCK
             f.seek(pad, 1)
@@ -150,6 +177,10 @@ def iter_headers(f: BinaryIO) -> Iterator[TarHeader]:
                 pending_pax.update(_parse_pax(data))
             elif typeflag == b"g":
                 global_pax.update(_parse_pax(data))
+                if len(global_pax) > _MAX_GLOBAL_RECORDS:
+                    raise FormatError(
+                        f"tar has more than {_MAX_GLOBAL_RECORDS} global PAX records, which "
+                        "apply to every entry")
             elif typeflag == b"L":
                 long_name = _str(data)
             else:
@@ -159,63 +190,91 @@ def iter_headers(f: BinaryIO) -> Iterator[TarHeader]:
         name = _str(blk[0:100])
         if magic == b"ustar\x00" and blk[345] != 0:  # POSIX prefix field
             name = _str(blk[345:500]) + "/" + name
+        ustar = magic.startswith(b"ustar")
         h = TarHeader(
             name=name,
             typeflag=typeflag,
             size=size,
-            mode=_num(blk[100:108], "mode"),
-            uid=_num(blk[108:116], "uid"),
-            gid=_num(blk[116:124], "gid"),
-            mtime=_num(blk[136:148], "mtime"),
+            mode=parse_number(blk[100:108], "mode"),
+            uid=parse_number(blk[108:116], "uid"),
+            gid=parse_number(blk[116:124], "gid"),
+            mtime=parse_number(blk[136:148], "mtime"),
             linkname=_str(blk[157:257]),
-            uname=_str(blk[265:297]) if magic.startswith(b"ustar") else "",
-            gname=_str(blk[297:329]) if magic.startswith(b"ustar") else "",
-            devmajor=_num(blk[329:337], "devmajor") if magic.startswith(b"ustar") else 0,
-            devminor=_num(blk[337:345], "devminor") if magic.startswith(b"ustar") else 0,
+            uname=_str(blk[265:297]) if ustar else "",
+            gname=_str(blk[297:329]) if ustar else "",
+            devmajor=parse_number(blk[329:337], "devmajor") if ustar else 0,
+            devminor=parse_number(blk[337:345], "devminor") if ustar else 0,
         )
         if long_name is not None:
             h.name = long_name
         if long_link is not None:
             h.linkname = long_link
-        recs = {**global_pax, **pending_pax}
-        _apply_pax(h, recs)
+        _apply_pax(h, {**global_pax, **pending_pax})
         pending_pax, long_name, long_link = {}, None, None
+        meta[b"x"] = 0
         # Header-only types carry no payload whatever `size` says (as Go's reader does).
         payload = 0 if h.typeflag in (b"1", b"2", b"3", b"4", b"5", b"6") else h.size
+        if payload > end - pos:
+            raise FormatError(
+                f"tar is truncated inside the payload of {h.name!r}: it has {h.size} bytes "
+                f"at offset {pos}, the tar ends at {end}")
         h.data_offset = pos
-        skip = payload + ((-payload) % BLOCK)
+        skip = min(payload + ((-payload) % BLOCK), end - pos)
         f.seek(skip, 1)
         pos += skip
         yield h
 
 
+def _pax_int(h: TarHeader, k: str, v: str) -> int:
+    if not _DECIMAL.fullmatch(v) or not -_INT64 <= int(v) < _INT64:
+        raise FormatError(f"tar entry {h.name!r} has a malformed PAX {k} record {v!r}")
+    return int(v)
+
+
+def _pax_time(h: TarHeader, v: str) -> float:
+    """A PAX time as Go's parsePAXTime reads it: decimal seconds, optional fraction."""
+    m = _PAX_TIME.fullmatch(v)
+    if m is None or not -_INT64 <= int(m.group(1)) < _INT64:
+        raise FormatError(f"tar entry {h.name!r} has a malformed PAX mtime record {v!r}")
+    if not m.group(2) or not m.group(2).strip("0"):
+        return int(m.group(1))
+    t = float(v)
+    if not math.isfinite(t):
+        raise FormatError(f"tar entry {h.name!r} has a malformed PAX mtime record {v!r}")
+    return t
+
+
 def _apply_pax(h: TarHeader, recs: dict[str, str]) -> None:
     for k, v in recs.items():
-        try:
-            if k == "path":
-                h.name = v
-            elif k == "linkpath":
-                h.linkname = v
-            elif k == "size":
-                h.size = int(v)
-            elif k == "uid":
-                h.uid = int(v)
-            elif k == "gid":
-                h.gid = int(v)
-            elif k == "uname":
-                h.uname = v
-            elif k == "gname":
-                h.gname = v
-            elif k == "mtime":
-                h.mtime = float(v)
-            elif k.startswith("GNU.sparse."):
-                raise FormatError(f"tar entry {h.name!r} is a sparse file, which eStargz lacks")
-            elif k.startswith("SCHILY.xattr."):
-                h.pax[k] = v
-        except ValueError:
-            raise FormatError(f"tar entry {h.name!r} has a malformed PAX {k} record") from None
+        if k in ("path", "linkpath", "uname", "gname") and "\x00" in v:
+            raise FormatError(f"tar entry {h.name!r} has a NUL byte in its PAX {k} record")
+        if k == "path":
+            h.name = v
+        elif k == "linkpath":
+            h.linkname = v
+        elif k == "size":
+            h.size = _pax_int(h, k, v)
+        elif k == "uid":
+            h.uid = _pax_int(h, k, v)
+        elif k == "gid":
+            h.gid = _pax_int(h, k, v)
+        elif k == "uname":
+            h.uname = v
+        elif k == "gname":
+            h.gname = v
+        elif k == "mtime":
+            h.mtime = _pax_time(h, v)
+        elif k.startswith("GNU.sparse."):
+            raise FormatError(f"tar entry {h.name!r} is a sparse file, which eStargz lacks")
+        elif k.startswith("SCHILY.xattr."):
+            h.pax[k] = v
     if h.size < 0:
         raise FormatError(f"tar entry {h.name!r} has a negative size")
+    for what in ("mode", "uid", "gid", "devmajor", "devminor"):
+        if getattr(h, what) < 0:
+            raise FormatError(
+                f"tar entry {h.name!r} has a negative {what} ({getattr(h, what)}), which an "
+                "eStargz TOC cannot hold")
 
 
 # --- writing -------------------------------------------------------------------------

@@ -53,6 +53,14 @@ def check_descriptor(d: object, *, where: str) -> Descriptor:
             f"{where}: descriptor size {size!r} is not a non-negative integer: the image is "
             "corrupt"
         )
+    annotations = d.get("annotations")
+    if annotations is not None and not (isinstance(annotations, dict) and all(
+            isinstance(v, str) for v in annotations.values())):
+        raise ImageFormatError(
+            f"{where}: descriptor annotations are not a map of strings: the image is corrupt")
+    if d.get("platform") is not None and not isinstance(d["platform"], dict):
+        raise ImageFormatError(f"{where}: descriptor platform is not an object: the image is "
+                               "corrupt")
     return d
 
 
@@ -60,7 +68,7 @@ def parse_document(data: bytes, *, where: str) -> Document:
     """Parse a JSON object (index, manifest or config) or raise `ImageFormatError`."""
     try:
         doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # (deep nesting)
         raise ImageFormatError(f"{where}: not valid JSON ({exc}): the image is corrupt") from None
     if not isinstance(doc, dict):
         raise ImageFormatError(f"{where}: expected a JSON object: the image is corrupt")
@@ -104,4 +112,8 @@ def index_children(doc: Document, *, where: str) -> list[Descriptor]:
 
 def dump_json(doc: Any) -> bytes:
     """Serialise a document compactly (as Go's json.Marshal does), deterministically."""
-    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+    text = json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:  # a lone surrogate escape in the source stays escaped
+        return json.dumps(doc, separators=(",", ":")).encode()

@@ -126,7 +126,7 @@ class DockerArchiveSource(SourceImage):
         raw = self._pread(info.offset, info.size)
         try:
             entries = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # (deep nesting)
             raise ImageFormatError(f"{ref}: manifest.json is not valid JSON ({exc})") from None
         if not isinstance(entries, list) or not entries or not all(
                 isinstance(e, dict) for e in entries):
