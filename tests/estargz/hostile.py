@@ -120,10 +120,6 @@ def tar(*parts: bytes, end: bool = True) -> bytes:
 # --- blobs -----------------------------------------------------------------------------
 
 
-def sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
 def toc_json(entries: list[dict], **extra: object) -> bytes:
     return json.dumps({"version": 1, "entries": entries, **extra}).encode()
 

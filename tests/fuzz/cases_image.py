@@ -32,7 +32,8 @@ from peerstar.oci.reference import parse_image_ref
 from tests.estargz.hostile import member, sha, tar
 from tests.fuzz import fuzz, ran
 from tests.fuzz.strategies import integer, json_value, mutate, seeds, text
-from tests.oci.conftest import OCI_CONFIG, OCI_GZIP, OCI_INDEX, OCI_MANIFEST, TOC_ANN, dumps
+from tests.oci.conftest import OCI_CONFIG, OCI_GZIP, OCI_INDEX, OCI_MANIFEST, TOC_ANN
+from tests.support.content import compact_json as dumps
 
 LAYER = tar(member("etc/", typeflag=b"5", mode=0o755), member("etc/hello", b"hi\n"))
 MEDIA_TYPES = [OCI_INDEX, OCI_MANIFEST, OCI_CONFIG, OCI_GZIP,
