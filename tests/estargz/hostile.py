@@ -27,6 +27,7 @@ import zstandard
 
 from peerstar.cli import main
 from peerstar.estargz.footer import estargz_footer, skippable_frame, zstd_footer_frame
+from tests.support.content import sha256_digest
 
 BLOCK = 512
 RSS_LIMIT_KIB = 256 << 10
@@ -118,6 +119,8 @@ def tar(*parts: bytes, end: bool = True) -> bytes:
 
 
 # --- blobs -----------------------------------------------------------------------------
+
+sha = sha256_digest  # the name these tests use
 
 
 def toc_json(entries: list[dict], **extra: object) -> bytes:
