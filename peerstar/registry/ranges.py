@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from peerstar.errors import PeerstarError
+
 # More ranges than this in one request is treated as abuse (RFC 9110 14.2 lets a server
 # reject "many small ranges"); clients such as the stargz snapshotter send a handful.
 MAX_RANGES = 64
@@ -23,11 +25,11 @@ MAX_RANGE_HEADER = 4096
 _SPEC_RE = re.compile(r"^[ \t]*([0-9]*)[ \t]*-[ \t]*([0-9]*)[ \t]*$")
 
 
-class RangeNotSatisfiable(Exception):
+class RangeNotSatisfiable(PeerstarError):
     """No requested range overlaps the representation (answer 416)."""
 
 
-class RangeRejected(Exception):
+class RangeRejected(PeerstarError):
     """The Range header is syntactically valid but abusive (too many ranges / too long)."""
 
 

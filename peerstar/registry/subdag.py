@@ -13,9 +13,9 @@ of exactly the bytes served, with less work for the daemon.
 Interior nodes are fetched once with the store's `block_get` (verified against their
 CID), indexed by `peerstar.ipfs.unixfs.NodeIndex` (which owns the decoding and which
 child holds which bytes), and kept in a bounded LRU (content is immutable, so entries
-never go stale); this module owns only that cache and when to fetch. A lookup never waits: a
-node not yet known is fetched in the background and the range is read from the deepest
-node known, so the first reads of a blob cost what they cost before. Leaves (raw blocks)
+never go stale); this module owns only that cache and when to fetch. A lookup never
+waits: a node not yet known is fetched in the background and the range is read from the
+deepest node known, so the first reads of a blob cost what they cost before. Leaves (raw blocks)
 and small nodes are not fetched by lookups: their CID in the parent is all a cat needs;
 a small node someone else loaded (the warm-up) is descended into like any other.
 
