@@ -92,6 +92,15 @@ ADD_PARAMS = {
 }
 
 
+async def _finish_body(content: aiohttp.StreamReader) -> None:
+    """Read what is left of a body that holds no more bytes we want (the end of its
+    chunked encoding, usually already here), so aiohttp keeps its connection for the
+    next request; a daemon sending more than asked loses its connection instead."""
+    extra = 0
+    while not content.at_eof() and extra <= _PIECE:
+        extra += len(await content.readany())
+
+
 class _Retryable(Exception):
     """An attempt failed in a way another attempt may fix."""
 
@@ -319,13 +328,17 @@ class RPCStore(ContentStore):
                                               f"of {arg} ({exc})") from None
                         raise
                     async for part in resp.content.iter_chunked(_PIECE):
-                        if length is not None and delivered + len(part) > length:
+                        last_part = length is not None and delivered + len(part) >= length
+                        if last_part:
                             part = part[: length - delivered]  # never trust the server here
+                            # Take the end of the body before the caller has all it asked
+                            # for (and may stop here): the connection is then reused.
+                            await _finish_body(resp.content)
                         if part:
                             delivered += len(part)
                             progressed = True
                             yield part
-                        if length is not None and delivered >= length:
+                        if last_part:
                             return
                 return
             except _Retryable as exc:
