@@ -61,7 +61,10 @@ class ContentStore(abc.ABC):
 
     @abc.abstractmethod
     def cat(self, cid: str, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
-        """Stream the file bytes [offset, offset+length)."""
+        """Stream the file bytes [offset, offset+length): the ranged read, the one way
+        peerstar reads content. `cid` may name any node of a file's DAG (the bytes under
+        it). Raises BlockNotFoundError when the store does not hold a block it needs and
+        cannot get it, OffsetError when `offset` is past the end."""
 
     async def cat_bytes(self, cid: str, offset: int = 0, length: int | None = None) -> bytes:
         parts = [p async for p in self.cat(cid, offset, length)]

@@ -20,7 +20,8 @@ class CIDError(IPFSError):
 
 
 class BlockNotFoundError(IPFSError):
-    """A block is not in the embedded store."""
+    """The store does not hold a block and cannot get it (the embedded store; a daemon
+    that says so): content that is not there, not a transient failure."""
 
 
 class CorruptBlockError(IPFSError):

@@ -4,20 +4,17 @@ and other OCI clients as a read-only distribution registry with byte-range suppo
 Public API:
 - `RegistryServer(store, ServerOptions(...))`: `app()`, `start(host, port, ...)`, `stop()`.
 - `ReadPolicy(timeout, retries)`: per-IPFS-read timeout and retries.
-- `serve(...)`: run until cancelled (what `peerstar registry serve` calls).
+- `UpstreamError` (a read failed after its retries) and its `ContentNotFound` (the store
+  does not hold the content), both `PeerstarError`s.
+`peerstar registry serve` (peerstar.cli.registry) runs one server until stopped.
 """
 
-from peerstar.registry.server import (
-    RegistryError,
-    RegistryServer,
-    ServerOptions,
-    check_bind_address,
-)
-from peerstar.registry.upstream import ReadPolicy, UpstreamError
+from peerstar.registry.server import RegistryServer, ServerOptions, check_bind_address
+from peerstar.registry.upstream import ContentNotFound, ReadPolicy, UpstreamError
 
 __all__ = [
+    "ContentNotFound",
     "ReadPolicy",
-    "RegistryError",
     "RegistryServer",
     "ServerOptions",
     "UpstreamError",

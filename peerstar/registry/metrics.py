@@ -42,8 +42,9 @@ class RegistryMetrics:
             registry=self.registry)
         self.aborted = Counter(
             "peerstar_registry_aborted_responses",
-            "Responses cut off after headers were sent "
-            "(reason=upstream|client_slow|client_gone)", ["reason"], registry=self.registry)
+            "Responses not completed (reason=upstream: IPFS failed after the headers were "
+            "sent; client_slow; client_gone: it hung up or half-closed its side)", ["reason"],
+            registry=self.registry)
         self.tree_cache_images = Gauge(
             "peerstar_registry_tree_cache_images", "Image trees held in the cache",
             registry=self.registry)

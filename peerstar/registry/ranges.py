@@ -11,21 +11,25 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from peerstar.errors import PeerstarError
+
 # More ranges than this in one request is treated as abuse (RFC 9110 14.2 lets a server
 # reject "many small ranges"); clients such as the stargz snapshotter send a handful.
 MAX_RANGES = 64
 # A Range header longer than this is rejected before any parsing work.
 MAX_RANGE_HEADER = 4096
 
+# Numbers of any length are valid (RFC 9110 14.1.1): a first position past the end is
+# unsatisfiable however long, a last position past it means the end. Python's ints hold
+# them, and MAX_RANGE_HEADER keeps each under int()'s 4300-digit limit.
 _SPEC_RE = re.compile(r"^[ \t]*([0-9]*)[ \t]*-[ \t]*([0-9]*)[ \t]*$")
-_MAX_DIGITS = 19  # fits in a signed 64-bit offset; longer numbers are malformed
 
 
-class RangeNotSatisfiable(Exception):
+class RangeNotSatisfiable(PeerstarError):
     """No requested range overlaps the representation (answer 416)."""
 
 
-class RangeRejected(Exception):
+class RangeRejected(PeerstarError):
     """The Range header is syntactically valid but abusive (too many ranges / too long)."""
 
 
@@ -69,8 +73,6 @@ def parse_range(header: str | None, size: int) -> list[ByteRange] | None:
         if m is None:
             return None
         first, last = m.group(1), m.group(2)
-        if len(first) > _MAX_DIGITS or len(last) > _MAX_DIGITS:
-            return None
         if first == "":
             if last == "":
                 return None

@@ -6,7 +6,8 @@ multi-range / If-Range handling, streaming with bounded writes, distribution-spe
 errors, the structured access log, Prometheus metrics, and binding (loopback unless the
 caller allows otherwise).
 
-A request costs at most one IPFS `cat` of the bytes it serves: the descriptor tree is
+A request costs at most one ranged read of the store (`ContentStore.cat`, the only way
+content is read) of the bytes it serves: the descriptor tree is
 walked once per root CID (`tree.TreeCache`), manifests are served from that cache, HEAD
 never reads content. The cat names the deepest node of the blob's UnixFS DAG that holds
 the whole range, once that node is known (`subdag.SubDagLocator`), which spares the
@@ -19,13 +20,11 @@ the network gets its leaves fetched at once beside its `cat`. Neither ever delay
 response. Every upstream read is logged with its timing (`upstream.log_upstream`).
 
 Headers are only sent once the first upstream bytes are in hand, so a daemon that is
-down or stalled yields a 502/504 with a message; a failure after that closes the
-connection, and as every response carries an exact Content-Length, a cut-off body can
-never pass for a complete one.
-
-Content read from a daemon over plain HTTP on Linux is relayed with splice(2)
-(`splice.SpliceCat`): the body goes daemon socket -> pipe -> client socket without being
-copied through Python; the same per-read timeout, retries and abort rules apply.
+down or stalled yields a 502/504 with a message, and content the store does not hold a
+404; a failure after that closes the connection, and as every response carries an exact
+Content-Length, a cut-off body can never pass for a complete one. A client that hangs up
+(or half-closes its side, on which the event loop closes the connection) before or
+while its answer is written is counted as an abort, never a traceback.
 """
 
 from __future__ import annotations
@@ -46,11 +45,11 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from peerstar.errors import PeerstarError
+from peerstar.ipfs import ContentStore
 from peerstar.ipfsimage.format import IPFSImageError, parse_image_cid
 from peerstar.oci.digest import is_digest
 from peerstar.oci.errors import OCIError
 from peerstar.oci.reference import is_tag
-from peerstar.registry.daemoncat import fast_reader_for
 from peerstar.registry.metrics import RegistryMetrics
 from peerstar.registry.ranges import (
     ByteRange,
@@ -61,17 +60,10 @@ from peerstar.registry.ranges import (
     multipart_layout,
     parse_range,
 )
-from peerstar.registry.splice import (
-    Pipe,
-    Requested,
-    SpliceCat,
-    Spliced,
-    splice_reader_for,
-)
 from peerstar.registry.subdag import LEAF, ROOT, SubDagLocator
 from peerstar.registry.tree import BlobRef, ImageTree, TreeCache
 from peerstar.registry.upstream import (
-    ContentStore,
+    ContentNotFound,
     ReadPolicy,
     UpstreamError,
     log_upstream,
@@ -105,9 +97,6 @@ class ServerOptions:
     # A connection that does not complete a request's headers in this time is closed
     # (slowloris); aiohttp applies its keep-alive timer from the connection's start.
     header_timeout: float = 30.0
-    # Relay daemon reads to clients with splice(2) (Linux, daemon over plain HTTP);
-    # PEERSTAR_REGISTRY_ZERO_COPY=0 turns it off (then bytes are copied through Python).
-    zero_copy: bool = field(default_factory=lambda: _env_on("PEERSTAR_REGISTRY_ZERO_COPY"))
     # Read a range from the deepest DAG node holding all of it (`subdag.SubDagLocator`);
     # PEERSTAR_REGISTRY_SUBDAG=0 always reads from the blob's own CID.
     subdag: bool = field(default_factory=lambda: _env_on("PEERSTAR_REGISTRY_SUBDAG"))
@@ -140,13 +129,12 @@ _STATE = web.RequestKey("peerstar_registry_state", _RequestState)
 @dataclass
 class _Read:
     """Where one range is read from: `cid` (the blob's or a node of its DAG) at `start`;
-    `node` is ROOT, "interior" or "leaf"; `requested`: its `cat`, already sent."""
+    `node` is ROOT, "interior" or "leaf"."""
 
     cid: str
     start: int
     node: str
-    requested: Requested | None = None
-    t0: float = 0.0  # time.monotonic() when it was located (and possibly sent)
+    t0: float = 0.0  # time.monotonic() when it was located
 
 
 class _Abort(Exception):
@@ -161,8 +149,8 @@ class _Abort(Exception):
         self.reason = reason
 
 
-class RegistryError(Exception):
-    """An error answered as distribution-spec JSON."""
+class ApiError(Exception):
+    """An error answered as distribution-spec JSON (raised and answered in this module)."""
 
     def __init__(self, status: int, code: str, message: str, detail: object = None,
                  headers: dict[str, str] | None = None) -> None:
@@ -194,18 +182,13 @@ class RegistryServer:
 
     def __init__(self, store: ContentStore, options: ServerOptions | None = None) -> None:
         self.store = store
-        # content reads go through the fastest client available for this store
-        self._fast = fast_reader_for(store)
-        self._reader: ContentStore = self._fast or store
         self.options = options or ServerOptions()
-        self._splice: SpliceCat | None = (splice_reader_for(store) if self.options.zero_copy
-                                          else None)
         get_block = getattr(store, "block_get", None)
         self._subdag = (SubDagLocator(get_block, timeout=self.options.policy.timeout)
                         if self.options.subdag and get_block is not None else None)
         self.metrics = RegistryMetrics()
         opts = self.options
-        self.warmup = (WarmUp(store, self._reader, self._subdag, self.metrics,
+        self.warmup = (WarmUp(store, self._subdag, self.metrics,
                              limit=opts.warm_up_limit, timeout=opts.policy.timeout,
                              slow=opts.slow_read, manifests=opts.warm_up, fan_out=opts.fan_out)
                       if opts.warm_up or opts.fan_out else None)
@@ -221,24 +204,26 @@ class RegistryServer:
 
     async def _read_small(self, cid: str, max_bytes: int) -> bytes:
         self.metrics.tree_walks.inc()
-        data = await read_all(self._reader, cid, max_bytes, self.options.policy,
+        data = await read_all(self.store, cid, max_bytes, self.options.policy,
                               on_failure=self._on_upstream_failure)
         self.metrics.upstream_bytes.inc(len(data))
         return data
 
-    async def _tree(self, cid_text: str) -> tuple[str, ImageTree]:
+    async def _tree(self, cid_text: str, missing: str) -> tuple[str, ImageTree]:
+        """The descriptor tree of image `cid_text`; `missing` is the error code when the
+        store does not hold it (MANIFEST_UNKNOWN, BLOB_UNKNOWN or NAME_UNKNOWN)."""
         try:
             cid = parse_image_cid(cid_text)
         except IPFSImageError as exc:
-            raise RegistryError(400, "NAME_INVALID", "invalid repository name",
-                                str(exc)) from None
+            raise ApiError(400, "NAME_INVALID", "invalid repository name",
+                           str(exc)) from None
         try:
             tree = await self.trees.get(cid)
         except OCIError as exc:
-            raise RegistryError(404, "NAME_UNKNOWN", f"ipfs/{cid} is not an image",
-                                str(exc)) from None
+            raise ApiError(404, "NAME_UNKNOWN", f"ipfs/{cid} is not an image",
+                           str(exc)) from None
         except UpstreamError as exc:
-            raise _upstream_error(exc) from None
+            raise _upstream_error(exc, missing) from None
         finally:
             self.metrics.tree_cache_images.set(len(self.trees))
         return cid, tree
@@ -279,13 +264,13 @@ class RegistryServer:
         aborted: str | None = None
         try:
             if request.method not in ("GET", "HEAD"):
-                raise RegistryError(405, "UNSUPPORTED",
-                                    "this registry is read-only: only GET and HEAD are allowed",
-                                    {"method": request.method}, {"Allow": "GET, HEAD"})
+                raise ApiError(405, "UNSUPPORTED",
+                               "this registry is read-only: only GET and HEAD are allowed",
+                               {"method": request.method}, {"Allow": "GET, HEAD"})
             resp = await handler(request)
             status = resp.status
             return resp
-        except RegistryError as exc:
+        except ApiError as exc:
             status, error_code = exc.status, exc.code
             return exc.response()
         except _Abort as exc:
@@ -321,12 +306,12 @@ class RegistryServer:
         return web.json_response({}, headers=dict([API_VERSION_HEADER]))
 
     async def _fallback(self, request: web.Request) -> web.Response:
-        raise RegistryError(404, "NAME_UNKNOWN", "no such route in this registry",
-                            "routes: /v2/, /v2/ipfs/<cid>/manifests/<ref>, "
-                            "/v2/ipfs/<cid>/blobs/<digest>, /v2/ipfs/<cid>/tags/list")
+        raise ApiError(404, "NAME_UNKNOWN", "no such route in this registry",
+                       "routes: /v2/, /v2/ipfs/<cid>/manifests/<ref>, "
+                       "/v2/ipfs/<cid>/blobs/<digest>, /v2/ipfs/<cid>/tags/list")
 
     async def _tags(self, request: web.Request) -> web.Response:
-        cid, tree = await self._tree(request.match_info["cid"])
+        cid, tree = await self._tree(request.match_info["cid"], "NAME_UNKNOWN")
         tags = sorted({"latest", *tree.tags})
         return web.json_response({"name": f"ipfs/{cid}", "tags": tags},
                                  headers=dict([API_VERSION_HEADER]))
@@ -334,13 +319,13 @@ class RegistryServer:
     async def _manifest(self, request: web.Request) -> web.StreamResponse:
         ref = request.match_info["ref"]
         if not is_digest(ref) and not is_tag(ref):
-            raise RegistryError(404, "MANIFEST_UNKNOWN", "manifest unknown",
-                                f"{ref[:100]!r} is neither a tag nor a digest")
-        _cid, tree = await self._tree(request.match_info["cid"])
+            raise ApiError(404, "MANIFEST_UNKNOWN", "manifest unknown",
+                           f"{ref[:100]!r} is neither a tag nor a digest")
+        _cid, tree = await self._tree(request.match_info["cid"], "MANIFEST_UNKNOWN")
         digest = tree.resolve_manifest(ref)
         if digest is None:
-            raise RegistryError(404, "MANIFEST_UNKNOWN", "manifest unknown",
-                                f"{ref} names no manifest or index of this image")
+            raise ApiError(404, "MANIFEST_UNKNOWN", "manifest unknown",
+                           f"{ref} names no manifest or index of this image")
         ref_info = tree.blobs[digest]
         if self.warmup is not None:
             self.warmup.manifest_served(digest, tree)  # in the background; never waits
@@ -349,13 +334,13 @@ class RegistryServer:
     async def _blob(self, request: web.Request) -> web.StreamResponse:
         digest = request.match_info["digest"]
         if not is_digest(digest):
-            raise RegistryError(400, "DIGEST_INVALID", "provided digest is invalid",
-                                f"{digest[:100]!r} is not sha256:<64 hex> or sha512:<128 hex>")
-        _cid, tree = await self._tree(request.match_info["cid"])
+            raise ApiError(400, "DIGEST_INVALID", "provided digest is invalid",
+                           f"{digest[:100]!r} is not sha256:<64 hex> or sha512:<128 hex>")
+        _cid, tree = await self._tree(request.match_info["cid"], "BLOB_UNKNOWN")
         ref_info = tree.blobs.get(digest)
         if ref_info is None:
-            raise RegistryError(404, "BLOB_UNKNOWN", "blob unknown to registry",
-                                f"{digest} is not part of this image")
+            raise ApiError(404, "BLOB_UNKNOWN", "blob unknown to registry",
+                           f"{digest} is not part of this image")
         return await self._serve(request, digest, ref_info, tree.manifests.get(digest))
 
     # -- responses ------------------------------------------------------------------------
@@ -381,11 +366,11 @@ class RegistryServer:
             try:
                 ranges = parse_range(request.headers.get("Range"), size)
             except RangeNotSatisfiable as exc:
-                raise RegistryError(416, "RANGE_INVALID", "requested range not satisfiable",
-                                    str(exc), {"Content-Range": f"bytes */{size}"}) from None
+                raise ApiError(416, "RANGE_INVALID", "requested range not satisfiable",
+                               str(exc), {"Content-Range": f"bytes */{size}"}) from None
             except RangeRejected as exc:
-                raise RegistryError(416, "RANGE_INVALID", "range request rejected",
-                                    str(exc), {"Content-Range": f"bytes */{size}"}) from None
+                raise ApiError(416, "RANGE_INVALID", "range request rejected",
+                               str(exc), {"Content-Range": f"bytes */{size}"}) from None
         if ranges is None:
             return await self._send(request, 200, headers, [ByteRange(0, size - 1)]
                                     if size else [], size, info, cached, None)
@@ -399,125 +384,76 @@ class RegistryServer:
     async def _send(self, request: web.Request, status: int, headers: dict[str, str],
                     ranges: list[ByteRange], size: int, info: BlobRef, cached: bytes | None,
                     layout) -> web.StreamResponse:
-        first: _Read | None = None
-        out: socket.socket | None = None
-        pipe: Pipe | None = None
-        try:
-            if request.method != "HEAD" and cached is None and ranges:
-                # The daemon gets the first range's request before anything else is built
-                # here: it takes milliseconds to answer, the rest of this microseconds.
-                client = self._client_socket(request)
-                first = self._locate(info, ranges[0], send_now=client is not None)
-                out = _splice_target(client) if client is not None else None
-                if out is not None and self._splice is not None:
-                    pipe = self._splice.pipes.get()
-            resp = web.StreamResponse(status=status, headers=headers)
-            if layout is None:
-                resp.content_length = sum(r.length for r in ranges)
-            else:
-                resp.content_length = layout.content_length(ranges)
-            state = request[_STATE]
-            state.status = status
-            state.response = resp
-            if request.method == "HEAD":
+        resp = web.StreamResponse(status=status, headers=headers)
+        if layout is None:
+            resp.content_length = sum(r.length for r in ranges)
+        else:
+            resp.content_length = layout.content_length(ranges)
+        state = request[_STATE]
+        state.status = status
+        state.response = resp
+        if request.method == "HEAD":
+            with self._client_side(request):
                 await resp.prepare(request)
                 await resp.write_eof()
-                return resp
-            await self._send_ranges(request, resp, ranges, info, cached, layout, pipe, out,
-                                    first)
-        finally:
-            if first is not None and first.requested is not None:
-                first.requested.discard()  # the relay never ran (it discards its own)
-            if out is not None:
-                out.close()
-            if pipe is not None and self._splice is not None:
-                self._splice.pipes.put(pipe)  # closed instead unless it was drained
+            return resp
+        await self._send_ranges(request, resp, ranges, info, cached, layout)
         return resp
 
-    def _locate(self, info: BlobRef, r: ByteRange, *, send_now: bool = False) -> _Read:
-        """Where range `r` of the blob is read from (the deepest DAG node holding it); with
-        `send_now`, its `cat` is sent to the daemon at once (`SpliceCat.request_now`)."""
+    def _locate(self, info: BlobRef, r: ByteRange) -> _Read:
+        """Where range `r` of the blob is read from (the deepest DAG node holding it)."""
         cid, start, node = info.cid, r.start, ROOT
         if self._subdag is not None:
             cid, start, node = self._subdag.locate(cid, start, r.length)
             if node != LEAF and self.warmup is not None:
                 self.warmup.spread(info, r.start, r.length)  # only for remote blobs
-        t0 = time.monotonic()
-        requested = (self._splice.request_now(cid, start, r.length)
-                     if send_now and self._splice is not None else None)
-        return _Read(cid, start, node, requested, t0)
-
-    def _client_socket(self, request: web.Request):
-        """The client connection's socket (uvloop's stand-in for it) if its response can
-        be spliced into it (plain TCP and a daemon to splice from), else None."""
-        if self._splice is None or request.transport is None:
-            return None
-        sock = request.transport.get_extra_info("socket")
-        if sock is None or request.transport.get_extra_info("sslcontext") is not None:
-            return None
-        return sock
+        return _Read(cid, start, node, time.monotonic())
 
     async def _send_ranges(self, request: web.Request, resp: web.StreamResponse,
                            ranges: list[ByteRange], info: BlobRef, cached: bytes | None,
-                           layout, pipe: Pipe | None, out: socket.socket | None,
-                           first: _Read | None) -> None:
+                           layout) -> None:
         prepared = False
         for i, r in enumerate(ranges):
-            if pipe is not None:
-                pipe.out = -1  # this range's multipart head goes first, through aiohttp
-            pieces = self._pieces(info, cached, r, pipe, first if i == 0 else None)
+            pieces = self._pieces(info, cached, r)
+            head = layout.heads[i] if layout is not None else b""
             try:
                 async with contextlib.aclosing(pieces):
-                    if layout is not None:
-                        head = layout.heads[i]
-                    else:
-                        head = b""
                     async for chunk in pieces:
                         if not prepared:
-                            await resp.prepare(request)
+                            with self._client_side(request):
+                                await resp.prepare(request)
                             prepared = True
                             if request.transport is not None:
-                                # let a relayed chunk go out without waiting for drain
+                                # a 256 KiB piece goes out without waiting for a drain
                                 request.transport.set_write_buffer_limits(high=1 << 20)
                         if head:
                             await self._write(request, resp, head)
                             head = b""
-                        if isinstance(chunk, Spliced):
-                            assert pipe is not None and out is not None
-                            await self._relay(request, pipe, out)
-                        else:
-                            await self._write(request, resp, chunk)
+                        await self._write(request, resp, chunk)
             except UpstreamError as exc:
                 if not prepared:
-                    raise _upstream_error(exc) from None
+                    raise _upstream_error(exc, "BLOB_UNKNOWN") from None
                 log.warning("aborting %s %s mid-stream: %s", request.method, request.path, exc)
                 raise _Abort("upstream") from None
-        if not prepared:
-            await resp.prepare(request)
-        if layout is not None:
-            await self._write(request, resp, layout.tail)
-        await resp.write_eof()
+        with self._client_side(request):
+            if not prepared:
+                await resp.prepare(request)
+            if layout is not None:
+                await self._write(request, resp, layout.tail)
+            await resp.write_eof()
 
-    async def _pieces(self, info: BlobRef, cached: bytes | None, r: ByteRange,
-                      pipe: Pipe | None, read: _Read | None
-                      ) -> AsyncIterator[bytes | Spliced]:
+    async def _pieces(self, info: BlobRef, cached: bytes | None, r: ByteRange
+                      ) -> AsyncIterator[bytes]:
         if cached is not None:
             yield cached[r.start:r.end + 1]
             return
-        if read is None:
-            read = self._locate(info, r)
+        read = self._locate(info, r)
         self.metrics.upstream_read(read.node)
         first: float | None = None
-        if pipe is not None and self._splice is not None:
-            requested, read.requested = read.requested, None  # the relay owns it now
-            pieces: AsyncIterator[bytes | Spliced] = self._splice.relay(
-                pipe, read.cid, read.start, r.length, self.options.policy,
-                self._on_upstream_failure, requested)
-        else:
-            pieces = read_stream(self._reader, read.cid, read.start, r.length,
-                                 self.options.policy, on_failure=self._on_upstream_failure)
+        pieces = read_stream(self.store, read.cid, read.start, r.length,
+                             self.options.policy, on_failure=self._on_upstream_failure)
         try:
-            async with contextlib.aclosing(pieces):  # type: ignore[type-var]
+            async with contextlib.aclosing(pieces):
                 async for chunk in pieces:
                     if first is None:
                         first = time.monotonic() - read.t0
@@ -531,60 +467,26 @@ class RegistryServer:
                          offset=read.start, length=r.length,
                          first_ms=None if first is None else round(first * 1000, 1))
 
-    async def _relay(self, request: web.Request, pipe: Pipe, out: socket.socket) -> None:
-        """Pass what `pipe` holds on to the client, after all aiohttp holds for it."""
-        transport = request.transport
-        with self._client_side(request, gone=(OSError,)):
-            corked = False
-            if pipe.out < 0:
-                # Headers (and multipart heads) go through aiohttp; they must be on the
-                # wire before the body bytes that follow them. Corked, they leave in the
-                # same segment as the first body bytes: one wake-up of the client, not two.
-                out.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
-                corked = True
-                send_headers = getattr(request.writer, "send_headers", None)
-                if send_headers is not None:
-                    send_headers()
-                if transport is None or transport.is_closing():
-                    raise ConnectionResetError
-                if transport.get_write_buffer_size():  # the socket did not take it all
-                    async with asyncio.timeout(self.options.write_timeout):
-                        while transport.get_write_buffer_size():
-                            await asyncio.sleep(0.001)
-                            if transport.is_closing():
-                                raise ConnectionResetError
-                pipe.out = out.fileno()
-            sent = pipe.pending
-            try:
-                await pipe.drain_to(pipe.out, self.options.write_timeout)
-            finally:
-                if corked:  # a socket already gone must not hide why the drain failed
-                    with contextlib.suppress(OSError):
-                        out.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
-        request[_STATE].sent += sent + pipe.delivered
-        pipe.delivered = 0
-
     async def _write(self, request: web.Request, resp: web.StreamResponse,
                      data: bytes) -> None:
-        # the client going away shows as aiohttp's ClientConnectionResetError (a
-        # ConnectionResetError) or a RuntimeError on a closed transport
-        with self._client_side(request, gone=(ConnectionError, RuntimeError)):
+        with self._client_side(request):
             async with asyncio.timeout(self.options.write_timeout):
                 await resp.write(data)
         request[_STATE].sent += len(data)
 
     @contextlib.contextmanager
-    def _client_side(self, request: web.Request, *, gone: tuple[type[BaseException], ...]
-                     ) -> Iterator[None]:
+    def _client_side(self, request: web.Request) -> Iterator[None]:
         """Turn a write timeout into `_Abort("client_slow")` (logged) and the errors of
-        a vanished client (`gone`) into `_Abort("client_gone")`: stop reading upstream."""
+        a vanished client into `_Abort("client_gone")`: stop reading upstream. A client
+        gone shows as aiohttp's ClientConnectionResetError (a ConnectionResetError) or a
+        RuntimeError on a closed transport."""
         try:
             yield
         except TimeoutError:
             log.warning("client %s accepted no data for %g s; dropping it", request.remote,
                         self.options.write_timeout)
             raise _Abort("client_slow") from None
-        except gone:
+        except (ConnectionError, RuntimeError):
             raise _Abort("client_gone") from None
 
     # -- binding --------------------------------------------------------------------------
@@ -631,28 +533,22 @@ class RegistryServer:
         runners, self._runners = self._runners, []
         for runner in runners:
             await runner.cleanup()
-        if self._fast is not None:
-            await self._fast.close()
-        if self._splice is not None:
-            await self._splice.close()
         if self.warmup is not None:
             await self.warmup.close()
         if self._subdag is not None:
             await self._subdag.close()
 
 
-def _splice_target(client) -> socket.socket:
-    """A duplicate of the client's socket to splice into, with its own epoll registration
-    for writability, which stays valid until we are done even if aiohttp closes its own
-    descriptor meanwhile."""
-    # family, type and proto given: no getsockname/getsockopt to find them out
-    return socket.socket(client.family, client.type, client.proto, os.dup(client.fileno()))
-
-
-def _upstream_error(exc: UpstreamError) -> RegistryError:
+def _upstream_error(exc: UpstreamError, missing: str) -> ApiError:
+    """The answer to a failed upstream read; `missing`: the error code when the store
+    does not hold the content (the client asked for something that is not there)."""
+    if isinstance(exc, ContentNotFound):
+        what = {"MANIFEST_UNKNOWN": "manifest unknown", "BLOB_UNKNOWN":
+                "blob unknown to registry"}.get(missing, "repository name not known to registry")
+        return ApiError(404, missing, what, str(exc))
     if exc.timed_out:
-        return RegistryError(504, "UNAVAILABLE", "timed out reading from IPFS", str(exc))
-    return RegistryError(502, "UNAVAILABLE", "reading from IPFS failed", str(exc))
+        return ApiError(504, "UNAVAILABLE", "timed out reading from IPFS", str(exc))
+    return ApiError(502, "UNAVAILABLE", "reading from IPFS failed", str(exc))
 
 
 def check_bind_address(host: str, allow_remote: bool) -> None:

@@ -11,10 +11,11 @@ range inside one interior node (174 leaves, ~43.5 MiB in kubo's layout) is read 
 of exactly the bytes served, with less work for the daemon.
 
 Interior nodes are fetched once with the store's `block_get` (verified against their
-CID), decoded by `peerstar.ipfs.unixfs`, and kept as child offsets and binary CIDs in a
-bounded LRU (content is immutable, so entries never go stale). A lookup never waits: a
-node not yet known is fetched in the background and the range is read from the deepest
-node known, so the first reads of a blob cost what they cost before. Leaves (raw blocks)
+CID), indexed by `peerstar.ipfs.unixfs.NodeIndex` (which owns the decoding and which
+child holds which bytes), and kept in a bounded LRU (content is immutable, so entries
+never go stale); this module owns only that cache and when to fetch. A lookup never
+waits: a node not yet known is fetched in the background and the range is read from the
+deepest node known, so the first reads of a blob cost what they cost before. Leaves (raw blocks)
 and small nodes are not fetched by lookups: their CID in the parent is all a cat needs;
 a small node someone else loaded (the warm-up) is descended into like any other.
 
@@ -28,18 +29,16 @@ someone awaits (`ensure`) is shared by everyone asking for the same node.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import functools
 import logging
 import time
-from array import array
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from peerstar.ipfs.cid import RAW, cid_text, is_raw_cid, parse_cid
-from peerstar.ipfs.unixfs import decode_file_node
+from peerstar.ipfs.unixfs import RAW_INDEX, NodeIndex
 
 log = logging.getLogger("peerstar.registry.subdag")
 
@@ -71,27 +70,6 @@ def _is_raw_text(cid: str) -> bool:
     return parse_cid(cid).codec.name == RAW
 
 
-class _Node:
-    """A decoded file node: the file offsets bounding its children (child i holds
-    [bounds[i], bounds[i+1]), children being contiguous) and each child's binary CID,
-    packed: ~10 KiB for 174 links, where lists of ints and bytes took ~44 KiB."""
-
-    __slots__ = ("_cid_at", "_cids", "bounds")
-
-    def __init__(self, bounds: list[int], children: list[bytes]) -> None:
-        self.bounds = array("Q", bounds)
-        self._cids = b"".join(children)
-        self._cid_at = array("I", [0])
-        for raw in children:
-            self._cid_at.append(self._cid_at[-1] + len(raw))
-
-    def child(self, i: int) -> bytes:
-        return self._cids[self._cid_at[i]:self._cid_at[i + 1]]
-
-
-_LEAF_NODE = _Node([], [])  # a raw block: nothing below it
-
-
 class SubDagLocator:
     """Maps (blob CID, offset, length) to the deepest known node holding the whole range.
 
@@ -107,7 +85,7 @@ class SubDagLocator:
         self.max_nodes = max_nodes
         self.timeout = timeout
         self.load_span = load_span
-        self._nodes: OrderedDict[str, _Node] = OrderedDict()
+        self._nodes: OrderedDict[str, NodeIndex] = OrderedDict()
         self._loading: dict[str, asyncio.Task[None]] = {}
         self._awaited: dict[str, asyncio.Task[None]] = {}  # ensure()'s, not bounded
         self._failed: dict[str, float] = {}
@@ -127,13 +105,13 @@ class SubDagLocator:
                 self._load_soon(node_cid)
                 break
             self._nodes.move_to_end(node_cid)
-            bounds = node.bounds
-            i = bisect.bisect_right(bounds, rel) - 1
-            if i < 0 or i + 1 >= len(bounds) or rel + length > bounds[i + 1]:
+            i = node.child_holding(rel, length)
+            if i is None:
                 break  # inline data, past the end, or the range spans several children
             raw = node.child(i)
-            span = bounds[i + 1] - bounds[i]
-            node_cid, rel = cid_text(raw), rel - bounds[i]
+            start, end = node.bounds[i], node.bounds[i + 1]
+            span = end - start
+            node_cid, rel = cid_text(raw), rel - start
             if is_raw_cid(raw):
                 return node_cid, rel, LEAF
             kind = INTERIOR
@@ -184,7 +162,7 @@ class SubDagLocator:
                 node = self._nodes.get(node_cid)
                 if node is None:
                     continue  # evicted meanwhile: the cache is full of other blobs
-                for i in range(len(node.bounds) - 1):
+                for i in range(len(node)):
                     raw = node.child(i)
                     if not is_raw_cid(raw):
                         below.append(cid_text(raw))
@@ -219,32 +197,26 @@ class SubDagLocator:
         if node is None:
             missing.append(cid)
             return
-        bounds = node.bounds
-        rel = max(lo - base, 0)
-        if len(bounds) < 2 or rel < bounds[0]:
+        children = node.children_over(lo - base, hi - base)
+        if children is None:
             out.append(Leaf(cid, base, span))  # inline data: the node is read whole
             return
-        i = bisect.bisect_right(bounds, rel) - 1
-        while i + 1 < len(bounds) and base + bounds[i] < hi:
+        bounds = node.bounds
+        for i in children:
             child = node.child(i)
             self._cover(cid_text(child), is_raw_cid(child), base + bounds[i],
                         bounds[i + 1] - bounds[i], lo, hi, out, missing)
-            i += 1
 
     async def load(self, cid: str, get_block: GetBlock | None = None) -> None:
         """Fetch and decode the node `cid` now (raises IPFSError if it cannot)."""
         if cid in self._nodes:
             return
-        if parse_cid(cid).codec.name == RAW:
-            node = _LEAF_NODE
+        if _is_raw_text(cid):
+            node = RAW_INDEX
         else:
             async with asyncio.timeout(self.timeout):
                 raw = await (get_block or self._get_block)(cid)
-            decoded = decode_file_node(raw)
-            bounds = decoded.child_starts()
-            if bounds:
-                bounds.append(bounds[-1] + decoded.blocksizes[-1])
-            node = _Node(bounds, [link.cid_bytes() for link in decoded.links])
+            node = NodeIndex.of_node(raw)
         self._nodes[cid] = node
         while len(self._nodes) > self.max_nodes:
             self._nodes.popitem(last=False)

@@ -1,12 +1,13 @@
 """Reads from the IPFS store with the registry's per-read timeout and retries.
 
-Owns: the `ContentStore` protocol the registry needs (`cat` streaming with offset and
-length), `ReadPolicy` (timeout per read, retries per read), and `read_stream`, which
-turns one logical byte range into chunks while bounding every single read from the
-daemon: a read that stalls longer than the timeout is abandoned and the range is
-re-requested from the first byte not yet delivered, up to `retries` times in a row.
-Progress resets the retry budget, so a long blob survives several independent hiccups,
-but a daemon that stays stuck fails in at most (retries + 1) * timeout.
+Owns: `ReadPolicy` (timeout per read, retries per read), and `read_stream`, which
+turns one logical byte range into chunks of the store's ranged read
+(`peerstar.ipfs.ContentStore.cat`) while bounding every single read from the daemon: a
+read that stalls longer than the timeout is abandoned and the range is re-requested
+from the first byte not yet delivered, up to `retries` times in a row. Progress resets
+the retry budget, so a long blob survives several independent hiccups, but a daemon
+that stays stuck fails in at most (retries + 1) * timeout. Content the store does not
+hold (`BlockNotFoundError`) is not retried: it is `ContentNotFound` at once.
 
 Also owns the upstream log (`log_upstream`): one JSON line per IPFS operation of the
 registry (range reads, warm-up and fan-out operations) on `peerstar.registry.upstream`,
@@ -23,26 +24,23 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Protocol
+
+from peerstar.errors import PeerstarError
+from peerstar.ipfs import BlockNotFoundError, ContentStore
 
 log = logging.getLogger("peerstar.registry.upstream")
 
 
-class ContentStore(Protocol):
-    """The part of `peerstar.ipfs`'s store the registry uses."""
-
-    def cat(self, cid: str, offset: int = 0, length: int | None = None
-            ) -> AsyncIterator[bytes]: ...
-
-    async def close(self) -> None: ...
-
-
-class UpstreamError(Exception):
+class UpstreamError(PeerstarError):
     """Reading from IPFS failed after the retries (`timed_out` tells timeout from error)."""
 
-    def __init__(self, message: str, *, timed_out: bool) -> None:
+    def __init__(self, message: str, *, timed_out: bool = False) -> None:
         super().__init__(message)
         self.timed_out = timed_out
+
+
+class ContentNotFound(UpstreamError):
+    """The store does not hold (and cannot get) content the read needs: not retried."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +116,8 @@ async def read_stream(store: ContentStore, cid: str, offset: int, length: int,
             why = f"no data for {policy.timeout:g} s"
         except asyncio.CancelledError:
             raise
+        except BlockNotFoundError as exc:
+            raise ContentNotFound(f"reading {cid} from IPFS: {exc}") from None
         except Exception as exc:  # the store's IPFSError, connection errors, ...
             why = f"{type(exc).__name__}: {exc}"
         finally:
@@ -125,14 +125,13 @@ async def read_stream(store: ContentStore, cid: str, offset: int, length: int,
         if sent >= length:
             return
         failures += 1
-        await failed_read(policy, failures, cid, offset + sent, why, timed_out, on_failure)
+        await _failed_read(policy, failures, cid, offset + sent, why, timed_out, on_failure)
 
 
-async def failed_read(policy: ReadPolicy, failures: int, cid: str, at: int, why: str,
-                      timed_out: bool, on_failure: OnFailure | None) -> None:
+async def _failed_read(policy: ReadPolicy, failures: int, cid: str, at: int, why: str,
+                       timed_out: bool, on_failure: OnFailure | None) -> None:
     """After the `failures`-th failed read in a row of `cid` at byte `at`: count and log
-    it, then raise UpstreamError once the retries are spent, else back off. Shared by
-    every reader that follows `read_stream`'s rules (the splice relay too)."""
+    it, then raise UpstreamError once the retries are spent, else back off."""
     if on_failure is not None:
         on_failure("timeout" if timed_out else "error")
     log.warning("ipfs read of %s at %d failed (attempt %d of %d): %s", cid, at,
@@ -172,14 +171,11 @@ async def read_all(store: ContentStore, cid: str, max_bytes: int, policy: ReadPo
             why = f"no data for {policy.timeout:g} s"
         except asyncio.CancelledError:
             raise
+        except BlockNotFoundError as exc:
+            raise ContentNotFound(f"reading {cid} from IPFS: {exc}") from None
         except Exception as exc:
             why = f"{type(exc).__name__}: {exc}"
         finally:
             await _aclose(agen)
         failures += 1
-        if on_failure is not None:
-            on_failure("timeout" if timed_out else "error")
-        if failures > policy.retries:
-            raise UpstreamError(f"reading {cid} from IPFS failed: {why} ({failures} attempts)",
-                                timed_out=timed_out)
-        await asyncio.sleep(min(0.05 * 2 ** failures, 1.0))
+        await _failed_read(policy, failures, cid, sent, why, timed_out, on_failure)

@@ -51,15 +51,15 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from peerstar.estargz import TOC_DIGEST_ANNOTATION, FormatError, Reader
 from peerstar.estargz.footer import MAX_FOOTER_SIZE, ZSTD_FOOTER_SIZE, parse_footer
-from peerstar.ipfs.errors import IPFSError
+from peerstar.ipfs import ContentStore, IPFSError
 from peerstar.registry.metrics import RegistryMetrics
 from peerstar.registry.subdag import Leaf, SubDagLocator
 from peerstar.registry.tree import BlobRef, ImageTree
-from peerstar.registry.upstream import ContentStore, log_upstream
+from peerstar.registry.upstream import log_upstream
 
 log = logging.getLogger("peerstar.registry.warmup")
 
@@ -109,17 +109,16 @@ def _why(exc: BaseException) -> str:
 class WarmUp:
     """The warm-up and fan-out of one registry server (see the module docstring).
 
-    `store`: for `block_get` (skeleton nodes, through the locator) and `block_stat`;
-    `reader`: the registry's `cat` client, for the footer and TOC bytes; `locator`: the
-    server's SubDagLocator, or None (then only the footer and TOC are read, from the
+    `store`: the registry's store: `block_get` (skeleton nodes, through the locator),
+    `block_stat`, and its ranged read (`cat`) for the footer and TOC bytes; `locator`:
+    the server's SubDagLocator, or None (then only the footer and TOC are read, from the
     blob's own CID). `manifests`: False leaves only the fan-out on.
     """
 
-    def __init__(self, store: Any, reader: ContentStore, locator: SubDagLocator | None,
+    def __init__(self, store: ContentStore, locator: SubDagLocator | None,
                  metrics: RegistryMetrics, *, limit: int = 16, timeout: float = 30.0,
                  slow: float = 0.1, manifests: bool = True, fan_out: bool = True) -> None:
         self._store = store
-        self._reader = reader
         self._locator = locator
         self._metrics = metrics
         self._limit = asyncio.Semaphore(max(1, limit))
@@ -363,7 +362,7 @@ class WarmUp:
 
     async def _cat(self, cid: str, offset: int, length: int) -> bytes:
         parts = []
-        async with contextlib.aclosing(self._reader.cat(cid, offset, length)) as stream:  # type: ignore[type-var]
+        async with contextlib.aclosing(self._store.cat(cid, offset, length)) as stream:  # type: ignore[type-var]
             async for part in stream:
                 parts.append(part)
         data = b"".join(parts)[:length]

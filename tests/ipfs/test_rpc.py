@@ -202,6 +202,54 @@ def test_retries_ride_out_a_short_freeze_and_resume_at_the_right_offset(jsipfs: 
     run(go())
 
 
+def test_ranged_reads_stopped_at_their_length_reuse_one_connection(jsipfs: JsIpfs) -> None:
+    """A caller that stops once it has its `length` bytes (the registry does) must not
+    cost a new connection per read: the client takes the end of the body first. A
+    counting TCP relay in front of the daemon sees every connection made."""
+
+    async def go() -> None:
+        async with open_store(jsipfs.api_multiaddr) as s:
+            cid = await s.add(BIG)
+        accepted = 0
+        host, port = jsipfs.api_url.removeprefix("http://").rsplit(":", 1)
+
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            try:
+                while data := await r.read(1 << 16):
+                    w.write(data)
+                    await w.drain()
+            except ConnectionError:
+                pass
+            finally:
+                w.close()
+
+        async def relay(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            nonlocal accepted
+            accepted += 1
+            ur, uw = await asyncio.open_connection(host, int(port))
+            await asyncio.gather(pipe(r, uw), pipe(ur, w))
+
+        server = await asyncio.start_server(relay, "127.0.0.1", 0)
+        relay_port = server.sockets[0].getsockname()[1]
+        try:
+            async with open_store(f"/ip4/127.0.0.1/tcp/{relay_port}", retries=0) as s:
+                for offset, length in [(0, 10), (5000, 70000), (CHUNK_SIZE - 3, 6),
+                                       (len(BIG) - 100, 100), (1, 3 * CHUNK_SIZE)] * 4:
+                    got = bytearray()
+                    stream = s.cat(cid, offset, length)
+                    async for part in stream:
+                        got += part
+                        if len(got) >= length:
+                            break  # as the registry's read_stream does
+                    await stream.aclose()
+                    assert bytes(got) == BIG[offset:offset + length]
+        finally:
+            server.close()
+        assert accepted == 1
+
+    run(go())
+
+
 def test_daemon_error_is_reported_not_retried(jsipfs: JsIpfs) -> None:
     async def go() -> None:
         async with open_store(jsipfs.api_multiaddr, timeout=10, retries=3) as s:

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from peerstar.ipfs.cid import parse_cid
-from peerstar.ipfs.errors import IPFSError
+from peerstar.ipfs.errors import BlockNotFoundError, IPFSError
 from peerstar.ipfs.unixfs import DagBuilder, Rechunker, read_range
 
 
@@ -89,7 +89,7 @@ class DagStore:
     def _block(self, cid: str) -> bytes:
         data = self.blocks.get(str(parse_cid(cid).set(base="base32")))
         if data is None:
-            raise IPFSError(f"block {cid} not found")
+            raise BlockNotFoundError(f"block {cid} not found")
         return data
 
     async def block_get(self, cid: str) -> bytes:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from multiformats import CID, multihash
 
-from peerstar.ipfs.errors import IPFSError
+from peerstar.ipfs.errors import BlockNotFoundError, IPFSError
 
 
 def raw_cid(data: bytes) -> str:
@@ -52,7 +52,7 @@ class MemoryStore:
         self.cats.append((cid, offset, length))
         data = self.blobs.get(cid)
         if data is None:
-            raise IPFSError(f"block {cid} not found")
+            raise BlockNotFoundError(f"block {cid} not found")
         end = len(data) if length is None else min(len(data), offset + length)
         fault = self.faults.get(cid)
         if fault is not None and fault.times > 0:

@@ -1,8 +1,7 @@
 """A real js-ipfs daemon that stalls (SIGSTOP) or dies (SIGKILL) under the registry: the
 per-read timeout and retries bound every wait, a stall that heals within the retries
 completes the response byte-exact, and a response that cannot be completed is cut off
-(connection closed short of Content-Length), never a complete-looking 200. Both relay
-paths: splice(2) and the copy through Python."""
+(connection closed short of Content-Length), never a complete-looking 200."""
 
 from __future__ import annotations
 
@@ -17,7 +16,6 @@ import pytest
 
 from peerstar.ipfs import open_store
 from peerstar.registry import ReadPolicy, ServerOptions
-from peerstar.registry.splice import available as splice_available
 from tests.registry.harness import ThreadedRegistry
 from tests.registry.helpers import request
 from tests.support.ipfsimage import StoredImage, push_blob_image
@@ -35,18 +33,11 @@ def blob() -> bytes:
     return os.urandom(SIZE)
 
 
-def _registry(daemon: JsIpfs, zero_copy: bool = True) -> ThreadedRegistry:
-    options = ServerOptions(policy=ReadPolicy(timeout=TIMEOUT, retries=RETRIES),
-                            zero_copy=zero_copy)
+def _registry(daemon: JsIpfs) -> ThreadedRegistry:
+    options = ServerOptions(policy=ReadPolicy(timeout=TIMEOUT, retries=RETRIES))
     return ThreadedRegistry(
         lambda: open_store(daemon.api_multiaddr, timeout=TIMEOUT, retries=0), options,
         metrics=True)
-
-
-def _check_path(reg: ThreadedRegistry, zero_copy: bool) -> None:
-    # on Linux the daemon's bytes are relayed with splice(2) unless turned off
-    assert reg.server is not None
-    assert (reg.server._splice is not None) == (zero_copy and splice_available())
 
 
 def _push(daemon: JsIpfs, blob: bytes) -> StoredImage:
@@ -59,11 +50,10 @@ def stored(jsipfs_daemon: JsIpfs, blob: bytes) -> StoredImage:
     return _push(jsipfs_daemon, blob)
 
 
-@pytest.fixture(params=[True, False], ids=["splice", "copy"])
-def stalling(request: pytest.FixtureRequest, jsipfs_daemon: JsIpfs, stored: StoredImage
+@pytest.fixture
+def stalling(jsipfs_daemon: JsIpfs, stored: StoredImage
              ) -> Iterator[tuple[ThreadedRegistry, JsIpfs, StoredImage]]:
-    with _registry(jsipfs_daemon, request.param) as reg:
-        _check_path(reg, request.param)
+    with _registry(jsipfs_daemon) as reg:
         img = stored
         try:
             yield reg, jsipfs_daemon, img
@@ -152,7 +142,6 @@ def test_daemon_killed_mid_stream(blob: bytes) -> None:
     daemon = start_jsipfs()
     try:
         with _registry(daemon) as reg:
-            _check_path(reg, True)
             img = _push(daemon, blob)
             conn = http.client.HTTPConnection("127.0.0.1", reg.port, timeout=60)
             conn.request("GET", _path(img))

@@ -31,6 +31,12 @@ from peerstar.registry.ranges import (
     ("BYTES=1-2", 10, [(1, 2)]),
     ("bytes=20-30,2-3", 10, [(2, 3)]),      # unsatisfiable part dropped
     ("bytes=0-0,0-0", 10, [(0, 0), (0, 0)]),
+    # positions of any length (RFC 9110 14.1.1): a last past the end is the end,
+    # a suffix longer than the content the whole content, leading zeros nothing
+    ("bytes=0-" + "9" * 25, 10, [(0, 9)]),
+    ("bytes=-" + "9" * 25, 10, [(0, 9)]),
+    ("bytes=" + "0" * 25 + "5-", 10, [(5, 9)]),
+    ("bytes=" + "9" * 20 + "-,1-2", 10, [(1, 2)]),
 ])
 def test_parse_valid(header: str, size: int, expected: list[tuple[int, int]]) -> None:
     assert parse_range(header, size) == [ByteRange(a, b) for a, b in expected]
@@ -38,8 +44,8 @@ def test_parse_valid(header: str, size: int, expected: list[tuple[int, int]]) ->
 
 @pytest.mark.parametrize("header", [
     "bytes=5-2", "bytes=a-b", "bytes=", "bytes=-", "items=0-1", "bytes 0-1", "0-1",
-    "bytes=0-1;x", "bytes=--1", "bytes=1-2-3", "bytes=" + "9" * 30 + "-",
-    "bytes=0-1,,2-3", "bytes=\u0661-2",
+    "bytes=0-1;x", "bytes=--1", "bytes=1-2-3", "bytes=" + "9" * 30 + "-5",
+    "bytes=" + "9" * 30 + "-" + "9" * 29, "bytes=0-1,,2-3", "bytes=\u0661-2",
 ])
 def test_parse_malformed_is_ignored(header: str) -> None:
     assert parse_range(header, 10) is None
@@ -52,6 +58,10 @@ def test_absent() -> None:
 @pytest.mark.parametrize(("header", "size"), [
     ("bytes=10-", 10), ("bytes=10-20", 10), ("bytes=-0", 10), ("bytes=0-", 0),
     ("bytes=-5", 0), ("bytes=100-200,300-400", 10),
+    # a first position of 20 or more digits is past any end (not a malformed header)
+    ("bytes=" + "9" * 20 + "-", 10), ("bytes=" + "9" * 30 + "-", 10),
+    ("bytes=" + "1" + "0" * 19 + "-", (1 << 63) - 1),
+    ("bytes=" + "9" * 20 + "-" + "9" * 21, 10),
 ])
 def test_unsatisfiable(header: str, size: int) -> None:
     with pytest.raises(RangeNotSatisfiable):
