@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install.sh
 ruff check peerstar tests bench
+mypy  # over peerstar/ ([tool.mypy] in pyproject.toml)
 exec python3 -m pytest -q -ra "$@"

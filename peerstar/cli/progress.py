@@ -57,8 +57,10 @@ class Bars:
             task = self._tasks.get(key)
             if task is not None:
                 done = self._progress.tasks[task].completed
-                extra = {} if label is None else {"description": label}
-                self._progress.update(task, total=done, completed=done, **extra)
+                if label is None:
+                    self._progress.update(task, total=done, completed=done)
+                else:
+                    self._progress.update(task, total=done, completed=done, description=label)
 
     def close(self) -> None:
         self._progress.stop()

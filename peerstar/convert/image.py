@@ -290,7 +290,8 @@ class _ImageConverter:
             ref = ann.get(mt.DOCKER_REFERENCE_DIGEST_ANNOTATION) if ann else None
             if ref in remap:
                 # buildx attestation manifests name their image by digest.
-                child["annotations"] = {**ann, mt.DOCKER_REFERENCE_DIGEST_ANNOTATION: remap[ref]}
+                key = mt.DOCKER_REFERENCE_DIGEST_ANNOTATION
+                child["annotations"] = {**(ann or {}), key: remap[ref]}
         new_doc = _reheaded(doc, mt.OCI_INDEX)
         new_doc["manifests"] = children
         return self.writer.add_bytes(dump_json(new_doc), mt.OCI_INDEX)
@@ -320,7 +321,9 @@ class _ImageConverter:
             diff_ids.append(report.diff_id)
         config = self.source.read_document(config_desc)
         rootfs = config.get("rootfs")
-        old_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+        if not isinstance(rootfs, dict):
+            rootfs = {}
+        old_ids = rootfs.get("diff_ids")
         if not isinstance(old_ids, list) or len(old_ids) != len(layer_descs):
             raise ImageFormatError(
                 f"{where}: config {config_desc['digest']} lists "

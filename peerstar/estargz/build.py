@@ -468,7 +468,7 @@ def _meta_entry(h: TarHeader, kind: str, *, modtime: bool = True) -> TOCEntry:
 
 def _scan(inp: _Input) -> list[TarHeader]:
     """The tar's headers, each checked as a reader checks its TOC entry."""
-    headers = []
+    headers: list[TarHeader] = []
     cost = 0
     for h in iter_headers(inp.reader()):
         kind = h.kind

@@ -10,7 +10,7 @@ told never holds more than a few pieces, whatever the input declares.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 
 import zstandard
 
@@ -55,7 +55,7 @@ class _RangeStream:
 
 
 def inflate(read_at: ReadAt, start: int, end: int, compression: str, *,
-            across: bool = False) -> Iterator[bytes]:
+            across: bool = False) -> Generator[bytes, None, None]:
     """Decompress [start, end): one gzip member / zstd frame, or with `across` all of them.
 
     Yields non-empty pieces of at most STEP bytes; raises DecompressError on corrupt
@@ -71,7 +71,8 @@ def inflate(read_at: ReadAt, start: int, end: int, compression: str, *,
 def _inflate_zstd(read_at: ReadAt, start: int, end: int, across: bool) -> Iterator[bytes]:
     source = _RangeStream(read_at, start, end)
     reader = zstandard.ZstdDecompressor().stream_reader(
-        source, read_size=STEP, read_across_frames=across)
+        source,  # type: ignore[arg-type]  # any object with read() will do; the stub says IO
+        read_size=STEP, read_across_frames=across)
     while True:
         try:
             out = reader.read(STEP)
@@ -115,7 +116,7 @@ def _inflate_gzip(read_at: ReadAt, start: int, end: int, across: bool) -> Iterat
         raise DecompressError(str(exc)) from None
 
 
-def inflate_bytes(data: bytes, compression: str) -> Iterator[bytes]:
+def inflate_bytes(data: bytes, compression: str) -> Generator[bytes, None, None]:
     """`inflate` over bytes already fetched (one member / frame)."""
     view = memoryview(data)
     return inflate(lambda off, n: bytes(view[off:off + n]), 0, len(data), compression)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from bisect import bisect_right
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 
 from peerstar.estargz.decompress import (
     DecompressError,
@@ -347,7 +347,7 @@ def _read_checked(read_at: ReadAt, offset: int, length: int) -> bytes:
         raise FormatError(str(exc)) from None
 
 
-def _toc_pieces(read_at: ReadAt, footer: Footer) -> Iterator[bytes]:
+def _toc_pieces(read_at: ReadAt, footer: Footer) -> Generator[bytes, None, None]:
     """The TOC's JSON bytes, in pieces, never past the size its header or footer gives."""
     start, end = footer.toc_offset, footer.toc_offset + footer.toc_size
     try:

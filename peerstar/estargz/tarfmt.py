@@ -353,10 +353,10 @@ def write_header(h: TarHeader) -> bytes:
             pax[k] = str(v)
     if int(h.mtime) < 0 or _octal(int(h.mtime), 12) is None:
         pax["mtime"] = str(int(h.mtime))
-    for k, v in (("uname", h.uname), ("gname", h.gname)):
-        b = v.encode("utf-8", "surrogateescape")
-        if len(b) > 32 or not b.isascii():
-            pax[k] = v
+    for k, owner in (("uname", h.uname), ("gname", h.gname)):
+        raw = owner.encode("utf-8", "surrogateescape")
+        if len(raw) > 32 or not raw.isascii():
+            pax[k] = owner
     for k in sorted(h.pax):
         pax[k] = h.pax[k]
     out = b""

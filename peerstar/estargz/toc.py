@@ -406,7 +406,9 @@ class _Text:
 
 
 _WS = re.compile(r"[ \t\n\r]*")
-_SCAN = json.JSONDecoder().scan_once  # (text, index) -> (value, end); StopIteration if none
+# (text, index) -> (value, end); StopIteration if none. Set by JSONDecoder.__init__ (C
+# scanner when available); typeshed does not declare it.
+_SCAN = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
 
 def _pieces(data: bytes | Iterable[bytes]) -> Iterator[bytes]:

@@ -329,7 +329,7 @@ class RPCStore(ContentStore):
                         raise
                     async for part in resp.content.iter_chunked(_PIECE):
                         last_part = length is not None and delivered + len(part) >= length
-                        if last_part:
+                        if length is not None and last_part:
                             part = part[: length - delivered]  # never trust the server here
                             # Take the end of the body before the caller has all it asked
                             # for (and may stop here): the connection is then reused.

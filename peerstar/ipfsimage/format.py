@@ -234,7 +234,8 @@ def rewrite_index(doc: Document, children: list[Descriptor],
         ann = entry.get("annotations")
         ref = ann.get(mt.DOCKER_REFERENCE_DIGEST_ANNOTATION) if ann else None
         if ref in remap:  # buildx attestation manifests name their image by digest
-            entry["annotations"] = {**ann, mt.DOCKER_REFERENCE_DIGEST_ANNOTATION: remap[ref]}
+            key = mt.DOCKER_REFERENCE_DIGEST_ANNOTATION
+            entry["annotations"] = {**(ann or {}), key: remap[ref]}
         entries.append(go_descriptor(entry))
     return dict(doc, schemaVersion=2, mediaType=mt.OCI_INDEX, manifests=entries)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -85,7 +85,7 @@ class _Prefetcher:
     def _read(self) -> asyncio.Future[bytes]:
         return asyncio.get_running_loop().run_in_executor(None, self._stream.read, _PIECE)
 
-    async def pieces(self) -> AsyncIterator[bytes]:
+    async def pieces(self) -> AsyncGenerator[bytes, None]:
         self._pending = self._read()
         while True:
             data = await self._pending

@@ -15,6 +15,7 @@ reads), and `stats()`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -196,7 +197,7 @@ class LazyLayer:
             todo = [c for c in chunks[max(first, done + 1):last + 1]
                     if self._chunk_key(c) not in self._mem]
         for c in todo:
-            self._ahead(lambda c=c: self.chunk_bytes(c, "readahead"))
+            self._ahead(functools.partial(self.chunk_bytes, c, "readahead"))
 
     def _follow_elf(self, entry: TOCEntry) -> None:
         """For an ELF file read from its start, fetch the interpreter and the libraries

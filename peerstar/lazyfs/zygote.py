@@ -245,7 +245,9 @@ def _run_daemon(sock: socket.socket, req: dict[str, object], ready_fd: int,
             os.chdir(cwd)
         except OSError:
             os.chdir("/")
-    argv = [str(a) for a in req.get("argv") or []]  # type: ignore[union-attr]
+    argv_in = req.get("argv") or []
+    assert isinstance(argv_in, list)
+    argv = [str(a) for a in argv_in]
     sys.argv = ["peerstar.lazyfs.mountd", *argv]
     from peerstar.lazyfs import mountd
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import re
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from peerstar.oci.errors import BlobError, ImageFormatError
 
@@ -138,10 +138,18 @@ def finish_stream(stream: BinaryIO) -> None:
         raw.finish()
 
 
+class Sink(Protocol):
+    """Where a HashingWriter passes its bytes: a binary file or anything that writes."""
+
+    def write(self, data: bytes | bytearray | memoryview, /) -> int: ...
+
+    def flush(self) -> None: ...
+
+
 class HashingWriter(io.RawIOBase):
     """Pass writes through to `dst`, counting bytes and computing their sha256."""
 
-    def __init__(self, dst: BinaryIO) -> None:
+    def __init__(self, dst: Sink) -> None:
         super().__init__()
         self._dst = dst
         self._hash = hashlib.sha256()

@@ -232,7 +232,7 @@ def _write_small(path: Path, data: bytes) -> None:
 
 
 class _NullSink:
-    def write(self, data: bytes) -> int:
+    def write(self, data: bytes | bytearray | memoryview) -> int:
         return len(data)
 
     def flush(self) -> None:

@@ -38,7 +38,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -443,7 +443,7 @@ class RegistryServer:
             await resp.write_eof()
 
     async def _pieces(self, info: BlobRef, cached: bytes | None, r: ByteRange
-                      ) -> AsyncIterator[bytes]:
+                      ) -> AsyncGenerator[bytes, None]:
         if cached is not None:
             yield cached[r.start:r.end + 1]
             return
@@ -564,7 +564,7 @@ def check_bind_address(host: str, allow_remote: bool) -> None:
         infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise PeerstarError(f"cannot resolve listen host {host!r}: {exc.strerror}") from None
-    addrs = {info[4][0] for info in infos}
+    addrs = {str(info[4][0]) for info in infos}
     remote = sorted(a for a in addrs if not ipaddress.ip_address(a.split("%")[0]).is_loopback)
     if remote and not allow_remote:
         raise PeerstarError(

@@ -22,7 +22,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 
 from peerstar.errors import PeerstarError
@@ -83,7 +83,7 @@ async def _aclose(agen: AsyncIterator[bytes]) -> None:
 
 async def read_stream(store: ContentStore, cid: str, offset: int, length: int,
                       policy: ReadPolicy, *, on_failure: OnFailure | None = None,
-                      ) -> AsyncIterator[bytes]:
+                      ) -> AsyncGenerator[bytes, None]:
     """Yield exactly `length` bytes of `cid` from `offset`, or raise UpstreamError.
 
     Never yields more than asked (a store returning extra bytes is cut), and a store
@@ -145,7 +145,7 @@ async def _failed_read(policy: ReadPolicy, failures: int, cid: str, at: int, why
 async def read_all(store: ContentStore, cid: str, max_bytes: int, policy: ReadPolicy,
                    *, on_failure: OnFailure | None = None) -> bytes:
     """The whole content of a small object `cid` (at most `max_bytes` bytes are read)."""
-    parts = []
+    parts: list[bytes] = []
     sent = 0
     failures = 0
     # The size is unknown up front: stream with retries resuming where we stopped.

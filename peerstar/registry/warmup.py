@@ -192,7 +192,8 @@ class WarmUp:
     # -- machinery ------------------------------------------------------------------------
 
     def _spawn(self, coro: Awaitable[None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(
+            coro)  # type: ignore[arg-type]  # an Awaitable that is a coroutine
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -235,12 +236,12 @@ class WarmUp:
             jobs = []
             # The config is the client's next request: its block comes beside the layers'.
             config = doc.get("config")
-            cref = tree.blobs.get(config.get("digest")) if isinstance(config, dict) else None
+            cref = tree.blobs.get(str(config.get("digest"))) if isinstance(config, dict) else None
             if cref is not None and cref.cid not in self._seen_blobs:
                 self._seen_blobs.add(cref.cid)
                 jobs.append(self._warm_config(cref))
             for layer in layers:
-                ref = tree.blobs.get(layer.get("digest")) if isinstance(layer, dict) else None
+                ref = tree.blobs.get(str(layer.get("digest"))) if isinstance(layer, dict) else None
                 if ref is None or ref.cid in self._seen_blobs:
                     continue
                 self._seen_blobs.add(ref.cid)

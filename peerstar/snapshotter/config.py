@@ -168,7 +168,7 @@ def load_config(path: Path | None, *, address: Path | None = None, root: Path | 
                 metrics_address: str | None = None) -> SnapshotterConfig:
     """Read `path` (default file if None; absent default is fine), then apply flags."""
     explicit = path is not None
-    path = Path(path) if explicit else DEFAULT_CONFIG
+    path = Path(path) if path is not None else DEFAULT_CONFIG
     data: dict[str, Any] = {}
     try:
         with open(path, "rb") as f:

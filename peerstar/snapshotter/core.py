@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -337,7 +338,7 @@ class Snapshotter:
                     snap.key, snap.remote.get("digest"))
         return "remounted"
 
-    def _heal_chain(self, parents: list[Snapshot]) -> None:
+    def _heal_chain(self, parents: Sequence[Snapshot]) -> None:
         # A mount daemon that died (crash, OOM kill) leaves a dead FUSE mount; containers
         # already running on it cannot be saved, but new ones get a fresh mount.
         for p in parents:

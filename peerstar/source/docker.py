@@ -259,7 +259,8 @@ class RegistryClient:
             resp.close()
             raise RegistryError(f"{self.ref}: registry ignores Range requests for {digest}")
         size = int(resp.headers.get("content-length", "-1"))
-        return _ResponseStream(resp, self.ref), size
+        # A RawIOBase, which typeshed does not count as BinaryIO; callers read and close.
+        return _ResponseStream(resp, self.ref), size  # type: ignore[return-value]
 
 
 class _ResponseStream(io.RawIOBase):

@@ -228,7 +228,8 @@ class DockerArchiveSource(SourceImage):
 
     def _open_raw(self, digest: str) -> tuple[BinaryIO, int]:
         m = self._find(digest)
-        return _RangeStream(self._pread, m.offset, m.size), m.size
+        # A RawIOBase, which typeshed does not count as BinaryIO; callers read and close.
+        return _RangeStream(self._pread, m.offset, m.size), m.size  # type: ignore[return-value]
 
     def _range_raw(self, digest: str) -> tuple[ReadAt, int]:
         m = self._find(digest)

@@ -376,7 +376,7 @@ def _build(extra_mib: int, busybox: Path, gzip_level: int) -> _Built:
         tars.append(tar)
         layers.append(SampleLayer(digest, sha256_digest(tar), len(blob), mt.OCI_LAYER_GZIP,
                                   tuple(entries)))
-    config = dump_json(_image_config(arch, variant, [la.diff_id for la in layers]))
+    config = dump_json(_image_config(arch, variant or "", [la.diff_id for la in layers]))
     config_digest = sha256_digest(config)
     blobs[config_digest] = config
     manifest = dump_json({
