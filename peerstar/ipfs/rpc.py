@@ -249,6 +249,10 @@ class RPCStore(ContentStore):
         ).encode()
         tail = f"\r\n--{boundary}--\r\n".encode()
         loop = asyncio.get_running_loop()
+        # An error of the caller's input (a source blob failing its digest) ends the body
+        # inside aiohttp's writer, which reports it, if at all, as a connection error: it
+        # is kept here and raised as itself.
+        input_error: list[BaseException] = []
 
         async with asyncio.timeout(None) as stall:
             def daemon_turn(on: bool) -> None:
@@ -268,6 +272,9 @@ class RPCStore(ContentStore):
                         piece = await anext(pieces)
                     except StopAsyncIteration:
                         break
+                    except BaseException as exc:
+                        input_error.append(exc)
+                        raise
                     consumed[0] = True
                     daemon_turn(True)
                     yield piece
@@ -275,12 +282,19 @@ class RPCStore(ContentStore):
                 yield tail
                 daemon_turn(False)  # the answer's wait is bounded by sock_read
 
-            async with self._client().post(
-                self._url("add", params), data=body(),
-                headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
-            ) as resp:
-                await self._raise_for_status(resp, "add")
-                raw = await resp.read()
+            try:
+                async with self._client().post(
+                    self._url("add", params), data=body(),
+                    headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+                ) as resp:
+                    await self._raise_for_status(resp, "add")
+                    raw = await resp.read()
+            except BaseException:
+                if input_error:
+                    raise input_error[0] from None
+                raise
+            if input_error:
+                raise input_error[0]
         root = None
         for line in raw.decode(errors="replace").splitlines():
             if not line.strip():
