@@ -17,7 +17,7 @@ from peerstar.ipfs import EmbeddedStore, compute_cid
 from peerstar.registry import ReadPolicy, ServerOptions
 from tests.registry.harness import ThreadedRegistry
 from tests.registry.helpers import request
-from tests.registry.ipfsimage import StoredImage, store_blob_image
+from tests.support.ipfsimage import StoredImage, store_blob_image
 
 SIZE = 600 << 10  # three 256 KiB leaves under one node
 

@@ -17,7 +17,7 @@ from peerstar.ipfs import open_store
 from peerstar.registry import ReadPolicy, ServerOptions
 from tests.registry.harness import ThreadedRegistry
 from tests.registry.helpers import parse_multipart, request
-from tests.registry.ipfsimage import StoredImage, store_blob_image
+from tests.support.ipfsimage import StoredImage, store_blob_image
 from tests.support.jsipfs import JsIpfs
 
 SIZE = 8 << 20
