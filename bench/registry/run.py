@@ -7,9 +7,10 @@ then for each concurrency (1, 32) and read size (64 KiB, 1 MiB) runs random-offs
 for a fixed time against (a) the daemon's RPC (`POST /api/v0/cat?offset&length` of the
 blob's CID), (b) the registry (`GET .../blobs/<digest>` with `Range`) and (c) a second
 registry with PEERSTAR_REGISTRY_SUBDAG=0, which cats every range from the blob's own
-CID exactly as (a) does, so (c)/(a) is the cost of the relay alone and (b)/(c) what
-reading from the deepest DAG node saves the daemon. Same aiohttp client for all three;
-prints MB/s, p50/p99 latency and the ratios to (a) (target: (b) >= 0.8x).
+CID exactly as (a) does, so (c)/(a) is the cost of the registry's pass-through alone
+and (b)/(c) what reading from the deepest DAG node saves the daemon. Same aiohttp client
+for all three; prints MB/s, p50/p99 latency and the ratios to (a) (target: (b) >= 0.8x
+at concurrency 32; concurrency 1 is reported).
 
 Run (holding the bench lock, as every benchmark on the shared machine):
 `flock -x /tmp/peerstar-bench.lock python bench/registry/run.py [--mib 256] [--seconds 8]`.
@@ -124,7 +125,7 @@ def _print(rows: list[tuple], title: str) -> None:
     print(f"\n{title}")
     print("registry: as shipped (each range read from the deepest DAG node holding it);")
     print("root-cat: PEERSTAR_REGISTRY_SUBDAG=0 (every range a cat of the blob's own CID,")
-    print("          like the direct reads: the relay's own cost)")
+    print("          like the direct reads: the pass-through's own cost)")
     print(f"{'conc':>4} {'read':>7} | {'direct MB/s':>11} {'p50 ms':>7} {'p99 ms':>7} | "
           f"{'registry MB/s':>13} {'p50 ms':>7} {'p99 ms':>7} {'ratio':>6} | "
           f"{'root-cat MB/s':>13} {'p50 ms':>7} {'ratio':>6}")
