@@ -258,6 +258,8 @@ _STR_FIELDS = {
     "chunkDigest": "chunk_digest",
 }
 _INT_LIMIT = 1 << 63  # the reference's fields are int64
+# Narrower where the value must fit the kernel: Linux's makedev takes 32-bit halves.
+_FIELD_LIMIT = {"devMajor": 1 << 32, "devMinor": 1 << 32}
 
 # Memory a parsed TOC may take: `entry_cost` estimates each entry (object, index slots,
 # strings); readers and the builder refuse TOCs beyond the limit, so a blob that
@@ -308,7 +310,7 @@ def check_entry(e: TOCEntry, label: str) -> None:
         raise FormatError(f"{label} has unknown type {e.type!r}")
     for key, attr in _INT_FIELDS.items():
         v = getattr(e, attr)
-        if not 0 <= v < _INT_LIMIT:
+        if not 0 <= v < _FIELD_LIMIT.get(key, _INT_LIMIT):
             raise FormatError(f"{label}: {key} is {'negative' if v < 0 else 'too large'} ({v})")
     _check_names(e, label)
 
@@ -502,7 +504,7 @@ def _parse_entry(i: int, raw: Any, memo: dict[str, str]) -> TOCEntry:
             continue
         attr = _INT_FIELDS.get(key)
         if attr is not None:
-            if type(v) is not int or not 0 <= v < _INT_LIMIT:
+            if type(v) is not int or not 0 <= v < _FIELD_LIMIT.get(key, _INT_LIMIT):
                 what = ("not an integer" if type(v) is not int
                         else f"negative ({v})" if v < 0 else f"too large ({v})")
                 raise FormatError(f"TOC entry #{i} ({name!r}): {key} is {what}")

@@ -130,6 +130,13 @@ def test_integers_out_of_range(tmp_path, value, match):
     refused(tmp_path, with_entries({"name": "d", "type": "dir", "mode": value}), match)
 
 
+@pytest.mark.parametrize("field", ["devMajor", "devMinor"])
+def test_device_numbers_past_32_bits(tmp_path, field):
+    # Linux's makedev takes 32-bit halves: a mount would fail on such a node's stat.
+    refused(tmp_path, with_entries({"name": "dev", "type": "char", field: 1 << 32}),
+            f"{field} is too large")
+
+
 @pytest.mark.parametrize("toc", [b"", b"   ", b"[]", b"nul", b'{"entries": {}}',
                                  b'{"entries": [1]}', b'{"entries": [{"name": 5}]}',
                                  b'{"entries": []} trailing', b'{"entries": [] ',
