@@ -50,6 +50,7 @@ from peerstar.oci.model import (
     index_children,
     kind_of,
     manifest_children,
+    remap_reference,
 )
 from peerstar.oci.reference import ImageRef
 from peerstar.progress import NoProgress, Progress
@@ -286,12 +287,7 @@ class _ImageConverter:
         children = [self.rewrite(c) for c in index_children(doc, where=where)]
         remap = {old: new["digest"] for old, new in self.new.items()}
         for child in children:
-            ann = child.get("annotations")
-            ref = ann.get(mt.DOCKER_REFERENCE_DIGEST_ANNOTATION) if ann else None
-            if ref in remap:
-                # buildx attestation manifests name their image by digest.
-                key = mt.DOCKER_REFERENCE_DIGEST_ANNOTATION
-                child["annotations"] = {**(ann or {}), key: remap[ref]}
+            remap_reference(child, remap)
         new_doc = _reheaded(doc, mt.OCI_INDEX)
         new_doc["manifests"] = children
         return self.writer.add_bytes(dump_json(new_doc), mt.OCI_INDEX)

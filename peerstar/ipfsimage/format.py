@@ -38,6 +38,7 @@ from peerstar.oci.model import (
     kind_of,
     manifest_children,
     parse_document,
+    remap_reference,
 )
 
 IPFS_SCHEME = "ipfs://"
@@ -231,11 +232,7 @@ def rewrite_index(doc: Document, children: list[Descriptor],
     entries = []
     for child, new in zip(children, pushed, strict=True):
         entry = with_pushed(child, new)
-        ann = entry.get("annotations")
-        ref = ann.get(mt.DOCKER_REFERENCE_DIGEST_ANNOTATION) if ann else None
-        if ref in remap:  # buildx attestation manifests name their image by digest
-            key = mt.DOCKER_REFERENCE_DIGEST_ANNOTATION
-            entry["annotations"] = {**(ann or {}), key: remap[ref]}
+        remap_reference(entry, remap)
         entries.append(go_descriptor(entry))
     return dict(doc, schemaVersion=2, mediaType=mt.OCI_INDEX, manifests=entries)
 

@@ -110,6 +110,16 @@ def index_children(doc: Document, *, where: str) -> list[Descriptor]:
     return [check_descriptor(d, where=f"{where} entry {i}") for i, d in enumerate(manifests)]
 
 
+def remap_reference(entry: Descriptor, remap: dict[str, str]) -> None:
+    """Re-point an index entry's `vnd.docker.reference.digest` annotation (buildx's
+    attestation manifests name their image by digest) at the image's new digest, when
+    `remap` (old -> new) rewrote it."""
+    ann = entry.get("annotations")
+    ref = ann.get(mt.DOCKER_REFERENCE_DIGEST_ANNOTATION) if ann else None
+    if ref in remap:
+        entry["annotations"] = {**(ann or {}), mt.DOCKER_REFERENCE_DIGEST_ANNOTATION: remap[ref]}
+
+
 def dump_json(doc: Any) -> bytes:
     """Serialise a document compactly (as Go's json.Marshal does), deterministically."""
     text = json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
