@@ -141,6 +141,16 @@ def _layout(root: Path, rnd: random.Random) -> None:
     (root / "oci-layout").write_bytes(layout)
 
 
+def _convert_checked(source: str, out: Path) -> None:
+    """Convert `source` to `out`: refused with nothing left there, or a valid layout."""
+    try:
+        convert(source, parse_image_ref(f"oci:{out}"))
+    except PeerstarError:
+        assert not out.exists()
+        return
+    _check_converted(out)
+
+
 def _check_converted(out: Path) -> None:
     """Every layer the output's manifests annotate with a TOC digest verifies."""
     def blob(digest: str) -> bytes:
@@ -164,13 +174,7 @@ def test_oci_layouts_convert_or_fail(seed: int) -> None:
     work = Path(tempfile.mkdtemp(dir=TMP))
     try:
         _layout(work / "src", rnd)
-        out = work / "out"
-        try:
-            convert(f"oci:{work / 'src'}", parse_image_ref(f"oci:{out}"))
-        except PeerstarError:
-            assert not out.exists()
-            return
-        _check_converted(out)
+        _convert_checked(f"oci:{work / 'src'}", work / "out")
     finally:
         shutil.rmtree(work)
 
@@ -202,12 +206,6 @@ def test_docker_archives_convert_or_fail(seed: int) -> None:
     try:
         src = work / "image.tar"
         src.write_bytes(_archive(rnd))
-        out = work / "out"
-        try:
-            convert(f"docker-archive:{src}", parse_image_ref(f"oci:{out}"))
-        except PeerstarError:
-            assert not out.exists()
-            return
-        _check_converted(out)
+        _convert_checked(f"docker-archive:{src}", work / "out")
     finally:
         shutil.rmtree(work)
