@@ -23,29 +23,30 @@ async def iter_input(data: AddInput) -> AsyncIterator[bytes]:
         for i in range(0, len(view), _READ_SIZE):
             yield bytes(view[i : i + _READ_SIZE])
         return
-    if hasattr(data, "read"):
-        while True:
-            # Local files are fast to read but may be on slow disks: keep the loop free.
-            piece = await asyncio.to_thread(data.read, _READ_SIZE)  # type: ignore[union-attr]
-            if not piece:
-                return
-            yield piece
-    else:
-        async for piece in data:  # type: ignore[union-attr]
+    if isinstance(data, AsyncIterable):
+        async for piece in data:
             if piece:
                 yield bytes(piece)
+        return
+    while True:
+        # Local files are fast to read but may be on slow disks: keep the loop free.
+        piece = await asyncio.to_thread(data.read, _READ_SIZE)
+        if not piece:
+            return
+        yield piece
 
 
 def rewindable(data: AddInput) -> int | None:
     """Position to rewind to before a retry, or None when the input can be read only once."""
     if isinstance(data, bytes | bytearray | memoryview):
         return 0
-    if hasattr(data, "seekable") and hasattr(data, "tell"):
-        try:
-            if data.seekable():  # type: ignore[union-attr]
-                return int(data.tell())  # type: ignore[union-attr]
-        except (OSError, ValueError):
-            return None
+    if isinstance(data, AsyncIterable):
+        return None
+    try:
+        if data.seekable():
+            return int(data.tell())
+    except (OSError, ValueError):
+        return None
     return None
 
 

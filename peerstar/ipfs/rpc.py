@@ -47,7 +47,7 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
 from urllib.parse import urlencode
 
@@ -224,8 +224,9 @@ class RPCStore(ContentStore):
         for attempt in range(self.retries + 1):
             if attempt:
                 await self._backoff(attempt - 1)
-                if start is not None and hasattr(data, "seek"):
-                    data.seek(start)  # type: ignore[union-attr]
+                if start is not None and not isinstance(
+                        data, bytes | bytearray | memoryview | AsyncIterable):
+                    data.seek(start)
             consumed = [False]
             try:
                 return await self._add_once(data, params, consumed)

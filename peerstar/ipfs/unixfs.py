@@ -204,34 +204,35 @@ def decode_file_node(raw: bytes) -> FileNode:
         node = FileNode()
         unixfs = None
         for num, wire, val in _fields(raw):
-            if num == 2 and wire == 2:
-                assert isinstance(val, bytes)
+            # isinstance next to the wire type narrows int | bytes for the type checker
+            if num == 2 and wire == 2 and isinstance(val, bytes):
                 hash_, name, tsize = b"", "", 0
                 for lnum, lwire, lval in _fields(val):
-                    if lnum == 1 and lwire == 2:
-                        hash_ = lval  # type: ignore[assignment]
-                    elif lnum == 2 and lwire == 2:
-                        name = bytes(lval).decode()  # type: ignore[arg-type]
-                    elif lnum == 3 and lwire == 0:
-                        tsize = lval  # type: ignore[assignment]
+                    if lnum == 1 and lwire == 2 and isinstance(lval, bytes):
+                        hash_ = lval
+                    elif lnum == 2 and lwire == 2 and isinstance(lval, bytes):
+                        name = lval.decode()
+                    elif lnum == 3 and isinstance(lval, int):
+                        tsize = lval
                 node.links.append(Link(None, tsize, name, raw=bytes(hash_)))
-            elif num == 1 and wire == 2:
+            elif num == 1 and wire == 2 and isinstance(val, bytes):
                 unixfs = val
         if unixfs is None:
             raise ValueError("dag-pb node without UnixFS data")
-        for num, wire, val in _fields(unixfs):  # type: ignore[arg-type]
-            if num == 1 and wire == 0:
-                node.unixfs_type = val  # type: ignore[assignment]
+        for num, wire, val in _fields(unixfs):
+            if isinstance(val, int):
+                if num == 1:
+                    node.unixfs_type = val
+                elif num == 3:
+                    node.filesize = val
+                elif num == 4:
+                    node.blocksizes.append(val)
             elif num == 2 and wire == 2:
-                node.data = bytes(val)  # type: ignore[arg-type]
-            elif num == 3 and wire == 0:
-                node.filesize = val  # type: ignore[assignment]
-            elif num == 4 and wire == 0:
-                node.blocksizes.append(val)  # type: ignore[arg-type]
+                node.data = bytes(val)
             elif num == 4 and wire == 2:  # tolerate packed encoding from other writers
                 pos = 0
-                while pos < len(val):  # type: ignore[arg-type]
-                    v, pos = _read_varint(val, pos)  # type: ignore[arg-type]
+                while pos < len(val):
+                    v, pos = _read_varint(val, pos)
                     node.blocksizes.append(v)
     except (ValueError, UnicodeDecodeError, AssertionError) as exc:
         raise CIDError(f"malformed dag-pb/UnixFS block: {exc}") from None
