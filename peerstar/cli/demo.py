@@ -161,7 +161,7 @@ def _lazy_flow(console: Console, work: Path, layout: Path) -> None:
         stats = image_stats(target, work / "mnt")
         console.print(f"[bold]7.[/] read {SAMPLE_TEXT_PATH} through FUSE: "
                       f"{text.decode().strip()!r}")
-        fetched, size = int(stats["fetchedSize"]), int(stats["size"])  # type: ignore[call-overload]
+        fetched, size = int(str(stats["fetchedSize"])), int(str(stats["size"]))
         note = " (the rest came from the cache of an earlier run)" if fetched == 0 else ""
         console.print(f"   fetched {fetched:,} bytes of the image's {size:,} "
                       f"({100 * fetched / max(size, 1):.2f}%) from the registry{note}")

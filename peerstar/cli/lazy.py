@@ -75,7 +75,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=1))
     else:
         layers = summary["layers"]
-        print(f"mounted {args.ref} at {summary['target']} ({len(layers)} lazy layers; "  # type: ignore[arg-type]
+        assert isinstance(layers, list)
+        print(f"mounted {args.ref} at {summary['target']} ({len(layers)} lazy layers; "
               f"`peerstar unmount {args.dir}` or `umount {args.dir}` to end)")
     return 0
 

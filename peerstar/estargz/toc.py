@@ -366,7 +366,9 @@ class _Text:
     def peek(self) -> str:
         """The next character that is not JSON whitespace ("" at the end)."""
         while True:
-            self.pos = _WS.match(self.buf, self.pos).end()  # type: ignore[union-attr]
+            match = _WS.match(self.buf, self.pos)
+            assert match is not None  # the pattern matches the empty string
+            self.pos = match.end()
             if self.pos < len(self.buf):
                 return self.buf[self.pos]
             if self.eof:
@@ -410,7 +412,7 @@ class _Text:
 _WS = re.compile(r"[ \t\n\r]*")
 # (text, index) -> (value, end); StopIteration if none. Set by JSONDecoder.__init__ (C
 # scanner when available); typeshed does not declare it.
-_SCAN = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+_SCAN = json.JSONDecoder().scan_once  # type: ignore[attr-defined]  # see above
 
 
 def _pieces(data: bytes | Iterable[bytes]) -> Iterator[bytes]:

@@ -205,14 +205,14 @@ def mount_layer(
         except ValueError:
             msg = {}
     if not pid:
-        pid = int(msg.get("pid") or 0)  # type: ignore[call-overload]
+        pid = int(str(msg.get("pid") or 0))
     if not msg.get("ok"):
         _stop_failed(pid, proc)
         reason = (msg.get("error") or _tail(paths.log) or lost
                   or "the mount daemon exited without a word")
         raise MountError(f"cannot mount layer {digest} at {mountpoint}: {reason}")
     return LayerMount(mountpoint, digest, pid, paths,
-                      mount_seconds=float(msg.get("mount_seconds", 0.0)),  # type: ignore[arg-type]
+                      mount_seconds=float(str(msg.get("mount_seconds", 0.0))),
                       prefetch_done=bool(msg.get("prefetch_done")), _proc=proc)
 
 

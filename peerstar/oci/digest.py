@@ -66,7 +66,7 @@ class VerifyingReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buf: bytearray | memoryview) -> int:  # type: ignore[override]
+    def readinto(self, buf: bytearray | memoryview) -> int:  # type: ignore[override]  # RawIOBase takes any writable buffer; io only passes these
         if self._checked:
             return 0
         want = len(buf)
@@ -158,7 +158,7 @@ class HashingWriter(io.RawIOBase):
     def writable(self) -> bool:
         return True
 
-    def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
+    def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]  # RawIOBase takes any buffer; our writers pass these
         n = self._dst.write(data)
         view = memoryview(data)[: n if n is not None else len(data)]
         self._hash.update(view)

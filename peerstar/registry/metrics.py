@@ -69,7 +69,7 @@ class RegistryMetrics:
             "peerstar_registry_warmup_in_flight",
             "Warm-up and fan-out operations in flight", registry=self.registry)
         self._done: dict[tuple[str, str, int], tuple] = {}
-        self._reads: dict[str, object] = {}
+        self._reads: dict[str, Counter] = {}
 
     def request_done(self, method: str, route: str, status: int, seconds: float,
                      sent: int) -> None:
@@ -90,4 +90,4 @@ class RegistryMetrics:
         child = self._reads.get(node)
         if child is None:
             child = self._reads[node] = self.upstream_reads.labels(node)
-        child.inc()  # type: ignore[attr-defined]
+        child.inc()

@@ -363,6 +363,7 @@ class WarmUp:
 
     async def _cat(self, cid: str, offset: int, length: int) -> bytes:
         parts = []
+        # every store's cat is an async generator; the interface promises only AsyncIterator
         async with contextlib.aclosing(self._store.cat(cid, offset, length)) as stream:  # type: ignore[type-var]
             async for part in stream:
                 parts.append(part)

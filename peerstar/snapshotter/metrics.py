@@ -80,7 +80,7 @@ def start_metrics_server(address: str, mounts_dir: Path) -> ThreadingHTTPServer:
     """Serve `/metrics` on HOST:PORT in a daemon thread; returns the server."""
     host, _, port = address.rpartition(":")
     daemons = CollectorRegistry(auto_describe=False)
-    daemons.register(_MountDaemonCollector(mounts_dir))  # type: ignore[arg-type]
+    daemons.register(_MountDaemonCollector(mounts_dir))  # type: ignore[arg-type]  # a Collector by duck type; prometheus_client types register() with its own ABC
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)

@@ -70,7 +70,7 @@ class DockerArchiveSource(SourceImage):
             # `docker save | gzip`: decompress once to a private temp file so layers can
             # be read by offset.
             f.seek(0)
-            tmp = tempfile.TemporaryFile(prefix="peerstar-docker-archive-")
+            tmp: BinaryIO = tempfile.TemporaryFile(prefix="peerstar-docker-archive-")
             try:
                 with gzip.GzipFile(fileobj=f) as gz:
                     shutil.copyfileobj(gz, tmp, 1 << 20)
@@ -81,7 +81,7 @@ class DockerArchiveSource(SourceImage):
                 ) from None
             finally:
                 f.close()
-            f = tmp  # type: ignore[assignment]
+            f = tmp
         f.seek(0)
         self._file = f
         self._members: dict[str, tarfile.TarInfo] = {}
@@ -229,7 +229,7 @@ class DockerArchiveSource(SourceImage):
     def _open_raw(self, digest: str) -> tuple[BinaryIO, int]:
         m = self._find(digest)
         # A RawIOBase, which typeshed does not count as BinaryIO; callers read and close.
-        return _RangeStream(self._pread, m.offset, m.size), m.size  # type: ignore[return-value]
+        return _RangeStream(self._pread, m.offset, m.size), m.size  # type: ignore[return-value]  # see above
 
     def _range_raw(self, digest: str) -> tuple[ReadAt, int]:
         m = self._find(digest)
@@ -271,7 +271,7 @@ class _RangeStream(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buf: bytearray | memoryview) -> int:  # type: ignore[override]
+    def readinto(self, buf: bytearray | memoryview) -> int:  # type: ignore[override]  # RawIOBase takes any writable buffer; io only passes these
         n = min(len(buf), self._end - self._pos)
         if n <= 0:
             return 0
