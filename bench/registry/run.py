@@ -6,7 +6,7 @@ image in nerdctl's format, runs the registry as a separate process (as in produc
 then for each concurrency (1, 32) and read size (64 KiB, 1 MiB) runs random-offset reads
 for a fixed time against (a) the daemon's RPC (`POST /api/v0/cat?offset&length` of the
 blob's CID), (b) the registry (`GET .../blobs/<digest>` with `Range`) and (c) a second
-registry with PEERSTAR_REGISTRY_SUBDAG=0, which cats every range from the blob's own
+registry with --no-subdag, which cats every range from the blob's own
 CID exactly as (a) does, so (c)/(a) is the cost of the registry's pass-through alone
 and (b)/(c) what reading from the deepest DAG node saves the daemon. Same aiohttp client
 for all three; prints MB/s, p50/p99 latency and the ratios to (a) (target: (b) >= 0.8x
@@ -124,7 +124,7 @@ async def bench(api_url: str, registry_urls: list[str], cid: str, size: int,
 def _print(rows: list[tuple], title: str) -> None:
     print(f"\n{title}")
     print("registry: as shipped (each range read from the deepest DAG node holding it);")
-    print("root-cat: PEERSTAR_REGISTRY_SUBDAG=0 (every range a cat of the blob's own CID,")
+    print("root-cat: --no-subdag (every range a cat of the blob's own CID,")
     print("          like the direct reads: the pass-through's own cost)")
     print(f"{'conc':>4} {'read':>7} | {'direct MB/s':>11} {'p50 ms':>7} {'p99 ms':>7} | "
           f"{'registry MB/s':>13} {'p50 ms':>7} {'p99 ms':>7} {'ratio':>6} | "
@@ -162,10 +162,11 @@ def main() -> int:
             for subdag in ("1", "0"):
                 port = free_port()
                 env = {k: v for k, v in os.environ.items() if not k.startswith("PEERSTAR_")}
-                env["PEERSTAR_REGISTRY_SUBDAG"] = subdag
+                extra = [] if subdag == "1" else ["--no-subdag"]
                 registries.enter_context(serving_registry(
                     "--ipfs-address", daemon.api_multiaddr, "--listen", f"127.0.0.1:{port}",
-                    "--no-access-log", log=Path(tmp) / f"registry-subdag{subdag}.log", env=env))
+                    "--no-access-log", *extra, log=Path(tmp) / f"registry-subdag{subdag}.log",
+                    env=env))
                 urls.append(f"http://127.0.0.1:{port}/v2/ipfs/{img.root_cid}/blobs/{layer}")
             rows = asyncio.run(bench(daemon.api_url, urls, cid, size, args.seconds,
                                      concurrencies, reads))

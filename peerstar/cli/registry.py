@@ -108,6 +108,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--no-warm-up", action="store_true",
                        help="do not warm an image's layers (DAG skeleton, footer, TOC, "
                        "prioritized files) in the IPFS daemon when its manifest is served")
+    serve.add_argument("--no-subdag", action="store_true",
+                       help="cat every range from the blob's own CID instead of the deepest "
+                       "DAG node holding it (for comparisons; slower)")
     serve.set_defaults(func=cmd_serve)
 
 
@@ -155,7 +158,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             logger.propagate = False
 
     options = ServerOptions(policy=ReadPolicy(timeout=timeout, retries=retries),
-                            cache_bytes=cache, warm_up=not args.no_warm_up)
+                            cache_bytes=cache, warm_up=not args.no_warm_up,
+                            subdag=not args.no_subdag)
     return _run_loop(_serve(
         ipfs_address, Path(root) if root else None, options, host, port,
         allow_remote=listen_flag, metrics=metrics, metrics_remote=metrics_flag,

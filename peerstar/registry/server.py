@@ -34,12 +34,11 @@ import contextlib
 import ipaddress
 import json
 import logging
-import os
 import secrets
 import socket
 import time
 from collections.abc import AsyncGenerator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -81,11 +80,6 @@ _CID_PATTERN = r"[A-Za-z0-9]{1,200}"
 _REF_PATTERN = r"[^/]{1,300}"
 
 
-def _env_on(name: str) -> bool:
-    """An on-by-default switch from the environment: 0, false or no turn it off."""
-    return os.environ.get(name, "1").strip() not in ("0", "false", "no")
-
-
 @dataclass(frozen=True)
 class ServerOptions:
     """Tunables of one server; defaults suit production."""
@@ -98,8 +92,8 @@ class ServerOptions:
     # (slowloris); aiohttp applies its keep-alive timer from the connection's start.
     header_timeout: float = 30.0
     # Read a range from the deepest DAG node holding all of it (`subdag.SubDagLocator`);
-    # PEERSTAR_REGISTRY_SUBDAG=0 always reads from the blob's own CID.
-    subdag: bool = field(default_factory=lambda: _env_on("PEERSTAR_REGISTRY_SUBDAG"))
+    # off (`--no-subdag`) always reads from the blob's own CID.
+    subdag: bool = True
     # Warm an image's layers (skeleton, footer, TOC, prioritized range) in the daemon in
     # the background when its manifest is served (`warmup.WarmUp`).
     warm_up: bool = True

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from peerstar.errors import PeerstarError
 from peerstar.source.sample import SampleImage
 from tests.registry.helpers import MANIFEST_ACCEPT, request
 from tests.support.cli import assert_one_line_error, run_peerstar, serving_registry
-from tests.support.ipfsimage import StoredImage, push_layout
+from tests.support.ipfsimage import StoredImage, push_blob_image, push_layout
 from tests.support.jsipfs import JsIpfs
 from tests.support.ports import free_port
 from tests.support.waiting import http_ok, wait_until
@@ -75,6 +76,35 @@ def test_serve_daemon_from_environment(jsipfs_daemon: JsIpfs, sample_image: Samp
                      PEERSTAR_REGISTRY_READ_TIMEOUT="10s")
     with serving_registry("--no-access-log", log=tmp_path / "registry.log", env=env):
         _check_serves(f"127.0.0.1:{port}", img)
+
+    # which DAG node a range of a multi-leaf blob is read from: a leaf, unless --no-subdag
+    blob = os.urandom(1 << 20)
+    big = push_blob_image(lambda: open_store(jsipfs_daemon.api_multiaddr), blob)
+    path = f"/v2/ipfs/{big.root_cid}/blobs/{big.layer_digests[0]}"
+    for flags, node in (([], "leaf"), (["--no-subdag"], "root")):
+        port, mport = free_port(), free_port()
+        env = _clean_env(PEERSTAR_IPFS_ADDRESS=jsipfs_daemon.api_multiaddr)
+        with serving_registry("--no-access-log", "--listen", f"127.0.0.1:{port}",
+                              "--metrics-listen", f"127.0.0.1:{mport}", *flags,
+                              log=tmp_path / "registry2.log", env=env):
+            # the first reads learn the DAG in the background; later ones use it
+            deadline = time.monotonic() + 20
+            reads = _range_reads_by_node(port, mport, path, blob)
+            while reads.get(node, 0) < 5 and time.monotonic() < deadline:
+                reads = _range_reads_by_node(port, mport, path, blob)
+        assert reads.get(node, 0) >= 5, (flags, reads)
+        if node == "root":
+            assert set(reads) == {"root"}, reads
+
+
+def _range_reads_by_node(port: int, mport: int, path: str, blob: bytes) -> dict[str, float]:
+    """Read bytes 300000-300099 of `blob` through the registry; its IPFS reads by node."""
+    r = request(f"127.0.0.1:{port}", "GET", path, {"Range": "bytes=300000-300099"})
+    assert r.status == 206 and r.body == blob[300000:300100]
+    metrics = request(f"127.0.0.1:{mport}", "GET", "/metrics").body.decode()
+    prefix = 'peerstar_registry_upstream_reads_total{node="'
+    return {line[len(prefix):].split('"')[0]: float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines() if line.startswith(prefix)}
 
 
 @pytest.mark.parametrize(("args", "env", "message"), [
