@@ -71,7 +71,9 @@ class RemoteRef:
 
 
 @dataclass(frozen=True)
-class RemoteLayer:
+class ImageLayer:
+    """One eStargz layer of the image `peerstar mount` mounts: where its blob is."""
+
     digest: str
     size: int
     media_type: str
@@ -102,7 +104,7 @@ def parse_remote_ref(text: str) -> RemoteRef:
 
 def resolve_layers(ref: RemoteRef, *, client: httpx.Client | None = None,
                    plain_http: bool | None = None, auth: RegistryAuth | None = None,
-                   ca_file: str = "") -> list[RemoteLayer]:
+                   ca_file: str = "") -> list[ImageLayer]:
     """The image's layers, bottom first, each checked to be eStargz with a TOC digest."""
     base = registry_base(ref.host, plain_http)
     own = client is None
@@ -151,7 +153,7 @@ def resolve_layers(ref: RemoteRef, *, client: httpx.Client | None = None,
                     f"layer {i} ({d.get('digest')}, {d.get('mediaType')}) is not eStargz (no "
                     f"{TOC_DIGEST_ANNOTATION} annotation): it cannot be mounted lazily; push "
                     "the image with --estargz (the snapshotter pulls such layers normally)")
-            layers.append(RemoteLayer(d["digest"], int(d.get("size", 0)), d["mediaType"], toc,
+            layers.append(ImageLayer(d["digest"], int(d.get("size", 0)), d["mediaType"], toc,
                                       blob_url(ref.host, ref.repository, d["digest"],
                                                plain_http)))
         if not layers:
@@ -206,7 +208,7 @@ def _mount_image(ref_text: str, ref: RemoteRef, target: Path, *, work_root: Path
     work.mkdir(parents=True)
     mounts: list[LayerMount] = []
     try:
-        def one(i: int, layer: RemoteLayer) -> LayerMount:
+        def one(i: int, layer: ImageLayer) -> LayerMount:
             mp = work / "layers" / str(i)
             mp.mkdir(parents=True)
             return mount_layer(layer.url, layer.digest, layer.toc_digest, mp, cache_dir,
