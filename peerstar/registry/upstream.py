@@ -81,14 +81,23 @@ async def _aclose(agen: AsyncIterator[bytes]) -> None:
             await aclose()
 
 
-async def read_stream(store: ContentStore, cid: str, offset: int, length: int,
-                      policy: ReadPolicy, *, on_failure: OnFailure | None = None,
-                      ) -> AsyncGenerator[bytes, None]:
+def read_stream(store: ContentStore, cid: str, offset: int, length: int,
+                policy: ReadPolicy, *, on_failure: OnFailure | None = None,
+                ) -> AsyncGenerator[bytes, None]:
     """Yield exactly `length` bytes of `cid` from `offset`, or raise UpstreamError.
 
     Never yields more than asked (a store returning extra bytes is cut), and a store
     ending early counts as a failed read (retried), so a caller can trust the total.
     """
+    return _resumable(store, cid, offset, length, policy, on_failure, to_end=False)
+
+
+async def _resumable(store: ContentStore, cid: str, offset: int, length: int,
+                     policy: ReadPolicy, on_failure: OnFailure | None, *, to_end: bool,
+                     ) -> AsyncGenerator[bytes, None]:
+    """At most `length` bytes of `cid` from `offset`, every read bounded by the policy's
+    timeout and a failed one resumed where it stopped. The content ending before `length`
+    is a failure unless `to_end` (the caller does not know the size)."""
     sent = 0
     failures = 0
     while sent < length:
@@ -102,6 +111,8 @@ async def read_stream(store: ContentStore, cid: str, offset: int, length: int,
                     async with asyncio.timeout(policy.timeout):
                         chunk = await iterator.__anext__()
                 except StopAsyncIteration:
+                    if to_end:
+                        return
                     why = f"stream ended after {sent} of {length} bytes"
                     break
                 if not chunk:
@@ -145,37 +156,7 @@ async def _failed_read(policy: ReadPolicy, failures: int, cid: str, at: int, why
 async def read_all(store: ContentStore, cid: str, max_bytes: int, policy: ReadPolicy,
                    *, on_failure: OnFailure | None = None) -> bytes:
     """The whole content of a small object `cid` (at most `max_bytes` bytes are read)."""
-    parts: list[bytes] = []
-    sent = 0
-    failures = 0
-    # The size is unknown up front: stream with retries resuming where we stopped.
-    while True:
-        agen = store.cat(cid, sent, max_bytes - sent)
-        iterator = agen.__aiter__()
-        timed_out = False
-        why = ""
-        try:
-            while sent < max_bytes:
-                try:
-                    async with asyncio.timeout(policy.timeout):
-                        chunk = await iterator.__anext__()
-                except StopAsyncIteration:
-                    return b"".join(parts)
-                chunk = chunk[: max_bytes - sent]
-                failures = 0
-                parts.append(chunk)
-                sent += len(chunk)
-            return b"".join(parts)
-        except TimeoutError:
-            timed_out = True
-            why = f"no data for {policy.timeout:g} s"
-        except asyncio.CancelledError:
-            raise
-        except BlockNotFoundError as exc:
-            raise ContentNotFound(f"reading {cid} from IPFS: {exc}") from None
-        except Exception as exc:
-            why = f"{type(exc).__name__}: {exc}"
-        finally:
-            await _aclose(agen)
-        failures += 1
-        await _failed_read(policy, failures, cid, sent, why, timed_out, on_failure)
+    # The size is unknown up front: read to the end, resuming where a failed read stopped.
+    stream = _resumable(store, cid, 0, max_bytes, policy, on_failure, to_end=True)
+    async with contextlib.aclosing(stream):
+        return b"".join([chunk async for chunk in stream])
