@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.containerd import HarnessError
-from tests.support.waiting import wait_until
+from tests.support.waiting import stop_process, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -62,13 +62,7 @@ def serving_registry(*args: str | os.PathLike[str], log: Path,
                                f"start: {log.read_text(errors='replace')[-2000:]}")
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        stop_process(proc)
 
 
 def last_line(proc: subprocess.CompletedProcess[str]) -> str:

@@ -33,6 +33,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.support.waiting import stop_process
+
 # A unix socket path must fit in sockaddr_un.sun_path (108 bytes with the NUL).
 _MAX_SOCKET_PATH = 107
 
@@ -381,12 +383,7 @@ class Containerd:
                     self._cleanup_namespace(ns)
             except HarnessError:
                 pass  # a hung daemon: the kill below still runs
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=timeout)
+            stop_process(proc, timeout=timeout)
         # Shims outlive a killed daemon; only the ones bound to our socket are ours.
         for pid in _shim_pids(self.address):
             try:

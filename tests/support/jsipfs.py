@@ -17,6 +17,7 @@ The npm packages live in tests/support/jsipfs/node_modules; install them with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -34,6 +35,7 @@ from typing import Any
 
 from tests.support.containerd import HarnessError
 from tests.support.ports import free_port
+from tests.support.waiting import stop_process
 
 JSIPFS_DIR = Path(__file__).resolve().parent / "jsipfs"
 START_SCRIPT = JSIPFS_DIR / "start.mjs"
@@ -160,15 +162,9 @@ class JsIpfs:
     def stop(self) -> None:
         proc = self.proc
         if proc is not None and proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, signal.SIGCONT)  # a test may have SIGSTOPped it
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-            except ProcessLookupError:
-                pass
+            stop_process(proc)
         self.proc = None
         self._close_logs()
         if self.owns_repo:

@@ -35,7 +35,7 @@ from tests.support.containerd import HarnessError, require_binaries
 from tests.support.content import sha256_digest
 from tests.support.netns import HostLinkedNode
 from tests.support.ports import free_port
-from tests.support.waiting import http_ok, wait_until
+from tests.support.waiting import http_ok, stop_process, wait_until
 
 MANIFEST_ACCEPT = ", ".join([
     "application/vnd.oci.image.index.v1+json",
@@ -160,13 +160,7 @@ class DockerRegistry(_RegistryLog):
 
     def _terminate(self) -> None:
         proc = self.process
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        stop_process(proc, timeout=10)
         self.process = None
 
     def stop(self) -> None:

@@ -31,6 +31,7 @@ import pytest
 
 from tests.support.containerd import Containerd, CriOptions, HarnessError, start_containerd
 from tests.support.netns import Node
+from tests.support.waiting import stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -97,13 +98,7 @@ class SnapshotterProc:
         raise HarnessError(f"snapshotter not serving after {timeout} s:\n{self.log()[-3000:]}")
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, sig, timeout=20)
         self.process = None
 
     def mount_states(self) -> list[dict]:

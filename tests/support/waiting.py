@@ -1,9 +1,13 @@
 """Waiting in tests for something another process or thread does: `wait_until` polls a
 condition until it holds or a timeout passes, and says which; the caller asserts on it,
-with the message that explains a failure. `http_ok` is the condition "this server is up"."""
+with the message that explains a failure. `http_ok` is the condition "this server is up".
+`stop_process` is the one way a test ends a process it started: signal, wait, kill."""
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import subprocess
 import time
 import urllib.request
 from collections.abc import Callable
@@ -28,3 +32,18 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
             return resp.status == 200
     except OSError:
         return False
+
+
+def stop_process(proc: subprocess.Popen | None, sig: int = signal.SIGTERM,
+                 timeout: float = 15.0) -> None:
+    """Send `sig` to `proc` if it still runs, wait up to `timeout` s, then SIGKILL it and
+    reap it. A process that is already gone is fine."""
+    if proc is None or proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(sig)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
