@@ -41,6 +41,7 @@ from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from peerstar.errors import PeerstarError
@@ -73,6 +74,25 @@ from peerstar.registry.warmup import WarmUp
 
 log = logging.getLogger("peerstar.registry")
 access_log = logging.getLogger("peerstar.registry.access")
+http_log = logging.getLogger("peerstar.registry.http")
+
+
+class _OneLineBadRequests(logging.Filter):
+    """aiohttp logs every request it cannot parse at ERROR with a traceback, so any
+    client could fill the log with them: such a request is one WARNING line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+            why = " ".join(str(exc.message).split())[:300]
+            record.msg, record.args = "bad HTTP request from %s: %s", (remote, why)
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+http_log.addFilter(_OneLineBadRequests())
 
 API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
 _CID_PATTERN = r"[A-Za-z0-9]{1,200}"
@@ -492,7 +512,7 @@ class RegistryServer:
         check_bind_address(host, allow_remote)
         if metrics_host is not None:
             check_bind_address(metrics_host, allow_remote)
-        runner = web.AppRunner(self.app(), access_log=None,
+        runner = web.AppRunner(self.app(), access_log=None, logger=http_log,
                                keepalive_timeout=self.options.header_timeout,
                                shutdown_timeout=5)
         await runner.setup()

@@ -1,4 +1,5 @@
-"""Fuzz suite (hypothesis) over the footer, TOC, tar reader, blobs, convert and image JSON.
+"""Fuzz suite (hypothesis) over the footer, TOC, tar reader, blobs, convert, image JSON and
+the registry bridge's request parsing.
 
 The cases live in `cases_*.py` (not collected by a plain `pytest` run): `test_fuzz.py`
 runs them all in one child (`python -m tests.fuzz`), which holds the whole run to the
