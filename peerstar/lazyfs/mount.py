@@ -65,6 +65,7 @@ class LayerMount:
     paths: StatePaths
     mount_seconds: float = 0.0
     prefetch_done: bool = False
+    size: int | None = None  # the blob's size, as the daemon learnt it
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -213,7 +214,12 @@ def mount_layer(
         raise MountError(f"cannot mount layer {digest} at {mountpoint}: {reason}")
     return LayerMount(mountpoint, digest, pid, paths,
                       mount_seconds=float(str(msg.get("mount_seconds", 0.0))),
-                      prefetch_done=bool(msg.get("prefetch_done")), _proc=proc)
+                      prefetch_done=bool(msg.get("prefetch_done")),
+                      size=_int_or_none(msg.get("size")), _proc=proc)
+
+
+def _int_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _popen_daemon(args: list[str], ready_fd: int, log_fd: int,
@@ -271,7 +277,8 @@ def find_mount(mountpoint: Path, cache_dir: Path) -> LayerMount | None:
     pid = int(st.get("pid", 0))
     if not pid or not _pid_alive(pid) or not is_fuse_mounted(mountpoint):
         return None
-    return LayerMount(mountpoint, str(st.get("digest", "")), pid, paths, prefetch_done=True)
+    return LayerMount(mountpoint, str(st.get("digest", "")), pid, paths, prefetch_done=True,
+                      size=_int_or_none(st.get("size")))
 
 
 def _read_line(fd: int, timeout: float) -> str:

@@ -8,10 +8,14 @@ come in the environment, `RegistryAuth.from_env`), or forked from the zygote
 TOC, TOC digest check), mounts it (pyfuse3 keeps one session per process, hence one
 process per layer), starts prefetching the prioritized files (reads of them wait for it
 for at most `--prefetch-timeout` seconds; with `--wait-prefetch` so does readiness),
-reports readiness as one JSON line on `--ready-fd` and serves until
+reports readiness as one JSON line on `--ready-fd` (with the blob's size, which its starter
+keeps so that a later mount of the layer needs no request when every byte it reads is
+cached: a node starting without the network) and serves until
 `umount DIR` (clean exit 0) or SIGTERM/SIGINT (unmounts itself). It runs in its own
 session, so the process that started it (the snapshotter, `peerstar mount`) may exit or
-restart without taking the mount down. While it runs it keeps `<state>.json` (pid,
+restart without taking the mount down; with `--cgroup ROOT/NAME` it first moves itself
+into that cgroup (`peerstar.lazyfs.cgroup`), so that neither does killing the starter's
+cgroup (a pod's container). While it runs it keeps `<state>.json` (pid,
 mountpoint, layer), `<state>.stats.json` (fetched bytes, percent) and `<state>.prom`
 (Prometheus text format) up to date under `<cache-dir>/mounts/`.
 """
@@ -86,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     paths = state_paths(args.cache_dir, mountpoint)
     label = args.digest[:19]
     try:
+        if opts.cgroup:  # first: out of the starter's cgroup before the mount exists
+            from peerstar.lazyfs.cgroup import enter_cgroup
+
+            enter_cgroup(opts.cgroup)
         regions = DiskCache(args.cache_dir / "regions", opts.cache.region_bytes,
                             async_writes=True, layer=label)
         chunks = DiskCache(args.cache_dir / "chunks", opts.cache.chunk_bytes,
@@ -116,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     write_json_atomic(paths.state, {
         "pid": os.getpid(), "mountpoint": str(mountpoint), "digest": args.digest,
-        "url": args.url, "toc_digest": args.toc_digest, "started": time.time(),
+        "url": args.url, "toc_digest": args.toc_digest, "size": fetcher.size,
+        "started": time.time(),
     })
     terminated = False
     stats_failing = False
@@ -164,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             elapsed = time.monotonic() - t0
             metrics.MOUNT_SECONDS.labels(label).observe(elapsed)
             _report(args.ready_fd, {"ok": True, "pid": os.getpid(),
+                                    "size": fetcher.size,
                                     "mount_seconds": round(elapsed, 3),
                                     "prefetch_done": layer.prefetch_done.is_set()})
             log.info("layer %s mounted at %s in %.3fs", args.digest, mountpoint, elapsed)

@@ -63,6 +63,9 @@ class MountOptions:
     verify: bool = True  # False (DANGEROUS) serves chunks without checking their digests
     open_timeout: float = 60.0  # seconds the starter waits for the daemon (not passed on)
     debug: bool = False  # the daemon logs at DEBUG level
+    # A cgroup the daemon moves itself into (`peerstar.lazyfs.cgroup`), so killing its
+    # starter's cgroup (a pod's container) does not end the mount; "" = stay.
+    cgroup: str = ""
 
     def to_argv(self) -> list[str]:
         """The mount daemon's options (`add_arguments`) that give back these ones."""
@@ -83,6 +86,8 @@ class MountOptions:
             argv.append("--no-verify")
         if self.debug:
             argv.append("--debug")
+        if self.cgroup:
+            argv += ["--cgroup", self.cgroup]
         return argv
 
     @staticmethod
@@ -111,6 +116,8 @@ class MountOptions:
         p.add_argument("--no-background", action="store_true", help="no idle-time full fetch")
         p.add_argument("--background-idle", type=float, default=pf.background_idle)
         p.add_argument("--debug", action="store_true")
+        p.add_argument("--cgroup", default="",
+                       help="move into this cgroup (ROOT/NAME) before mounting")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> MountOptions:
@@ -124,4 +131,4 @@ class MountOptions:
                                      size=args.prefetch_size,
                                      background=not args.no_background,
                                      background_idle=args.background_idle),
-            verify=not args.no_verify, debug=args.debug)
+            verify=not args.no_verify, debug=args.debug, cgroup=args.cgroup)

@@ -2,7 +2,7 @@
 
 Owns: the per-mount file names under `<cache-dir>/mounts/` (keyed by a hash of the
 mountpoint, so the same layer may be mounted at several places), atomic JSON writes,
-and the mount table lookup (`is_fuse_mounted`).
+and the mount table lookups (`mount_fstype`, `is_fuse_mounted`, `fuse_mounts_under`).
 """
 
 from __future__ import annotations
@@ -74,6 +74,24 @@ def mount_fstype(mountpoint: Path) -> str | None:
                     found = right.split()[0]
     except OSError:
         return None
+    return found
+
+
+def fuse_mounts_under(prefix: Path) -> list[Path]:
+    """The FUSE mounts at or below `prefix` in this mount namespace."""
+    base = str(Path(prefix).resolve())
+    found = []
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                fields = left.split()
+                point = _unescape(fields[4]) if len(fields) >= 5 else ""
+                if (point == base or point.startswith(base + "/")) and \
+                        right.split()[:1] and right.split()[0].startswith("fuse"):
+                    found.append(Path(point))
+    except OSError:
+        return []
     return found
 
 

@@ -32,8 +32,11 @@ File format (every key optional):
                                   # $DOCKER_CONFIG/config.json, else ~/.docker/config.json
     ca_file = ""                  # PEM bundle of CAs trusted for registries besides the
                                   # system's (SSL_CERT_FILE replaces the system's)
+    daemon_cgroup = ""            # ROOT/NAME: each layer's mount daemon moves into
+                                  # cgroup NAME of the cgroup filesystem mounted at ROOT,
+                                  # out of the snapshotter's (a pod's) cgroup; "" = stay
 
-`auth_file` and `ca_file` are checked when the file is loaded: a named file that is
+`auth_file`, `ca_file` and `daemon_cgroup` are checked when the file is loaded: a named file that is
 missing or unusable stops the start with a message saying which and why.
 """
 
@@ -80,6 +83,7 @@ class RemoteConfig:
     zygote: bool = True
     auth_file: str = ""
     ca_file: str = ""
+    daemon_cgroup: str = ""
 
 
 @dataclass
@@ -205,6 +209,14 @@ def check_remote_files(remote: RemoteConfig, source: str = "config") -> None:
             load_ca_file(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), remote.ca_file)
         except TLSConfigError as exc:
             raise ConfigError(f"{source}: remote.ca_file: {exc}") from None
+    if remote.daemon_cgroup:
+        from peerstar.lazyfs.cgroup import hierarchies
+
+        cg = Path(remote.daemon_cgroup)
+        if not cg.is_absolute() or not hierarchies(cg.parent):
+            raise ConfigError(f"{source}: remote.daemon_cgroup: {cg.parent} is not a cgroup "
+                              "filesystem (give ROOT/NAME, ROOT the host's /sys/fs/cgroup "
+                              "as mounted here)")
     if remote.auth_file:
         try:
             Keychain(remote.auth_file).check()

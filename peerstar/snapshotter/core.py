@@ -21,16 +21,18 @@ Active one and a log line says why, so containerd pulls and unpacks the layer it
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from peerstar.lazyfs import MountError
+from peerstar.lazyfs.state import fuse_mounts_under
 from peerstar.snapshotter.config import RemoteConfig
 from peerstar.snapshotter.errors import AlreadyExists, InvalidArgument
 from peerstar.snapshotter.filters import compile_filters
@@ -213,6 +215,8 @@ class Snapshotter:
             return False
         committed = dict(labels)
         committed[LABEL_REMOTE] = REMOTE_LABEL_VALUE
+        if isinstance(report.get("size"), int):
+            layer = replace(layer, size=report["size"])  # mounts again need no HEAD
         try:
             with self._lock:
                 self.meta.commit(snap.key, target, committed, 0, 0, remote=layer.to_json())
@@ -352,6 +356,7 @@ class Snapshotter:
         them. Returns key -> "alive" | "remounted" | "failed: why".
         """
         remote = [snap for snap in self.meta.all() if snap.remote]
+        self._unmount_strays({self.fs_path(snap) for snap in remote})
         if not remote:
             return {}
         # In parallel: with the registry unreachable each mount waits for its timeout,
@@ -360,3 +365,22 @@ class Snapshotter:
                                 thread_name_prefix="restore") as pool:
             results = list(pool.map(self._ensure_mounted, remote))
         return {snap.key: r for snap, r in zip(remote, results, strict=True)}
+
+    def _unmount_strays(self, wanted: set[Path]) -> None:
+        """Unmount the lazy mounts under our root that no remote snapshot owns (a
+        snapshotter killed between a Remove's commit and its unmount, or between a
+        mount and its commit): their daemons, which outlived us, then exit."""
+        points = {p.resolve() for p in fuse_mounts_under(self.root / "snapshots")}
+        for state in self.mounts_dir.glob("*.json"):
+            if state.name.endswith(".stats.json"):
+                continue
+            try:
+                point = json.loads(state.read_text()).get("mountpoint", "")
+            except (OSError, ValueError, AttributeError):
+                continue
+            if isinstance(point, str) and point.startswith(str(self.root) + os.sep):
+                points.add(Path(point))
+        for point in sorted(points - {p.resolve() for p in wanted}):
+            if self.mounter.is_mounted(point) or os.path.ismount(point):
+                log.warning("lazy mount %s belongs to no snapshot: unmounting it", point)
+                self.mounter.unmount(point)

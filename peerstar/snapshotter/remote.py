@@ -7,14 +7,15 @@ Owns: reading the labels containerd passes with a layer's Prepare (ctr-remote's
 image reference (docker.io normalisation, plain HTTP for localhost/127.0.0.1/::1 and
 configured insecure hosts, HTTPS otherwise -- containerd's rule), and `LayerMounter`,
 the snapshotter's view of `peerstar.lazyfs`'s mount API (`mount_layer`, `find_mount`):
-one mount daemon process per layer, in its own session, so a snapshotter restart does
-not take running containers' layers down. `LayerMounter` also hands each daemon the
-registry credentials for its layer's host (`peerstar.snapshotter.credentials`: looked up
-at every mount, never stored in the snapshot database, passed in the daemon's
-environment) and the `[remote]` settings as a `peerstar.lazyfs.options.MountOptions`
-(`mount_options`; the extra CA file `[remote] ca_file` among them, an argument of the
-zygote and of every daemon). A failed mount is lazyfs's `MountError`, its message
-extended with which credentials were used.
+one mount daemon process per layer, in its own session (and, with `[remote]
+daemon_cgroup`, its own cgroup: `peerstar.lazyfs.cgroup`), so a snapshotter restart --
+in a pod, its container's death -- does not take running containers' layers down.
+`LayerMounter` also hands each daemon the registry credentials for its layer's host
+(`peerstar.snapshotter.credentials`: looked up at every mount, never stored in the
+snapshot database, passed in the daemon's environment) and the `[remote]` settings as a
+`peerstar.lazyfs.options.MountOptions` (`mount_options`; the extra CA file `[remote]
+ca_file` among them, an argument of the zygote and of every daemon). A failed mount is
+lazyfs's `MountError`, its message extended with which credentials were used.
 
 Every reason not to go remote is a `NotRemote` with a sentence a log line can carry.
 """
@@ -115,14 +116,19 @@ class RemoteLayer:
     toc_digest: str
     url: str
     prefetch_size: int = 0
+    # The blob's size once a mount learnt it: a mount again (restart, reboot) then needs
+    # no request at all when the footer and TOC are cached -- the node starts offline.
+    size: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RemoteLayer:
+        size = data.get("size")
         return cls(**{k: data[k] for k in ("reference", "digest", "toc_digest", "url")},
-                   prefetch_size=int(data.get("prefetch_size", 0)))
+                   prefetch_size=int(data.get("prefetch_size", 0)),
+                   size=size if isinstance(size, int) and size > 0 else None)
 
 
 def remote_layer_from_labels(labels: dict[str, str], cfg: RemoteConfig) -> RemoteLayer:
@@ -177,7 +183,7 @@ def mount_options(cfg: RemoteConfig, cache_dir: Path) -> MountOptions:
                            chunk_bytes=cache_bound(cfg.chunk_cache_bytes, cache_dir)),
         prefetch=PrefetchOptions(timeout=cfg.prefetch_timeout, size=cfg.prefetch_size,
                                  background=cfg.background_fetch),
-        verify=cfg.verify, open_timeout=cfg.mount_timeout)
+        verify=cfg.verify, open_timeout=cfg.mount_timeout, cgroup=cfg.daemon_cgroup)
 
 
 class LayerMounter:
@@ -343,7 +349,7 @@ class LayerMounter:
         try:
             m = lazyfs.mount_layer(
                 layer.url, layer.digest, layer.toc_digest, mountpoint, self.cache_dir,
-                options, auth=self._auth(creds), zygote=self._get_zygote())
+                options, size=layer.size, auth=self._auth(creds), zygote=self._get_zygote())
         except MountError as exc:
             # Which credentials were used (never their value): a 401 reads at once as
             # "none configured" or "these were refused".
@@ -353,7 +359,7 @@ class LayerMounter:
         with self._lock:
             self._mounts[mountpoint] = m
         return {"pid": m.pid, "mount_seconds": m.mount_seconds,
-                "prefetch_done": m.prefetch_done}
+                "prefetch_done": m.prefetch_done, "size": m.size}
 
     def _find(self, mountpoint: Path) -> Any:
         mountpoint = Path(mountpoint).resolve()

@@ -70,13 +70,13 @@ def tamper(blob: bytes, path: str) -> bytes:
 
 
 def push_image(base: str, repo: str, tag: str, *, estargz: bool,
-               tampered: str = "") -> list[PushedLayer]:
-    """The sample image's layers (busybox; text files + EXTRA_MIB MiB) pushed as eStargz
+               tampered: str = "", extra_mib: int = EXTRA_MIB) -> list[PushedLayer]:
+    """The sample image's layers (busybox; text files + `extra_mib` MiB) pushed as eStargz
     (the sample text prioritized, so it comes with the prefetch) or as plain gzip.
     `tampered`: a file of the data layer whose bytes are corrupted in the pushed blob."""
     layers: list[PushedLayer] = []
     blobs: list[bytes] = []
-    for i, entries in enumerate(sample_layer_entries(extra_mib=EXTRA_MIB)):
+    for i, entries in enumerate(sample_layer_entries(extra_mib=extra_mib)):
         tar = build_layer_tar(entries)
         if estargz:
             out = io.BytesIO()
