@@ -273,8 +273,9 @@ def test_node_reboot_without_the_registry() -> None:
             mount_logs = "".join(p.read_text(errors="replace") for p in
                                  (snap.root / "cache" / "mounts").glob("*.log"))
             # One line says which file, which registry, and why.
-            assert (f"reading 'extra-1.bin' at 0: http://{reg.host}/v2/snap/partial/blobs/"
-                    in mount_logs), mount_logs[-3000:]
+            assert (f"reading '{FAR.lstrip('/')}' at 0: http://{reg.host}/v2/snap/partial/"
+                    "blobs/" in mount_logs and "Connection refused (EIO)" in mount_logs), \
+                mount_logs[-3000:]
 
             reg.bring_back()
             back = run(partial, "back", "sha256sum", FAR)
