@@ -31,6 +31,10 @@ def register(subparsers: Any) -> None:
                        help="TOML config (default /etc/peerstar/snapshotter.toml if present)")
     serve.add_argument("--metrics-address", default=None,
                        help="HOST:PORT for Prometheus /metrics (default: config, else off)")
+    serve.add_argument("--daemon-cgroup", default=None, metavar="ROOT/NAME",
+                       help="cgroup the layer mount daemons move into, out of the "
+                            "snapshotter's own (a pod's): ROOT is the host's cgroup "
+                            "filesystem (default: config [remote] daemon_cgroup, else stay)")
     serve.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=_serve)
@@ -44,7 +48,8 @@ def _serve(args: argparse.Namespace) -> int:
     from peerstar.snapshotter.service import serve
 
     cfg = load_config(args.config, address=args.address, root=args.root,
-                      metrics_address=args.metrics_address)
+                      metrics_address=args.metrics_address,
+                      daemon_cgroup=args.daemon_cgroup)
     level = logging.DEBUG if args.verbose else getattr(logging, args.log_level.upper())
     logging.getLogger().setLevel(level)
     for handler in logging.getLogger().handlers:

@@ -54,6 +54,10 @@ SECRET_FILE_MODE = 0o400
 # Paths on the node; containerd's config names the socket path.
 HOST_IPFS_REPO = "/var/lib/peerstar/ipfs"
 HOST_SNAPSHOTTER_ROOT = "/var/lib/peerstar/snapshotter"
+# The node's /sys/fs/cgroup in the snapshotter's container, and the cgroup (beside the
+# pods') its layer mount daemons move into.
+HOST_CGROUP_MOUNT = "/host/sys/fs/cgroup"
+MOUNT_DAEMON_CGROUP = "peerstar-mounts"
 HOST_RUN_DIR = "/run/peerstar"
 SNAPSHOTTER_SOCKET = f"{HOST_RUN_DIR}/snapshotter.sock"
 SNAPSHOTTER_NAME = "peerstar"
@@ -294,28 +298,38 @@ def node_daemonset(opts: Options) -> Obj:
         "imagePullPolicy": "IfNotPresent",
         "args": ["peerstar", "snapshotter", "serve", "--address", SNAPSHOTTER_SOCKET,
                  "--root", HOST_SNAPSHOTTER_ROOT,
-                 "--metrics-address", f"0.0.0.0:{SNAPSHOTTER_METRICS_PORT}"],
+                 "--metrics-address", f"0.0.0.0:{SNAPSHOTTER_METRICS_PORT}",
+                 # Each layer's mount daemon moves to this cgroup of the node, beside the
+                 # pods' (not in this pod's): a restart of this container leaves it running.
+                 "--daemon-cgroup", f"{HOST_CGROUP_MOUNT}/{MOUNT_DAEMON_CGROUP}"],
         "ports": [{"name": "snap-metrics", "containerPort": SNAPSHOTTER_METRICS_PORT,
                    "protocol": "TCP"}],
         # FUSE mounts made here must be visible to containerd on the node: privileged is
-        # required both for /dev/fuse + mount(2) and for Bidirectional propagation.
+        # required for /dev/fuse + mount(2), for Bidirectional propagation, and for moving
+        # the mount daemons into the node's cgroup (joining the host's cgroup namespace).
         "securityContext": {"privileged": True},
         "volumeMounts": [
             {"name": "dev-fuse", "mountPath": "/dev/fuse"},
             {"name": "snapshotter-root", "mountPath": HOST_SNAPSHOTTER_ROOT,
              "mountPropagation": "Bidirectional"},
             {"name": "run-peerstar", "mountPath": HOST_RUN_DIR},
+            # The node's whole cgroup tree (the container's own /sys/fs/cgroup shows only
+            # its cgroup): where the mount daemons get a cgroup outside this pod's.
+            {"name": "host-cgroup", "mountPath": HOST_CGROUP_MOUNT},
         ],
         "startupProbe": _exec_probe(socket_probe, period=2, failures=60),
         "readinessProbe": _exec_probe(socket_probe, period=10),
-        # Lenient: a restart of this container ends its layer mount daemons (they are in
-        # its cgroup), and with them the lazy files of running containers on the node.
+        # A restart of this container keeps the layer mounts (their daemons are outside
+        # its cgroup and PID namespace); the new one re-adopts them from its state.
         "livenessProbe": _exec_probe(socket_probe, period=20, failures=6),
         # No memory limit: an OOM kill would cut the FUSE mounts under running containers.
         "resources": _resources("100m", "256Mi"),
     }
     pod: Obj = {
         "automountServiceAccountToken": False,
+        # The node's PID namespace: the layer mount daemons must not be in a namespace
+        # whose init's death (this pod's) kills them; see docs/kubernetes.md.
+        "hostPID": True,
         # Node agents: also run on control-plane nodes that take workloads (e.g. kind).
         "tolerations": [{"key": "node-role.kubernetes.io/control-plane", "operator": "Exists",
                          "effect": "NoSchedule"}],
@@ -339,6 +353,8 @@ def node_daemonset(opts: Options) -> Obj:
                                                       "type": "DirectoryOrCreate"}},
             {"name": "run-peerstar", "hostPath": {"path": HOST_RUN_DIR,
                                                   "type": "DirectoryOrCreate"}},
+            {"name": "host-cgroup", "hostPath": {"path": "/sys/fs/cgroup",
+                                                 "type": "Directory"}},
         ],
     }
     return {
@@ -347,8 +363,8 @@ def node_daemonset(opts: Options) -> Obj:
         "metadata": _meta(NODE_NAME, opts.namespace, "node"),
         "spec": {
             "selector": {"matchLabels": _labels("node")},
-            # OnDelete: replacing a node's pod ends its snapshotter's FUSE mounts under the
-            # running containers there, so an upgrade is done node by node after a drain.
+            # OnDelete: a node's pod also runs its kubo and registry, whose restart stalls
+            # the lazy reads of running containers there; upgrade node by node.
             "updateStrategy": {"type": "OnDelete"},
             "template": {
                 "metadata": {

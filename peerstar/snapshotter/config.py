@@ -169,7 +169,8 @@ def parse_config(data: dict[str, Any], source: str = "config") -> SnapshotterCon
 
 
 def load_config(path: Path | None, *, address: Path | None = None, root: Path | None = None,
-                metrics_address: str | None = None) -> SnapshotterConfig:
+                metrics_address: str | None = None,
+                daemon_cgroup: str | None = None) -> SnapshotterConfig:
     """Read `path` (default file if None; absent default is fine), then apply flags."""
     explicit = path is not None
     path = Path(path) if path is not None else DEFAULT_CONFIG
@@ -185,6 +186,8 @@ def load_config(path: Path | None, *, address: Path | None = None, root: Path | 
     except OSError as exc:
         raise ConfigError(f"config file {path}: {exc.strerror}") from None
     cfg = parse_config(data, str(path))
+    if daemon_cgroup is not None:
+        cfg.remote.daemon_cgroup = daemon_cgroup
     check_remote_files(cfg.remote, str(path))
     if address is not None:
         cfg.address = Path(address)

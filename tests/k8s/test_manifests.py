@@ -320,9 +320,17 @@ def test_snapshotter_container() -> None:
     assert cmd[:3] == ["peerstar", "snapshotter", "serve"]
     assert cmd[cmd.index("--metrics-address") + 1] == "0.0.0.0:9151"
     assert snap["ports"] == [{"name": "snap-metrics", "containerPort": 9151, "protocol": "TCP"}]
-    # Replacing the pod would end the FUSE mounts of running containers: never automatic.
+    # The pod also runs the node's kubo and registry: upgraded node by node, by hand.
     ds = render_manifests()[-1]
     assert ds["spec"]["updateStrategy"] == {"type": "OnDelete"}
+    # The layer mount daemons outlive this container (issue 17): the node's PID namespace,
+    # and a cgroup of the node's whole tree, mounted where --daemon-cgroup points.
+    assert pod["hostPID"] is True
+    cgroup = cmd[cmd.index("--daemon-cgroup") + 1]
+    assert cgroup == "/host/sys/fs/cgroup/peerstar-mounts"
+    assert vols["host-cgroup"]["hostPath"] == {"path": "/sys/fs/cgroup", "type": "Directory"}
+    assert mounts["host-cgroup"]["mountPath"] == cgroup.rsplit("/", 1)[0]
+    assert "mountPropagation" not in mounts["host-cgroup"]
     assert snap["livenessProbe"]["failureThreshold"] * snap["livenessProbe"]["periodSeconds"] >= 120
     assert cmd[cmd.index("--root") + 1] == root["mountPath"]
     sock = cmd[cmd.index("--address") + 1]
