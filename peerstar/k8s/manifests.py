@@ -322,7 +322,8 @@ def node_daemonset(opts: Options) -> Obj:
         # A restart of this container keeps the layer mounts (their daemons are outside
         # its cgroup and PID namespace); the new one re-adopts them from its state.
         "livenessProbe": _exec_probe(socket_probe, period=20, failures=6),
-        # No memory limit: an OOM kill would cut the FUSE mounts under running containers.
+        # No memory limit: an OOM kill keeps the mounts (their daemons are elsewhere) but
+        # stalls the node's pulls while the snapshotter restarts.
         "resources": _resources("100m", "256Mi"),
     }
     pod: Obj = {

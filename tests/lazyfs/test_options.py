@@ -19,7 +19,7 @@ CHANGED = MountOptions(
     cache=CacheOptions(region_bytes=0, chunk_bytes=1 << 20),
     prefetch=PrefetchOptions(timeout=2.5, wait=True, size=123, background=False,
                              background_idle=0.5),
-    verify=False, debug=True)
+    verify=False, debug=True, cgroup="/sys/fs/cgroup/peerstar-mounts")
 
 
 def _leaves(obj: object, prefix: str = "") -> dict[str, object]:

@@ -57,8 +57,28 @@ def test_bad_config_is_one_line_error(tmp_path: Path) -> None:
     assert res.returncode == 1
     assert res.stderr.strip().splitlines() == [
         f"peerstar: error: {cfg}: unknown key 'remote.verfiy' (known: auth_file, "
-        "background_fetch, ca_file, chunk_cache_bytes, enable, insecure_hosts, mount_timeout, "
-        "prefetch_size, "
+        "background_fetch, ca_file, chunk_cache_bytes, daemon_cgroup, enable, insecure_hosts, "
+        "mount_timeout, prefetch_size, "
         "prefetch_timeout, region_cache_bytes, region_size, request_timeout, retries, verify, "
         "zygote)"]
     assert not (tmp_path / "s.sock").exists()
+
+
+def test_daemon_cgroup_outside_a_cgroup_filesystem_is_one_line_error(tmp_path: Path) -> None:
+    """`[remote] daemon_cgroup` (or `--daemon-cgroup`, which wins) must be ROOT/NAME with
+    ROOT a cgroup filesystem: checked at start, one line, nothing served."""
+    cfg = tmp_path / "cg.toml"
+    cfg.write_text('[remote]\ndaemon_cgroup = "/sys/fs/cgroup/peerstar-test-never"\n')
+    for flag in ([], ["--daemon-cgroup", str(tmp_path / "mounts")]):
+        if not flag:
+            cfg.write_text(f'[remote]\ndaemon_cgroup = "{tmp_path}/mounts"\n')
+        res = subprocess.run(
+            [sys.executable, "-m", "peerstar", "snapshotter", "serve", *flag,
+             "--config", str(cfg), "--address", str(tmp_path / "s.sock"),
+             "--root", str(tmp_path / "root")],
+            capture_output=True, text=True, cwd=REPO, timeout=60)
+        assert res.returncode == 1
+        assert res.stderr.strip().splitlines() == [
+            f"peerstar: error: {cfg}: remote.daemon_cgroup: {tmp_path} is not a cgroup "
+            "filesystem (give ROOT/NAME, ROOT the host's /sys/fs/cgroup as mounted here)"]
+        assert not (tmp_path / "s.sock").exists()
