@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from peerstar.lazyfs import MountOptions, PrefetchOptions, mount_layer
 from peerstar.lazyfs.cgroup import hierarchies
 from peerstar.snapshotter._proto import snapshots_pb2 as pb
 from peerstar.source.sample import SAMPLE_TEXT, SAMPLE_TEXT_PATH, sample_layer_entries
@@ -185,10 +186,19 @@ def _check_pod_kill(st: Stack, ref: str, pod: str, mounts_cg: str) -> None:
     assert all(Path(f"/proc/{pid}").exists() for pid in daemons)
     points = mounts_under(snap.root)
     assert len(points) == 2
+    # A lazy mount no snapshot owns (as a pod killed between a Remove and its unmount
+    # leaves): the new snapshotter must end it.
+    state = snap.mount_states()[0]
+    stray = snap.root / "snapshots" / "999999" / "fs"
+    stray.mkdir(parents=True)
+    m = mount_layer(state["url"], state["digest"], state["toc_digest"], stray,
+                    snap.root / "cache", MountOptions(prefetch=PrefetchOptions(background=False)))
     offset = len(snap.log())
     snap.start()  # the DaemonSet's new pod
     log = snap.log()[offset:]
     assert "'alive'" in log and "'remounted'" not in log, log
+    assert f"lazy mount {stray} belongs to no snapshot: unmounting it" in log
+    assert wait_until(lambda: not m.alive, 15)  # our child: `alive` reaps it
     assert set(snap.daemon_pids()) == daemons, "a restarted snapshotter started duplicates"
     assert mounts_under(snap.root) == points
 
