@@ -12,6 +12,9 @@ the parents' `fs` directories nearest first, with `upperdir`/`workdir` for Activ
 snapshots. A remote (lazily pulled) committed snapshot's `fs` is the mountpoint of its
 FUSE layer, so it is a lowerdir like any other.
 
+A remote parent whose mount is gone is mounted again before its mounts are handed
+out; if that fails, so does the call (FailedPrecondition, saying which layer and why).
+
 Remote handshake (REFERENCE.md section 2): an Active Prepare carrying
 `containerd.io/snapshot.ref` and eStargz layer labels is mounted lazily and committed
 under the ref with label `containerd.io/snapshot/remote`; the caller gets AlreadyExists
@@ -34,7 +37,7 @@ from pathlib import Path
 from peerstar.lazyfs import MountError
 from peerstar.lazyfs.state import fuse_mounts_under
 from peerstar.snapshotter.config import RemoteConfig
-from peerstar.snapshotter.errors import AlreadyExists, InvalidArgument
+from peerstar.snapshotter.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from peerstar.snapshotter.filters import compile_filters
 from peerstar.snapshotter.metadata import Kind, MetaStore, Snapshot
 from peerstar.snapshotter.metrics import REMOTE_PREPARES
@@ -199,7 +202,16 @@ class Snapshotter:
         snap = self._create(Kind.ACTIVE, key, parent, labels)
         if layer is not None and self._try_remote(snap, target, layer, labels):
             raise AlreadyExists(f"target snapshot {target!r} mounted remotely")
-        return self._mounts(snap)
+        return self._mounts_of_new(snap)
+
+    def _mounts_of_new(self, snap: Snapshot) -> list[Mount]:
+        """The mounts of a snapshot just created; if a lazy parent layer cannot be
+        mounted, the snapshot is removed again and the error is the caller's."""
+        try:
+            return self._mounts(snap)
+        except FailedPrecondition:
+            self.remove(snap.key)
+            raise
 
     def _try_remote(self, snap: Snapshot, target: str, layer: RemoteLayer,
                     labels: dict[str, str]) -> bool:
@@ -232,7 +244,7 @@ class Snapshotter:
         return True
 
     def view(self, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
-        return self._mounts(self._create(Kind.VIEW, key, parent, dict(labels)))
+        return self._mounts_of_new(self._create(Kind.VIEW, key, parent, dict(labels)))
 
     # -- commit / remove -------------------------------------------------------------
 
@@ -344,10 +356,19 @@ class Snapshotter:
 
     def _heal_chain(self, parents: Sequence[Snapshot]) -> None:
         # A mount daemon that died (crash, OOM kill) leaves a dead FUSE mount; containers
-        # already running on it cannot be saved, but new ones get a fresh mount.
+        # already running on it cannot be saved, but new ones get a fresh mount. A layer
+        # that cannot be mounted (a node started offline without its TOC in the cache)
+        # is an error: an overlay over its empty directory would run the container on
+        # the wrong files.
         for p in parents:
             if p.remote:
-                self._ensure_mounted(p)
+                result = self._ensure_mounted(p)
+                if result.startswith("failed"):
+                    raise FailedPrecondition(
+                        f"lazily pulled layer {p.remote.get('digest')} (snapshot {p.key}) "
+                        f"is not mounted and cannot be mounted again: "
+                        f"{result.removeprefix('failed: ')}; it starts once its registry "
+                        "is reachable")
 
     def restore_remote_mounts(self) -> dict[str, str]:
         """Mount every remote snapshot whose mount is gone (snapshotter/node restart).

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from peerstar.lazyfs import MountOptions, PrefetchOptions, mount_layer
+from peerstar.lazyfs.cache import DiskCache
 from peerstar.lazyfs.cgroup import hierarchies
 from peerstar.snapshotter._proto import snapshots_pb2 as pb
 from peerstar.source.sample import SAMPLE_TEXT, SAMPLE_TEXT_PATH, sample_layer_entries
@@ -50,6 +51,16 @@ FAR = "/opt/peerstar/random/extra-1.bin"  # 1 MiB, not in the prefetch
 def _sha256_of(path: str, extra_mib: int = EXTRA_MIB) -> str:
     data = next(e.data for e in sample_layer_entries(extra_mib=extra_mib)[1] if e.path == path)
     return hashlib.sha256(data).hexdigest()
+
+
+def _running(pid: int) -> bool:
+    """`pid` exists and is no zombie (a daemon whose starter died is reaped by init,
+    which in a container may never do it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _cgroup_pids(name: str) -> set[int]:
@@ -183,7 +194,7 @@ def _check_pod_kill(st: Stack, ref: str, pod: str, mounts_cg: str) -> None:
     killed = _kill_cgroup(pod)  # the pod dies: its snapshotter and zygote with it
     assert snap.process.pid in killed and len(killed) >= 2, killed
     snap.stop()  # reaps it
-    assert all(Path(f"/proc/{pid}").exists() for pid in daemons)
+    assert all(_running(pid) for pid in daemons)
     points = mounts_under(snap.root)
     assert len(points) == 2
     # A lazy mount no snapshot owns (as a pod killed between a Remove and its unmount
@@ -227,12 +238,15 @@ def _check_pod_kill(st: Stack, ref: str, pod: str, mounts_cg: str) -> None:
 def test_node_reboot_without_the_registry() -> None:
     """Item 2: the node reboots while the registry is down. Images whose layers are all
     cached start; one that needs chunks it lacks fails with EIO within the fetch timeout
-    (and a log line says why), then runs once the registry is back."""
+    (and a log line says why), one whose layer cannot even be mounted (TOC evicted) does
+    not start and says which layer; both run once the registry is back."""
     reg = start_registry()
     try:
         push_image(reg.url, "snap/cached", "v1", estargz=True)
         push_image(reg.url, "snap/partial", "v1", estargz=True, extra_mib=3)
+        gone_layer = push_image(reg.url, "snap/gone", "v1", estargz=True, extra_mib=2)[1]
         cached, partial = f"{reg.host}/snap/cached:v1", f"{reg.host}/snap/partial:v1"
+        gone = f"{reg.host}/snap/gone:v1"
         config = ("[remote]\nprefetch_timeout = 5.0\nbackground_fetch = false\n"
                   "retries = 1\nrequest_timeout = 5.0\nmount_timeout = 30.0\n")
         with running_stack(config) as st:
@@ -242,7 +256,7 @@ def test_node_reboot_without_the_registry() -> None:
                 return ctr.run("run", "--snapshotter", "peerstar", "--rm", ref, name, *argv,
                                check=False, timeout=120)
 
-            for ref in (cached, partial):
+            for ref in (cached, partial, gone):
                 ctr.remote("image", "rpull", "--plain-http", "--snapshotter", "peerstar",
                            ref)
             # Every file of `cached` read once: all its chunks are in the cache.
@@ -260,13 +274,20 @@ def test_node_reboot_without_the_registry() -> None:
             pids = snap.daemon_pids()
             snap.unmount_all()
             assert mounts_under(snap.root) == []
-            assert not any(Path(f"/proc/{pid}").exists() for pid in pids)
+            assert wait_until(lambda: not any(_running(pid) for pid in pids), 20), \
+                [pid for pid in pids if _running(pid)]
+            # `gone`'s data layer lost every cached byte, its TOC too (as cache eviction
+            # can do): it cannot be mounted until the registry is back.
+            regions = DiskCache(snap.root / "cache" / "regions")
+            for i in range(-(-gone_layer.size // 50_000)):
+                regions.discard(f"{gone_layer.digest}/50000/{i}")
             offset = len(snap.log())
             snap.start()
             daemon.start()
             daemon.remove_base = True
             log = snap.log()[offset:]
-            assert "remote snapshots at start" in log and "failed" not in log, log
+            assert "remote snapshots at start" in log, log
+            assert log.count("cannot mount again") == 1 and gone_layer.digest in log, log
             assert len(mounts_under(snap.root)) == 3  # busybox shared, two data layers
 
             ok = run(cached, "offline", "sh", "-c", f"cat {SAMPLE_TEXT_PATH}; sha256sum {FAR}")
@@ -287,9 +308,21 @@ def test_node_reboot_without_the_registry() -> None:
                     "blobs/" in mount_logs and "Connection refused (EIO)" in mount_logs), \
                 mount_logs[-3000:]
 
+            # A layer that cannot be mounted: the container does not start (never on an
+            # empty layer), with a message naming the layer, within the timeouts.
+            t0 = time.monotonic()
+            no = run(gone, "no-toc", "cat", SAMPLE_TEXT_PATH)
+            assert time.monotonic() - t0 < 2 * 5.0 + 20
+            assert no.returncode != 0 and no.stdout == b""
+            assert (f"lazily pulled layer {gone_layer.digest}".encode() in no.stderr
+                    and b"cannot be mounted again" in no.stderr), no.stderr
+
             reg.bring_back()
             back = run(partial, "back", "sha256sum", FAR)
             assert back.returncode == 0, back.stderr
             assert back.stdout.split()[0].decode() == _sha256_of(FAR, extra_mib=3)
+            back = run(gone, "back-gone", "sha256sum", FAR)
+            assert back.returncode == 0, back.stderr
+            assert back.stdout.split()[0].decode() == _sha256_of(FAR, extra_mib=2)
     finally:
         reg.stop()
