@@ -101,11 +101,13 @@ def _remove_cgroup(name: str) -> None:
 def _pod_prefix(pod_cgroup: str) -> list[str]:
     """Run the snapshotter as in the DaemonSet's pod: enter the pod's cgroup, then a mount
     namespace of its own (mounts made under the shared root reach the host's, as with a
-    Bidirectional hostPath); the PID namespace is the host's (`hostPID: true`)."""
+    Bidirectional hostPath) and a cgroup namespace rooted at the pod's cgroup (as
+    containerd gives a container on cgroup v2); the PID namespace is the host's
+    (`hostPID: true`)."""
     enter = ("import os, sys; from peerstar.lazyfs.cgroup import enter_cgroup; "
              "enter_cgroup(sys.argv[1]); os.execvp(sys.argv[2], sys.argv[2:])")
     return [sys.executable, "-c", enter, str(CGROUP_ROOT / pod_cgroup),
-            "unshare", "--mount", "--propagation", "unchanged", "--"]
+            "unshare", "--mount", "--propagation", "unchanged", "--cgroup", "--"]
 
 
 @contextmanager
@@ -190,6 +192,9 @@ def _check_pod_kill(st: Stack, ref: str, pod: str, mounts_cg: str) -> None:
     assert snap.process is not None
     pod_pids = _cgroup_pids(pod)
     assert snap.process.pid in pod_pids
+    # ... from inside the pod's cgroup namespace.
+    assert os.readlink(f"/proc/{snap.process.pid}/ns/cgroup") != \
+        os.readlink("/proc/self/ns/cgroup")
 
     killed = _kill_cgroup(pod)  # the pod dies: its snapshotter and zygote with it
     assert snap.process.pid in killed and len(killed) >= 2, killed
