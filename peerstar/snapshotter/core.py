@@ -343,13 +343,17 @@ class Snapshotter:
             if self.mounter.is_mounted(fs):
                 return "alive"
             self.mounter.unmount(fs)  # a dead FUSE mount (ENOTCONN) must go first
+            layer = RemoteLayer.from_json(snap.remote)
             try:
-                self.mounter.mount(RemoteLayer.from_json(snap.remote), fs)
+                report = self.mounter.mount(layer, fs)
             except (MountError, OSError) as exc:
                 log.error("remote snapshot %s (layer %s): cannot mount again: %s; its "
                           "containers will get I/O errors", snap.key,
                           snap.remote.get("digest"), exc)
                 return f"failed: {exc}"
+            if layer.size is None and isinstance(report.get("size"), int):
+                # Committed before sizes were kept: the next mount needs no request.
+                self.meta.set_remote(snap.key, replace(layer, size=report["size"]).to_json())
         log.warning("remote snapshot %s (layer %s): its mount was gone; mounted again",
                     snap.key, snap.remote.get("digest"))
         return "remounted"

@@ -179,6 +179,14 @@ class MetaStore:
                  inodes, json.dumps(remote) if remote else None, snap.id))
         return self.get(name)
 
+    def set_remote(self, key: str, remote: dict[str, Any]) -> Snapshot:
+        """Replace the remote-layer spec of committed snapshot `key`."""
+        with self.transaction() as db:
+            snap = self.get(key)
+            db.execute("UPDATE snapshots SET remote = ? WHERE id = ?",
+                       (json.dumps(remote), snap.id))
+        return self.get(key)
+
     def set_labels(self, key: str, labels: dict[str, str]) -> Snapshot:
         with self.transaction() as db:
             self.get(key)

@@ -58,7 +58,7 @@ class FakeMounter:
             raise MountError(self.fail)
         self.mounted[Path(mountpoint)] = layer
         (Path(mountpoint) / "from-remote").write_text(layer.digest)
-        return {"pid": 1}
+        return {"pid": 1, "size": 4242}
 
     def is_mounted(self, mountpoint: Path) -> bool:
         return Path(mountpoint) in self.mounted
@@ -353,6 +353,51 @@ def test_restore_remote_mounts_after_restart(tmp_path: Path) -> None:
     m2.mounted.clear()
     assert s2.restore_remote_mounts()["sha256:chain1"] == "failed: registry down"
     s2.close()
+
+
+def test_remote_layer_size_is_kept_for_mounting_again(tmp_path: Path) -> None:
+    """The size the mount learnt is stored with the snapshot and handed to the next mount
+    (after a reboot it then needs no request); a snapshot stored without one gets it."""
+    m = FakeMounter()
+    sn = Snapshotter(tmp_path / "r", mounter=m)  # type: ignore[arg-type]
+    with pytest.raises(AlreadyExists):
+        sn.prepare("k", "", _stargz_labels())
+    snap = sn.stat("sha256:chain1")
+    assert snap.remote is not None and snap.remote["size"] == 4242
+    m.mounted.clear()
+    assert sn.restore_remote_mounts() == {"sha256:chain1": "remounted"}
+    assert m.mounted[sn.fs_path(snap)].size == 4242
+    old = dict(snap.remote)
+    del old["size"]  # as committed by an older snapshotter
+    sn.meta.set_remote("sha256:chain1", old)
+    assert RemoteLayer.from_json(old).size is None
+    m.mounted.clear()
+    sn.restore_remote_mounts()
+    assert sn.stat("sha256:chain1").remote["size"] == 4242  # type: ignore[index]
+    sn.close()
+
+
+def test_unmountable_remote_parent_fails_prepare_and_view(tmp_path: Path) -> None:
+    """A lazy parent layer whose mount is gone and cannot be made again: the call fails
+    saying which layer (never an overlay over its empty directory), and leaves nothing."""
+    m = FakeMounter()
+    sn = Snapshotter(tmp_path / "r", mounter=m)  # type: ignore[arg-type]
+    with pytest.raises(AlreadyExists):
+        sn.prepare("k", "", _stargz_labels())
+    m.mounted.clear()
+    m.fail = "registry unreachable"
+    for call in (sn.prepare, sn.view):
+        with pytest.raises(FailedPrecondition) as exc:
+            call("ctr", "sha256:chain1", {})
+        assert str(exc.value) == (
+            f"lazily pulled layer {D1} (snapshot sha256:chain1) is not mounted and cannot "
+            "be mounted again: registry unreachable; it starts once its registry is "
+            "reachable")
+        assert [s.key for s in sn.list([])] == ["sha256:chain1"]
+    m.fail = ""
+    assert sn.prepare("ctr", "sha256:chain1", {})[0].type == "overlay"
+    assert (sn.fs_path(sn.stat("sha256:chain1")) / "from-remote").read_text() == D1
+    sn.close()
 
 
 def test_prepare_resolves_the_images_other_layers_ahead(sn: Snapshotter) -> None:
