@@ -20,7 +20,7 @@ def test_a_process_moves_into_the_cgroup_in_every_hierarchy() -> None:
     found = hierarchies(ROOT)
     if os.geteuid() != 0 or not found:
         pytest.skip("needs root and a cgroup filesystem at /sys/fs/cgroup")
-    name = f"peerstar-test-{os.getpid()}"
+    name = f"peerstar-cgtest-{os.getpid()}"
     proc = subprocess.Popen(["sleep", "60"])
     try:
         entered = enter_cgroup(ROOT / name, proc.pid)
