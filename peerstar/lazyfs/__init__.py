@@ -22,6 +22,7 @@ Mount API (for the snapshotter)
                                  background=True, background_idle=5.0),
         verify=True,             # False only by explicit configuration
         open_timeout=60.0,       # seconds to wait for the daemon's readiness
+        cgroup="",               # "ROOT/NAME": the daemon moves into that cgroup first
     )
     m: LayerMount = mount_layer(
         url,            # "http://127.0.0.1:5050/v2/ipfs/<cid>/blobs/sha256:..." (blob_url())
