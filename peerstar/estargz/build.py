@@ -20,26 +20,31 @@ at most `_IN_FLIGHT` bytes wait for compression, and a member that grows past
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import os
 import posixpath
-import struct
 import tempfile
-import threading
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import zstandard
 
+from peerstar.estargz.compression import (
+    Compression,
+    Compressor,
+    LayerInfo,
+    MemberStream,
+    layer_annotations,
+    sniff,
+    writable,
+)
 from peerstar.estargz.errors import EstargzError, FormatError
-from peerstar.estargz.footer import estargz_footer, skippable_frame, zstd_footer_frame
-from peerstar.estargz.tarfmt import BLOCK, TarHeader, iter_headers, padding, write_header
+from peerstar.estargz.tarfmt import TarHeader, iter_headers, padding, write_header
 from peerstar.estargz.toc import (
     LANDMARK_CONTENTS,
     MAX_TOC_BYTES,
@@ -56,14 +61,6 @@ from peerstar.estargz.toc import (
     toc_too_large,
 )
 from peerstar.estargz.tree import Tree
-from peerstar.oci.mediatypes import (
-    OCI_LAYER_GZIP,
-    OCI_LAYER_ZSTD,
-    TOC_DIGEST_ANNOTATION,
-    UNCOMPRESSED_SIZE_ANNOTATION,
-    ZSTD_MANIFEST_CHECKSUM_ANNOTATION,
-    ZSTD_MANIFEST_POSITION_ANNOTATION,
-)
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 _TASK_BYTES = 1 << 20  # members batched per thread task, so tiny files do not cost a task each
@@ -73,21 +70,17 @@ _STEP = 1 << 20  # read size for payloads
 _EMPTY_DIGEST = "sha256:" + hashlib.sha256(b"").hexdigest()
 _KEEP_TOC = 16 << 20  # TOC JSON kept between its two uses up to this size
 _FEED = 256 << 10  # small pieces of a streamed member are fed to the compressor together
-_ZSTD_SIZE_HINT = 4 << 20  # zstd parameters are those of a level for an input this large
-_ZSTD_CONTEXTS = 96 << 20  # zstd compression contexts of all threads together
 
 
 @dataclass
-class BuildResult:
-    toc_digest: str
-    diff_id: str
-    uncompressed_size: int
-    blob_digest: str
-    blob_size: int
-    toc_offset: int
-    compression: str
-    media_type: str
-    annotations: dict[str, str]
+class BuildResult(LayerInfo):
+    """What the descriptor records (`LayerInfo`: TOC digest, DiffID, uncompressed size,
+    media type, annotations) and what the build saw on the way."""
+
+    blob_digest: str = ""
+    blob_size: int = 0
+    toc_offset: int = 0
+    compression: str = ""  # the `Compression`'s name
     missing_prioritized: list[str] = field(default_factory=list)
 
 
@@ -105,17 +98,13 @@ class _Input:
         self._bytes: memoryview | None = None
         if isinstance(src, bytes | bytearray | memoryview):
             data = bytes(src)
-            head = data[:4]
-            if head[:3] != b"\x1f\x8b\x08" and head != b"\x28\xb5\x2f\xfd":
+            if sniff(data[:4]) is None:
                 self._bytes = memoryview(data)
                 return
             src = io.BytesIO(data)
-        head = _peek(src, 4)
-        if head[:3] == b"\x1f\x8b\x08":
-            self._spool(gzip.GzipFile(fileobj=src, mode="rb"))  # type: ignore[arg-type]
-        elif head == b"\x28\xb5\x2f\xfd":
-            reader = zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=True)
-            self._spool(reader)
+        codec = sniff(_peek(src, 4))
+        if codec is not None:
+            self._spool(codec.stream_reader(src))
         elif _is_real_file(src):
             self._file = src
         else:
@@ -248,79 +237,7 @@ def _sort_entries(
     return [*out.values(), lm, *src.values()], missing
 
 
-# --- compression ---------------------------------------------------------------------
-
-
-class _Compressor:
-    def __init__(self, compression: str, level: int) -> None:
-        self.compression = compression
-        self.level = level
-        self._local = threading.local()
-        # zstd's parameters for a level are chosen for a 4 MiB input (the default chunk)
-        # rather than for an unknown size: level 22 would take a 640 MiB context for
-        # each thread; this way no context takes more than 65 MiB.
-        self.zstd_params = zstandard.ZstdCompressionParameters.from_level(
-            level, source_size=_ZSTD_SIZE_HINT) if compression == "zstd" else None
-
-    def max_workers(self) -> int:
-        """Threads whose compression contexts fit in _ZSTD_CONTEXTS (gzip: no limit)."""
-        if self.zstd_params is None:
-            return 1 << 16
-        return max(1, _ZSTD_CONTEXTS // self.zstd_params.estimated_compression_context_size())
-
-    def _zstd(self) -> zstandard.ZstdCompressor:
-        zc = getattr(self._local, "zc", None)
-        if zc is None:
-            zc = self._local.zc = zstandard.ZstdCompressor(compression_params=self.zstd_params)
-        return zc
-
-    def member(self, pieces: list[bytes]) -> bytes:
-        if self.compression == "zstd":
-            return self._zstd().compress(b"".join(pieces))
-        stream = self.stream()
-        out = [stream.start()]
-        out.extend(stream.feed(p) for p in pieces)
-        out.append(stream.finish())
-        return b"".join(out)
-
-    def batch(self, members: list[list[bytes]]) -> list[bytes]:
-        return [self.member(m) for m in members]
-
-    def stream(self) -> _MemberStream:
-        """A member compressed as its pieces arrive (the size is not known up front)."""
-        return _MemberStream(self.compression, self.level,
-                             self._zstd() if self.compression == "zstd" else None)
-
-
-class _MemberStream:
-    """One gzip member or zstd frame, compressed piece by piece."""
-
-    def __init__(self, compression: str, level: int,
-                 zc: zstandard.ZstdCompressor | None) -> None:
-        self._level = level
-        self._crc = 0
-        self._size = 0
-        self._c: Any = (zc.compressobj() if zc is not None
-                        else zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS, 9))
-        self._gzip = zc is None
-
-    def start(self) -> bytes:
-        if not self._gzip:
-            return b""
-        xfl = b"\x02" if self._level == 9 else b"\x04" if self._level == 1 else b"\x00"
-        return b"\x1f\x8b\x08\x00\x00\x00\x00\x00" + xfl + b"\xff"
-
-    def feed(self, piece: bytes) -> bytes:
-        if self._gzip:
-            self._crc = zlib.crc32(piece, self._crc)
-            self._size += len(piece)
-        return self._c.compress(piece)
-
-    def finish(self) -> bytes:
-        out = self._c.flush()
-        if self._gzip:
-            out += struct.pack("<II", self._crc, self._size & 0xFFFFFFFF)
-        return out
+# --- members -------------------------------------------------------------------------
 
 
 class _Writer:
@@ -329,7 +246,7 @@ class _Writer:
     compressed here as it grows, after everything before it is written. At most
     _IN_FLIGHT bytes wait for the pool."""
 
-    def __init__(self, dst: BinaryIO, comp: _Compressor, pool: ThreadPoolExecutor) -> None:
+    def __init__(self, dst: BinaryIO, comp: Compressor, pool: ThreadPoolExecutor) -> None:
         self._dst = dst
         self._comp = comp
         self._pool = pool
@@ -339,7 +256,7 @@ class _Writer:
         self.members = 0  # members closed so far (the index of the open one)
         self._current: list[bytes] = []
         self._current_bytes = 0
-        self._stream: _MemberStream | None = None
+        self._stream: MemberStream | None = None
         self._batch: list[list[bytes]] = []
         self._batch_bytes = 0
         self._pending: deque[tuple[Future[list[bytes]], int]] = deque()
@@ -428,27 +345,24 @@ def build(
 ) -> BuildResult:
     """Convert the layer tar `src` (plain, gzip or zstd) into a blob written to `dst`.
 
-    `progress`, if given, is called with the number of source bytes just processed.
-    A compressed or unseekable input is first decompressed into a temporary file in
-    `spool_dir` (default: the system temp dir).
+    `compression` names a `compression.WRITABLE` one ("gzip": eStargz, "zstd":
+    zstd:chunked). `progress`, if given, is called with the number of source bytes just
+    processed. A compressed or unseekable input is first decompressed into a temporary
+    file in `spool_dir` (default: the system temp dir).
     """
-    if compression not in ("gzip", "zstd"):
-        raise EstargzError(f"unknown compression {compression!r}: use 'gzip' or 'zstd'")
+    codec = writable(compression)
     if chunk_size <= 0:
         raise EstargzError(f"chunk size must be positive, not {chunk_size}")
-    if level is None:
-        level = 9 if compression == "gzip" else 3
-    if compression == "gzip" and not 0 <= level <= 9:
-        raise EstargzError(f"gzip level must be 0..9, not {level}")
-    if compression == "zstd" and not 1 <= level <= 22:
-        raise EstargzError(f"zstd level must be 1..22, not {level}")
+    level = codec.check_level(level)
     workers = workers or os.cpu_count() or 1
     inp = _Input(src, spool_dir)
     try:
-        return _build(
-            inp, dst, compression, chunk_size, level, prioritized,
-            allow_missing_prioritized, workers, progress,
-        )
+        ordered, missing = _sort_entries(_scan(inp), prioritized, allow_missing_prioritized)
+        _check_tree(ordered)
+        writer = _BlobWriter(inp, dst, codec, level, chunk_size, progress)
+        writer.write_entries(ordered, workers)
+        writer.write_toc_and_footer()
+        return writer.result(missing)
     finally:
         inp.close()
 
@@ -511,150 +425,166 @@ def _check_tree(ordered: list[TarHeader]) -> None:
     tree.check_links()
 
 
-def _build(
-    inp: _Input,
-    dst: BinaryIO,
-    compression: str,
-    chunk_size: int,
-    level: int,
-    prioritized: Sequence[str],
-    allow_missing: bool,
-    workers: int,
-    progress: Callable[[int], None] | None,
-) -> BuildResult:
-    ordered, missing = _sort_entries(_scan(inp), prioritized, allow_missing)
-    _check_tree(ordered)
+class _BlobWriter:
+    """Writes one blob from checked, ordered tar headers, in named steps:
+    `write_entries` (headers and payloads as members, chunk by chunk, on a pool),
+    `write_toc_and_footer` (the compression's TOC framing and footer), `result`. Keeps
+    on the way what the descriptor will record: DiffID, uncompressed size, TOC."""
 
-    comp = _Compressor(compression, level)
-    workers = min(workers, comp.max_workers())
-    diff = hashlib.sha256()
-    toc: list[TOCEntry] = []
-    offset_slots: list[tuple[TOCEntry, int]] = []  # (entry, member index)
-    usize = 0
-    last_uname: dict[int, str] = {}
-    last_gname: dict[int, str] = {}
+    def __init__(self, inp: _Input, dst: BinaryIO, codec: Compression, level: int,
+                 chunk_size: int, progress: Callable[[int], None] | None) -> None:
+        self._inp = inp
+        self._dst = dst
+        self._codec = codec
+        self._comp = codec.compressor(level)
+        self._chunk_size = chunk_size
+        self._progress = progress
+        self._diff = hashlib.sha256()
+        self._usize = 0
+        self._toc: list[TOCEntry] = []
+        self._offset_slots: list[tuple[TOCEntry, int]] = []  # (entry, member index)
+        self._last_uname: dict[int, str] = {}
+        self._last_gname: dict[int, str] = {}
+        self._members: _Writer | None = None
+        self._toc_digest = ""
+        self._toc_offset = 0
+        self._extra: dict[str, str] = {}
 
-    def name_if_changed(mp: dict[int, str], ident: int, name: str) -> str:
+    @property
+    def _w(self) -> _Writer:
+        assert self._members is not None
+        return self._members
+
+    # -- entries --------------------------------------------------------------------
+
+    def write_entries(self, ordered: list[TarHeader], workers: int) -> None:
+        """Every entry's header and payload, as members compressed on `workers` threads;
+        then the entries' offsets are known."""
+        workers = min(workers, self._comp.max_workers())
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="estargz") as pool:
+            self._members = _Writer(self._dst, self._comp, pool)
+            for i, h in enumerate(ordered):
+                ordered[i] = None  # type: ignore[call-overload]  # free headers as they go
+                self._write_entry(h)
+            self._w.close_member()
+            self._w.drain()
+        for e, idx in self._offset_slots:
+            e.offset = self._w.offsets[idx]
+
+    def _emit(self, piece: bytes) -> None:
+        """Uncompressed bytes of the layer tar, into the open member."""
+        self._diff.update(piece)
+        self._usize += len(piece)
+        self._w.add(piece)
+
+    def _name_if_changed(self, mp: dict[int, str], ident: int, name: str) -> str:
+        """The user/group name for the TOC: written only when it changes for that id."""
         if not name or mp.get(ident) == name:
             return ""
         mp[ident] = name
         return name
 
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="estargz") as pool:
-        w = _Writer(dst, comp, pool)
+    def _write_entry(self, h: TarHeader) -> None:
+        kind = h.kind
+        assert kind is not None
+        e = _meta_entry(h, kind)
+        e.uname = self._name_if_changed(self._last_uname, h.uid, h.uname)
+        e.gname = self._name_if_changed(self._last_gname, h.gid, h.gname)
+        self._emit(write_header(h))
+        self._toc.append(e)
+        if kind != "reg":
+            return
+        if h.size == 0:
+            e.digest = _EMPTY_DIGEST
+            return
+        self._write_chunks(h, e)
+        self._emit(padding(h.size))
+        if self._progress is not None:
+            self._progress(h.size)
 
-        def emit(piece: bytes) -> None:
-            nonlocal usize
-            diff.update(piece)
-            usize += len(piece)
-            w.add(piece)
+    def _write_chunks(self, h: TarHeader, first: TOCEntry) -> None:
+        """The payload of regular file `h`, each chunk starting a member; `first` is its
+        entry, further chunks get entries of their own."""
+        whole = hashlib.sha256()
+        e = first
+        written = 0
+        chunk_size = self._chunk_size
+        while written < h.size:
+            self._w.close_member()
+            n = min(chunk_size, h.size - written)
+            if h.size - written >= chunk_size:
+                e.chunk_size = chunk_size
+            e.chunk_offset = written
+            self._offset_slots.append((e, self._w.members))
+            piece_hash = hashlib.sha256()
+            for piece in _payload(self._inp, h, written, n):
+                whole.update(piece)
+                piece_hash.update(piece)
+                self._emit(piece)
+            e.chunk_digest = "sha256:" + piece_hash.hexdigest()
+            written += n
+            if written < h.size:
+                e = TOCEntry(name=h.name, type="chunk")
+                self._toc.append(e)
+        first.digest = "sha256:" + whole.hexdigest()
+        if first.chunk_digest == first.digest:
+            first.chunk_digest = first.digest
 
-        for i, h in enumerate(ordered):
-            ordered[i] = None  # type: ignore[call-overload]  # free headers as they go
-            kind = h.kind
-            assert kind is not None
-            e = _meta_entry(h, kind)
-            e.uname = name_if_changed(last_uname, h.uid, h.uname)
-            e.gname = name_if_changed(last_gname, h.gid, h.gname)
-            emit(write_header(h))
-            toc.append(e)
-            if kind != "reg":
-                continue
-            if h.size == 0:
-                e.digest = _EMPTY_DIGEST
-                continue
-            whole = hashlib.sha256()
-            first = e
-            written = 0
-            while written < h.size:
-                w.close_member()
-                n = min(chunk_size, h.size - written)
-                if h.size - written >= chunk_size:
-                    e.chunk_size = chunk_size
-                e.chunk_offset = written
-                offset_slots.append((e, w.members))
-                piece_hash = hashlib.sha256()
-                for piece in _payload(inp, h, written, n):
-                    whole.update(piece)
-                    piece_hash.update(piece)
-                    emit(piece)
-                e.chunk_digest = "sha256:" + piece_hash.hexdigest()
-                written += n
-                if written < h.size:
-                    e = TOCEntry(name=h.name, type="chunk")
-                    toc.append(e)
-            first.digest = "sha256:" + whole.hexdigest()
-            if first.chunk_digest == first.digest:
-                first.chunk_digest = first.digest
-            emit(padding(h.size))
-            if progress is not None:
-                progress(h.size)
-        w.close_member()
-        w.drain()
+    # -- TOC and footer -------------------------------------------------------------
 
-    for e, idx in offset_slots:
-        e.offset = w.offsets[idx]
-    cost = 0
-    for n, e in enumerate(toc):
-        cost += entry_cost(e)
-        if cost > TOC_MEMORY_LIMIT:
-            raise FormatError(toc_too_large(cost, n + 1))
-    # The TOC's size comes before its JSON: the pieces are kept if they are few, else
-    # made a second time, rather than held as one large string.
-    kept: list[bytes] | None = []
-    toc_size = 0
-    for p in iter_toc_json(toc):
-        toc_size += len(p)
-        if kept is not None:
-            kept.append(p)
-            if toc_size > _KEEP_TOC:
-                kept = None
-    if toc_size > MAX_TOC_BYTES:
-        raise FormatError(f"TOC would be {toc_size} bytes, more than {MAX_TOC_BYTES}")
-    toc_hash = hashlib.sha256()
+    def _toc_size(self) -> tuple[int, list[bytes] | None]:
+        """The TOC JSON's size (refusing a TOC a reader would refuse) and its pieces,
+        kept if they are few: the size comes before the JSON, and the pieces are made a
+        second time rather than held as one large string."""
+        cost = 0
+        for n, e in enumerate(self._toc):
+            cost += entry_cost(e)
+            if cost > TOC_MEMORY_LIMIT:
+                raise FormatError(toc_too_large(cost, n + 1))
+        kept: list[bytes] | None = []
+        toc_size = 0
+        for p in iter_toc_json(self._toc):
+            toc_size += len(p)
+            if kept is not None:
+                kept.append(p)
+                if toc_size > _KEEP_TOC:
+                    kept = None
+        if toc_size > MAX_TOC_BYTES:
+            raise FormatError(f"TOC would be {toc_size} bytes, more than {MAX_TOC_BYTES}")
+        return toc_size, kept
 
-    def toc_json() -> Iterator[bytes]:
-        for p in kept if kept is not None else iter_toc_json(toc):
-            toc_hash.update(p)
-            yield p
+    def write_toc_and_footer(self) -> None:
+        toc_size, kept = self._toc_size()
+        toc_hash = hashlib.sha256()
 
-    toc_offset = w.written
-    annotations: dict[str, str] = {}
-    if compression == "gzip":
-        th = TarHeader(name=TOC_TAR_NAME, typeflag=b"0", size=toc_size)
-        stream = comp.stream()
-        w.write(stream.start())
-        for p in (write_header(th), *toc_json(), padding(toc_size) + b"\x00" * (2 * BLOCK)):
-            diff.update(p)
-            usize += len(p)
-            w.write(stream.feed(p))
-        w.write(stream.finish())
-        w.write(estargz_footer(toc_offset))
-    else:
-        co = comp._zstd().compressobj(size=toc_size)
-        ztoc = b"".join([*(co.compress(p) for p in toc_json()), co.flush()])
-        toc_offset += 8  # the footer points past the skippable frame's own header
-        w.write(skippable_frame(ztoc))
-        w.write(zstd_footer_frame(toc_offset, len(ztoc), toc_size))
-        annotations[ZSTD_MANIFEST_CHECKSUM_ANNOTATION] = "sha256:" + hashlib.sha256(
-            ztoc
-        ).hexdigest()
-        annotations[ZSTD_MANIFEST_POSITION_ANNOTATION] = f"{toc_offset}:{len(ztoc)}:{toc_size}:1"
-    toc_digest = "sha256:" + toc_hash.hexdigest()
-    annotations = {TOC_DIGEST_ANNOTATION: toc_digest, **annotations,
-                   UNCOMPRESSED_SIZE_ANNOTATION: str(usize)}
-    return BuildResult(
-        toc_digest=toc_digest,
-        diff_id="sha256:" + diff.hexdigest(),
-        uncompressed_size=usize,
-        blob_digest="sha256:" + w.blob.hexdigest(),
-        blob_size=w.written,
-        toc_offset=toc_offset,
-        compression=compression,
-        media_type=OCI_LAYER_GZIP if compression == "gzip" else OCI_LAYER_ZSTD,
-        annotations=annotations,
-        missing_prioritized=missing,
-    )
+        def toc_json() -> Iterator[bytes]:
+            for p in kept if kept is not None else iter_toc_json(self._toc):
+                toc_hash.update(p)
+                yield p
+
+        def uncompressed(piece: bytes) -> None:
+            self._diff.update(piece)
+            self._usize += len(piece)
+
+        self._toc_offset, self._extra = self._comp.write_toc_and_footer(
+            self._w.write, self._w.written, toc_json(), toc_size, uncompressed)
+        self._toc_digest = "sha256:" + toc_hash.hexdigest()
+
+    # -- result ---------------------------------------------------------------------
+
+    def result(self, missing: list[str]) -> BuildResult:
+        return BuildResult(
+            toc_digest=self._toc_digest,
+            diff_id="sha256:" + self._diff.hexdigest(),
+            uncompressed_size=self._usize,
+            media_type=self._codec.media_type,
+            annotations=layer_annotations(self._toc_digest, self._usize, self._extra),
+            blob_digest="sha256:" + self._w.blob.hexdigest(),
+            blob_size=self._w.written,
+            toc_offset=self._toc_offset,
+            compression=self._codec.name,
+            missing_prioritized=missing,
+        )
 
 
 def _payload(inp: _Input, h: TarHeader, start: int, n: int) -> Iterator[bytes]:

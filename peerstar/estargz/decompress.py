@@ -4,13 +4,14 @@ A blob says how many bytes a chunk or its TOC holds, but the compressed bytes ma
 inflate to far more (a bomb) or lie about where they end. Everything here reads the
 compressed range in pieces of at most `STEP` bytes through `read_at` and yields the
 output in pieces of at most `STEP` bytes, so a caller that stops at the size it was
-told never holds more than a few pieces, whatever the input declares.
+told never holds more than a few pieces, whatever the input declares. Which of the
+two a blob needs is its `compression.Compression`'s to say.
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator
 
 import zstandard
 
@@ -54,21 +55,15 @@ class _RangeStream:
         return data
 
 
-def inflate(read_at: ReadAt, start: int, end: int, compression: str, *,
-            across: bool = False) -> Generator[bytes, None, None]:
-    """Decompress [start, end): one gzip member / zstd frame, or with `across` all of them.
+def inflate_zstd(read_at: ReadAt, start: int, end: int,
+                 across: bool = False) -> Generator[bytes, None, None]:
+    """Decompress [start, end): one zstd frame, or with `across` all of them (skippable
+    frames are skipped).
 
     Yields non-empty pieces of at most STEP bytes; raises DecompressError on corrupt
     data and TruncatedError on a short read. Stopping early (closing the iterator) is
     how a caller bounds the output.
     """
-    if compression == "zstd":
-        yield from _inflate_zstd(read_at, start, end, across)
-    else:
-        yield from _inflate_gzip(read_at, start, end, across)
-
-
-def _inflate_zstd(read_at: ReadAt, start: int, end: int, across: bool) -> Iterator[bytes]:
     source = _RangeStream(read_at, start, end)
     reader = zstandard.ZstdDecompressor().stream_reader(
         source,  # type: ignore[arg-type]  # any object with read() will do; the stub says IO
@@ -88,7 +83,9 @@ def _inflate_zstd(read_at: ReadAt, start: int, end: int, across: bool) -> Iterat
             return
 
 
-def _inflate_gzip(read_at: ReadAt, start: int, end: int, across: bool) -> Iterator[bytes]:
+def inflate_gzip(read_at: ReadAt, start: int, end: int,
+                 across: bool = False) -> Generator[bytes, None, None]:
+    """`inflate_zstd` for gzip members."""
     d = zlib.decompressobj(_GZIP)
     pos = start
     pending = b""
@@ -115,8 +112,3 @@ def _inflate_gzip(read_at: ReadAt, start: int, end: int, across: bool) -> Iterat
     except zlib.error as exc:
         raise DecompressError(str(exc)) from None
 
-
-def inflate_bytes(data: bytes, compression: str) -> Generator[bytes, None, None]:
-    """`inflate` over bytes already fetched (one member / frame)."""
-    view = memoryview(data)
-    return inflate(lambda off, n: bytes(view[off:off + n]), 0, len(data), compression)

@@ -17,23 +17,21 @@ import hashlib
 from bisect import bisect_right
 from collections.abc import Callable, Generator, Iterator
 
-from peerstar.estargz.decompress import (
-    DecompressError,
-    TruncatedError,
-    inflate,
-    inflate_bytes,
-    read_exact,
+from peerstar.estargz.compression import (
+    Compression,
+    LayerInfo,
+    by_name,
+    layer_annotations,
+    parse_footer,
 )
+from peerstar.estargz.decompress import DecompressError, TruncatedError, read_exact
 from peerstar.estargz.errors import FormatError, VerifyError
-from peerstar.estargz.footer import MAX_FOOTER_SIZE, Footer, parse_footer
-from peerstar.estargz.tarfmt import BLOCK, parse_number
-from peerstar.estargz.toc import MAX_TOC_BYTES, TOC_TAR_NAME, TOCEntry, clean_name, parse_toc
+from peerstar.estargz.footer import MAX_FOOTER_SIZE, Footer
+from peerstar.estargz.tarfmt import BLOCK
+from peerstar.estargz.toc import TOCEntry, clean_name, parse_toc
 from peerstar.estargz.tree import Tree
 
 ReadAt = Callable[[int, int], bytes]
-# Deflate cannot expand by more than ~1032:1, zstd by ~32768:1 (RLE blocks); a TOC
-# that claims more uncompressed bytes than its compressed range can hold is lying.
-_MAX_RATIO = {"gzip": 1032, "gzip-legacy": 1032, "zstd": 65536}
 _EMPTY_DIGEST = "sha256:" + hashlib.sha256(b"").hexdigest()
 
 
@@ -45,7 +43,8 @@ class Reader:
         self._read_at = read_at
         self.size = size
         self.footer = footer
-        self.compression = footer.compression
+        self.codec: Compression = by_name(footer.compression)
+        self.compression = footer.compression  # the codec's name
         h = hashlib.sha256()
 
         def hashed() -> Iterator[bytes]:
@@ -126,7 +125,9 @@ class Reader:
     def _check_chunks(self) -> None:
         """Reject TOCs whose data entries lie: overlaps, gaps, offsets past the payload."""
         data_end = self.footer.data_end
-        ratio = _MAX_RATIO[self.compression]
+        # A TOC that claims more uncompressed bytes than its compressed range can hold
+        # is lying.
+        ratio = self.codec.max_ratio
         prev = -1
         data_entries = [e for e in self.entries if e.is_data and e.chunk_size > 0]
         for e in data_entries:
@@ -213,9 +214,10 @@ class Reader:
         n = chunk.chunk_size
         hi = n if hi is None else min(hi, n)
         if section is None:
-            pieces = inflate(self._read_at, chunk.offset, chunk.next_offset, self.compression)
+            pieces = self.codec.inflate(self._read_at, chunk.offset, chunk.next_offset)
         else:
-            pieces = inflate_bytes(section, self.compression)
+            view = memoryview(section)
+            pieces = self.codec.inflate(lambda off, k: bytes(view[off:off + k]), 0, len(view))
         h = hashlib.sha256() if verify else None
         got = 0
         try:
@@ -329,6 +331,18 @@ class Reader:
         self.check_links()
         self.verify_all()
 
+    def describe(self) -> LayerInfo:
+        """What the blob's layer descriptor records, as `build` reports it: DiffID and
+        uncompressed size (the whole blob is decompressed, streamed), media type and
+        annotations."""
+        diff_id, usize = compute_diff_id(self._read_at, self.size, self.codec)
+        try:
+            extra = self.codec.blob_annotations(self._read_at, self.footer)
+        except TruncatedError as exc:
+            raise FormatError(str(exc)) from None
+        return LayerInfo(self.toc_digest, diff_id, usize, self.codec.media_type,
+                         layer_annotations(self.toc_digest, usize, extra))
+
     def prefetch_end(self) -> int | None:
         """Offset of `.prefetch.landmark` (end of the prioritized files), if present."""
         e = self._by_name.get(".prefetch.landmark")
@@ -349,66 +363,20 @@ def _read_checked(read_at: ReadAt, offset: int, length: int) -> bytes:
 
 def _toc_pieces(read_at: ReadAt, footer: Footer) -> Generator[bytes, None, None]:
     """The TOC's JSON bytes, in pieces, never past the size its header or footer gives."""
-    start, end = footer.toc_offset, footer.toc_offset + footer.toc_size
     try:
-        if footer.compression == "zstd":
-            declared = footer.toc_uncompressed_size
-            if declared > MAX_TOC_BYTES:
-                raise FormatError(f"TOC claims {declared} bytes: too large")
-            limit = declared or MAX_TOC_BYTES
-            total = 0
-            for piece in inflate(read_at, start, end, "zstd"):
-                total += len(piece)
-                if total > limit:
-                    if declared:
-                        raise FormatError("TOC size differs from the size in the footer")
-                    raise FormatError(f"TOC is larger than {MAX_TOC_BYTES} bytes: too large")
-                yield piece
-            if declared and total != declared:
-                raise FormatError("TOC size differs from the size in the footer")
-            return
-        pieces = inflate(read_at, start, end, "gzip")
-        head = b""
-        for piece in pieces:
-            head += piece
-            if len(head) >= BLOCK:
-                break
-        if len(head) < BLOCK:
-            raise FormatError("TOC member is too short to hold a tar header")
-        name = head[:100].split(b"\x00", 1)[0]
-        if name != TOC_TAR_NAME.encode():
-            raise FormatError(f"TOC tar entry is named {name!r}, expected {TOC_TAR_NAME!r}")
-        n = parse_number(head[124:136], "size")
-        if n < 0:
-            raise FormatError("TOC tar header has a negative size")
-        if n > MAX_TOC_BYTES:
-            raise FormatError(f"TOC claims {n} bytes: too large")
-        rest, total = head[BLOCK:], 0
-        while True:
-            rest = rest[:n - total]
-            if rest:
-                total += len(rest)
-                yield rest
-            if total >= n:
-                break
-            rest = next(pieces, b"")
-            if not rest:
-                break
-        pieces.close()
-        if total != n:
-            raise FormatError(f"TOC is truncated: {total} of {n} bytes")
+        yield from by_name(footer.compression).toc_pieces(read_at, footer)
     except DecompressError as exc:
         raise FormatError(f"TOC member does not decompress: {exc}") from None
     except TruncatedError as exc:
         raise FormatError(str(exc)) from None
 
 
-def compute_diff_id(read_at: ReadAt, size: int, compression: str) -> tuple[str, int]:
+def compute_diff_id(read_at: ReadAt, size: int, codec: Compression) -> tuple[str, int]:
     """sha256 and length of the whole decompressed blob (its DiffID), streamed."""
     h = hashlib.sha256()
     total = 0
     try:
-        for piece in inflate(read_at, 0, size, compression, across=True):
+        for piece in codec.inflate(read_at, 0, size, across=True):
             h.update(piece)
             total += len(piece)
     except DecompressError as exc:
