@@ -19,6 +19,7 @@ from typing import Any
 from peerstar.cli.progress import Bars, human
 from peerstar.convert import ConvertOptions, convert, convert_layer_file
 from peerstar.errors import PeerstarError
+from peerstar.estargz.compression import writable
 from peerstar.oci.reference import looks_like_image_ref, parse_image_ref
 
 _SIZE_RE = re.compile(r"^(\d+)([kKmMgG]i?[bB]?|[bB])?$")
@@ -88,10 +89,10 @@ def _prioritized(args: argparse.Namespace) -> tuple[str, ...]:
 def _options(args: argparse.Namespace) -> ConvertOptions:
     level = args.level
     if level is not None:
-        lo, hi = (0, 9) if args.compression == "gzip" else (1, 22)
+        codec = writable(args.compression)
+        lo, hi = codec.levels
         if not lo <= level <= hi:
-            name = "gzip" if args.compression == "gzip" else "zstd"
-            raise PeerstarError(f"--level {level}: {name} levels are {lo}..{hi}")
+            raise PeerstarError(f"--level {level}: {codec.name} levels are {lo}..{hi}")
     return ConvertOptions(
         compression=args.compression,
         chunk_size=_parse_size(args.chunk_size),

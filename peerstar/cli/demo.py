@@ -79,7 +79,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         with RangeFile(_blob_path(dst, layer["digest"])) as f:
             r = Reader.open(f.read_at, f.size, toc_digest=toc_digest)
             r.verify_all()
-            got, _ = compute_diff_id(f.read_at, f.size, r.compression)
+            got, _ = compute_diff_id(f.read_at, f.size, r.codec)
             if got != diff_id:
                 raise PeerstarError(f"layer {i}: DiffID {got} differs from the config's {diff_id}")
         total += layer["size"]

@@ -75,7 +75,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     with _blob(args.blob, args.toc_digest) as (read_at, size, r):
         r.verify()
         if args.diff_id:
-            got, _ = compute_diff_id(read_at, size, r.compression)
+            got, _ = compute_diff_id(read_at, size, r.codec)
             if got != args.diff_id:
                 raise PeerstarError(f"DiffID is {got}, expected {args.diff_id}")
     files = sum(1 for e in r.entries if e.type == "reg")

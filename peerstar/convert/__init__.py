@@ -15,10 +15,9 @@ from peerstar.convert.layer import (
     LayerReport,
     build_layer,
     convert_layer_file,
-    decompressed_digest,
 )
 
 __all__ = [
     "ConvertError", "ConvertOptions", "ImageReport", "LayerReport", "build_layer",
-    "convert", "convert_image", "convert_layer_file", "decompressed_digest",
+    "convert", "convert_image", "convert_layer_file",
 ]  # fmt: skip

@@ -20,7 +20,6 @@ Reading is `peerstar.source`, writing `peerstar.oci.layout`.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -32,9 +31,9 @@ from peerstar.convert.layer import (
     ConvertOptions,
     LayerReport,
     build_layer,
-    decompressed_digest,
 )
 from peerstar.estargz import EstargzError, Reader
+from peerstar.estargz.compression import WRITABLE
 from peerstar.oci import mediatypes as mt
 from peerstar.oci.digest import finish_stream
 from peerstar.oci.errors import ImageFormatError
@@ -56,9 +55,6 @@ from peerstar.oci.reference import ImageRef
 from peerstar.progress import NoProgress, Progress
 from peerstar.source import Node, SourceImage, open_image
 
-GZIP_TYPES = frozenset({mt.OCI_LAYER_GZIP, mt.OCI_LAYER_ND_GZIP, mt.DOCKER_LAYER_GZIP,
-                        mt.DOCKER_LAYER_FOREIGN_GZIP})
-ZSTD_TYPES = frozenset({mt.OCI_LAYER_ZSTD, mt.OCI_LAYER_ND_ZSTD})
 # Annotations a conversion recomputes; stale copies from the source are dropped.
 _FORMAT_ANNOTATIONS = (
     mt.TOC_DIGEST_ANNOTATION, mt.UNCOMPRESSED_SIZE_ANNOTATION,
@@ -152,12 +148,12 @@ class _ImageConverter:
     def _try_keep(self, desc: Descriptor, what: str) -> tuple[LayerReport | None, str]:
         """Keep a layer already in the requested format if TOC and chunks verify."""
         media_type = desc["mediaType"]
-        wanted = GZIP_TYPES if self.options.compression == "gzip" else ZSTD_TYPES
+        codec = WRITABLE.get(self.options.compression)  # (an unknown one: build says so)
         annotations = desc.get("annotations") or {}
         claimed = annotations.get(mt.TOC_DIGEST_ANNOTATION)
-        if media_type not in wanted and not (
-                # docker-archive layers are all typed gzip; zstd ones can only be sniffed.
-                media_type == mt.DOCKER_LAYER_GZIP and self.options.compression == "zstd"):
+        # docker-archive layers are all typed gzip; zstd ones can only be sniffed.
+        if codec is None or (media_type not in codec.source_media_types
+                             and media_type != mt.DOCKER_LAYER_GZIP):
             return None, ""
         digest, size = desc["digest"], desc["size"]
         read_at, stored = self.source.blob_range(digest)
@@ -167,7 +163,7 @@ class _ImageConverter:
             if claimed:
                 return None, f"annotated as eStargz but {exc}; reconverted"
             return None, ""
-        if probe.compression != self.options.compression:
+        if probe.codec is not codec:
             return None, ""
         # Copy the blob in first (verifying its digest), then verify the copy: what we
         # check is exactly what we keep.
@@ -187,23 +183,16 @@ class _ImageConverter:
                 reader.verify()  # what `peerstar estargz verify` checks
             except EstargzError as exc:
                 return None, f"TOC did not verify ({exc}); reconverted"
-            f.seek(0)
-            diff_id, usize = decompressed_digest(f, reader.compression)
-            new_ann = {mt.TOC_DIGEST_ANNOTATION: reader.toc_digest}
-            if reader.compression == "zstd":
-                footer = reader.footer
-                ztoc = os.pread(fd, footer.toc_size, footer.toc_offset)
-                new_ann[mt.ZSTD_MANIFEST_CHECKSUM_ANNOTATION] = (
-                    "sha256:" + hashlib.sha256(ztoc).hexdigest())
-                new_ann[mt.ZSTD_MANIFEST_POSITION_ANNOTATION] = (
-                    f"{footer.toc_offset}:{footer.toc_size}:{footer.toc_uncompressed_size}:1")
-            new_ann[mt.UNCOMPRESSED_SIZE_ANNOTATION] = str(usize)
-            out_type = mt.OCI_LAYER_GZIP if reader.compression == "gzip" else mt.OCI_LAYER_ZSTD
-            self.writer.add_file(path, out_type, digest=digest)
+            try:
+                info = reader.describe()  # DiffID and annotations, as a build reports them
+            except EstargzError as exc:
+                raise ConvertError(f"{what}: {exc}") from None
+            self.writer.add_file(path, info.media_type, digest=digest)
         return LayerReport(
-            source_digest=digest, source_size=size, toc_digest=reader.toc_digest,
-            diff_id=diff_id, uncompressed_size=usize, blob_digest=digest, blob_size=size,
-            media_type=out_type, annotations=new_ann, kept=True,
+            source_digest=digest, source_size=size, toc_digest=info.toc_digest,
+            diff_id=info.diff_id, uncompressed_size=info.uncompressed_size,
+            blob_digest=digest, blob_size=size, media_type=info.media_type,
+            annotations=info.annotations, kept=True,
         ), ""
 
     # -- documents -------------------------------------------------------------------

@@ -4,23 +4,19 @@ single-layer command and whole-image conversion use.
 
 Owns `ConvertOptions`, `LayerReport`, `build_layer` (the builder run with its output
 hashed independently), `convert_layer_file` (`peerstar convert LAYER.tar BLOB`, written
-atomically with `localfile.atomic_write`) and `decompressed_digest` (DiffID of a blob).
+atomically with `localfile.atomic_write`). What a blob's descriptor records (DiffID,
+annotations, media type) comes from `peerstar.estargz`, never recomputed here.
 """
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import os
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import zstandard
-
-from peerstar.estargz import EstargzError, build
+from peerstar.estargz import BuildResult, EstargzError, build
 from peerstar.localfile import atomic_write
 from peerstar.oci.digest import HashingWriter
 from peerstar.oci.errors import OCIError
@@ -34,7 +30,7 @@ class ConvertError(OCIError):
 class ConvertOptions:
     """Options of a conversion; the output is a function of the input and these."""
 
-    compression: str = "gzip"  # "gzip" (eStargz) or "zstd" (zstd:chunked)
+    compression: str = "gzip"  # a `peerstar.estargz.compression.WRITABLE` name
     chunk_size: int = 4 << 20
     level: int | None = None
     prioritized: tuple[str, ...] = ()
@@ -84,7 +80,7 @@ class LayerReport:
 
 def build_layer(src: BinaryIO, dst: BinaryIO, options: ConvertOptions,
                 advance: Callable[[int], None] | None, what: str,
-                spool_dir: Path) -> tuple[Any, str, int]:
+                spool_dir: Path) -> tuple[BuildResult, str, int]:
     """Run the builder, hashing its output independently; return (result, digest, size).
 
     A compressed input is decompressed into `spool_dir`, beside the output, so big
@@ -154,22 +150,3 @@ def convert_layer_file(
         media_type=result.media_type, annotations=dict(result.annotations),
         missing_prioritized=list(result.missing_prioritized),
     )
-
-
-
-def decompressed_digest(f: BinaryIO, compression: str) -> tuple[str, int]:
-    """sha256 and length of the decompressed stream `f` (gzip members or zstd frames)."""
-    h = hashlib.sha256()
-    total = 0
-    try:
-        if compression == "zstd":
-            reader: BinaryIO = zstandard.ZstdDecompressor().stream_reader(
-                f, read_across_frames=True)  # type: ignore[assignment]
-        else:
-            reader = gzip.GzipFile(fileobj=f, mode="rb")  # type: ignore[assignment]
-        while data := reader.read(1 << 20):
-            h.update(data)
-            total += len(data)
-    except (OSError, EOFError, zlib.error, zstandard.ZstdError) as exc:
-        raise ConvertError(f"blob does not decompress: {exc}") from None
-    return "sha256:" + h.hexdigest(), total

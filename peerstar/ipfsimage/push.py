@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from peerstar.estargz.compression import sniff
 from peerstar.ipfs import open_store
 from peerstar.ipfsimage import DEFAULT_JOBS
 from peerstar.ipfsimage.format import (
@@ -185,12 +186,8 @@ class _Pusher:
         `peerstar.source.docker_archive`); OCI
         clients trust the media type, so name the compression the bytes really have."""
         read_at, size = self.source.blob_range(digest)
-        head = read_at(0, min(4, size))
-        if head[:2] == b"\x1f\x8b":
-            return mt.OCI_LAYER_GZIP
-        if head == b"\x28\xb5\x2f\xfd":
-            return mt.OCI_LAYER_ZSTD
-        return mt.OCI_LAYER_TAR
+        codec = sniff(read_at(0, min(4, size)))
+        return mt.OCI_LAYER_TAR if codec is None else codec.media_type
 
     async def _add_document(self, doc: Document, media_type: str) -> Descriptor:
         data = emit_document(doc)

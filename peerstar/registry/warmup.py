@@ -54,7 +54,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
 
 from peerstar.estargz import TOC_DIGEST_ANNOTATION, FormatError, Reader
-from peerstar.estargz.footer import MAX_FOOTER_SIZE, ZSTD_FOOTER_SIZE, parse_footer
+from peerstar.estargz.compression import parse_footer
+from peerstar.estargz.footer import MAX_FOOTER_SIZE, ZSTD_FOOTER_SIZE
 from peerstar.ipfs import ContentStore, IPFSError
 from peerstar.registry.metrics import RegistryMetrics
 from peerstar.registry.subdag import Leaf, SubDagLocator

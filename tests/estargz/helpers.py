@@ -9,7 +9,8 @@ import json
 import tarfile
 from collections.abc import Callable
 
-from peerstar.estargz.footer import estargz_footer, parse_footer
+from peerstar.estargz.compression import parse_footer
+from peerstar.estargz.footer import estargz_footer
 
 
 def rewrite_toc(blob: bytes, mutate: Callable[[dict], None]) -> bytes:

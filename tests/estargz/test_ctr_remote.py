@@ -279,6 +279,7 @@ def test_peerstar_reads_zstd_chunked_layer(converted_zstd: Converted, index: int
         ZSTD_MANIFEST_CHECKSUM_ANNOTATION,
         ZSTD_MANIFEST_POSITION_ANNOTATION,
     )
+    from peerstar.estargz.compression import ZSTD_CHUNKED
     from peerstar.estargz.reader import compute_diff_id
 
     layer = converted_zstd.manifest["layers"][index]
@@ -291,7 +292,7 @@ def test_peerstar_reads_zstd_chunked_layer(converted_zstd: Converted, index: int
     off, clen, ulen, typ = (int(x) for x in ann[ZSTD_MANIFEST_POSITION_ANNOTATION].split(":"))
     assert (off, clen, ulen, typ) == (r.footer.toc_offset, r.footer.toc_size, len(r.toc_json), 1)
     assert ann[ZSTD_MANIFEST_CHECKSUM_ANNOTATION] == sha256_digest(blob[off:off + clen])
-    diff_id, _ = compute_diff_id(lambda o, n: blob[o:o + n], len(blob), "zstd")
+    diff_id, _ = compute_diff_id(lambda o, n: blob[o:o + n], len(blob), ZSTD_CHUNKED)
     assert converted_zstd.config["rootfs"]["diff_ids"][index] == diff_id
     original = _original_entries(converted_zstd.sample.layer_tar(index))
     listed = {e.name for e in r.entries if e.type != "chunk"} - {NO_PREFETCH_LANDMARK}

@@ -496,7 +496,7 @@ def test_go_blob_opens_and_verifies_in_peerstar(
     assert r.toc_digest == gob.toc_digest
     assert r.toc_json == goracle.toc(path)
     r.verify_all()
-    assert compute_diff_id(lambda o, n: blob[o:o + n], len(blob), r.compression) == (
+    assert compute_diff_id(lambda o, n: blob[o:o + n], len(blob), r.codec) == (
         gob.diff_id, gob.uncompressed_size)
     assert gob.annotations[USIZE_KEY] == str(gob.uncompressed_size)
     with pytest.raises(VerifyError):
@@ -872,7 +872,7 @@ def test_debian_tree_both_directions(
     blob = gpath.read_bytes()
     r = Reader.from_bytes(blob, toc_digest=gob.toc_digest)
     r.verify_all()
-    assert compute_diff_id(lambda o, n: blob[o:o + n], len(blob), r.compression) == (
+    assert compute_diff_id(lambda o, n: blob[o:o + n], len(blob), r.codec) == (
         gob.diff_id, gob.uncompressed_size)
     want = want_view(tree, DEFAULT_CHUNK, goracle.toc(gpath), go_reader=False)
     compare_views(peer_view(r), want, "peerstar")

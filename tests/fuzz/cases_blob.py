@@ -69,7 +69,7 @@ def test_damaged_blobs(seed: int) -> None:
     except EstargzError:
         pass
     try:
-        compute_diff_id(lambda o, k: bad[o:o + k], len(bad), r.compression)
+        compute_diff_id(lambda o, k: bad[o:o + k], len(bad), r.codec)
     except EstargzError:
         pass
 

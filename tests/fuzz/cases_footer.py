@@ -8,7 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from peerstar.estargz import EstargzError, FormatError, Reader
-from peerstar.estargz.footer import parse_footer, skippable_frame
+from peerstar.estargz.compression import parse_footer
+from peerstar.estargz.footer import skippable_frame
 from tests.fuzz import fuzz, ran
 
 _EMPTY = b"\x01\x00\x00\xff\xff" + b"\x00" * 8
