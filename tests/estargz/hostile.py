@@ -154,6 +154,14 @@ def zstd_blob(toc: bytes, payload: bytes = b"") -> bytes:
             + zstd_footer_frame(toc_at, len(ztoc), len(toc)))
 
 
+COMPRESSIONS = ("gzip", "zstd")  # every test of a TOC's content runs on both
+
+
+def blob_of(compression: str, toc: bytes, payload: bytes = b"") -> bytes:
+    """`gzip_blob` or `zstd_blob`, by the compression's name."""
+    return (zstd_blob if compression == "zstd" else gzip_blob)(toc, payload)
+
+
 def zstd_rle_frame(total: int, byte: int = 0) -> bytes:
     """A zstd frame of RLE blocks that inflates to `total` bytes of `byte` from 4 bytes
     per 128 KiB (no content size in its header, as a streaming writer leaves it)."""

@@ -20,7 +20,9 @@ from peerstar.estargz.footer import ESTARGZ_FOOTER_SIZE
 from peerstar.estargz.toc import TOC_MEMORY_LIMIT, TOCEntry
 from peerstar.estargz.tree import Tree
 from tests.estargz.hostile import (
+    COMPRESSIONS,
     RSS_LIMIT_KIB,
+    blob_of,
     cli,
     gzip_blob,
     gzip_member,
@@ -105,36 +107,41 @@ def test_zstd_footer_pointing_anywhere(tmp_path):
 # --- TOC JSON --------------------------------------------------------------------------
 
 
-def test_deeply_nested_toc(tmp_path):
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_deeply_nested_toc(tmp_path, compression):
     deep = b"[" * 100_000 + b"]" * 100_000
     for toc in (deep,
                 b'{"version": 1, "entries": [' + deep + b"]}",
                 b'{"version": 1, "x": ' + deep + b', "entries": []}',
                 b'{"entries": [{"name": "a", "type": "reg", "xattrs": {"k": ' + deep + b"}}]}"):
-        refused(tmp_path, gzip_blob(toc), "not valid JSON|not an object|not base64")
+        refused(tmp_path, blob_of(compression, toc), "not valid JSON|not an object|not base64")
 
 
+@pytest.mark.parametrize("compression", COMPRESSIONS)
 @pytest.mark.parametrize("field", ["size", "mode", "uid", "offset", "chunkSize"])
-def test_integers_of_thousands_of_digits(tmp_path, field):
+def test_integers_of_thousands_of_digits(tmp_path, field, compression):
     toc = toc_json([{"name": "a", "type": "reg"}]).replace(
         b'"type": "reg"', b'"type": "reg", "' + field.encode() + b'": ' + b"9" * 5000)
-    refused(tmp_path, gzip_blob(toc), "not valid JSON")
+    refused(tmp_path, blob_of(compression, toc), "not valid JSON")
     version = b'{"version": ' + b"1" * 5000 + b', "entries": []}'
-    refused(tmp_path, gzip_blob(version), "not valid JSON")
+    refused(tmp_path, blob_of(compression, version), "not valid JSON")
 
 
 @pytest.mark.parametrize("value, match", [(-1, "negative"), (1 << 63, "too large"),
                                           (1.5, "not an integer"), (True, "not an integer"),
                                           ("7", "not an integer")])
-def test_integers_out_of_range(tmp_path, value, match):
-    refused(tmp_path, with_entries({"name": "d", "type": "dir", "mode": value}), match)
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_integers_out_of_range(tmp_path, value, match, compression):
+    refused(tmp_path, with_entries({"name": "d", "type": "dir", "mode": value},
+                                   compression=compression), match)
 
 
+@pytest.mark.parametrize("compression", COMPRESSIONS)
 @pytest.mark.parametrize("field", ["devMajor", "devMinor"])
-def test_device_numbers_past_32_bits(tmp_path, field):
+def test_device_numbers_past_32_bits(tmp_path, field, compression):
     # Linux's makedev takes 32-bit halves: a mount would fail on such a node's stat.
-    refused(tmp_path, with_entries({"name": "dev", "type": "char", field: 1 << 32}),
-            f"{field} is too large")
+    refused(tmp_path, with_entries({"name": "dev", "type": "char", field: 1 << 32},
+                                   compression=compression), f"{field} is too large")
 
 
 @pytest.mark.parametrize("toc", [b"", b"   ", b"[]", b"nul", b'{"entries": {}}',
@@ -143,8 +150,9 @@ def test_device_numbers_past_32_bits(tmp_path, field):
                                  b'{"entries": [{"name": "a", "type": "reg"}',
                                  b'{"version": "1", "entries": []}', b"\xff\xfe{}",
                                  b'\xef\xbb\xbf{"entries": []}', b'{1: 2}'])
-def test_malformed_toc_json(tmp_path, toc):
-    refused(tmp_path, gzip_blob(toc), "TOC")
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_malformed_toc_json(tmp_path, toc, compression):
+    refused(tmp_path, blob_of(compression, toc), "TOC")
 
 
 def test_toc_of_whitespace_is_read_in_bounded_memory(tmp_path):
@@ -171,10 +179,11 @@ def test_toc_of_whitespace_is_read_in_bounded_memory(tmp_path):
     assert r.maxrss_kib < RSS_LIMIT_KIB / 2, r.maxrss_kib
 
 
-def test_toc_too_large_for_memory_is_refused_in_bounded_memory(tmp_path):
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_toc_too_large_for_memory_is_refused_in_bounded_memory(tmp_path, compression):
     n = TOC_MEMORY_LIMIT // 640 + 1000
     entries = ",".join(f'{{"name":"d{i}","type":"dir"}}' for i in range(n))
-    blob = gzip_blob(b'{"version":1,"entries":[' + entries.encode() + b"]}")
+    blob = blob_of(compression, b'{"version":1,"entries":[' + entries.encode() + b"]}")
     path = write(tmp_path, blob)
     r = run_cli("estargz", "ls", path)
     assert "TOC is too large" in r.error_line
@@ -265,15 +274,18 @@ def test_error_messages_escape_what_they_quote(tmp_path):
     ([{"name": "a\u0000b", "type": "fifo"}], "NUL"),
     ([{"name": "d/s", "type": "symlink", "linkName": "../../etc/passwd"}], "outside"),
 ])
-def test_impossible_trees(tmp_path, extra, match):
-    refused(tmp_path, with_entries(*extra), match, "verify")
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_impossible_trees(tmp_path, extra, match, compression):
+    refused(tmp_path, with_entries(*extra, compression=compression), match, "verify")
 
 
-def test_root_entries_that_are_directories_are_fine():
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_root_entries_that_are_directories_are_fine(compression):
     for name in ("", ".", "./", "/", "//."):
         if name.startswith("/"):
             continue  # absolute names are refused, tested above
-        r = Reader.from_bytes(with_entries({"name": name, "type": "dir", "mode": 0o700}))
+        r = Reader.from_bytes(with_entries({"name": name, "type": "dir", "mode": 0o700},
+                                           compression=compression))
         r.verify()
         assert r.lookup("").mode == 0o700
 
