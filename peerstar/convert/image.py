@@ -33,7 +33,7 @@ from peerstar.convert.layer import (
     build_layer,
 )
 from peerstar.estargz import EstargzError, Reader
-from peerstar.estargz.compression import WRITABLE
+from peerstar.estargz.compression import FORMAT_ANNOTATIONS, WRITABLE, by_media_type
 from peerstar.oci import mediatypes as mt
 from peerstar.oci.digest import finish_stream
 from peerstar.oci.errors import ImageFormatError
@@ -54,12 +54,6 @@ from peerstar.oci.model import (
 from peerstar.oci.reference import ImageRef
 from peerstar.progress import NoProgress, Progress
 from peerstar.source import Node, SourceImage, open_image
-
-# Annotations a conversion recomputes; stale copies from the source are dropped.
-_FORMAT_ANNOTATIONS = (
-    mt.TOC_DIGEST_ANNOTATION, mt.UNCOMPRESSED_SIZE_ANNOTATION,
-    mt.ZSTD_MANIFEST_CHECKSUM_ANNOTATION, mt.ZSTD_MANIFEST_POSITION_ANNOTATION,
-)  # fmt: skip
 
 
 @dataclass
@@ -152,7 +146,7 @@ class _ImageConverter:
         annotations = desc.get("annotations") or {}
         claimed = annotations.get(mt.TOC_DIGEST_ANNOTATION)
         # docker-archive layers are all typed gzip; zstd ones can only be sniffed.
-        if codec is None or (media_type not in codec.source_media_types
+        if codec is None or (by_media_type(media_type) is not codec
                              and media_type != mt.DOCKER_LAYER_GZIP):
             return None, ""
         digest, size = desc["digest"], desc["size"]
@@ -299,7 +293,7 @@ class _ImageConverter:
             nd["digest"] = report.blob_digest
             nd["size"] = report.blob_size
             ann = {k: v for k, v in (d.get("annotations") or {}).items()
-                   if k not in _FORMAT_ANNOTATIONS}
+                   if k not in FORMAT_ANNOTATIONS}
             ann.update(report.annotations)
             nd["annotations"] = ann
             new_layers.append(nd)

@@ -11,14 +11,20 @@ Public API:
   written to the binary stream `dst`; it refuses what a reader would reject.
 - `Reader.open(read_at, size, toc_digest=None)` / `Reader.from_bytes(blob)`: parse the
   footer and TOC; `lookup`, `listdir`, `walk`, `read`, `iter_chunk`, `verify`.
+- `r.describe() -> LayerInfo`: what a layer descriptor records about an existing blob
+  (DiffID, uncompressed size, media type, annotations), as `build` reports them.
 - `EstargzError` and its subclasses for every malformed or lying input.
 
-Modules: `footer`, `toc` (entries, JSON, limits), `tree` (the tree a TOC describes),
-`tarfmt` (tar headers), `decompress` (bounded streaming inflate), `reader`, `build`.
+Modules: `compression` (gzip, legacy stargz and zstd:chunked behind one interface: member
+(de)compression, footer parsing, TOC framing, annotations, media types, lookup by name
+or by stream magic -- nothing else branches on the names), `footer` (footer bytes),
+`toc` (entries, JSON, limits), `tree` (the tree a TOC describes), `tarfmt` (tar
+headers), `decompress` (bounded streaming inflate), `reader`, `build` (the writer).
 Memory and time stay bounded whatever an input declares (see `toc.TOC_MEMORY_LIMIT`).
 """
 
 from peerstar.estargz.build import BuildResult, build
+from peerstar.estargz.compression import Compression, LayerInfo
 from peerstar.estargz.errors import EstargzError, FormatError, VerifyError
 from peerstar.estargz.reader import Reader
 from peerstar.estargz.toc import NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_TAR_NAME, TOCEntry
@@ -31,8 +37,10 @@ from peerstar.oci.mediatypes import (
 
 __all__ = [
     "BuildResult",
+    "Compression",
     "EstargzError",
     "FormatError",
+    "LayerInfo",
     "NO_PREFETCH_LANDMARK",
     "PREFETCH_LANDMARK",
     "Reader",

@@ -6,6 +6,12 @@ tar headers of the entries that follow share the member of the payload before th
 the TOC comes last, then the footer. Prioritized files go first, followed by a
 landmark file.
 
+`build` runs named steps: `_scan` (read and check the tar's headers), `_sort_entries`
+(prioritized order, landmark), `_check_tree`, then `_BlobWriter.write_entries` (headers
+and payloads as members, chunk by chunk), `.write_toc_and_footer` and `.result`.
+Everything that differs between gzip and zstd:chunked (member compression, the TOC's
+framing, the footer, annotations, media type, levels) is the `compression.Compressor`'s.
+
 Members are compressed independently, so they are compressed on several threads
 (zlib and zstd release the GIL) and written in order: the output depends only on the
 input and the options, never on the thread count.

@@ -7,8 +7,9 @@ how a whole compressed stream is read (`stream_reader`), the footer (parse here,
 in `footer`), where the TOC is and how it is framed (`toc_pieces`), the annotations a
 layer descriptor carries, the media type written and the media types that may hold
 it, the compression levels. Its `Compressor` (one per build) owns member compression
-and writing the TOC and footer. Everything else looks one up -- `by_name`, `sniff`,
-`parse_footer` (the footer of a blob) -- and never branches on the names.
+and writing the TOC and footer. Everything else looks one up -- `by_name`, `by_media_type`,
+`sniff` (stream magic), `parse_footer` (the footer of a blob) -- and never branches on
+the names.
 """
 
 from __future__ import annotations
@@ -453,6 +454,10 @@ WRITABLE: dict[str, Compression] = {c.name: c for c in (GZIP, ZSTD_CHUNKED)}
 # Footers are tried in this order, as the reference does.
 _READABLE = (("eStargz", GZIP), ("legacy stargz", LEGACY_GZIP), ("zstd:chunked", ZSTD_CHUNKED))
 _BY_NAME = {c.name: c for _, c in _READABLE}
+_BY_MEDIA_TYPE = {t: c for c in WRITABLE.values() for t in c.source_media_types}
+# Every annotation a build may write (a conversion drops stale copies of them).
+FORMAT_ANNOTATIONS = (mt.TOC_DIGEST_ANNOTATION, mt.UNCOMPRESSED_SIZE_ANNOTATION,
+                      mt.ZSTD_MANIFEST_CHECKSUM_ANNOTATION, mt.ZSTD_MANIFEST_POSITION_ANNOTATION)
 
 
 def by_name(name: str) -> Compression:
@@ -461,6 +466,11 @@ def by_name(name: str) -> Compression:
         return _BY_NAME[name]
     except KeyError:
         raise EstargzError(f"unknown compression {name!r}: use 'gzip' or 'zstd'") from None
+
+
+def by_media_type(media_type: str) -> Compression | None:
+    """The compression a layer of `media_type` has (its `source_media_types`), if any."""
+    return _BY_MEDIA_TYPE.get(media_type)
 
 
 def writable(name: str) -> Compression:

@@ -29,6 +29,7 @@ from pathlib import Path
 import httpx
 
 from peerstar.errors import PeerstarError
+from peerstar.estargz.compression import WRITABLE
 from peerstar.lazyfs.auth import RegistryAuth
 from peerstar.lazyfs.fetcher import blob_url, registry_base, tls_context
 from peerstar.lazyfs.mount import (
@@ -45,8 +46,6 @@ from peerstar.oci.mediatypes import (
     DOCKER_LAYER_GZIP,
     INDEX_TYPES,
     MANIFEST_ACCEPT,
-    OCI_LAYER_GZIP,
-    OCI_LAYER_ZSTD,
     TOC_DIGEST_ANNOTATION,
 )
 from peerstar.oci.platform import host_arch
@@ -55,7 +54,8 @@ log = logging.getLogger("peerstar.lazyfs.image")
 
 DEFAULT_WORK_ROOT = Path("/var/lib/peerstar/mounts")
 DEFAULT_CACHE_DIR = Path("/var/lib/peerstar/lazyfs-cache")
-_LAYER_TYPES = (OCI_LAYER_GZIP, OCI_LAYER_ZSTD, DOCKER_LAYER_GZIP)
+# What build writes, and Docker's gzip type (docker-archive sources keep it).
+_LAYER_TYPES = frozenset({c.media_type for c in WRITABLE.values()} | {DOCKER_LAYER_GZIP})
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
