@@ -105,6 +105,7 @@ class Compression(ABC):
     levels: tuple[int, int]  # the levels `build` accepts, inclusive
     default_level: int
     max_ratio: int  # decompressed bytes one compressed byte can become, at most
+    footer_size: int  # bytes of the footer at the end of a blob
 
     def check_level(self, level: int | None) -> int:
         """`level`, or the default when None; EstargzError when out of range."""
@@ -250,7 +251,8 @@ class Gzip(Compression):
 
 
 class LegacyGzip(Gzip):
-    """Legacy stargz: eStargz's layout with a 47-byte footer (read, never written)."""
+    """Legacy stargz: eStargz's layout with a 47-byte footer. Read only: it is not in
+    WRITABLE (its compressor, inherited, would write eStargz's footer)."""
 
     name = "gzip-legacy"
     footer_size = LEGACY_FOOTER_SIZE
