@@ -22,7 +22,7 @@ import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import zstandard
 
@@ -208,6 +208,7 @@ class Gzip(Compression):
         return inflate_gzip(read_at, start, end, across)
 
     def stream_reader(self, src: BinaryIO) -> BinaryIO:
+        # (a GzipFile reads like a binary file; typeshed does not call it BinaryIO)
         return gzip.GzipFile(fileobj=src, mode="rb")  # type: ignore[return-value]
 
     def parse_footer(self, tail: bytes, blob_size: int) -> Footer:
@@ -303,16 +304,16 @@ def _gzip_footer(kind: str, toc_offset: int, footer_size: int, blob_size: int) -
 
 class _ZstdStream(MemberStream):
     def __init__(self, zc: zstandard.ZstdCompressor) -> None:
-        self._c: Any = zc.compressobj()
+        self._c = zc.compressobj()
 
     def start(self) -> bytes:
         return b""
 
     def feed(self, piece: bytes) -> bytes:
-        return self._c.compress(piece)  # type: ignore[no-any-return]
+        return self._c.compress(piece)
 
     def finish(self) -> bytes:
-        return self._c.flush()  # type: ignore[no-any-return]
+        return self._c.flush()
 
 
 class _ZstdCompressor(Compressor):
@@ -380,6 +381,7 @@ class ZstdChunked(Compression):
         return inflate_zstd(read_at, start, end, across)
 
     def stream_reader(self, src: BinaryIO) -> BinaryIO:
+        # (a stream reader reads like a binary file; its stub does not call it BinaryIO)
         return zstandard.ZstdDecompressor().stream_reader(  # type: ignore[return-value]
             src, read_across_frames=True)
 
