@@ -52,8 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_mount(args: argparse.Namespace) -> int:
     import pyfuse3  # noqa: F401 - the mount daemons need it: without it, say which extra
 
+    from peerstar.distribution.auth import RegistryAuth
     from peerstar.lazyfs import image
-    from peerstar.lazyfs.auth import RegistryAuth
     from peerstar.lazyfs.options import CacheOptions, FetchOptions, MountOptions, PrefetchOptions
 
     ca_file = "" if args.ca_file is None else str(args.ca_file.resolve())

@@ -32,7 +32,7 @@ Mount API (for the snapshotter)
         cache_dir,      # shared by all layers: regions/, chunks/, mounts/ (state, logs)
         options,        # MountOptions() if omitted
         size=None,      # blob size if known (descriptor size): saves a request
-        auth=None,      # a lazyfs.auth.RegistryAuth (anonymous if None); its credentials
+        auth=None,      # a distribution.auth.RegistryAuth (anonymous if None); its credentials
                         # reach the daemon in its environment, never argv
         zygote=None,    # a running lazyfs.zygote.Zygote: fork the daemon from it
     )

@@ -38,9 +38,9 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from peerstar.distribution.auth import RegistryAuth
 from peerstar.errors import PeerstarError
 from peerstar.lazyfs import metrics
-from peerstar.lazyfs.auth import RegistryAuth
 from peerstar.lazyfs.cache import DiskCache
 from peerstar.lazyfs.options import DEFAULT_REGION_SIZE
 

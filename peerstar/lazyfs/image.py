@@ -28,9 +28,9 @@ from pathlib import Path
 
 import httpx
 
+from peerstar.distribution.auth import RegistryAuth
 from peerstar.errors import PeerstarError
 from peerstar.estargz.compression import WRITABLE
-from peerstar.lazyfs.auth import RegistryAuth
 from peerstar.lazyfs.fetcher import blob_url, registry_base, tls_context
 from peerstar.lazyfs.mount import (
     DEFAULT_OPTIONS,

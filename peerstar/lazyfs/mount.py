@@ -24,10 +24,16 @@ from typing import TYPE_CHECKING
 
 from peerstar.errors import PeerstarError
 from peerstar.lazyfs.options import MountOptions
-from peerstar.lazyfs.state import SECRET_ENVS, StatePaths, is_fuse_mounted, state_paths
+from peerstar.lazyfs.state import (
+    SECRET_ENVS,
+    StatePaths,
+    auth_to_env,
+    is_fuse_mounted,
+    state_paths,
+)
 
 if TYPE_CHECKING:  # imported late: `python -m peerstar.lazyfs.zygote` must load it first
-    from peerstar.lazyfs.auth import RegistryAuth
+    from peerstar.distribution.auth import RegistryAuth
     from peerstar.lazyfs.zygote import Zygote
 
 log = logging.getLogger("peerstar.lazyfs.mount")
@@ -169,7 +175,7 @@ def mount_layer(
             *options.to_argv()]
     if size is not None:
         args += ["--size", str(size)]
-    secrets = auth.to_env() if auth is not None else {}
+    secrets = auth_to_env(auth) if auth is not None else {}
     open_timeout = options.open_timeout
     rfd, wfd = os.pipe()
     proc: subprocess.Popen[bytes] | None = None

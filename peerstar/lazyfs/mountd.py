@@ -3,7 +3,7 @@
 Run as `python -m peerstar.lazyfs.mountd --url URL --digest D --toc-digest T
 --mountpoint DIR --cache-dir DIR [options]` (see `--help`; the options are a
 `peerstar.lazyfs.options.MountOptions`, written by its `to_argv`; registry credentials
-come in the environment, `RegistryAuth.from_env`), or forked from the zygote
+come in the environment, `peerstar.lazyfs.state.auth_from_env`), or forked from the zygote
 (`peerstar.lazyfs.zygote`, which calls `main` with the same arguments). It opens the layer (footer,
 TOC, TOC digest check), mounts it (pyfuse3 keeps one session per process, hence one
 process per layer), starts prefetching the prioritized files (reads of them wait for it
@@ -36,13 +36,18 @@ import pyfuse3
 import trio
 
 from peerstar.lazyfs import metrics
-from peerstar.lazyfs.auth import RegistryAuth
 from peerstar.lazyfs.cache import DiskCache
 from peerstar.lazyfs.fetcher import BlobFetcher
 from peerstar.lazyfs.fs import LayerFS
 from peerstar.lazyfs.layer import LazyLayer
 from peerstar.lazyfs.options import MountOptions
-from peerstar.lazyfs.state import PASSWORD_ENV, USERNAME_ENV, state_paths, write_json_atomic
+from peerstar.lazyfs.state import (
+    PASSWORD_ENV,
+    USERNAME_ENV,
+    auth_from_env,
+    state_paths,
+    write_json_atomic,
+)
 
 log = logging.getLogger("peerstar.lazyfs.mountd")
 
@@ -98,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                             async_writes=True, layer=label)
         chunks = DiskCache(args.cache_dir / "chunks", opts.cache.chunk_bytes,
                            async_writes=True, layer=label)
-        auth = RegistryAuth.from_env(args.username)  # credentials come in the environment
+        auth = auth_from_env(args.username)  # credentials come in the environment
         fetcher = BlobFetcher(args.url, digest=args.digest, size=args.size,
                               region_size=opts.fetch.region_size, cache=regions,
                               timeout=opts.fetch.request_timeout,

@@ -7,7 +7,7 @@ form on the mount daemon's command line: `to_argv` writes it, `add_arguments` /
 `from_args` read it back in `peerstar.lazyfs.mountd`. So every setting reaches the
 daemon, started with `python -m` or forked from the zygote, as an argument and never
 through the environment. Registry credentials are not options: they are secrets, and
-`ps` shows a command line to every user (`peerstar.lazyfs.auth` carries them).
+`ps` shows a command line to every user (`peerstar.lazyfs.state.auth_to_env` carries them).
 
 Imports nothing heavy: the snapshotter's config builds these without httpx or FUSE.
 """

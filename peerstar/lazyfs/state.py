@@ -2,7 +2,10 @@
 
 Owns: the per-mount file names under `<cache-dir>/mounts/` (keyed by a hash of the
 mountpoint, so the same layer may be mounted at several places), atomic JSON writes,
-and the mount table lookups (`mount_fstype`, `is_fuse_mounted`, `fuse_mounts_under`).
+the mount table lookups (`mount_fstype`, `is_fuse_mounted`, `fuse_mounts_under`), and
+how a mount daemon receives its registry credentials: environment variables (never argv,
+which `ps` shows to every user), written by `auth_to_env` for the daemon alone and read
+there by `auth_from_env`.
 """
 
 from __future__ import annotations
@@ -12,6 +15,10 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from peerstar.distribution.auth import RegistryAuth
 
 # Registry secrets reach the mount daemon in its environment, never on its command line
 # (which `ps` shows to every user).
@@ -20,6 +27,24 @@ PASSWORD_ENV = "PEERSTAR_REGISTRY_PASSWORD"
 TOKEN_ENV = "PEERSTAR_REGISTRY_TOKEN"  # a bearer token sent as is
 REFRESH_TOKEN_ENV = "PEERSTAR_REGISTRY_REFRESH_TOKEN"  # OAuth2 (docker `identitytoken`)
 SECRET_ENVS = (USERNAME_ENV, PASSWORD_ENV, TOKEN_ENV, REFRESH_TOKEN_ENV)
+
+
+def auth_to_env(auth: RegistryAuth) -> dict[str, str]:
+    """The credentials `auth` was given (not the tokens obtained with them) as
+    `auth_from_env` reads them, for a mount daemon's environment."""
+    pairs = ((USERNAME_ENV, auth.username), (PASSWORD_ENV, auth.password),
+             (TOKEN_ENV, auth.token), (REFRESH_TOKEN_ENV, auth.refresh_token))
+    return {k: v for k, v in pairs if v is not None}
+
+
+def auth_from_env(username: str | None = None) -> RegistryAuth:
+    """The credentials handed to a mount daemon in its environment (`username`, if given
+    on its command line by an older starter, wins over the environment's)."""
+    from peerstar.distribution.auth import RegistryAuth  # httpx: only the daemon needs it
+
+    env = os.environ
+    return RegistryAuth(username or env.get(USERNAME_ENV), env.get(PASSWORD_ENV),
+                        env.get(TOKEN_ENV), env.get(REFRESH_TOKEN_ENV))
 
 
 @dataclass(frozen=True)

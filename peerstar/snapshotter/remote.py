@@ -36,8 +36,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from peerstar import lazyfs
+from peerstar.distribution.auth import RegistryAuth
 from peerstar.errors import PeerstarError
-from peerstar.lazyfs.auth import RegistryAuth
 from peerstar.lazyfs.mount import MountError
 from peerstar.lazyfs.options import CacheOptions, FetchOptions, MountOptions, PrefetchOptions
 from peerstar.oci.mediatypes import TOC_DIGEST_ANNOTATION as LABEL_TOC_DIGEST  # same name

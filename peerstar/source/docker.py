@@ -26,7 +26,7 @@ from urllib.parse import urlencode, urlsplit
 
 import httpx
 
-from peerstar.distauth import parse_challenge, token_of, token_params
+from peerstar.distribution.challenge import parse_challenge, token_of, token_params
 from peerstar.oci import mediatypes as mt
 from peerstar.oci.digest import parse_digest, sha256_digest
 from peerstar.oci.errors import BlobError, ImageReferenceError, OCIError

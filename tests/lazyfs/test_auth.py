@@ -1,4 +1,4 @@
-"""Registry auth of the lazy fetcher (peerstar.lazyfs.auth) and its TLS trust
+"""Registry auth of the lazy fetcher (peerstar.distribution.auth) and its TLS trust
 (peerstar.lazyfs.fetcher.tls_context): Basic sent up front once accepted, the OAuth2
 refresh-token grant, credentials from the environment, 401/403 and untrusted
 certificates failing at once with the host named; a real TLS server on loopback."""
@@ -17,13 +17,15 @@ from urllib.parse import parse_qs
 import httpx
 import pytest
 
-from peerstar.lazyfs.auth import RegistryAuth
+from peerstar.distribution.auth import RegistryAuth
 from peerstar.lazyfs.fetcher import BlobFetcher, FetchError, tls_context
 from peerstar.lazyfs.state import (
     PASSWORD_ENV,
     REFRESH_TOKEN_ENV,
     TOKEN_ENV,
     USERNAME_ENV,
+    auth_from_env,
+    auth_to_env,
 )
 from tests.support.tls import issue_server_cert, make_ca
 
@@ -114,7 +116,7 @@ def test_refresh_token_grant() -> None:
     assert g["grant_type"] == ["refresh_token"] and g["refresh_token"] == ["refresh-xyz"]
     assert g["service"] == ["reg"] and g["scope"] == ["repository:app:pull"]
     # A mount daemon is handed what was given, not the access token obtained here.
-    assert auth.to_env() == {REFRESH_TOKEN_ENV: "refresh-xyz"}
+    assert auth_to_env(auth) == {REFRESH_TOKEN_ENV: "refresh-xyz"}
 
 
 def test_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -122,22 +124,22 @@ def test_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(PASSWORD_ENV, "envpw")
     monkeypatch.setenv(TOKEN_ENV, "tok")
     monkeypatch.setenv(REFRESH_TOKEN_ENV, "ref")
-    a = RegistryAuth.from_env()
+    a = auth_from_env()
     assert (a.username, a.password, a.refresh_token) == ("envuser", "envpw", "ref")
-    assert RegistryAuth.from_env("cli-user").username == "cli-user"
+    assert auth_from_env("cli-user").username == "cli-user"
     for k in (USERNAME_ENV, PASSWORD_ENV, TOKEN_ENV, REFRESH_TOKEN_ENV):
         monkeypatch.delenv(k)
-    assert RegistryAuth.from_env().anonymous
+    assert auth_from_env().anonymous
 
 
 def test_to_env_round_trips_through_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     given = RegistryAuth("u", "p", "tok", "ref")
-    for k, v in given.to_env().items():
+    for k, v in auth_to_env(given).items():
         monkeypatch.setenv(k, v)
-    got = RegistryAuth.from_env()
+    got = auth_from_env()
     assert (got.username, got.password, got.token, got.refresh_token) == (
         "u", "p", "tok", "ref")
-    assert RegistryAuth().to_env() == {}
+    assert auth_to_env(RegistryAuth()) == {}
 
 
 # -- TLS against a real server -------------------------------------------------------------

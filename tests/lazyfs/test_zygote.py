@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from peerstar.distribution.auth import RegistryAuth
 from peerstar.lazyfs import MountError, find_mount, mount_layer
-from peerstar.lazyfs.auth import RegistryAuth
 from peerstar.lazyfs.mount import _pid_alive
 from peerstar.lazyfs.options import FetchOptions, MountOptions, PrefetchOptions
 from peerstar.lazyfs.state import PASSWORD_ENV, TOKEN_ENV, USERNAME_ENV

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from peerstar.lazyfs import MountError
-from peerstar.lazyfs.state import PASSWORD_ENV, USERNAME_ENV
+from peerstar.lazyfs.state import PASSWORD_ENV, USERNAME_ENV, auth_to_env
 from peerstar.snapshotter.config import ConfigError, RemoteConfig, load_config, parse_config
 from peerstar.snapshotter.credentials import (
     Credentials,
@@ -247,7 +247,7 @@ def test_mounter_passes_credentials_of_the_layers_host(
     with pytest.raises(MountError) as exc:
         mounter.mount(LAYER, tmp_path)
     # All of them, as the daemon gets them: no bearer or refresh token besides.
-    assert seen["auth"].to_env() == {USERNAME_ENV: "alice", PASSWORD_ENV: "pw1"}
+    assert auth_to_env(seen["auth"]) == {USERNAME_ENV: "alice", PASSWORD_ENV: "pw1"}
     assert f"credentials for r.example:5000 from {auth} (auths)" in str(exc.value)
     assert "pw1" not in str(exc.value)
     assert "pw1" not in json.dumps(LAYER.to_json())
@@ -260,7 +260,7 @@ def test_mounter_without_credentials_says_so(tmp_path: Path,
     mounter = LayerMounter(RemoteConfig(auth_file=str(auth), zygote=False), tmp_path / "c")
     with pytest.raises(MountError, match=f"no credentials for r.example:5000 in {auth}"):
         mounter.mount(LAYER, tmp_path)
-    assert seen["auth"].to_env() == {}
+    assert auth_to_env(seen["auth"]) == {}
 
 
 def test_mounter_bad_credentials_file_fails_the_mount(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from peerstar.distauth import parse_challenge, token_of, token_params
+from peerstar.distribution.challenge import parse_challenge, token_of, token_params
 
 
 def test_a_bearer_challenge_gives_its_scheme_and_parameters() -> None:

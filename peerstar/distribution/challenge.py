@@ -3,9 +3,7 @@
 Owns: reading a `WWW-Authenticate` challenge (`Bearer realm="...",service="...",scope="..."`),
 the token request's parameters (the challenge's service and scope; a default scope when
 it names none) and the token in the token service's JSON answer (`token`, or OAuth2's
-`access_token`). Both registry clients use it -- the image source's
-(`peerstar.source.docker`) and the mount daemon's `RegistryAuth`
-(`peerstar.lazyfs.auth`) -- and each makes the requests and reports failures its own way.
+`access_token`). `peerstar.distribution.auth.RegistryAuth` makes the requests.
 """
 
 from __future__ import annotations

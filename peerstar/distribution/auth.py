@@ -5,24 +5,20 @@ Owns: `RegistryAuth`, an `httpx.Auth` that answers a `401` carrying
 realm (anonymously, with basic credentials, or -- given an OAuth2 refresh token, which is
 what a docker config's `identitytoken` is -- by the `grant_type=refresh_token` POST
 containerd's authorizer makes) and retrying once; and `Basic` challenges when
-credentials are given. Tokens are kept per auth object (one blob per mount daemon).
-
-Also owns how a mount daemon receives its credentials: environment variables (never
-argv, which `ps` shows to every user), written by `RegistryAuth.to_env` for the daemon
-alone and read there by `RegistryAuth.from_env`.
+credentials are given. Tokens are kept per auth object and shared by every request
+made with it; one object serves `httpx.Client` and `httpx.AsyncClient` alike (sync,
+asyncio, and trio through anyio).
 """
 
 from __future__ import annotations
 
 import base64
-import os
 import threading
 from collections.abc import Generator
 
 import httpx
 
-from peerstar.distauth import parse_challenge, token_of, token_params
-from peerstar.lazyfs.state import PASSWORD_ENV, REFRESH_TOKEN_ENV, TOKEN_ENV, USERNAME_ENV
+from peerstar.distribution.challenge import parse_challenge, token_of, token_params
 
 # The client id containerd sends with refresh-token grants; registries only log it.
 OAUTH_CLIENT_ID = "peerstar"
@@ -44,21 +40,6 @@ class RegistryAuth(httpx.Auth):
         # Set once the registry asked for Basic and accepted ours: from then on every
         # request carries it, instead of one 401 round trip per range read.
         self._basic_accepted = False
-
-    @classmethod
-    def from_env(cls, username: str | None = None) -> RegistryAuth:
-        """Credentials handed to a mount daemon in its environment (`username`, if given
-        on its command line by an older starter, wins over the environment's)."""
-        env = os.environ
-        return cls(username or env.get(USERNAME_ENV), env.get(PASSWORD_ENV),
-                   env.get(TOKEN_ENV), env.get(REFRESH_TOKEN_ENV))
-
-    def to_env(self) -> dict[str, str]:
-        """The credentials given (not the tokens obtained with them) as `from_env` reads
-        them, for a mount daemon's environment."""
-        pairs = ((USERNAME_ENV, self.username), (PASSWORD_ENV, self.password),
-                 (TOKEN_ENV, self.token), (REFRESH_TOKEN_ENV, self.refresh_token))
-        return {k: v for k, v in pairs if v is not None}
 
     @property
     def anonymous(self) -> bool:
