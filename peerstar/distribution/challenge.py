@@ -3,7 +3,8 @@
 Owns: reading a `WWW-Authenticate` challenge (`Bearer realm="...",service="...",scope="..."`),
 the token request's parameters (the challenge's service and scope; a default scope when
 it names none) and the token in the token service's JSON answer (`token`, or OAuth2's
-`access_token`). `peerstar.distribution.auth.RegistryAuth` makes the requests.
+`access_token`), and the pull scope of a request to a repository.
+`peerstar.distribution.auth.RegistryAuth` makes the requests.
 """
 
 from __future__ import annotations
@@ -35,3 +36,12 @@ def token_of(body: object) -> str | None:
         return None
     token = body.get("token") or body.get("access_token")
     return token if isinstance(token, str) and token else None
+
+
+_REPO_PATH_RE = re.compile(r"^/v2/(.+)/(?:manifests|blobs|tags)/[^/]*$")
+
+
+def pull_scope(path: str) -> str | None:
+    """`/v2/REPO/(manifests|blobs|tags)/X` -> `repository:REPO:pull`; None for other paths."""
+    m = _REPO_PATH_RE.match(path)
+    return f"repository:{m.group(1)}:pull" if m else None

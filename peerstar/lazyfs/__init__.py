@@ -57,12 +57,11 @@ listings) gives live fetch statistics; `<cache_dir>/mounts/<key>.stats.json` and
 `.prom` hold the last saved statistics and Prometheus metrics of each daemon.
 """
 
-from peerstar.lazyfs.fetcher import BlobFetcher, FetchError, blob_url, is_plain_http_host
+from peerstar.lazyfs.fetcher import BlobFetcher, FetchError
 from peerstar.lazyfs.mount import LayerMount, MountError, find_mount, mount_layer
 from peerstar.lazyfs.options import CacheOptions, FetchOptions, MountOptions, PrefetchOptions
 
 __all__ = [
     "BlobFetcher", "CacheOptions", "FetchError", "FetchOptions", "LayerMount", "MountError",
-    "MountOptions", "PrefetchOptions", "blob_url", "find_mount", "is_plain_http_host",
-    "mount_layer",
+    "MountOptions", "PrefetchOptions", "find_mount", "mount_layer",
 ]

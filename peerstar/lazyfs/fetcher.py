@@ -14,21 +14,17 @@ Everything is synchronous and thread-safe: `read_at(offset, length)` is what
 `peerstar.estargz.Reader.open` wants, and the FUSE filesystem calls it from worker
 threads (`trio.to_thread`), so one slow fetch never blocks other reads.
 
-URLs: `http://HOST/v2/REPO/blobs/DIGEST` for localhost / 127.0.0.1 registries,
-`https://...` otherwise (`blob_url` builds them); auth is `RegistryAuth`.
-
-TLS trust (`tls_context`): SSL_CERT_FILE / SSL_CERT_DIR if set (httpx's rule), else
-certifi's bundle plus the system's (what containerd trusts), plus the PEM bundle given
-as `ca_file` (`FetchOptions.ca_file`: the snapshotter's `[remote] ca_file`). A certificate the
-trust refuses, a 401 and a 403 are not retried: each fails the read at once with a
-sentence saying which host and what to do.
+URLs (`peerstar.distribution.client.blob_url` builds them), the HTTP client (auth,
+TLS trust with the extra CA file `FetchOptions.ca_file`, redirects) are the
+distribution client's (`peerstar.distribution.client.http_client`); the region and
+multi-range logic above is the fetcher's own. A certificate the trust refuses, a 401 and
+a 403 are not retried: each fails the read at once with a sentence saying which host and
+what to do.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import ssl
 import threading
 import time
 from collections.abc import Iterable
@@ -38,7 +34,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from peerstar.distribution.auth import RegistryAuth
+from peerstar.distribution.client import http_client
+from peerstar.distribution.tls import cert_error
 from peerstar.errors import PeerstarError
 from peerstar.lazyfs import metrics
 from peerstar.lazyfs.cache import DiskCache
@@ -51,87 +48,12 @@ log = logging.getLogger("peerstar.lazyfs.fetcher")
 MAX_RANGES_PER_REQUEST = 32
 
 
-_tls_lock = threading.Lock()
-_tls: dict[str, ssl.SSLContext] = {}
-
-
-class TLSConfigError(PeerstarError):
-    """The extra CA file cannot be used (missing, unreadable, not PEM)."""
-
-
-def tls_context(ca_file: str = "") -> ssl.SSLContext:
-    """The TLS context of every fetcher in this process, built once per CA file: httpx
-    would load the CA bundle again (~25 ms) for each client. Trust: SSL_CERT_FILE or
-    SSL_CERT_DIR when set (httpx's rule), else certifi plus the system store; plus
-    the PEM bundle `ca_file` (TLSConfigError if it cannot be used)."""
-    with _tls_lock:
-        ctx = _tls.get(ca_file)
-        if ctx is None:
-            ctx = httpx.create_ssl_context(verify=True, trust_env=True)
-            if not (os.environ.get("SSL_CERT_FILE") or os.environ.get("SSL_CERT_DIR")):
-                # httpx trusts only certifi; containerd (Go) trusts the system store, and
-                # a node's private CA is installed there (update-ca-certificates).
-                ctx.load_default_certs()
-            if ca_file:
-                load_ca_file(ctx, ca_file)
-            _tls[ca_file] = ctx
-        return ctx
-
-
-def load_ca_file(ctx: ssl.SSLContext, ca_file: str) -> None:
-    """Add the PEM bundle `ca_file` to `ctx`'s trust; TLSConfigError saying why not."""
-    try:
-        ctx.load_verify_locations(cafile=ca_file)
-    except FileNotFoundError:
-        raise TLSConfigError(f"CA file {ca_file} does not exist") from None
-    except ssl.SSLError as exc:  # an OSError too: caught first
-        raise TLSConfigError(f"CA file {ca_file} holds no usable PEM certificate "
-                             f"({exc.reason or exc})") from None
-    except OSError as exc:
-        raise TLSConfigError(f"CA file {ca_file}: {exc.strerror or exc}") from None
-
-
-def warm_up(ca_file: str = "") -> None:
-    """Build what each mount daemon would otherwise build again (the zygote calls this
-    before forking daemons, so they inherit it): the TLS context for `ca_file`."""
-    tls_context(ca_file)
-
-
 class FetchError(PeerstarError):
     """The blob bytes could not be fetched (after retries); `retryable` is False for 4xx."""
 
     def __init__(self, message: str, *, retryable: bool = True) -> None:
         super().__init__(message)
         self.retryable = retryable
-
-
-def is_plain_http_host(host: str) -> bool:
-    """containerd's rule: localhost registries speak plain HTTP, every other one HTTPS."""
-    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-    name = name.strip("[]")
-    return name in ("localhost", "127.0.0.1", "::1") or name.startswith("127.")
-
-
-def registry_base(host: str, plain_http: bool | None = None) -> str:
-    plain = is_plain_http_host(host) if plain_http is None else plain_http
-    return f"{'http' if plain else 'https'}://{host}"
-
-
-def blob_url(host: str, repository: str, digest: str, plain_http: bool | None = None) -> str:
-    return f"{registry_base(host, plain_http)}/v2/{repository}/blobs/{digest}"
-
-
-def _cert_error(exc: BaseException) -> str | None:
-    """The verification failure behind a transport error, if a certificate was refused."""
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, ssl.SSLCertVerificationError):
-            return e.verify_message or str(e)
-        e = e.__cause__ or e.__context__
-    text = str(exc)
-    return text if "CERTIFICATE_VERIFY_FAILED" in text else None
 
 
 @dataclass
@@ -221,9 +143,9 @@ class BlobFetcher:
         self.single_range = False  # set for good once a server refuses multi-range
         self.stats = FetchStats()
         self._own_client = client is None
-        self._client = client or httpx.Client(
-            auth=auth or RegistryAuth(), follow_redirects=True, verify=tls_context(ca_file),
-            timeout=httpx.Timeout(timeout), headers={"User-Agent": "peerstar-lazyfs"})
+        self._client = client or http_client(urlsplit(url).netloc, auth=auth,
+                                             ca_file=ca_file, timeout=timeout,
+                                             user_agent="peerstar-lazyfs")
         self._lock = threading.Lock()
         # Regions known to be in the cache (fetched or hit by this process, or found by
         # `scan_cached`): the stats' percentage without a disk scan per request.
@@ -383,7 +305,7 @@ class BlobFetcher:
             try:
                 return fn()
             except (httpx.TransportError, FetchError) as exc:
-                cert = _cert_error(exc)
+                cert = cert_error(exc)
                 if cert is not None:
                     # Retrying cannot make an untrusted certificate trusted: fail now, so
                     # the snapshotter falls back at once instead of after the retries.

@@ -29,9 +29,9 @@ from pathlib import Path
 import httpx
 
 from peerstar.distribution.auth import RegistryAuth
+from peerstar.distribution.client import RegistryClient, RegistryError, blob_url, manifest_url
 from peerstar.errors import PeerstarError
 from peerstar.estargz.compression import WRITABLE
-from peerstar.lazyfs.fetcher import blob_url, registry_base, tls_context
 from peerstar.lazyfs.mount import (
     DEFAULT_OPTIONS,
     LayerMount,
@@ -45,7 +45,6 @@ from peerstar.lazyfs.zygote import Zygote
 from peerstar.oci.mediatypes import (
     DOCKER_LAYER_GZIP,
     INDEX_TYPES,
-    MANIFEST_ACCEPT,
     TOC_DIGEST_ANNOTATION,
 )
 from peerstar.oci.platform import host_arch
@@ -106,30 +105,22 @@ def resolve_layers(ref: RemoteRef, *, client: httpx.Client | None = None,
                    plain_http: bool | None = None, auth: RegistryAuth | None = None,
                    ca_file: str = "") -> list[ImageLayer]:
     """The image's layers, bottom first, each checked to be eStargz with a TOC digest."""
-    base = registry_base(ref.host, plain_http)
-    own = client is None
     # The layer daemons' trust (SSL_CERT_FILE, the system store, `ca_file`): the
     # manifest must not be refused where the layers would be read.
-    client = client or httpx.Client(auth=auth or RegistryAuth(), follow_redirects=True,
-                                    timeout=30, verify=tls_context(ca_file))
+    registry = RegistryClient(ref.host, plain_http=plain_http, auth=auth, ca_file=ca_file,
+                              label=f"{ref.host}/{ref.repository}", http=client)
     try:
         def get(reference: str) -> tuple[str, dict]:
-            url = f"{base}/v2/{ref.repository}/manifests/{reference}"
+            url = manifest_url(ref.host, ref.repository, reference, plain_http)
             try:
-                resp = client.get(url, headers={"Accept": MANIFEST_ACCEPT})
-            except httpx.HTTPError as exc:
-                raise ImageMountError(f"cannot reach registry {ref.host}: {exc}") from None
-            if resp.status_code != 200:
-                raise ImageMountError(f"{url}: HTTP {resp.status_code} (no such image?)")
-            if _DIGEST_RE.match(reference) and (
-                    "sha256:" + hashlib.sha256(resp.content).hexdigest()) != reference:
-                raise ImageMountError(f"{url}: manifest does not match its digest")
+                manifest = registry.get_manifest(ref.repository, reference)
+            except RegistryError as exc:
+                raise ImageMountError(str(exc)) from None
             try:
-                doc = resp.json()
+                doc = json.loads(manifest.data)
             except ValueError:
                 raise ImageMountError(f"{url}: manifest is not JSON") from None
-            mtype = doc.get("mediaType") or resp.headers.get("Content-Type", "")
-            return mtype.split(";")[0].strip(), doc
+            return manifest.media_type, doc
 
         mtype, doc = get(ref.reference)
         if mtype in INDEX_TYPES or "manifests" in doc:
@@ -160,8 +151,7 @@ def resolve_layers(ref: RemoteRef, *, client: httpx.Client | None = None,
             raise ImageMountError("the manifest lists no layers")
         return layers
     finally:
-        if own:
-            client.close()
+        registry.close()
 
 
 def work_dir_for(target: Path, work_root: Path = DEFAULT_WORK_ROOT) -> Path:

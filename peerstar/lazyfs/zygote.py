@@ -310,9 +310,9 @@ def serve(control_fd: int, ca_file: str = "") -> int:
         import gc
 
         import peerstar.lazyfs.mountd  # noqa: F401 - the point: import it once, here
-        from peerstar.lazyfs import fetcher
+        from peerstar.distribution.tls import tls_context
 
-        fetcher.warm_up(ca_file)  # what every daemon would compute again (TLS context)
+        tls_context(ca_file)  # what every daemon would compute again
         if threading.active_count() != 1:
             raise RuntimeError(f"{threading.active_count()} threads after imports: "
                                "forking would be unsafe")

@@ -202,7 +202,7 @@ def check_remote_files(remote: RemoteConfig, source: str = "config") -> None:
     """`ca_file` loads as PEM and `auth_file` reads as a docker config, or ConfigError:
     better to refuse to start than to fall back on every layer later."""
     # Imported here: these pull in ssl/httpx, which a config check needs only with files.
-    from peerstar.lazyfs.fetcher import TLSConfigError, load_ca_file
+    from peerstar.distribution.tls import TLSConfigError, load_ca_file
     from peerstar.snapshotter.credentials import CredentialsError, Keychain
 
     if remote.ca_file:

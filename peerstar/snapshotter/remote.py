@@ -37,6 +37,7 @@ from urllib.parse import urlsplit
 
 from peerstar import lazyfs
 from peerstar.distribution.auth import RegistryAuth
+from peerstar.distribution.client import blob_url
 from peerstar.errors import PeerstarError
 from peerstar.lazyfs.mount import MountError
 from peerstar.lazyfs.options import CacheOptions, FetchOptions, MountOptions, PrefetchOptions
@@ -100,13 +101,6 @@ def parse_image_reference(ref: str) -> ImageLocation:
     return ImageLocation(host, repo)
 
 
-def _is_plain_http(host: str, insecure_hosts: list[str]) -> bool:
-    if host in insecure_hosts:
-        return True
-    name = host[1:host.index("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
-    return name in ("localhost", "::1") or name == "127.0.0.1" or name.startswith("127.")
-
-
 @dataclass(frozen=True)
 class RemoteLayer:
     """Everything needed to mount one layer again, persisted with its snapshot."""
@@ -155,8 +149,8 @@ def remote_layer_from_labels(labels: dict[str, str], cfg: RemoteConfig) -> Remot
     if not _DIGEST_RE.match(toc_digest):
         raise NotRemote(f"layer {digest}: malformed TOC digest {toc_digest!r}")
     loc = parse_image_reference(reference)
-    scheme = "http" if _is_plain_http(loc.host, cfg.insecure_hosts) else "https"
-    url = f"{scheme}://{loc.host}/v2/{loc.repository}/blobs/{digest}"
+    url = blob_url(loc.host, loc.repository, digest,
+                   True if loc.host in cfg.insecure_hosts else None)
     try:
         prefetch = int(labels.get(LABEL_STARGZ_PREFETCH, "0") or 0)
     except ValueError:

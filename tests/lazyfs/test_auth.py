@@ -1,5 +1,5 @@
 """Registry auth of the lazy fetcher (peerstar.distribution.auth) and its TLS trust
-(peerstar.lazyfs.fetcher.tls_context): Basic sent up front once accepted, the OAuth2
+(peerstar.distribution.tls.tls_context): Basic sent up front once accepted, the OAuth2
 refresh-token grant, credentials from the environment, 401/403 and untrusted
 certificates failing at once with the host named; a real TLS server on loopback."""
 
@@ -18,7 +18,8 @@ import httpx
 import pytest
 
 from peerstar.distribution.auth import RegistryAuth
-from peerstar.lazyfs.fetcher import BlobFetcher, FetchError, tls_context
+from peerstar.distribution.tls import tls_context
+from peerstar.lazyfs.fetcher import BlobFetcher, FetchError
 from peerstar.lazyfs.state import (
     PASSWORD_ENV,
     REFRESH_TOKEN_ENV,
@@ -206,7 +207,7 @@ def test_ca_file_or_ssl_cert_file_trusts_it(tls_server: tuple[str, Path], how: s
     if how == "SSL_CERT_FILE":
         monkeypatch.setenv(how, str(ca))
         # The context is cached per CA file; SSL_CERT_FILE is read at build time.
-        monkeypatch.setattr("peerstar.lazyfs.fetcher._tls", {})
+        monkeypatch.setattr("peerstar.distribution.tls._tls", {})
     f = BlobFetcher(url, region_size=1000, ca_file=str(ca) if how == "ca_file" else "")
     assert f.read_at(2000, 100) == BLOB[2000:2100]
     f.close()

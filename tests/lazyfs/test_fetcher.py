@@ -11,9 +11,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from peerstar.distribution.client import blob_url, is_plain_http_host
 from peerstar.estargz import Reader
 from peerstar.lazyfs.cache import DiskCache
-from peerstar.lazyfs.fetcher import BlobFetcher, FetchError, blob_url, is_plain_http_host
+from peerstar.lazyfs.fetcher import BlobFetcher, FetchError
 from tests.lazyfs.blobserver import BlobServer
 from tests.lazyfs.conftest import BIG, PRIORITY, Layer
 from tests.support.content import sha256_digest
