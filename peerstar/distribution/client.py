@@ -342,7 +342,10 @@ class RegistryClient:
         resp = self._send("GET", f"{repository}/blobs/{digest}", headers, stream=True)
         try:
             if resp.status_code not in (200, 206) or AUTH_FAILURE in resp.extensions:
-                resp.read()  # its error body names the distribution error code
+                # Its error body names the distribution error code; a registry answering
+                # 416 may announce the blob's length and send a short text (distribution).
+                with contextlib.suppress(httpx.HTTPError):
+                    resp.read()
             _check_blob(resp, digest, bool(headers), self.label)
         except BaseException:
             resp.close()
@@ -442,7 +445,8 @@ class AsyncRegistryClient:
                                 stream=True)
         try:
             if resp.status_code not in (200, 206) or AUTH_FAILURE in resp.extensions:
-                await resp.aread()
+                with contextlib.suppress(httpx.HTTPError):
+                    await resp.aread()
             _check_blob(resp, digest, bool(headers), self.label)
         except BaseException:
             await resp.aclose()
