@@ -17,9 +17,9 @@ threads (`trio.to_thread`), so one slow fetch never blocks other reads.
 URLs (`peerstar.distribution.client.blob_url` builds them), the HTTP client (auth,
 TLS trust with the extra CA file `FetchOptions.ca_file`, redirects) are the
 distribution client's (`peerstar.distribution.client.http_client`); the region and
-multi-range logic above is the fetcher's own. A certificate the trust refuses, a 401 and
-a 403 are not retried: each fails the read at once with a sentence saying which host and
-what to do.
+multi-range logic above is the fetcher's own. A certificate the trust refuses, a 401, a
+403 and a token service's refusal (`AUTH_FAILURE`) are not retried: each fails the read
+at once with a sentence saying which host and what to do.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from peerstar.distribution.auth import AUTH_FAILURE
 from peerstar.distribution.client import http_client
 from peerstar.distribution.tls import cert_error
 from peerstar.errors import PeerstarError
@@ -164,12 +165,14 @@ class BlobFetcher:
 
     def _discover_size(self) -> int:
         resp = self._client.head(self.url)
+        self._check_auth(resp)
         length = resp.headers.get("Content-Length", "")
         if resp.status_code == 200 and length.isdigit():
             return int(length)
         if resp.status_code in (401, 403, 404):
             self._raise_for(resp)
         with self._client.stream("GET", self.url, headers={"Range": "bytes=0-1"}) as resp:
+            self._check_auth(resp)
             if resp.status_code == 206:
                 n = len(resp.read())  # two bytes, counted like every fetched byte
                 with self._lock:
@@ -327,6 +330,15 @@ class BlobFetcher:
                 delay *= 2
         raise AssertionError("unreachable")
 
+    def _check_auth(self, resp: httpx.Response) -> None:
+        """Fail at once when `resp` is a token service's refusal (`AUTH_FAILURE`), not
+        the registry's answer: its status or body must not be taken for the blob's."""
+        failure = resp.extensions.get(AUTH_FAILURE)
+        if failure:
+            host = urlsplit(self.url).netloc
+            raise FetchError(f"{self.url}: {failure}: credentials missing or rejected for "
+                             f"registry {host}", retryable=False)
+
     def _raise_for(self, resp: httpx.Response) -> None:
         if resp.status_code < 300:
             return
@@ -342,6 +354,7 @@ class BlobFetcher:
     def _get(self, range_header: str, kind: str) -> httpx.Response:
         t0 = time.monotonic()
         resp = self._client.get(self.url, headers={"Range": range_header})
+        self._check_auth(resp)
         metrics.FETCH_LATENCY.labels(self._label).observe(time.monotonic() - t0)
         n = len(resp.content)
         with self._lock:

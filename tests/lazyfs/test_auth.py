@@ -85,6 +85,25 @@ def test_wrong_basic_credentials_fail_at_once_naming_the_host() -> None:
     assert not exc.value.retryable and calls == 2  # anonymous, then with Basic once
 
 
+def test_token_service_refusal_fails_at_once_saying_so() -> None:
+    """A token service's 200 without a token (or its 4xx) is not the blob's answer."""
+    calls: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url.path)
+        if request.url.path == "/token":
+            return httpx.Response(200, json={"nothing": "here"})
+        return httpx.Response(401, headers={"WWW-Authenticate":
+                                            'Bearer realm="https://auth.example/token"'})
+
+    client = httpx.Client(auth=RegistryAuth(), transport=httpx.MockTransport(handler))
+    f = BlobFetcher(URL, client=client, size=len(BLOB), retries=3, backoff=5.0)
+    with pytest.raises(FetchError) as exc:
+        f.read_at(0, 10)
+    assert "token service https://auth.example/token returned no token" in str(exc.value)
+    assert not exc.value.retryable and calls == ["/v2/app/blobs/sha256:" + "a" * 64, "/token"]
+
+
 def test_403_is_not_retried() -> None:
     client = httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(403)))
     with pytest.raises(FetchError, match="HTTP 403 Forbidden.*reg.example") as exc:
