@@ -5,7 +5,8 @@ Owns: reading the labels containerd passes with a layer's Prepare (ctr-remote's
 `containerd.io/snapshot/remote/stargz.*`, CRI's `containerd.io/snapshot/cri.*`, the
 `containerd.io/snapshot/stargz/toc.digest` annotation), resolving the registry from the
 image reference (docker.io normalisation, plain HTTP for localhost/127.0.0.1/::1 and
-configured insecure hosts, HTTPS otherwise -- containerd's rule), and `LayerMounter`,
+configured insecure hosts, HTTPS otherwise -- containerd's rule, as
+`peerstar.distribution.client.blob_url` applies it), and `LayerMounter`,
 the snapshotter's view of `peerstar.lazyfs`'s mount API (`mount_layer`, `find_mount`):
 one mount daemon process per layer, in its own session (and, with `[remote]
 daemon_cgroup`, its own cgroup: `peerstar.lazyfs.cgroup`), so a snapshotter restart --

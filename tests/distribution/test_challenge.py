@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from peerstar.distribution.challenge import parse_challenge, token_of, token_params
+from peerstar.distribution.challenge import parse_challenge, pull_scope, token_of, token_params
 
 
 def test_a_bearer_challenge_gives_its_scheme_and_parameters() -> None:
@@ -38,3 +38,11 @@ def test_token_params_keep_service_and_scope_and_fill_a_missing_scope() -> None:
 ])
 def test_the_token_is_read_from_either_field(body: object, token: str | None) -> None:
     assert token_of(body) == token
+
+
+def test_pull_scope_of_a_repository_request() -> None:
+    assert pull_scope("/v2/library/busybox/manifests/latest") == \
+        "repository:library/busybox:pull"
+    assert pull_scope("/v2/ipfs/bafy/blobs/sha256:ab") == "repository:ipfs/bafy:pull"
+    assert pull_scope("/v2/a/tags/list") == "repository:a:pull"
+    assert pull_scope("/v2/") is None and pull_scope("/token") is None
