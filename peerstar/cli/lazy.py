@@ -12,8 +12,6 @@ import json
 import os
 from pathlib import Path
 
-PASSWORD_ENV = "PEERSTAR_REGISTRY_PASSWORD"  # read here, at the edge, with --username
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("mount", help="mount an eStargz image from a registry lazily at DIR")
@@ -66,6 +64,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         verify=not args.insecure_skip_verify)
     auth = None
     if args.username is not None:
+        from peerstar.lazyfs.state import PASSWORD_ENV  # the one name of the variable
+
         auth = RegistryAuth(args.username, os.environ.get(PASSWORD_ENV))
     summary = image.mount_image(
         args.ref, args.dir, cache_dir=args.cache_dir or image.DEFAULT_CACHE_DIR,
