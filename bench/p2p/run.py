@@ -259,6 +259,15 @@ def registry_log(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
     return access, other
 
 
+def keep_logs(snap: SnapshotterProc, dest: Path) -> None:
+    """The snapshotter's log, then each layer daemon's, into `dest` (WORK/logs): where a
+    trial's time went, after its root is removed."""
+    parts = [snap.log()]
+    for p in sorted((snap.root / "cache" / "mounts").glob("*.log")):
+        parts.append(f"--- layer daemon {p.name}\n{p.read_text(errors='replace')}")
+    dest.write_text("\n".join(parts))
+
+
 def sequential_fetches(entries: list[dict[str, Any]], start: float,
                        end: float) -> tuple[int, int]:
     """(largest set of pairwise time-disjoint requests >= SLOW_MS within [start, end],
@@ -307,6 +316,7 @@ class Cluster:
     namespace: str = field(default_factory=lambda: f"p2p-bench-{os.getpid()}")
     bases: list[Path] = field(default_factory=list)  # snapshotter roots made here
     logs: Path = Path()  # the bridges' logs of this run (WORK/logs)
+    peerstar_config: str = ""  # TOML for peerstar's snapshotter (--peerstar-config)
 
     def new_base(self) -> Path:
         base = Path(tempfile.mkdtemp(prefix="pbs-", dir="/tmp"))
@@ -346,7 +356,7 @@ def one_trial(cl: Cluster, image: Image, mode: str, n: int) -> Trial:
         try:
             plugins: dict[str, str] = {}
             if mode in ("lazy", "lazy-prio", "local"):
-                snap = SnapshotterProc(cl.new_base(), "", prefix=prefix)
+                snap = SnapshotterProc(cl.new_base(), cl.peerstar_config, prefix=prefix)
                 snap.start()
                 plugins = {"peerstar": str(snap.address)}
             elif mode in ("go", "go-prio"):
@@ -389,6 +399,7 @@ def one_trial(cl: Cluster, image: Image, mode: str, n: int) -> Trial:
                 snap.unmount_all()
                 if trial.total:
                     trial.notes = cs.peerstar_profile(snap)
+                keep_logs(snap, cl.logs / f"snapshotter-{image.name}-{mode}-{n}.log")
                 stop_snapshotter(snap)
             elif snap is not None:
                 snap.stop()
@@ -607,6 +618,10 @@ def main() -> int:
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--work", type=Path, default=Path("/tmp/peerstar-p2p"))
     ap.add_argument("--json", type=Path, help="write every trial and the medians here")
+    ap.add_argument("--peerstar-config", default="", metavar="TOML",
+                    help="config of peerstar's snapshotter in the lazy modes (a literal "
+                    "backslash-n is a newline), e.g. '[remote]\\nbackground_fetch = false' "
+                    "for one side of an A/B")
     ap.add_argument("--no-swarm-cat", action="store_true",
                     help="skip the raw `cat` of the big image's largest layer on A and B")
     args = ap.parse_args()
@@ -636,6 +651,7 @@ def main() -> int:
     cat = None
     interrupted = False
     with cluster(work, stargzd) as cl:
+        cl.peerstar_config = args.peerstar_config.replace("\\n", "\n")
         for im in images:
             for variant, layout in im.layouts.items():
                 # the eStargz layouts are already what `push --estargz` converts to
@@ -663,6 +679,7 @@ def main() -> int:
           f"{args.trials} trials, medians:\n")
     print("\n".join(lines))
     doc = {"started": started.isoformat(), "commit": commit, "trials_per_mode": args.trials,
+           "peerstar_config": args.peerstar_config,
            "images": {im.name: im.summary() for im in images}, "modes": modes,
            "trials": [asdict(t) for t in trials],
            "medians": {f"{k[0]}/{k[1]}": v for k, v in medians(trials).items()},
