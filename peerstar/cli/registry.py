@@ -21,9 +21,12 @@ import signal
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from peerstar.errors import PeerstarError
+
+if TYPE_CHECKING:
+    from peerstar.registry.mirror import MirrorOptions
 
 DEFAULT_LISTEN = "localhost:5050"
 _T = TypeVar("_T")
@@ -37,6 +40,9 @@ ENV = {
     "read_retry_num": "PEERSTAR_REGISTRY_READ_RETRY_NUM",
     "metrics_listen": "PEERSTAR_REGISTRY_METRICS_LISTEN",
     "cache_size": "PEERSTAR_REGISTRY_CACHE_SIZE",
+    "mirror": "PEERSTAR_REGISTRY_MIRRORS",
+    "mirror_tag_ttl": "PEERSTAR_REGISTRY_MIRROR_TAG_TTL",
+    "mirror_lookup_timeout": "PEERSTAR_REGISTRY_MIRROR_LOOKUP_TIMEOUT",
 }
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
@@ -111,6 +117,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--no-subdag", action="store_true",
                        help="cat every range from the blob's own CID instead of the deepest "
                        "DAG node holding it (for comparisons; slower)")
+    serve.add_argument("--mirror", action="append", metavar="[NS=]URL",
+                       help="also act as containerd's registry mirror for this upstream "
+                       "(repeatable; NS defaults to URL's host[:port], e.g. "
+                       "docker.io=https://registry-1.docker.io; "
+                       f"${ENV['mirror']}, comma-separated); see docs/mirror.md")
+    serve.add_argument("--mirror-tag-ttl", help="how long a tag resolved at an upstream is "
+                       f"reused (default 30s; ${ENV['mirror_tag_ttl']})")
+    serve.add_argument("--mirror-lookup-timeout", help="how long to wait for a node of the "
+                       "cluster to name a digest before going upstream (default 50ms; "
+                       f"${ENV['mirror_lookup_timeout']})")
     serve.set_defaults(func=cmd_serve)
 
 
@@ -159,11 +175,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     options = ServerOptions(policy=ReadPolicy(timeout=timeout, retries=retries),
                             cache_bytes=cache, warm_up=not args.no_warm_up,
-                            subdag=not args.no_subdag)
+                            subdag=not args.no_subdag,
+                            mirror=_mirror_options(args, timeout))
     return _run_loop(_serve(
         ipfs_address, Path(root) if root else None, options, host, port,
         allow_remote=listen_flag, metrics=metrics, metrics_remote=metrics_flag,
         timeout=timeout))
+
+
+def _mirror_options(args: argparse.Namespace, timeout: float) -> MirrorOptions | None:
+    """The mirror's options from --mirror (or the comma-separated environment variable);
+    None when no upstream is named."""
+    from peerstar.registry.mirror import MirrorOptions
+    from peerstar.registry.origin import parse_mirror
+
+    specs: list[str] = args.mirror or [
+        s for s in os.environ.get(ENV["mirror"], "").split(",") if s.strip()]
+    if not specs:
+        return None
+    upstreams = tuple(parse_mirror(s) for s in specs)
+    seen = [u.ns for u in upstreams]
+    dup = sorted({ns for ns in seen if seen.count(ns) > 1})
+    if dup:
+        raise PeerstarError(f"--mirror: {', '.join(dup)} named more than once")
+    ttl_text, _ = _setting(args, "mirror_tag_ttl")
+    lookup_text, _ = _setting(args, "mirror_lookup_timeout")
+    return MirrorOptions(
+        upstreams=upstreams,
+        tag_ttl=parse_duration(ttl_text or "30s", "--mirror-tag-ttl"),
+        lookup_timeout=parse_duration(lookup_text or "50ms", "--mirror-lookup-timeout"),
+        upstream_timeout=timeout)
 
 
 def _run_loop(main: Coroutine[Any, Any, _T]) -> _T:

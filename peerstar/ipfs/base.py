@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any, BinaryIO
 
@@ -92,6 +93,32 @@ class ContentStore(abc.ABC):
     @abc.abstractmethod
     async def id(self) -> dict[str, Any]:
         """Identity of the node (kubo's `id` answer; a small dict for the embedded store)."""
+
+    # -- pubsub: the one way bridges talk to each other (peerstar.registry.directory) ----
+    async def pubsub_publish(self, topic: str, data: bytes) -> None:
+        """Send `data` to every subscriber of `topic` in the swarm (this node included).
+        This default is a one-node swarm: the subscribers in this process."""
+        for queue in list(self._local_topics().get(topic, ())):
+            with contextlib.suppress(asyncio.QueueFull):  # a slow subscriber loses messages
+                queue.put_nowait(bytes(data))
+
+    async def pubsub_subscribe(self, topic: str) -> AsyncIterator[bytes]:
+        """Yield the messages published on `topic` from now on, until the caller stops.
+        This default hears the publishers of this process only."""
+        queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=1024)
+        subscribers = self._local_topics().setdefault(topic, [])
+        subscribers.append(queue)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            subscribers.remove(queue)
+
+    def _local_topics(self) -> dict[str, list[asyncio.Queue[bytes]]]:
+        topics = self.__dict__.get("_pubsub_topics")
+        if topics is None:
+            topics = self.__dict__["_pubsub_topics"] = {}
+        return topics
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections/locks."""

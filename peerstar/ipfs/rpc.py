@@ -4,7 +4,7 @@ Owns: `add` (a streamed multipart upload, never the whole blob in memory), `cat`
 offset/length (streamed, resumed at the right offset after a dropped connection; the
 one way peerstar reads a daemon's content, the registry's reads included),
 `block/get` (verified locally), `block/stat` (fetches a block without shipping it),
-`pin/add`, `id`, `swarm/peers`, `swarm/connect`;
+`pin/add`, `id`, `swarm/peers`, `swarm/connect`, `pubsub/pub` and `pubsub/sub`;
 timeouts, retries with exponential backoff, and CID normalisation to CIDv1 base32.
 
 Every call is a POST (kubo answers GET with 405), over aiohttp: a `cat` through it costs
@@ -43,6 +43,7 @@ js-ipfs 0.66 deviations handled here (the test daemon; kubo needs none of this):
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -90,6 +91,11 @@ ADD_PARAMS = {
     "cid-base": "base32",
     "progress": "false",
 }
+
+
+def _multibase(data: bytes) -> str:
+    """base64url multibase (`u` prefix), as the pubsub RPC wants topics and sends data."""
+    return "u" + base64.urlsafe_b64encode(data).decode().rstrip("=")
 
 
 async def _finish_body(content: aiohttp.StreamReader) -> None:
@@ -407,6 +413,43 @@ class RPCStore(ContentStore):
 
     async def swarm_connect(self, addr: str) -> None:
         await self._call_json("swarm/connect", {"arg": addr})
+
+    # -- pubsub (kubo >= 0.11 and js-ipfs 0.66 alike: multibase topics and data) ------
+    async def pubsub_publish(self, topic: str, data: bytes) -> None:
+        boundary = "peerstar-" + os.urandom(12).hex()
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+                f"filename=\"data\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+                ).encode() + data + f"\r\n--{boundary}--\r\n".encode()
+        url = self._url("pubsub/pub", {"arg": _multibase(topic.encode())})
+        try:
+            async with asyncio.timeout(self.timeout):
+                async with self._client().post(url, data=body, headers={
+                        "Content-Type": f"multipart/form-data; boundary={boundary}"}) as resp:
+                    await self._raise_for_status(resp, "pubsub/pub")
+                    await resp.read()
+        except (aiohttp.ClientError, TimeoutError, _Retryable) as exc:
+            raise IPFSError(f"IPFS daemon at {self.api.shown}: pubsub/pub failed: "
+                            f"{type(exc).__name__}: {exc}") from None
+
+    async def pubsub_subscribe(self, topic: str) -> AsyncIterator[bytes]:
+        url = self._url("pubsub/sub", {"arg": _multibase(topic.encode())})
+        # A subscription is quiet for as long as nobody publishes: no read timeout.
+        idle = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout, sock_read=None)
+        try:
+            async with self._client().post(url, timeout=idle) as resp:
+                await self._raise_for_status(resp, "pubsub/sub")
+                async for line in resp.content:
+                    try:
+                        data = json.loads(line).get("data")
+                    except (ValueError, AttributeError):
+                        continue
+                    if isinstance(data, str) and data.startswith("u"):
+                        text = data[1:]
+                        with contextlib.suppress(ValueError):
+                            yield base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        except (aiohttp.ClientError, _Retryable) as exc:
+            raise IPFSError(f"IPFS daemon at {self.api.shown}: pubsub/sub failed: "
+                            f"{type(exc).__name__}: {exc}") from None
 
     async def close(self) -> None:
         session, self._session = self._session, None

@@ -51,6 +51,7 @@ from peerstar.oci.digest import is_digest
 from peerstar.oci.errors import OCIError
 from peerstar.oci.reference import is_tag
 from peerstar.registry.metrics import RegistryMetrics
+from peerstar.registry.mirror import Mirror, MirrorError, MirrorOptions
 from peerstar.registry.ranges import (
     ByteRange,
     RangeNotSatisfiable,
@@ -126,6 +127,8 @@ class ServerOptions:
     # logged at INFO, and a warm-up operation this slow marks its blob remote (a local
     # block answers in a few ms).
     slow_read: float = 0.1
+    # Mirror mode (`mirror.Mirror`): the upstreams answered for `?ns=` requests.
+    mirror: MirrorOptions | None = None
 
 
 @dataclass
@@ -207,6 +210,8 @@ class RegistryServer:
                              slow=opts.slow_read, manifests=opts.warm_up, fan_out=opts.fan_out)
                       if opts.warm_up or opts.fan_out else None)
         self.trees = TreeCache(self._read_small, max_bytes=self.options.cache_bytes)
+        self.mirror = (Mirror(store, opts.mirror, opts.policy)
+                       if opts.mirror is not None and opts.mirror.upstreams else None)
         self._runners: list[web.AppRunner] = []
         self.addresses: list[tuple[str, int]] = []
         self.metrics_addresses: list[tuple[str, int]] = []
@@ -250,11 +255,22 @@ class RegistryServer:
         # add_get also answers HEAD with the same handler (aiohttp omits the body)
         app.router.add_get("/v2/", self._base, name="base")
         base = "/v2/ipfs/{cid:" + _CID_PATTERN + "}"
-        app.router.add_get(base + "/manifests/{ref:" + _REF_PATTERN + "}", self._manifest,
+        manifest, blob = self._manifest, self._blob
+        if self.mirror is not None:
+            # A mirror request (`?ns=`) for an upstream repository named ipfs/<x>.
+            manifest = self._or_mirror(self._manifest, self._mirror_manifest)
+            blob = self._or_mirror(self._blob, self._mirror_blob)
+        app.router.add_get(base + "/manifests/{ref:" + _REF_PATTERN + "}", manifest,
                            name="manifest")
-        app.router.add_get(base + "/blobs/{digest:" + _REF_PATTERN + "}", self._blob,
+        app.router.add_get(base + "/blobs/{digest:" + _REF_PATTERN + "}", blob,
                            name="blob")
         app.router.add_get(base + "/tags/list", self._tags, name="tags")
+        if self.mirror is not None:
+            name = "/v2/{name:[^?#]{1,300}?}"
+            app.router.add_get(name + "/manifests/{ref:" + _REF_PATTERN + "}",
+                               self._or_fallback(self._mirror_manifest), name="mirror_manifest")
+            app.router.add_get(name + "/blobs/{digest:" + _REF_PATTERN + "}",
+                               self._or_fallback(self._mirror_blob), name="mirror_blob")
         app.router.add_route("*", "/{tail:.*}", self._fallback, name="other")
         return app
 
@@ -323,6 +339,45 @@ class RegistryServer:
         raise ApiError(404, "NAME_UNKNOWN", "no such route in this registry",
                        "routes: /v2/, /v2/ipfs/<cid>/manifests/<ref>, "
                        "/v2/ipfs/<cid>/blobs/<digest>, /v2/ipfs/<cid>/tags/list")
+
+    # -- mirror mode ----------------------------------------------------------------------
+
+    def _or_mirror(self, handler, mirror):  # type: ignore[no-untyped-def]
+        async def dispatch(request: web.Request) -> web.StreamResponse:
+            if "ns" in request.query:
+                return await mirror(request)
+            return await handler(request)
+        return dispatch
+
+    def _or_fallback(self, mirror):  # type: ignore[no-untyped-def]
+        async def dispatch(request: web.Request) -> web.StreamResponse:
+            if "ns" not in request.query:
+                return await self._fallback(request)
+            return await mirror(request)
+        return dispatch
+
+    async def _mirror_manifest(self, request: web.Request) -> web.StreamResponse:
+        assert self.mirror is not None
+        try:
+            digest, info, data = await self.mirror.manifest(
+                request.query["ns"], _mirror_name(request), request.match_info["ref"],
+                request.headers.get("Authorization"))
+        except MirrorError as exc:
+            raise ApiError(exc.status, exc.code, exc.message, exc.detail,
+                           exc.headers) from None
+        return await self._serve(request, digest, info, data)
+
+    async def _mirror_blob(self, request: web.Request) -> web.StreamResponse:
+        assert self.mirror is not None
+        digest = request.match_info["digest"]
+        try:
+            info = await self.mirror.blob(
+                request.query["ns"], _mirror_name(request), digest,
+                request.headers.get("Authorization"), fetch=request.method == "GET")
+        except MirrorError as exc:
+            raise ApiError(exc.status, exc.code, exc.message, exc.detail,
+                           exc.headers) from None
+        return await self._serve(request, digest, info, None)
 
     async def _tags(self, request: web.Request) -> web.Response:
         cid, tree = await self._tree(request.match_info["cid"], "NAME_UNKNOWN")
@@ -517,6 +572,8 @@ class RegistryServer:
                                shutdown_timeout=5)
         await runner.setup()
         self._runners.append(runner)
+        if self.mirror is not None:
+            await self.mirror.start()
         site = web.TCPSite(runner, host, port, reuse_address=True)
         try:
             await site.start()
@@ -549,8 +606,16 @@ class RegistryServer:
             await runner.cleanup()
         if self.warmup is not None:
             await self.warmup.close()
+        if self.mirror is not None:
+            await self.mirror.close()
         if self._subdag is not None:
             await self._subdag.close()
+
+
+def _mirror_name(request: web.Request) -> str:
+    """The repository of a mirror request (an upstream's `ipfs/<x>` came by the ipfs route)."""
+    info = request.match_info
+    return info["name"] if "name" in info else "ipfs/" + info["cid"]
 
 
 def _upstream_error(exc: UpstreamError, missing: str) -> ApiError:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import shutil
 import ssl
 import subprocess
@@ -45,11 +46,11 @@ MANIFEST_ACCEPT = ", ".join([
 ])
 
 
-def _config(root: Path, port: int) -> str:
+def _config(root: Path, port: int, access_log: bool = False) -> str:
     # JSON is valid YAML, and json.dumps quotes paths safely.
     return json.dumps({
         "version": 0.1,
-        "log": {"level": "warn", "accesslog": {"disabled": True}},
+        "log": {"level": "warn", "accesslog": {"disabled": not access_log}},
         "storage": {
             "filesystem": {"rootdirectory": str(root)},
             "delete": {"enabled": True},
@@ -90,6 +91,7 @@ class DockerRegistry(_RegistryLog):
     port: int = 0
     process: subprocess.Popen[bytes] | None = None
     remove_base: bool = False
+    access_log: bool = False  # Apache combined lines in the log: `bytes_served()` reads them
 
     @property
     def host(self) -> str:
@@ -116,6 +118,17 @@ class DockerRegistry(_RegistryLog):
         return self.request("GET", f"/v2/{repository}/manifests/{reference}",
                             {"Accept": MANIFEST_ACCEPT})
 
+    def bytes_served(self, path_part: str = "/blobs/") -> int:
+        """Body bytes of the 2xx GETs whose path contains `path_part`, from the access log
+        (needs `access_log`)."""
+        total = 0
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            m = re.search(r'"GET (\S+) HTTP/[0-9.]+" (\d{3}) (\d+|-)', line)
+            if m and path_part in m.group(1) and m.group(2).startswith("2") and \
+                    m.group(3) != "-":
+                total += int(m.group(3))
+        return total
+
     def _launch(self) -> subprocess.Popen[bytes]:
         """Run the registry on the config under `base` (its port is in there)."""
         binary = require_binaries("docker-registry")["docker-registry"]
@@ -131,7 +144,8 @@ class DockerRegistry(_RegistryLog):
         storage.mkdir(parents=True, exist_ok=True)
         for _attempt in range(attempts):
             self.port = free_port()
-            (self.base / "config.yml").write_text(_config(storage, self.port))
+            (self.base / "config.yml").write_text(_config(storage, self.port,
+                                                         self.access_log))
             process = self._launch()
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
@@ -272,17 +286,43 @@ def push_image(base: str, repo: str, tag: str,
     return put_manifest(base, repo, tag, manifest, mt.OCI_MANIFEST)
 
 
-def start_registry(base: Path | None = None) -> DockerRegistry:
-    """Start a registry storing under `base` (a new temp dir, removed on stop, if None)."""
+def start_registry(base: Path | None = None, *, access_log: bool = False) -> DockerRegistry:
+    """Start a registry storing under `base` (a new temp dir, removed on stop, if None);
+    `access_log` writes one line per request to its log."""
     remove_base = base is None
     if base is None:
         base = Path(tempfile.mkdtemp(prefix="peerstar-registry-"))
-    registry = DockerRegistry(base=Path(base), remove_base=remove_base)
+    registry = DockerRegistry(base=Path(base), remove_base=remove_base, access_log=access_log)
     try:
         return registry.start()
     except BaseException:
         registry.stop()  # also removes the temp dir we made
         raise
+
+
+def push_layout(base: str, repo: str, tag: str, layout: Path, layout_tag: str = "latest"
+                ) -> str:
+    """Push the image `layout_tag` of an OCI image layout (single-platform, as
+    `build_sample_image` writes) to `repo:tag`; returns the manifest's digest."""
+    index = json.loads((layout / "index.json").read_text())
+    [desc] = [m for m in index["manifests"] if m.get("annotations", {}).get(
+        "org.opencontainers.image.ref.name") == layout_tag]
+
+    def blob(digest: str) -> bytes:
+        return (layout / "blobs" / "sha256" / digest.split(":", 1)[1]).read_bytes()
+
+    manifest = blob(desc["digest"])
+    doc = json.loads(manifest)
+    for d in [doc["config"], *doc["layers"]]:
+        upload_blob(base, repo, blob(d["digest"]))
+    return put_manifest(base, repo, tag, manifest, desc["mediaType"])
+
+
+def blob_path(registry: DockerRegistry, digest: str) -> Path:
+    """Where the registry's filesystem storage keeps blob `digest`."""
+    hexd = digest.split(":", 1)[1]
+    return (registry.base / "storage" / "docker" / "registry" / "v2" / "blobs" / "sha256" /
+            hexd[:2] / hexd / "data")
 
 
 PRIVATE_PORT = 5000  # inside the registry's own namespace: never collides

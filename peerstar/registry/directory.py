@@ -1,0 +1,195 @@
+"""Who in the cluster holds a digest, with no central server: the mirror's directory.
+
+Owns the digest -> IPFS content mapping of the registry mirror (docs/mirror.md), kept on
+IPFS pubsub, the one primitive both kubo and js-ipfs 0.66 offer over the HTTP RPC
+(`ContentStore.pubsub_publish` / `pubsub_subscribe`; js-ipfs 0.66 runs with
+`Routing.Type: none`, so provider records are not an option there). Every bridge
+subscribes to one topic and
+
+- announces (`have`) every record it verified itself: a blob or manifest it added or
+  read whole and hashed (`digest -> CID, size, media type`), and every tag it resolved
+  at an upstream (`tag key -> digest, when`);
+- remembers the records it hears (bounded, newest kept), so most lookups are a local
+  dictionary hit costing no message at all;
+- on a miss asks (`want`) and takes the first `have` for that key heard within the
+  lookup timeout; holders answer `want`s for records they verified themselves.
+
+Nothing heard is trusted: a record only names where to look; the mirror verifies every
+byte against the digest before serving it, and falls back to the next source.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from peerstar.ipfs import ContentStore
+
+log = logging.getLogger("peerstar.registry.directory")
+
+TOPIC = "peerstar/mirror/v1"
+# Records a bridge remembers; ~200 bytes each.
+MAX_RECORDS = 100_000
+_MAX_MESSAGE = 4096
+
+
+@dataclass(frozen=True)
+class Record:
+    """`key` (a digest, or `tag:<ns>/<name>:<tag>`) -> `value` (a CID for a digest, a digest
+    for a tag); `size` and `media_type` of the content; `at`: when a tag was resolved."""
+
+    key: str
+    value: str
+    size: int = 0
+    media_type: str = ""
+    at: float = 0.0
+
+    def message(self, node: str) -> bytes:
+        return json.dumps({"op": "have", "from": node, "k": self.key, "v": self.value,
+                           "s": self.size, "m": self.media_type, "at": self.at},
+                          separators=(",", ":")).encode()
+
+
+def _record(msg: dict[str, object]) -> Record | None:
+    key, value = msg.get("k"), msg.get("v")
+    size, media, at = msg.get("s", 0), msg.get("m", ""), msg.get("at", 0.0)
+    if not (isinstance(key, str) and isinstance(value, str) and isinstance(size, int)
+            and isinstance(media, str) and isinstance(at, int | float)):
+        return None
+    if not 0 < len(key) <= 600 or not 0 < len(value) <= 200 or size < 0:
+        return None
+    return Record(key, value, size, media, float(at))
+
+
+class Directory:
+    """The records of one bridge and its view of the cluster's; `start()` subscribes."""
+
+    def __init__(self, store: ContentStore, *, timeout: float = 0.05,
+                 topic: str = TOPIC) -> None:
+        self.store = store
+        self.timeout = timeout
+        self.topic = topic
+        self.node = os.urandom(8).hex()  # tells our own messages from others'
+        self.own: dict[str, Record] = {}  # verified here: answered to `want`s
+        self.heard: OrderedDict[str, Record] = OrderedDict()
+        self._waiters: dict[str, list[asyncio.Future[Record]]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._listen())
+        await asyncio.sleep(0)
+
+    async def close(self) -> None:
+        tasks = [t for t in (self._task, *self._tasks) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+
+    # -- records ---------------------------------------------------------------------------
+    def verified(self, record: Record) -> None:
+        """`record` was verified on this node: remember it, answer for it, announce it."""
+        self.own[record.key] = record
+        self._remember(record)
+        self._send(record.message(self.node))
+
+    def forget(self, key: str, value: str) -> None:
+        """A record proved wrong (content missing or not matching): drop it."""
+        for table in (self.own, self.heard):
+            rec = table.get(key)
+            if rec is not None and rec.value == value:
+                del table[key]
+
+    def _remember(self, record: Record) -> None:
+        old = self.heard.get(record.key)
+        if old is not None and old.at > record.at:
+            return  # a tag resolved later wins
+        self.heard[record.key] = record
+        self.heard.move_to_end(record.key)
+        while len(self.heard) > MAX_RECORDS:
+            self.heard.popitem(last=False)
+
+    async def lookup(self, key: str, timeout: float | None = None) -> Record | None:
+        """A record for `key`: the one known here, else the first answer to a `want` heard
+        within `timeout` (default: the directory's), else None."""
+        known = self.own.get(key) or self.heard.get(key)
+        if known is not None:
+            return known
+        wait = self.timeout if timeout is None else timeout
+        future: asyncio.Future[Record] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(key, []).append(future)
+        try:
+            self._send(json.dumps({"op": "want", "from": self.node, "k": key},
+                                  separators=(",", ":")).encode())
+            async with asyncio.timeout(wait):
+                return await future
+        except TimeoutError:
+            return None
+        finally:
+            waiters = self._waiters.get(key, [])
+            if future in waiters:
+                waiters.remove(future)
+            if not waiters:
+                self._waiters.pop(key, None)
+
+    # -- messages ----------------------------------------------------------------------------
+    def _send(self, data: bytes) -> None:
+        task = asyncio.create_task(self._publish(data))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _publish(self, data: bytes) -> None:
+        try:
+            await self.store.pubsub_publish(self.topic, data)
+        except Exception as exc:  # a lost message costs a trip to the upstream, no more
+            log.warning("pubsub publish on %s failed: %s", self.topic, exc)
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                async for data in self.store.pubsub_subscribe(self.topic):
+                    self._handle(data)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("pubsub subscription to %s failed: %s; retrying", self.topic, exc)
+            await asyncio.sleep(1.0)
+
+    def _handle(self, data: bytes) -> None:
+        if len(data) > _MAX_MESSAGE:
+            return
+        try:
+            msg = json.loads(data)
+        except ValueError:
+            return
+        if not isinstance(msg, dict) or msg.get("from") == self.node:
+            return
+        op, key = msg.get("op"), msg.get("k")
+        if op == "want" and isinstance(key, str):
+            rec = self.own.get(key)
+            if rec is not None:
+                self._send(rec.message(self.node))
+        elif op == "have":
+            rec = _record(msg)
+            if rec is None:
+                return
+            self._remember(rec)
+            for future in self._waiters.get(rec.key, []):
+                if not future.done():
+                    future.set_result(rec)
+
+
+def tag_key(ns: str, name: str, tag: str) -> str:
+    return f"tag:{ns}/{name}:{tag}"
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,381 @@
+"""Mirror mode of the registry bridge: ordinary image names, content from the cluster.
+
+Owns: `MirrorOptions`, and `Mirror`, which answers containerd's registry-mirror protocol
+(`/v2/<name>/manifests/<ref>?ns=<registry>` and `/v2/<name>/blobs/<digest>?ns=...`) for
+the upstreams configured with `--mirror [NS=]URL` (docs/mirror.md). It resolves a request
+to a `BlobRef` in the node's IPFS (and, for a manifest, its verified bytes); the server
+then answers it as any other blob (headers, Range, streaming).
+
+- A tag is resolved at its upstream with a HEAD carrying the caller's Authorization, and
+  cached for `tag_ttl`; every resolution is announced to the cluster (`directory`). When
+  the upstream cannot be reached the newest resolution heard in the cluster is used.
+- Content by digest comes, in this order, from a CID this node verified before, from a
+  CID the cluster announces (`directory.Directory.lookup`, bounded by `lookup_timeout`),
+  then from the upstream. A CID from the cluster is read whole and hashed before anything
+  is served from it; bytes from the upstream are hashed on their way into IPFS. A
+  mismatch, or content the swarm cannot deliver, drops that source (nothing is recorded
+  or pinned) and the next one is tried. What passes is pinned in the node's IPFS and
+  announced, so the next node gets it from peers. Afterwards the content is served from
+  its CID, which IPFS verifies block by block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import re
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from peerstar.errors import PeerstarError
+from peerstar.ipfs import ContentStore
+from peerstar.oci.digest import is_digest
+from peerstar.oci.reference import is_tag
+from peerstar.registry.directory import Directory, Record, tag_key
+from peerstar.registry.origin import (
+    Head,
+    MirrorUpstream,
+    Origin,
+    OriginError,
+    OriginStatus,
+)
+from peerstar.registry.tree import BlobRef
+from peerstar.registry.upstream import ReadPolicy, UpstreamError, read_all, read_stream
+
+log = logging.getLogger("peerstar.registry.mirror")
+
+# The distribution spec's repository name grammar.
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|[-]*)[a-z0-9]+)*"
+_NAME = re.compile(rf"\A{_COMPONENT}(?:/{_COMPONENT})*\Z")
+_MANIFESTS_KEPT = 512
+
+
+@dataclass(frozen=True)
+class MirrorOptions:
+    """The upstreams a bridge mirrors and its tunables (seconds)."""
+
+    upstreams: tuple[MirrorUpstream, ...] = ()
+    # How long a tag resolved at the upstream is used without asking again.
+    tag_ttl: float = 30.0
+    # How long a digest lookup in the cluster waits for an answer before the upstream.
+    lookup_timeout: float = 0.05
+    # Connect/read timeout towards an upstream.
+    upstream_timeout: float = 30.0
+    max_manifest: int = 4 << 20
+    upstream_by_ns: dict[str, MirrorUpstream] = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "upstream_by_ns", {u.ns: u for u in self.upstreams})
+
+
+class MirrorError(PeerstarError):
+    """A request the mirror answers with a distribution-spec error."""
+
+    def __init__(self, status: int, code: str, message: str, detail: object = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.detail = detail
+        self.headers = headers or {}
+
+
+def _hasher(digest: str) -> hashlib._Hash:
+    return hashlib.new(digest.split(":", 1)[0])
+
+
+def _matches(digest: str, h: hashlib._Hash) -> bool:
+    return f"{digest.split(':', 1)[0]}:{h.hexdigest()}" == digest
+
+
+def _media_type(data: bytes, fallback: str) -> str:
+    with contextlib.suppress(ValueError, AttributeError):
+        media = json.loads(data).get("mediaType")
+        if isinstance(media, str) and media:
+            return media
+    return fallback or "application/vnd.oci.image.manifest.v1+json"
+
+
+def _passed_on(exc: OriginStatus, missing: str) -> MirrorError:
+    if exc.status == 404:
+        return MirrorError(404, missing, "unknown to the upstream registry")
+    if exc.status == 401:
+        return MirrorError(401, "UNAUTHORIZED", "authentication required by the upstream",
+                           headers=exc.headers)
+    if exc.status == 403:
+        return MirrorError(403, "DENIED", "the upstream denied access", headers=exc.headers)
+    return MirrorError(429, "TOOMANYREQUESTS", "the upstream throttled the request")
+
+
+class Mirror:
+    """Resolves mirror requests for one bridge; `start()` joins the cluster's directory."""
+
+    def __init__(self, store: ContentStore, options: MirrorOptions,
+                 policy: ReadPolicy | None = None) -> None:
+        self.store = store
+        self.options = options
+        self.policy = policy or ReadPolicy()
+        self.directory = Directory(store, timeout=options.lookup_timeout)
+        self.origins = {u.ns: Origin(u, timeout=options.upstream_timeout)
+                        for u in options.upstreams}
+        self._tags: dict[str, tuple[Head, float]] = {}
+        self._blobs: dict[str, BlobRef] = {}  # digest -> CID verified on this node
+        self._manifests: OrderedDict[str, bytes] = OrderedDict()
+        self._locks: dict[str, asyncio.Lock] = {}
+        # What each source delivered (the tests and the bench read these).
+        self.counts = {"upstream_bytes": 0, "cluster_hits": 0, "upstream_fetches": 0,
+                       "rejected": 0}
+
+    async def start(self) -> None:
+        await self.directory.start()
+
+    async def close(self) -> None:
+        await self.directory.close()
+        for origin in self.origins.values():
+            await origin.close()
+
+    # -- requests -------------------------------------------------------------------------
+    def _origin(self, ns: str, name: str) -> Origin:
+        origin = self.origins.get(ns)
+        if origin is None:
+            raise MirrorError(404, "NAME_UNKNOWN", "registry not mirrored here",
+                              f"ns={ns[:100]!r} is not one of this bridge's --mirror "
+                              f"upstreams ({', '.join(sorted(self.origins)) or 'none'})")
+        if len(name) > 255 or not _NAME.match(name):
+            raise MirrorError(400, "NAME_INVALID", "invalid repository name",
+                              f"{name[:100]!r} does not match the distribution spec's grammar")
+        return origin
+
+    async def manifest(self, ns: str, name: str, ref: str, auth: str | None
+                       ) -> tuple[str, BlobRef, bytes]:
+        """(digest, where its bytes are, the bytes) of manifest `ref` of `ns`/`name`."""
+        origin = self._origin(ns, name)
+        if is_digest(ref):
+            digest = ref
+        elif is_tag(ref) and ":" not in ref:
+            digest = (await self._resolve_tag(origin, name, ref, auth)).digest
+        else:
+            raise MirrorError(400, "DIGEST_INVALID" if ":" in ref else "TAG_INVALID",
+                              "invalid manifest reference",
+                              f"{ref[:100]!r} is neither a tag nor a digest")
+        async with self._lock(digest):
+            return await self._manifest(origin, name, digest, auth)
+
+    async def blob(self, ns: str, name: str, digest: str, auth: str | None, *,
+                   fetch: bool = True) -> BlobRef:
+        """Where blob `digest` is in this node's IPFS (fetched into it first). Without
+        `fetch` (a HEAD), an announced record or the upstream's HEAD is enough."""
+        origin = self._origin(ns, name)
+        if not is_digest(digest):
+            raise MirrorError(400, "DIGEST_INVALID", "provided digest is invalid",
+                              f"{digest[:100]!r} is not sha256:<64 hex> or sha512:<128 hex>")
+        if not fetch:
+            known = self._blobs.get(digest)
+            if known is not None:
+                return known
+            rec = await self.directory.lookup(digest)
+            if rec is not None and rec.size > 0:
+                return BlobRef(rec.value, rec.size, rec.media_type or
+                               "application/octet-stream")
+            head = await self._head(origin, "blobs", name, digest, auth, "BLOB_UNKNOWN")
+            return BlobRef("", head.size, head.media_type or "application/octet-stream")
+        async with self._lock(digest):
+            return await self._blob(origin, name, digest, auth)
+
+    def _lock(self, key: str) -> asyncio.Lock:
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = asyncio.Lock()
+            if len(self._locks) > 10_000:
+                for k in [k for k, v in self._locks.items() if not v.locked()][:5_000]:
+                    del self._locks[k]
+                self._locks[key] = lock
+        return lock
+
+    # -- tags -----------------------------------------------------------------------------
+    async def _head(self, origin: Origin, kind: str, name: str, ref: str,
+                    auth: str | None, missing: str) -> Head:
+        try:
+            return await origin.head(kind, name, ref, auth)
+        except OriginStatus as exc:
+            raise _passed_on(exc, missing) from None
+        except OriginError as exc:
+            raise MirrorError(502, "UNAVAILABLE", "the upstream registry cannot be reached",
+                              str(exc)) from None
+
+    async def _resolve_tag(self, origin: Origin, name: str, tag: str,
+                           auth: str | None) -> Head:
+        ns = origin.upstream.ns
+        key = tag_key(ns, name, tag)
+        loop = asyncio.get_running_loop()
+        cached = self._tags.get(key)
+        if cached is not None and loop.time() - cached[1] < self.options.tag_ttl:
+            return cached[0]
+        try:
+            head = await origin.head("manifests", name, tag, auth)
+        except OriginStatus as exc:
+            raise _passed_on(exc, "MANIFEST_UNKNOWN") from None
+        except OriginError as exc:
+            rec = await self.directory.lookup(key)
+            if rec is None or not is_digest(rec.value):
+                raise MirrorError(502, "UNAVAILABLE", "the upstream registry cannot be "
+                                  "reached and no node of the cluster knows this tag",
+                                  str(exc)) from None
+            log.warning("%s unreachable (%s): %s:%s -> %s, as last seen in the cluster",
+                        origin.upstream.url, exc, name, tag, rec.value)
+            return Head(rec.value, rec.media_type, rec.size)
+        if not is_digest(head.digest):
+            raise MirrorError(502, "UNAVAILABLE", "the upstream sent a malformed digest",
+                              head.digest[:100])
+        self._tags[key] = (head, loop.time())
+        self.directory.verified(Record(key, head.digest, head.size, head.media_type,
+                                       at=time.time()))
+        return head
+
+    # -- manifests ------------------------------------------------------------------------
+    async def _manifest(self, origin: Origin, name: str, digest: str, auth: str | None
+                        ) -> tuple[str, BlobRef, bytes]:
+        data = self._manifests.get(digest)
+        ref = self._blobs.get(digest)
+        if data is not None and ref is not None:
+            self._manifests.move_to_end(digest)
+            return digest, ref, data
+        rec = await self.directory.lookup(digest)
+        if rec is not None:
+            try:
+                data = await read_all(self.store, rec.value, self.options.max_manifest + 1,
+                                      self.policy)
+            except UpstreamError as exc:
+                log.warning("manifest %s: CID %s from the cluster unreadable: %s", digest,
+                            rec.value, exc)
+                data = None
+            if data is not None:
+                h = _hasher(digest)
+                h.update(data)
+                if _matches(digest, h):
+                    self.counts["cluster_hits"] += 1
+                    ref = BlobRef(rec.value, len(data), _media_type(data, rec.media_type))
+                    await self._keep(digest, ref, data)
+                    return digest, ref, data
+                self._reject(digest, rec)
+        try:
+            media, _size, body = await origin.get("manifests", name, digest, auth)
+        except OriginStatus as exc:
+            raise _passed_on(exc, "MANIFEST_UNKNOWN") from None
+        except OriginError as exc:
+            raise MirrorError(502, "UNAVAILABLE", "manifest not in the cluster and the "
+                              "upstream registry cannot be reached", str(exc)) from None
+        h = _hasher(digest)
+        parts: list[bytes] = []
+        got = 0
+        try:
+            async for piece in body:
+                got += len(piece)
+                if got > self.options.max_manifest:
+                    raise MirrorError(502, "UNAVAILABLE", "the upstream sent a manifest "
+                                      f"over {self.options.max_manifest} bytes")
+                h.update(piece)
+                parts.append(piece)
+        except OriginError as exc:
+            raise MirrorError(502, "UNAVAILABLE", "reading from the upstream failed",
+                              str(exc)) from None
+        finally:
+            await body.aclose()  # type: ignore[attr-defined]
+        data = b"".join(parts)
+        self.counts["upstream_bytes"] += len(data)
+        if not _matches(digest, h):
+            self.counts["rejected"] += 1
+            raise MirrorError(502, "UNAVAILABLE", "the upstream sent a manifest that does "
+                              "not match its digest", digest)
+        cid = await self.store.add(data, pin=True)
+        ref = BlobRef(cid, len(data), _media_type(data, media))
+        await self._keep(digest, ref, data)
+        return digest, ref, data
+
+    async def _keep(self, digest: str, ref: BlobRef, data: bytes | None) -> None:
+        """`ref` holds `digest`, verified here: pin it, remember it, announce it."""
+        if digest not in self._blobs:
+            await self.store.pin(ref.cid)
+        self._blobs[digest] = ref
+        if data is not None:
+            self._manifests[digest] = data
+            while len(self._manifests) > _MANIFESTS_KEPT:
+                self._manifests.popitem(last=False)
+        self.directory.verified(Record(digest, ref.cid, ref.size, ref.media_type))
+
+    def _reject(self, digest: str, rec: Record) -> None:
+        self.counts["rejected"] += 1
+        log.warning("%s: the cluster's CID %s does not hold it (hash mismatch); trying the "
+                    "next source", digest, rec.value)
+        self.directory.forget(digest, rec.value)
+
+    # -- blobs ----------------------------------------------------------------------------
+    async def _blob(self, origin: Origin, name: str, digest: str, auth: str | None
+                    ) -> BlobRef:
+        known = self._blobs.get(digest)
+        if known is not None:
+            return known
+        rec = await self.directory.lookup(digest)
+        if rec is not None and rec.size > 0:
+            if await self._verify_cid(digest, rec.value, rec.size):
+                self.counts["cluster_hits"] += 1
+                ref = BlobRef(rec.value, rec.size, rec.media_type or "application/octet-stream")
+                await self._keep(digest, ref, None)
+                return ref
+            self._reject(digest, rec)
+        return await self._from_upstream(origin, name, digest, auth)
+
+    async def _verify_cid(self, digest: str, cid: str, size: int) -> bool:
+        """Read `cid` whole (which brings its blocks to this node) and hash it."""
+        h = _hasher(digest)
+        pieces = read_stream(self.store, cid, 0, size, self.policy)
+        try:
+            async with contextlib.aclosing(pieces):
+                async for piece in pieces:
+                    h.update(piece)
+        except (UpstreamError, PeerstarError) as exc:
+            log.warning("%s: CID %s from the cluster unreadable: %s", digest, cid, exc)
+            return False
+        return _matches(digest, h)
+
+    async def _from_upstream(self, origin: Origin, name: str, digest: str,
+                             auth: str | None) -> BlobRef:
+        try:
+            media, size, body = await origin.get("blobs", name, digest, auth)
+        except OriginStatus as exc:
+            raise _passed_on(exc, "BLOB_UNKNOWN") from None
+        except OriginError as exc:
+            raise MirrorError(502, "UNAVAILABLE", "blob not in the cluster and the upstream "
+                              "registry cannot be reached", str(exc)) from None
+        self.counts["upstream_fetches"] += 1
+        h = _hasher(digest)
+        got = [0]
+
+        async def hashed() -> AsyncIterator[bytes]:
+            async for piece in body:
+                h.update(piece)
+                got[0] += len(piece)
+                yield piece
+
+        try:
+            # Unpinned until verified: a mismatch leaves nothing kept (GC collects it).
+            cid = await self.store.add(hashed(), pin=False)
+        except OriginError as exc:
+            raise MirrorError(502, "UNAVAILABLE", "reading from the upstream failed",
+                              str(exc)) from None
+        finally:
+            await body.aclose()  # type: ignore[attr-defined]
+        self.counts["upstream_bytes"] += got[0]
+        if not _matches(digest, h) or (size >= 0 and got[0] != size):
+            self.counts["rejected"] += 1
+            raise MirrorError(502, "UNAVAILABLE", "the upstream sent a blob that does not "
+                              "match its digest; nothing was kept", digest)
+        ref = BlobRef(cid, got[0], "application/octet-stream" if not media else media)
+        await self._keep(digest, ref, None)
+        return ref
