@@ -55,6 +55,8 @@ def configure_kubo(
     # "auto" routing asks public HTTP routers; a private swarm must only use its own DHT.
     cfg.setdefault("Routing", {})["Type"] = "dht"
     cfg.setdefault("Discovery", {}).setdefault("MDNS", {})["Enabled"] = False
+    # The bridges' mirror directory talks over pubsub (docs/mirror.md); kubo has it off.
+    cfg.setdefault("Pubsub", {})["Enabled"] = True
     if storage_max:
         cfg.setdefault("Datastore", {})["StorageMax"] = storage_max
     if identity is not None:

@@ -76,6 +76,8 @@ class Options:
     kubo_image: str = DEFAULT_KUBO_IMAGE
     peerstar_image: str = DEFAULT_PEERSTAR_IMAGE
     storage_max: str = DEFAULT_STORAGE_MAX
+    # `NS=URL` of each upstream the bridges mirror (docs/mirror.md); none: no mirror.
+    mirrors: tuple[str, ...] = ()
 
     @property
     def bootstrap_host(self) -> str:
@@ -279,7 +281,8 @@ def node_daemonset(opts: Options) -> Obj:
         # 0.0.0.0 inside the pod so the hostPort DNAT reaches it; the hostPort itself is
         # bound to the node's 127.0.0.1 only, which is what `localhost:5050` images use.
         "args": ["peerstar", "registry", "serve", "--listen", f"0.0.0.0:{REGISTRY_PORT}",
-                 "--ipfs-address", _KUBO_API, "--metrics-listen", f"0.0.0.0:{METRICS_PORT}"],
+                 "--ipfs-address", _KUBO_API, "--metrics-listen", f"0.0.0.0:{METRICS_PORT}",
+                 *[arg for m in opts.mirrors for arg in ("--mirror", m)]],
         "ports": [{"name": "registry", "containerPort": REGISTRY_PORT,
                    "hostPort": REGISTRY_PORT, "hostIP": "127.0.0.1", "protocol": "TCP"},
                   # Prometheus scrapes the pod IP; no host port.
