@@ -13,6 +13,7 @@ import tempfile
 import time
 import urllib.parse
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -171,24 +172,36 @@ def start_daemon(node: Node, swarm_key: bytes | None, bootstrap: Sequence[str] =
 
 
 @contextmanager
-def private_swarm(labels: str) -> Iterator[tuple[dict[str, Node], dict[str, JsIpfs]]]:
+def private_swarm(labels: str, bare: str = ""
+                  ) -> Iterator[tuple[dict[str, Node], dict[str, JsIpfs]]]:
     """One node (network namespace) per label, each with js-ipfs on a fresh swarm key,
-    all bootstrapping from the first; daemons stopped and namespaces removed on exit.
+    all bootstrapping from the first, plus a node per label of `bare` with no daemon (e.g.
+    for a registry); daemons stopped and namespaces removed on exit.
     A harness failure fails the test with its reason (no traceback)."""
     key = generate_swarm_key().encode()
     daemons: dict[str, JsIpfs] = {}
+    errors: list[HarnessError] = []
     try:
         net = Network()
     except HarnessError as exc:
         pytest.fail(f"cannot create network namespaces: {exc}", pytrace=False)
     try:
         try:
-            nodes = {label: net.add_node(label) for label in labels}
+            nodes = {label: net.add_node(label) for label in labels + bare}
             first = labels[0]
             daemons[first] = start_daemon(nodes[first], key)
-            for label in labels[1:]:
-                daemons[label] = start_daemon(nodes[label], key,
+            # The others at once: each start is seconds of mostly waiting.
+            with ThreadPoolExecutor(max(1, len(labels) - 1)) as pool:
+                futures = {label: pool.submit(start_daemon, nodes[label], key,
                                               [daemons[first].swarm_multiaddr])
+                           for label in labels[1:]}
+                for label, future in futures.items():
+                    try:
+                        daemons[label] = future.result()
+                    except HarnessError as exc:
+                        errors.append(exc)
+            if errors:
+                raise errors[0]
         except HarnessError as exc:
             pytest.fail(f"cannot start the swarm: {exc}", pytrace=False)
         yield nodes, daemons
@@ -198,8 +211,10 @@ def private_swarm(labels: str) -> Iterator[tuple[dict[str, Node], dict[str, JsIp
         net.remove()
 
 
-def registry(node: Node, log: Path) -> AbstractContextManager[subprocess.Popen[bytes]]:
-    """`peerstar registry serve` on the node's own localhost:5050, over the node's daemon."""
+def registry(node: Node, log: Path, *args: str
+             ) -> AbstractContextManager[subprocess.Popen[bytes]]:
+    """`peerstar registry serve [ARGS]` on the node's own localhost:5050, over the node's
+    daemon."""
     return serving_registry("--listen", f"127.0.0.1:{REGISTRY_PORT}", "--ipfs-address",
-                            f"/ip4/127.0.0.1/tcp/{API_PORT}", "--read-timeout", "60s", log=log,
-                            prefix=node.prefix)
+                            f"/ip4/127.0.0.1/tcp/{API_PORT}", "--read-timeout", "60s", *args,
+                            log=log, prefix=node.prefix)

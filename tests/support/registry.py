@@ -21,12 +21,13 @@ import re
 import shutil
 import ssl
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from peerstar.oci import mediatypes as mt
 from peerstar.oci.platform import host_platform
 from tests.support.containerd import HarnessError, require_binaries
 from tests.support.content import sha256_digest
-from tests.support.netns import HostLinkedNode
+from tests.support.netns import HostLinkedNode, Node
 from tests.support.ports import free_port
 from tests.support.waiting import http_ok, stop_process, wait_until
 
@@ -46,7 +47,7 @@ MANIFEST_ACCEPT = ", ".join([
 ])
 
 
-def _config(root: Path, port: int, access_log: bool = False) -> str:
+def _config(root: Path, port: int, access_log: bool = False, addr: str = "127.0.0.1") -> str:
     # JSON is valid YAML, and json.dumps quotes paths safely.
     return json.dumps({
         "version": 0.1,
@@ -56,7 +57,7 @@ def _config(root: Path, port: int, access_log: bool = False) -> str:
             "delete": {"enabled": True},
             "maintenance": {"uploadpurging": {"enabled": False}},
         },
-        "http": {"addr": f"127.0.0.1:{port}"},
+        "http": {"addr": f"{addr}:{port}"},
     }, indent=2)
 
 
@@ -92,10 +93,13 @@ class DockerRegistry(_RegistryLog):
     process: subprocess.Popen[bytes] | None = None
     remove_base: bool = False
     access_log: bool = False  # Apache combined lines in the log: `bytes_served()` reads them
+    # Inside a node of tests.support.netns: its `prefix`, listening on `addr`:5000.
+    prefix: list[str] = field(default_factory=list)
+    addr: str = "127.0.0.1"
 
     @property
     def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.addr}:{self.port}"
 
     @property
     def url(self) -> str:
@@ -118,6 +122,14 @@ class DockerRegistry(_RegistryLog):
         return self.request("GET", f"/v2/{repository}/manifests/{reference}",
                             {"Accept": MANIFEST_ACCEPT})
 
+    def _ready(self) -> bool:
+        if not self.prefix:
+            return http_ok(self.url + "/v2/")
+        code = ("import sys,urllib.request;"
+                "urllib.request.urlopen(sys.argv[1],timeout=2)")
+        return subprocess.run([*self.prefix, sys.executable, "-c", code, self.url + "/v2/"],
+                              capture_output=True, timeout=30).returncode == 0
+
     def bytes_served(self, path_part: str = "/blobs/") -> int:
         """Body bytes of the 2xx GETs whose path contains `path_part`, from the access log
         (needs `access_log`)."""
@@ -134,7 +146,8 @@ class DockerRegistry(_RegistryLog):
         binary = require_binaries("docker-registry")["docker-registry"]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [binary, "serve", str(self.base / "config.yml")], stdin=subprocess.DEVNULL,
+                [*self.prefix, binary, "serve", str(self.base / "config.yml")],
+                stdin=subprocess.DEVNULL,
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         return self.process
 
@@ -143,15 +156,15 @@ class DockerRegistry(_RegistryLog):
         storage = self.base / "storage"
         storage.mkdir(parents=True, exist_ok=True)
         for _attempt in range(attempts):
-            self.port = free_port()
+            self.port = PRIVATE_PORT if self.prefix else free_port()
             (self.base / "config.yml").write_text(_config(storage, self.port,
-                                                         self.access_log))
+                                                         self.access_log, self.addr))
             process = self._launch()
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 if process.poll() is not None:
                     break  # most likely lost the port race: try another port
-                if http_ok(self.url + "/v2/"):
+                if self._ready():
                     return self
                 time.sleep(0.05)
             self._terminate()
@@ -167,7 +180,7 @@ class DockerRegistry(_RegistryLog):
         """Start the registry again after `take_down`, on the same port with the same
         storage, and wait until `/v2/` answers 200."""
         self._launch()
-        if not wait_until(lambda: http_ok(self.url + "/v2/"), timeout):
+        if not wait_until(self._ready, timeout):
             raise HarnessError(f"docker-registry did not come back on port {self.port}; "
                                f"log:\n{self.log_tail()}")
         return self
@@ -286,13 +299,17 @@ def push_image(base: str, repo: str, tag: str,
     return put_manifest(base, repo, tag, manifest, mt.OCI_MANIFEST)
 
 
-def start_registry(base: Path | None = None, *, access_log: bool = False) -> DockerRegistry:
+def start_registry(base: Path | None = None, *, access_log: bool = False,
+                   node: Node | None = None) -> DockerRegistry:
     """Start a registry storing under `base` (a new temp dir, removed on stop, if None);
-    `access_log` writes one line per request to its log."""
+    `access_log` writes one line per request to its log; `node`: run it inside that
+    node of tests.support.netns, on its address, port 5000."""
     remove_base = base is None
     if base is None:
         base = Path(tempfile.mkdtemp(prefix="peerstar-registry-"))
     registry = DockerRegistry(base=Path(base), remove_base=remove_base, access_log=access_log)
+    if node is not None:
+        registry.prefix, registry.addr = node.prefix, node.addr
     try:
         return registry.start()
     except BaseException:
