@@ -114,6 +114,13 @@ def _range_reads_by_node(port: int, mport: int, path: str, blob: bytes) -> dict[
     (["--read-timeout", "soon"], {}, "is not a duration"),
     (["--read-retry-num", "-1"], {}, "between 0 and 100"),
     (["--metrics-listen", "0.0.0.0:5998"], {}, "refusing to listen on non-loopback"),
+    (["--mirror", "ftp://example.com"], {}, "must be http(s)://HOST[:PORT]"),
+    (["--mirror", "docker.io=https://registry-1.docker.io/v2"], {}, "must be http(s)://"),
+    (["--mirror", "bad ns=http://x:5000"], {}, "is not a registry host"),
+    (["--mirror", "http://a:1", "--mirror", "a:1=http://b:2"], {}, "named more than once"),
+    ([], {"PEERSTAR_REGISTRY_MIRRORS": "http://a:1,nope"}, "must be http(s)://"),
+    (["--mirror", "http://a:1", "--mirror-tag-ttl", "never"], {}, "is not a duration"),
+    (["--mirror", "http://a:1", "--mirror-lookup-timeout", "0ms"], {}, "more than zero"),
 ])
 def test_bad_settings_fail_cleanly(tmp_path: Path, args: list[str], env: dict[str, str],
                                    message: str) -> None:
