@@ -1,5 +1,6 @@
 """`peerstar registry serve`: serve images stored in IPFS (nerdctl's format) as a read-only
-OCI registry on localhost, for containerd and Kubernetes nodes.
+OCI registry on localhost, for containerd and Kubernetes nodes; with `--mirror`, also
+containerd's mirror of upstream registries (docs/mirror.md).
 
 Every flag also reads an environment variable (for container use); the flag wins.
 A non-loopback listen address is only accepted when given on the command line with

@@ -6,14 +6,19 @@ Public API:
 - `ReadPolicy(timeout, retries)`: per-IPFS-read timeout and retries.
 - `UpstreamError` (a read failed after its retries) and its `ContentNotFound` (the store
   does not hold the content), both `PeerstarError`s.
+- `MirrorOptions` (in `ServerOptions.mirror`): mirror mode, containerd's registry mirror
+  of upstream registries with content from the cluster (`mirror`, `origin`,
+  `directory`; docs/mirror.md).
 `peerstar registry serve` (peerstar.cli.registry) runs one server until stopped.
 """
 
+from peerstar.registry.mirror import MirrorOptions
 from peerstar.registry.server import RegistryServer, ServerOptions, check_bind_address
 from peerstar.registry.upstream import ContentNotFound, ReadPolicy, UpstreamError
 
 __all__ = [
     "ContentNotFound",
+    "MirrorOptions",
     "ReadPolicy",
     "RegistryServer",
     "ServerOptions",

@@ -1,7 +1,8 @@
 """The read-only OCI distribution server over IPFS (`peerstar registry serve`).
 
 Owns: the aiohttp application (routes `/v2/`, `/v2/ipfs/<cid>/manifests/<ref>`,
-`/v2/ipfs/<cid>/blobs/<digest>`, `/v2/ipfs/<cid>/tags/list`), response headers, Range /
+`/v2/ipfs/<cid>/blobs/<digest>`, `/v2/ipfs/<cid>/tags/list`, and in mirror mode
+`/v2/<name>/manifests|blobs/...?ns=`, resolved by `mirror.Mirror`), response headers, Range /
 multi-range / If-Range handling, streaming with bounded writes, distribution-spec JSON
 errors, the structured access log, Prometheus metrics, and binding (loopback unless the
 caller allows otherwise).
