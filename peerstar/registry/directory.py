@@ -12,7 +12,13 @@ subscribes to one topic and
 - remembers the records it hears (bounded, newest kept), so most lookups are a local
   dictionary hit costing no message at all;
 - on a miss asks (`want`) and takes the first `have` for that key heard within the
-  lookup timeout; holders answer `want`s for records they verified themselves.
+  lookup timeout; holders answer `want`s for records they verified themselves;
+- before fetching a digest nobody holds from the upstream, `claim`s it: it publishes a
+  claim, listens for one lookup timeout, and fetches only if no other bridge claimed it
+  first (the lowest node id wins a tie). The others wait for the winner's `have` (bounded)
+  and then read it from the swarm, so N nodes pulling one image at once fetch it from
+  the upstream about once. A winner that fails says so (`drop`) and the waiters go to the
+  upstream themselves.
 
 Nothing heard is trusted: a record only names where to look; the mirror verifies every
 byte against the digest before serving it, and falls back to the next source.
@@ -78,7 +84,9 @@ class Directory:
         self.node = os.urandom(8).hex()  # tells our own messages from others'
         self.own: dict[str, Record] = {}  # verified here: answered to `want`s
         self.heard: OrderedDict[str, Record] = OrderedDict()
-        self._waiters: dict[str, list[asyncio.Future[Record]]] = {}
+        self._waiters: dict[str, list[asyncio.Future[Record | None]]] = {}
+        # key -> (node id, when) of the other bridges' live claims
+        self.claims: dict[str, dict[str, float]] = {}
         self._task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -99,6 +107,7 @@ class Directory:
         """`record` was verified on this node: remember it, answer for it, announce it."""
         self.own[record.key] = record
         self._remember(record)
+        self.claims.pop(record.key, None)
         self._send(record.message(self.node))
 
     def forget(self, key: str, value: str) -> None:
@@ -123,13 +132,15 @@ class Directory:
         known = self.own.get(key) or self.heard.get(key)
         if known is not None:
             return known
-        wait = self.timeout if timeout is None else timeout
-        future: asyncio.Future[Record] = asyncio.get_running_loop().create_future()
+        self._op("want", key)
+        return await self._wait(key, self.timeout if timeout is None else timeout)
+
+    async def _wait(self, key: str, timeout: float) -> Record | None:
+        """The first `have` for `key` heard within `timeout` (None: none, or a drop)."""
+        future: asyncio.Future[Record | None] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(key, []).append(future)
         try:
-            self._send(json.dumps({"op": "want", "from": self.node, "k": key},
-                                  separators=(",", ":")).encode())
-            async with asyncio.timeout(wait):
+            async with asyncio.timeout(timeout):
                 return await future
         except TimeoutError:
             return None
@@ -139,6 +150,38 @@ class Directory:
                 waiters.remove(future)
             if not waiters:
                 self._waiters.pop(key, None)
+
+    def _live_claims(self, key: str, max_age: float) -> dict[str, float]:
+        now = time.monotonic()
+        live = {n: t for n, t in self.claims.get(key, {}).items() if now - t < max_age}
+        if live:
+            self.claims[key] = live
+        else:
+            self.claims.pop(key, None)
+        return live
+
+    async def claim(self, key: str, max_age: float = 300.0) -> bool:
+        """Whether this bridge should fetch `key` from the upstream: False when another
+        bridge claimed it (within `max_age` s) before us or in the same window with a
+        lower id; then `wait_for(key)` gives its record."""
+        if self._live_claims(key, max_age):
+            return False
+        self._op("claim", key)
+        await asyncio.sleep(self.timeout)  # let rival claims of the same moment arrive
+        return not any(n < self.node for n in self._live_claims(key, max_age))
+
+    async def wait_for(self, key: str, timeout: float) -> Record | None:
+        """After a lost `claim`: the winner's record, or None after `timeout` or its drop."""
+        known = self.own.get(key) or self.heard.get(key)
+        return known if known is not None else await self._wait(key, timeout)
+
+    def drop(self, key: str) -> None:
+        """This bridge's claim on `key` failed: whoever waits on it should fetch it."""
+        self._op("drop", key)
+
+    def _op(self, op: str, key: str) -> None:
+        self._send(json.dumps({"op": op, "from": self.node, "k": key},
+                              separators=(",", ":")).encode())
 
     # -- messages ----------------------------------------------------------------------------
     def _send(self, data: bytes) -> None:
@@ -172,16 +215,29 @@ class Directory:
             return
         if not isinstance(msg, dict) or msg.get("from") == self.node:
             return
-        op, key = msg.get("op"), msg.get("k")
-        if op == "want" and isinstance(key, str):
+        op, key, sender = msg.get("op"), msg.get("k"), msg.get("from")
+        if not isinstance(key, str) or not isinstance(sender, str) or len(key) > 600:
+            return
+        if op == "want":
             rec = self.own.get(key)
             if rec is not None:
                 self._send(rec.message(self.node))
+        elif op == "claim":
+            claims = self.claims.setdefault(key, {})
+            claims[sender[:64]] = time.monotonic()
+            if len(self.claims) > MAX_RECORDS:
+                self.claims.pop(next(iter(self.claims)))
+        elif op == "drop":
+            self.claims.get(key, {}).pop(sender[:64], None)
+            for future in self._waiters.get(key, []):
+                if not future.done():
+                    future.set_result(None)
         elif op == "have":
             rec = _record(msg)
             if rec is None:
                 return
             self._remember(rec)
+            self.claims.pop(rec.key, None)
             for future in self._waiters.get(rec.key, []):
                 if not future.done():
                     future.set_result(rec)
@@ -189,7 +245,3 @@ class Directory:
 
 def tag_key(ns: str, name: str, tag: str) -> str:
     return f"tag:{ns}/{name}:{tag}"
-
-
-def now() -> float:
-    return time.time()

@@ -66,6 +66,8 @@ class MirrorOptions:
     lookup_timeout: float = 0.05
     # Connect/read timeout towards an upstream.
     upstream_timeout: float = 30.0
+    # How long a bridge waits for another that claimed a blob to fetch it (seconds).
+    claim_wait: float = 120.0
     max_manifest: int = 4 << 20
     upstream_by_ns: dict[str, MirrorUpstream] = field(init=False, compare=False)
 
@@ -321,15 +323,30 @@ class Mirror:
         known = self._blobs.get(digest)
         if known is not None:
             return known
-        rec = await self.directory.lookup(digest)
-        if rec is not None and rec.size > 0:
-            if await self._verify_cid(digest, rec.value, rec.size):
-                self.counts["cluster_hits"] += 1
-                ref = BlobRef(rec.value, rec.size, rec.media_type or "application/octet-stream")
-                await self._keep(digest, ref, None)
-                return ref
+        ref = await self._from_cluster(digest, await self.directory.lookup(digest))
+        if ref is None and not await self.directory.claim(digest):
+            # Another bridge is fetching it from the upstream: take it from that one.
+            rec = await self.directory.wait_for(digest, self.options.claim_wait)
+            ref = await self._from_cluster(digest, rec)
+        if ref is not None:
+            return ref
+        try:
+            return await self._from_upstream(origin, name, digest, auth)
+        except MirrorError:
+            self.directory.drop(digest)
+            raise
+
+    async def _from_cluster(self, digest: str, rec: Record | None) -> BlobRef | None:
+        """The blob of a cluster record once its CID proved to hold `digest`, else None."""
+        if rec is None or rec.size <= 0:
+            return None
+        if not await self._verify_cid(digest, rec.value, rec.size):
             self._reject(digest, rec)
-        return await self._from_upstream(origin, name, digest, auth)
+            return None
+        self.counts["cluster_hits"] += 1
+        ref = BlobRef(rec.value, rec.size, rec.media_type or "application/octet-stream")
+        await self._keep(digest, ref, None)
+        return ref
 
     async def _verify_cid(self, digest: str, cid: str, size: int) -> bool:
         """Read `cid` whole (which brings its blocks to this node) and hash it."""

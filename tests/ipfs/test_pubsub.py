@@ -71,3 +71,39 @@ def test_directory_records_wants_and_timeout(backend: tuple[str, dict[str, Any]]
             await s.close()
 
     run(main())
+
+
+def test_directory_claims_one_fetcher(backend: tuple[str, dict[str, Any]]) -> None:
+    async def main() -> None:
+        store_a = make_store(backend)
+        store_b = open_store(**backend[1]) if backend[0] == "rpc" else store_a
+        a, b = Directory(store_a, timeout=1.0), Directory(store_b, timeout=1.0)
+        for d in (a, b):
+            await d.start()
+        await asyncio.sleep(0.5)
+        key = "sha256:" + "6" * 64
+        won = await asyncio.gather(a.claim(key), b.claim(key))
+        assert sorted(won) == [False, True]  # claimed at the same moment: one fetches
+        winner, loser = (a, b) if won[0] else (b, a)
+        assert await winner.claim("sha256:" + "7" * 64)  # claimed by nobody else: fetch
+        waiting = asyncio.create_task(loser.wait_for(key, 10.0))
+        await asyncio.sleep(0.1)
+        rec = Record(key, "bafkreiwinner", 30)
+        winner.verified(rec)
+        assert await waiting == rec
+        # A failed winner drops its claim: the waiter stops waiting at once.
+        other = "sha256:" + "8" * 64
+        assert await winner.claim(other)
+        await asyncio.sleep(0.5)
+        assert not await loser.claim(other)
+        waiting = asyncio.create_task(loser.wait_for(other, 10.0))
+        await asyncio.sleep(0.1)
+        t0 = time.monotonic()
+        winner.drop(other)
+        assert await waiting is None and time.monotonic() - t0 < 5.0
+        for d in (a, b):
+            await d.close()
+        for s in {id(store_a): store_a, id(store_b): store_b}.values():
+            await s.close()
+
+    run(main())
