@@ -43,23 +43,26 @@ TOPIC = "peerstar/mirror/v1"
 # Records a bridge remembers; ~200 bytes each.
 MAX_RECORDS = 100_000
 _MAX_MESSAGE = 4096
+_MAX_ADDRS = 4
 
 
 @dataclass(frozen=True)
 class Record:
     """`key` (a digest, or `tag:<ns>/<name>:<tag>`) -> `value` (a CID for a digest, a digest
-    for a tag); `size` and `media_type` of the content; `at`: when a tag was resolved."""
+    for a tag); `size` and `media_type` of the content; `at`: when a tag was resolved;
+    `peers`: swarm multiaddrs (`.../p2p/<id>`) of the IPFS node holding it."""
 
     key: str
     value: str
     size: int = 0
     media_type: str = ""
     at: float = 0.0
+    peers: tuple[str, ...] = ()
 
-    def message(self, node: str) -> bytes:
+    def message(self, node: str, peers: tuple[str, ...] = ()) -> bytes:
         return json.dumps({"op": "have", "from": node, "k": self.key, "v": self.value,
-                           "s": self.size, "m": self.media_type, "at": self.at},
-                          separators=(",", ":")).encode()
+                           "s": self.size, "m": self.media_type, "at": self.at,
+                           "p": list(peers or self.peers)}, separators=(",", ":")).encode()
 
 
 def _record(msg: dict[str, object]) -> Record | None:
@@ -70,7 +73,12 @@ def _record(msg: dict[str, object]) -> Record | None:
         return None
     if not 0 < len(key) <= 600 or not 0 < len(value) <= 200 or size < 0:
         return None
-    return Record(key, value, size, media, float(at))
+    peers = msg.get("p", [])
+    if not isinstance(peers, list):
+        return None
+    addrs = tuple(p for p in peers[:_MAX_ADDRS] if isinstance(p, str) and p.startswith("/")
+                  and len(p) <= 300)
+    return Record(key, value, size, media, float(at), addrs)
 
 
 class Directory:
@@ -82,6 +90,9 @@ class Directory:
         self.timeout = timeout
         self.topic = topic
         self.node = os.urandom(8).hex()  # tells our own messages from others'
+        # This node's swarm addresses, sent with its records: a reader connects to them
+        # (a daemon without routing, like js-ipfs here, fetches only from its peers).
+        self.addresses: tuple[str, ...] = ()
         self.own: dict[str, Record] = {}  # verified here: answered to `want`s
         self.heard: OrderedDict[str, Record] = OrderedDict()
         self._waiters: dict[str, list[asyncio.Future[Record | None]]] = {}
@@ -91,6 +102,7 @@ class Directory:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
+        self.addresses = await _swarm_addresses(self.store)
         self._task = asyncio.create_task(self._listen())
         await asyncio.sleep(0)
 
@@ -108,7 +120,7 @@ class Directory:
         self.own[record.key] = record
         self._remember(record)
         self.claims.pop(record.key, None)
-        self._send(record.message(self.node))
+        self._send(record.message(self.node, self.addresses))
 
     def forget(self, key: str, value: str) -> None:
         """A record proved wrong (content missing or not matching): drop it."""
@@ -221,7 +233,7 @@ class Directory:
         if op == "want":
             rec = self.own.get(key)
             if rec is not None:
-                self._send(rec.message(self.node))
+                self._send(rec.message(self.node, self.addresses))
         elif op == "claim":
             claims = self.claims.setdefault(key, {})
             claims[sender[:64]] = time.monotonic()
@@ -241,6 +253,22 @@ class Directory:
             for future in self._waiters.get(rec.key, []):
                 if not future.done():
                     future.set_result(rec)
+
+
+async def _swarm_addresses(store: ContentStore) -> tuple[str, ...]:
+    """The node's non-loopback swarm multiaddrs with its peer id (none if unknown)."""
+    try:
+        ident = await store.id()
+    except Exception as exc:
+        log.warning("cannot read the IPFS node's identity: %s", exc)
+        return ()
+    peer = ident.get("ID") or ""
+    addrs = []
+    for addr in ident.get("Addresses") or []:
+        if not isinstance(addr, str) or "/ip4/127." in addr or "/ip6/::1/" in addr:
+            continue
+        addrs.append(addr if "/p2p/" in addr else f"{addr}/p2p/{peer}")
+    return tuple(addrs[:_MAX_ADDRS]) if peer else ()
 
 
 def tag_key(ns: str, name: str, tag: str) -> str:

@@ -340,6 +340,7 @@ class Mirror:
         """The blob of a cluster record once its CID proved to hold `digest`, else None."""
         if rec is None or rec.size <= 0:
             return None
+        await self._connect(rec.peers)
         if not await self._verify_cid(digest, rec.value, rec.size):
             self._reject(digest, rec)
             return None
@@ -347,6 +348,22 @@ class Mirror:
         ref = BlobRef(rec.value, rec.size, rec.media_type or "application/octet-stream")
         await self._keep(digest, ref, None)
         return ref
+
+    async def _connect(self, addrs: tuple[str, ...]) -> None:
+        """Connect the node's daemon to the holder of a record (a no-op when connected): a
+        daemon without content routing fetches blocks from connected peers only."""
+        connect = getattr(self.store, "swarm_connect", None)
+        if connect is None:
+            return
+        for addr in addrs:
+            if addr in self.directory.addresses:
+                return  # this node holds it
+            try:
+                async with asyncio.timeout(5):
+                    await connect(addr)
+                return
+            except (PeerstarError, TimeoutError) as exc:
+                log.info("swarm/connect %s failed: %s", addr, exc)
 
     async def _verify_cid(self, digest: str, cid: str, size: int) -> bool:
         """Read `cid` whole (which brings its blocks to this node) and hash it."""
