@@ -141,9 +141,11 @@ class Directory:
     async def lookup(self, key: str, timeout: float | None = None) -> Record | None:
         """A record for `key`: the one known here, else the first answer to a `want` heard
         within `timeout` (default: the directory's), else None."""
-        known = self.own.get(key) or self.heard.get(key)
-        if known is not None:
-            return known
+        # The newest of ours and the cluster's (a tag another bridge resolved later wins;
+        # for a digest both have at=0 and ours, verified here, comes first).
+        known = [r for r in (self.own.get(key), self.heard.get(key)) if r is not None]
+        if known:
+            return max(known, key=lambda r: r.at)
         self._op("want", key)
         return await self._wait(key, self.timeout if timeout is None else timeout)
 
