@@ -65,6 +65,9 @@ def test_directory_records_wants_and_timeout(backend: tuple[str, dict[str, Any]]
         b._remember(Record("tag:r/app:1", "sha256:" + "5" * 64, at=200.0))
         b._remember(Record("tag:r/app:1", "sha256:" + "4" * 64, at=100.0))
         assert b.heard["tag:r/app:1"].value == "sha256:" + "5" * 64
+        b.own["tag:r/app:1"] = Record("tag:r/app:1", "sha256:" + "9" * 64, at=150.0)
+        newest = await b.lookup("tag:r/app:1")
+        assert newest is not None and newest.value == "sha256:" + "5" * 64
         for d in (a, b):
             await d.close()
         for s in {id(store_a): store_a, id(store_b): store_b}.values():
