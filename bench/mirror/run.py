@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from peerstar.source.sample import SAMPLE_TEXT, SAMPLE_TEXT_PATH, build_sample_image  # noqa: E402
 from tests.p2p import swarm  # noqa: E402
-from tests.p2p.test_mirror import _push, _topic_peers  # noqa: E402
+from tests.p2p.test_mirror import _push, wait_for_topic  # noqa: E402
 from tests.support.cli import run_peerstar  # noqa: E402
 from tests.support.containerd import Containerd, start_containerd  # noqa: E402
 from tests.support.netns import Node  # noqa: E402
@@ -134,11 +134,7 @@ def main() -> int:
                                         nodes[label], work / f"bridge-{label}-{tag}.log",
                                         "--mirror", up.url, "--mirror-lookup-timeout",
                                         "300ms"))
-                                want = {daemons[x].peer_id for x in labels[1:]}
-                                deadline = time.monotonic() + 30
-                                while not want <= _topic_peers(nodes[labels[0]]) and \
-                                        time.monotonic() < deadline:
-                                    time.sleep(0.3)
+                                wait_for_topic(nodes, daemons, labels)
                                 results[mode].append(_round(node_list, up, ref, hosts_dir))
                                 results[mode][-1]["image_bytes"] = image
                         print(f"round {r} {mode}: {results[mode][-1]}", file=sys.stderr,

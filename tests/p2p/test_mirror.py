@@ -77,6 +77,22 @@ def _topic_peers(node: Node) -> set[str]:
     return set(res.get("Strings") or [])
 
 
+def wait_for_topic(nodes: dict[str, Node], daemons: dict[str, JsIpfs], labels: str,
+                   timeout: float = 30.0) -> None:
+    """Wait until the bridges' pubsub mesh is up: the first node (every other node's
+    bootstrap peer) sees every other node on the directory's topic, and each of them sees
+    it."""
+    first, others = labels[0], labels[1:]
+    want = {daemons[x].peer_id for x in others}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if want <= _topic_peers(nodes[first]) and all(
+                daemons[first].peer_id in _topic_peers(nodes[x]) for x in others):
+            return
+        time.sleep(0.3)
+    raise HarnessError(f"the bridges' pubsub mesh did not form within {timeout} s")
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     work = tmp_path_factory.mktemp("p2p-mirror")
@@ -96,12 +112,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             with (swarm.registry(nodes["a"], work / "bridge-a.log", *_bridge_args(upstream)),
                   swarm.registry(nodes["b"], work / "bridge-b.log", *_bridge_args(upstream)),
                   swarm.registry(nodes["c"], work / "bridge-c.log", *_bridge_args(upstream))):
-                # Wait for the pubsub mesh: a hears b and c on the directory's topic.
-                want = {daemons["b"].peer_id, daemons["c"].peer_id}
-                deadline = time.monotonic() + 30
-                while not want <= _topic_peers(nodes["a"]) and time.monotonic() < deadline:
-                    time.sleep(0.3)
-                assert want <= _topic_peers(nodes["a"])
+                wait_for_topic(nodes, daemons, "abc")
                 yield Cluster(nodes, daemons, upstream, containerds, hosts_dir, images)
         finally:
             for c in containerds.values():
