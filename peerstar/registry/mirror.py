@@ -45,7 +45,13 @@ from peerstar.registry.origin import (
     OriginStatus,
 )
 from peerstar.registry.tree import BlobRef
-from peerstar.registry.upstream import ReadPolicy, UpstreamError, read_all, read_stream
+from peerstar.registry.upstream import (
+    ReadPolicy,
+    UpstreamError,
+    log_upstream,
+    read_all,
+    read_stream,
+)
 
 log = logging.getLogger("peerstar.registry.mirror")
 
@@ -243,6 +249,7 @@ class Mirror:
     # -- manifests ------------------------------------------------------------------------
     async def _manifest(self, origin: Origin, name: str, digest: str, auth: str | None
                         ) -> tuple[str, BlobRef, bytes]:
+        started = time.monotonic()
         data = self._manifests.get(digest)
         ref = self._blobs.get(digest)
         if data is not None and ref is not None:
@@ -263,7 +270,7 @@ class Mirror:
                 if _matches(digest, h):
                     self.counts["cluster_hits"] += 1
                     ref = BlobRef(rec.value, len(data), _media_type(data, rec.media_type))
-                    await self._keep(digest, ref, data)
+                    await self._keep(digest, ref, data, "cluster", started)
                     return digest, ref, data
                 self._reject(digest, rec)
         try:
@@ -297,11 +304,15 @@ class Mirror:
                               "not match its digest", digest)
         cid = await self.store.add(data, pin=True)
         ref = BlobRef(cid, len(data), _media_type(data, media))
-        await self._keep(digest, ref, data)
+        await self._keep(digest, ref, data, "upstream", started)
         return digest, ref, data
 
-    async def _keep(self, digest: str, ref: BlobRef, data: bytes | None) -> None:
-        """`ref` holds `digest`, verified here: pin it, remember it, announce it."""
+    async def _keep(self, digest: str, ref: BlobRef, data: bytes | None, source: str,
+                    started: float) -> None:
+        """`ref` holds `digest`, verified here (from `source`, since `started`,
+        time.monotonic()): pin it, remember it, announce it, log it."""
+        log_upstream("mirror", ref.cid, started, time.monotonic() - started, 0.0,
+                     digest=digest, source=source, bytes=ref.size)
         if digest not in self._blobs:
             await self.store.pin(ref.cid)
         self._blobs[digest] = ref
@@ -326,7 +337,10 @@ class Mirror:
         ref = await self._from_cluster(digest, await self.directory.lookup(digest))
         if ref is None and not await self.directory.claim(digest):
             # Another bridge is fetching it from the upstream: take it from that one.
+            waited = time.monotonic()
             rec = await self.directory.wait_for(digest, self.options.claim_wait)
+            log_upstream("mirror-wait", rec.value if rec else "", waited,
+                         time.monotonic() - waited, 0.0, digest=digest, heard=rec is not None)
             ref = await self._from_cluster(digest, rec)
         if ref is not None:
             return ref
@@ -338,6 +352,7 @@ class Mirror:
 
     async def _from_cluster(self, digest: str, rec: Record | None) -> BlobRef | None:
         """The blob of a cluster record once its CID proved to hold `digest`, else None."""
+        started = time.monotonic()
         if rec is None or rec.size <= 0:
             return None
         await self._connect(rec.peers)
@@ -346,7 +361,7 @@ class Mirror:
             return None
         self.counts["cluster_hits"] += 1
         ref = BlobRef(rec.value, rec.size, rec.media_type or "application/octet-stream")
-        await self._keep(digest, ref, None)
+        await self._keep(digest, ref, None, "cluster", started)
         return ref
 
     async def _connect(self, addrs: tuple[str, ...]) -> None:
@@ -388,6 +403,7 @@ class Mirror:
             raise MirrorError(502, "UNAVAILABLE", "blob not in the cluster and the upstream "
                               "registry cannot be reached", str(exc)) from None
         self.counts["upstream_fetches"] += 1
+        started = time.monotonic()
         h = _hasher(digest)
         got = [0]
 
@@ -411,5 +427,5 @@ class Mirror:
             raise MirrorError(502, "UNAVAILABLE", "the upstream sent a blob that does not "
                               "match its digest; nothing was kept", digest)
         ref = BlobRef(cid, got[0], "application/octet-stream" if not media else media)
-        await self._keep(digest, ref, None)
+        await self._keep(digest, ref, None, "upstream", started)
         return ref
