@@ -24,7 +24,8 @@ start to the workload's output on the last node (and the first). Prints a markdo
 table of medians.
 
 Run as root: `flock /tmp/peerstar-bench.lock python bench/mirror/run.py [--nodes 3]
-[--rounds 3] [--extra-mib 64] [--json FILE]`.
+[--rounds 3] [--extra-mib 64] [--json FILE] [--work DIR]` (DIR keeps the bridges' logs,
+whose `"upstream": "mirror"` lines say where each digest came from).
 """
 
 from __future__ import annotations
@@ -96,13 +97,16 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--extra-mib", type=int, default=64)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--work", type=Path, help="keep the bridges' logs and images here "
+                    "(default: a temporary directory, removed)")
     args = ap.parse_args()
     if args.nodes < 2:
         ap.error("--nodes must be at least 2")
     labels = "".join(chr(ord("a") + i) for i in range(args.nodes))
     results: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
     with tempfile.TemporaryDirectory(prefix="peerstar-bench-mirror-") as tmp:
-        work = Path(tmp)
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         with swarm.private_swarm(labels, bare="u") as (nodes, daemons):
             up = start_registry(work / "upstream", access_log=True, node=nodes["u"])
             try:
