@@ -442,3 +442,38 @@ def test_peerstar_containers_keep_the_image_entrypoint() -> None:
                 assert "command" not in c and c["args"][0] == "peerstar", c["name"]
                 seen += 1
     assert seen == 4  # two ipfs-config init containers, registry, snapshotter
+
+
+# -- the registry mirror (docs/mirror.md) ----------------------------------------------------
+def test_mirror_flags_reach_the_bridge_and_containerd(tmp_path: Path) -> None:
+    r = run_peerstar("k8s", "manifests", "--mirror", "docker.io=https://registry-1.docker.io",
+                     "--mirror", "http://10.0.0.5:5000")
+    assert r.returncode == 0, r.stderr
+    docs = list(yaml.safe_load_all(r.stdout))
+    kubernetes_validate.validate(docs[-1], K8S_VERSIONS[-1], strict=True)
+    args = by_name(docs[-1]["spec"]["template"]["spec"]["containers"], "registry")["args"]
+    assert [args[i + 1] for i, a in enumerate(args) if a == "--mirror"] == [
+        "docker.io=https://registry-1.docker.io", "10.0.0.5:5000=http://10.0.0.5:5000"]
+    assert "/etc/containerd/certs.d/10.0.0.5:5000/hosts.toml" in r.stdout
+    # Without --mirror nothing changes (the deploy/ copy stays current).
+    assert "--mirror" not in str(render_manifests())
+
+    r = run_peerstar("k8s", "containerd-config", "--mirror", "http://10.0.0.5:5000",
+                     "--bridge", "http://127.0.0.1:5050", "--hosts-dir", tmp_path)
+    assert r.returncode == 0, r.stderr
+    config = tomllib.loads(r.stdout)
+    assert config["plugins"]["io.containerd.grpc.v1.cri"]["registry"]["config_path"] == \
+        "/etc/containerd/certs.d"
+    hosts = tomllib.loads((tmp_path / "10.0.0.5:5000" / "hosts.toml").read_text())
+    assert hosts == {"server": "http://10.0.0.5:5000", "host": {
+        "http://127.0.0.1:5050": {"capabilities": ["pull", "resolve"]}}}
+    assert [p.name for p in tmp_path.iterdir()] == ["10.0.0.5:5000"]  # no temp file left
+
+    for bad, message in ((["--mirror", "ftp://x"], "must be http(s)://"),
+                         (["--hosts-dir", str(tmp_path)], "needs at least one --mirror")):
+        r = run_peerstar("k8s", "containerd-config", *bad)
+        assert r.returncode == 1 and message in r.stderr and r.stdout == "", r.stderr
+
+
+def test_kubo_has_pubsub_for_the_mirror_directory() -> None:
+    assert kubo.configure_kubo({}, bootstrap=[])["Pubsub"]["Enabled"] is True
