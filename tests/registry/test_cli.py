@@ -154,3 +154,18 @@ def test_parsers() -> None:
     assert parse_listen("[::1]:5050", "x") == ("::1", 5050)
     with pytest.raises(PeerstarError):
         parse_listen("localhost:99999", "x")
+
+
+def test_mirrors_from_the_environment(tmp_path: Path) -> None:
+    port = free_port()
+    env = _clean_env(PEERSTAR_REGISTRY_MIRRORS="up.example:5000=http://127.0.0.1:9, "
+                     "http://127.0.0.1:8", PEERSTAR_REGISTRY_LISTEN=f"127.0.0.1:{port}")
+    with serving_registry("--root", tmp_path, "--no-access-log", log=tmp_path / "reg.log",
+                          env=env):
+        host = f"127.0.0.1:{port}"
+        r = request(host, "GET", "/v2/team/app/manifests/1?ns=docker.io")
+        assert (r.status, r.error_code()) == (404, "NAME_UNKNOWN")
+        assert "127.0.0.1:8, up.example:5000" in r.body.decode()
+        # a configured upstream that does not answer: a clear 502, not a hang
+        r = request(host, "GET", "/v2/team/app/manifests/1?ns=up.example:5000")
+        assert (r.status, r.error_code()) == (502, "UNAVAILABLE")
