@@ -6,6 +6,11 @@ small httpx.AsyncClient over the distribution API of one upstream: HEAD of a man
 Authorization header forwarded, so the upstream decides what the caller may pull.
 `OriginError` is an upstream that cannot be reached or answers garbage;
 `OriginStatus` an HTTP answer the mirror passes on (401 with its challenge, 404).
+
+Not `peerstar.distribution.AsyncRegistryClient`: that client holds credentials and
+answers challenges itself, while a mirror must not -- each request carries its caller's
+own Authorization to the upstream, and the upstream's challenge goes back to the caller.
+Trust (system store, certifi) is the one of every registry client (`distribution.tls`).
 """
 
 from __future__ import annotations
@@ -17,14 +22,10 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from peerstar.distribution.tls import tls_context
 from peerstar.errors import PeerstarError
+from peerstar.oci.mediatypes import MANIFEST_ACCEPT
 
-MANIFEST_ACCEPT = ", ".join([
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-])
 _NS = re.compile(r"\A[A-Za-z0-9.-]+(:[0-9]{1,5})?\Z")
 
 
@@ -78,7 +79,8 @@ class Origin:
     def __init__(self, upstream: MirrorUpstream, *, timeout: float = 30.0) -> None:
         self.upstream = upstream
         self._client = httpx.AsyncClient(base_url=upstream.url, follow_redirects=True,
-                                         timeout=httpx.Timeout(timeout), trust_env=False)
+                                         timeout=httpx.Timeout(timeout), trust_env=False,
+                                         verify=tls_context())
 
     async def close(self) -> None:
         await self._client.aclose()
