@@ -99,7 +99,7 @@ def parse_hosts(text: str, registry: str, *, base_dir: str,
 
 
 def _host(url: str, conf: dict[str, Any], base_dir: str, where: str) -> RegistryHost:
-    if not url.startswith("http"):
+    if "://" not in url:
         url = "https://" + url
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:

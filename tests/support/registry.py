@@ -45,11 +45,11 @@ MANIFEST_ACCEPT = ", ".join([
 ])
 
 
-def _config(root: Path, port: int) -> str:
+def _config(root: Path, port: int, access_log: bool = False) -> str:
     # JSON is valid YAML, and json.dumps quotes paths safely.
     return json.dumps({
         "version": 0.1,
-        "log": {"level": "warn", "accesslog": {"disabled": True}},
+        "log": {"level": "warn", "accesslog": {"disabled": not access_log}},
         "storage": {
             "filesystem": {"rootdirectory": str(root)},
             "delete": {"enabled": True},
@@ -90,6 +90,7 @@ class DockerRegistry(_RegistryLog):
     port: int = 0
     process: subprocess.Popen[bytes] | None = None
     remove_base: bool = False
+    access_log: bool = False  # log every request (combined log format) to `log_path`
 
     @property
     def host(self) -> str:
@@ -131,7 +132,8 @@ class DockerRegistry(_RegistryLog):
         storage.mkdir(parents=True, exist_ok=True)
         for _attempt in range(attempts):
             self.port = free_port()
-            (self.base / "config.yml").write_text(_config(storage, self.port))
+            (self.base / "config.yml").write_text(_config(storage, self.port,
+                                                          self.access_log))
             process = self._launch()
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
@@ -272,12 +274,14 @@ def push_image(base: str, repo: str, tag: str,
     return put_manifest(base, repo, tag, manifest, mt.OCI_MANIFEST)
 
 
-def start_registry(base: Path | None = None) -> DockerRegistry:
-    """Start a registry storing under `base` (a new temp dir, removed on stop, if None)."""
+def start_registry(base: Path | None = None, *, access_log: bool = False) -> DockerRegistry:
+    """Start a registry storing under `base` (a new temp dir, removed on stop, if None),
+    logging every request to its `log_path` if `access_log`."""
     remove_base = base is None
     if base is None:
         base = Path(tempfile.mkdtemp(prefix="peerstar-registry-"))
-    registry = DockerRegistry(base=Path(base), remove_base=remove_base)
+    registry = DockerRegistry(base=Path(base), remove_base=remove_base,
+                              access_log=access_log)
     try:
         return registry.start()
     except BaseException:
