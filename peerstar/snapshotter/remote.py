@@ -6,7 +6,9 @@ Owns: reading the labels containerd passes with a layer's Prepare (ctr-remote's
 `containerd.io/snapshot/stargz/toc.digest` annotation), resolving the registry from the
 image reference (docker.io normalisation, plain HTTP for localhost/127.0.0.1/::1 and
 configured insecure hosts, HTTPS otherwise -- containerd's rule, as
-`peerstar.distribution.client.blob_url` applies it), and `LayerMounter`,
+`peerstar.distribution.client.blob_url` applies it), the host a layer is read from
+(`LayerMounter.source`: the first of the registry's hosts.toml mirrors that answers for
+the blob, else the registry; `peerstar.snapshotter.hosts`), and `LayerMounter`,
 the snapshotter's view of `peerstar.lazyfs`'s mount API (`mount_layer`, `find_mount`):
 one mount daemon process per layer, in its own session (and, with `[remote]
 daemon_cgroup`, its own cgroup: `peerstar.lazyfs.cgroup`), so a snapshotter restart --
@@ -37,7 +39,7 @@ from typing import Any
 
 from peerstar import lazyfs
 from peerstar.distribution.auth import RegistryAuth
-from peerstar.distribution.client import blob_url
+from peerstar.distribution.client import blob_url, is_plain_http_host
 from peerstar.errors import PeerstarError
 from peerstar.lazyfs.mount import MountError
 from peerstar.lazyfs.options import CacheOptions, FetchOptions, MountOptions, PrefetchOptions
@@ -347,7 +349,7 @@ class LayerMounter:
         then the registry -- each asked once (`probe_size`). Without a hosts.toml,
         the registry, unasked (`layer.url`). MountError when no host serves it."""
         loc = parse_image_reference(layer.reference)
-        plain = _is_plain_http(loc.host, self.cfg.insecure_hosts)
+        plain = loc.host in self.cfg.insecure_hosts or is_plain_http_host(loc.host)
         hosts = registry_hosts(self.cfg.hosts_dir, loc.registry, plain_http=plain)
         if hosts == [default_host(loc.registry, plain)]:
             return LayerSource(f"{layer.url.rsplit('/', 1)[0]}/{digest}", loc.host,

@@ -22,6 +22,8 @@ from peerstar.source.sample import SAMPLE_TEXT, SAMPLE_TEXT_PATH
 from tests.snapshotter.conftest import running_stack
 from tests.snapshotter.test_lazy_pull import PushedLayer, push_image
 from tests.support import registry
+from tests.support.containerd import CRI_NAMESPACE, CriOptions, Ctr
+from tests.support.cri.client import CriImages
 from tests.support.registry import DockerRegistry, start_registry
 
 pytestmark = pytest.mark.slow
@@ -137,3 +139,32 @@ def test_mirror_down_layers_come_from_the_upstream(
     assert all("ns=" not in p for _, p, _ in reads)  # the registry itself: no ns
     assert any(m == "GET" and s == 206 for m, _, s in reads), reads
 
+
+
+def test_cri_pull_reads_layers_from_the_mirror(
+        upstream: DockerRegistry, mirror: DockerRegistry, hosts_dir: Path,
+        image: tuple[str, list[PushedLayer]]) -> None:
+    ref, layers = image
+    up0, mirror0 = len(requests(upstream)), len(requests(mirror))
+    cri = CriOptions(snapshotter="peerstar", config_path=str(hosts_dir))
+    with running_stack(f'[remote]\nhosts_dir = "{hosts_dir}"\nbackground_fetch = false\n',
+                       cri=cri) as st:
+        images = CriImages(st.containerd.address, timeout=120)
+        try:
+            images.pull(ref)
+        finally:
+            images.close()
+        ctr = Ctr(st.containerd.address, CRI_NAMESPACE)
+        out = ctr.text("run", "--snapshotter", "peerstar", "--rm", ref,
+                       f"mirror-cri-{uuid.uuid4().hex[:8]}", "cat", SAMPLE_TEXT_PATH)
+        assert out == SAMPLE_TEXT.decode()
+        log = st.snapshotter.log()
+    ns = "?ns=" + quote(upstream.host, safe="")
+    for la in layers:
+        assert (f"layer {la.digest} mounted lazily from {mirror.url}/v2/{REPO}/blobs/"
+                f"{la.digest}{ns}") in log, log[-3000:]
+    reads = _layer_reads(mirror, layers, mirror0)
+    assert reads and all(p.endswith(ns) for _, p, _ in reads), reads
+    # CRI resolved and fetched the manifest and config through the mirror as well:
+    # the upstream saw nothing of this pull.
+    assert requests(upstream)[up0:] == []
