@@ -12,7 +12,12 @@ The one place that knows the format; push, pull and the registry bridge all use 
   with those descriptors and OCI media types (`rewrite_manifest`, `rewrite_index`) and
   serialised as Go's `json.Marshal` would (`emit_document`: struct field order, sorted
   maps, `<>&` escaped); the top descriptor keeps only mediaType/digest/size/urls
-  (`top_descriptor`), so the image CID does not depend on a source's tag.
+  (`top_descriptor`), so the image CID does not depend on a source's tag;
+- serving it as an ordinary registry image (`registry_document`): the documents with
+  their `ipfs://` URLs removed. containers/image (skopeo, podman, CRI-O) takes any layer
+  with `urls` for a foreign layer and does not copy it to destinations that accept those
+  (`oci:`, `docker://`); the URLs are how the format finds blobs in IPFS, which the
+  registry bridge has already done. The on-IPFS documents themselves never change.
 Errors: content that is not an image in this format raises `IPFSImageError`; malformed
 descriptors and documents raise `peerstar.oci`'s `ImageFormatError`, a mismatching blob
 `BlobError` (all `OCIError`s).
@@ -27,6 +32,7 @@ from typing import Any
 from peerstar.ipfs.cid import check_supported, normalize_cid, parse_cid
 from peerstar.ipfs.errors import CIDError
 from peerstar.oci import mediatypes as mt
+from peerstar.oci.digest import sha256_digest
 from peerstar.oci.errors import BlobError, ImageFormatError, OCIError
 from peerstar.oci.model import (
     INDEX,
@@ -251,3 +257,49 @@ def rewrite_manifest(doc: Document, config: Descriptor, layers: list[Descriptor]
 def top_descriptor(desc: Descriptor) -> Descriptor:
     """The descriptor whose JSON is added last: its CID names the image."""
     return {k: desc[k] for k in TOP_FIELDS}
+
+
+# --- serving it as an ordinary registry image --------------------------------------------
+
+
+def without_ipfs_urls(desc: Descriptor) -> Descriptor:
+    """`desc` without its `ipfs://` URLs (without `urls` when none other is left); the
+    other fields keep their order."""
+    urls = desc.get("urls")
+    if not isinstance(urls, list):
+        return desc
+    kept = [u for u in urls if not (isinstance(u, str) and u.startswith(IPFS_SCHEME))]
+    return {k: (kept if k == "urls" else v) for k, v in desc.items()
+            if k != "urls" or kept}
+
+
+def registry_document(desc: Descriptor, data: bytes, served: dict[str, Descriptor], *,
+                      where: str) -> tuple[bytes, str] | None:
+    """The index or manifest `data` (of `desc`) as the registry bridge serves it by tag:
+    every descriptor without its `ipfs://` URLs, and an index's entries re-pointed (digest,
+    size, buildx's reference annotation) at the documents served for them (`served`:
+    original digest -> served descriptor, so documents are rewritten bottom-up). Returns
+    (bytes, sha256 digest), or None when nothing changes (`data` is served as it is)."""
+    doc, _children = document_children(desc, data, where=where)
+    new_doc = dict(doc)
+    if kind_of(desc["mediaType"]) == INDEX:
+        remap = {d: s["digest"] for d, s in served.items()}
+        entries = []
+        for entry in doc["manifests"]:
+            new = dict(without_ipfs_urls(entry))
+            target = served.get(entry["digest"])
+            if target is not None:
+                new = dict(new, digest=target["digest"], size=target["size"])
+            remap_reference(new, remap)
+            entries.append(new)
+        new_doc["manifests"] = entries
+    else:
+        new_doc["config"] = without_ipfs_urls(doc["config"])
+        new_doc["layers"] = [without_ipfs_urls(d) for d in doc["layers"]]
+    if new_doc == doc:
+        return None
+    try:
+        out = go_json(new_doc)
+    except UnicodeEncodeError:  # a lone surrogate escape: no UTF-8 for it, serve as is
+        return None
+    return out, sha256_digest(out)

@@ -6,8 +6,12 @@ needs (descriptors per image, nesting, manifest size), and an LRU cache of the r
 trees keyed by root CID. What the bytes mean (the image CID, `ipfs://` URLs, top
 descriptor, children, content checks) is `peerstar.ipfsimage.format`, the same code
 `peerstar push` / `pull` use, so content is refused here with the same `OCIError`s.
-Content under a CID is immutable, so a tree is walked once; concurrent requests for the
-same CID share one walk. Failed walks are not cached (the daemon may come back).
+Each index and manifest is also kept as the registry serves it by tag
+(`format.registry_document`: without its `ipfs://` URLs, which containers/image takes
+for foreign layers it does not copy), under its own digest; the original digests keep
+answering with the original bytes. Content under a CID is immutable, so a tree is walked
+once; concurrent requests for the same CID share one walk. Failed walks are not cached
+(the daemon may come back).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from peerstar.ipfsimage.format import (
     document_children,
     ipfs_url,
     parse_top_descriptor,
+    registry_document,
 )
 from peerstar.oci import mediatypes as mt
 from peerstar.oci.digest import hasher_for, is_digest
@@ -39,7 +44,8 @@ MAX_DEPTH = 8  # nested indexes
 
 @dataclass(frozen=True)
 class BlobRef:
-    """Where a digest's bytes live: their CID, size and media type."""
+    """Where a digest's bytes live: their CID, size and media type. A document the
+    bridge derived (`ImageTree.served`) has no CID: it is served from `manifests`."""
 
     cid: str
     size: int
@@ -56,6 +62,8 @@ class ImageTree:
     # digest -> raw bytes of every manifest/index (read during the walk anyway)
     manifests: dict[str, bytes] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)  # ref.name annotation -> digest
+    # original digest -> digest of the document served for it by tag (those changed)
+    served: dict[str, str] = field(default_factory=dict)
 
     def cost(self) -> int:
         """Approximate memory held, for the cache bound (bytes)."""
@@ -67,14 +75,14 @@ class ImageTree:
 
         A tag an index annotates (org.opencontainers.image.ref.name) resolves to that
         manifest; `latest` and every other tag resolve to the top descriptor: the CID
-        already pins one image, the tag adds nothing to find it. A digest must name a
-        manifest or index of this image.
+        already pins one image, the tag adds nothing to find it. A tag resolves to the
+        document served for it (`served`). A digest must name a manifest or index of
+        this image, as stored or as served.
         """
         if is_digest(ref):
             return ref if ref in self.manifests else None
-        if ref in self.tags:
-            return self.tags[ref]
-        return self.top_digest
+        digest = self.tags.get(ref, self.top_digest)
+        return self.served.get(digest, digest)
 
 
 # Reads a whole small object: (cid, max_bytes) -> bytes
@@ -128,11 +136,25 @@ async def _walk(tree: ImageTree, desc: Descriptor, read_small: ReadSmall, where:
             name = ann.get(mt.REF_NAME_ANNOTATION) if isinstance(ann, dict) else None
             if isinstance(name, str) and is_tag(name) and name not in tree.tags:
                 tree.tags[name] = child["digest"]
+    else:
+        config, *layers = children
+        await _walk(tree, config, read_small, f"{digest} config", depth + 1)
+        for i, layer in enumerate(layers):
+            await _walk(tree, layer, read_small, f"{digest} layers[{i}]", depth + 1)
+    _add_served(tree, desc, data, where=f"{where}: {digest}")
+
+
+def _add_served(tree: ImageTree, desc: Descriptor, data: bytes, *, where: str) -> None:
+    """Record the document served for `desc` by tag, when it differs from `data`."""
+    served = ({d: {"digest": s, "size": tree.blobs[s].size} for d, s in tree.served.items()}
+              if kind_of(desc["mediaType"]) == INDEX else {})  # only an index points at them
+    rewritten = registry_document(desc, data, served, where=where)
+    if rewritten is None:
         return
-    config, *layers = children
-    await _walk(tree, config, read_small, f"{digest} config", depth + 1)
-    for i, layer in enumerate(layers):
-        await _walk(tree, layer, read_small, f"{digest} layers[{i}]", depth + 1)
+    body, digest = rewritten
+    tree.served[desc["digest"]] = digest
+    tree.manifests[digest] = body
+    tree.blobs.setdefault(digest, BlobRef("", len(body), desc["mediaType"]))
 
 
 class TreeCache:

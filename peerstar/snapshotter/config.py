@@ -35,6 +35,9 @@ File format (every key optional):
     daemon_cgroup = ""            # ROOT/NAME: each layer's mount daemon moves into
                                   # cgroup NAME of the cgroup filesystem mounted at ROOT,
                                   # out of the snapshotter's (a pod's) cgroup; "" = stay
+    hosts_dir = "/etc/containerd/certs.d"  # containerd's config_path: a registry's
+                                  # <dir>/<host>/hosts.toml names the mirrors its layers
+                                  # are read from first ("" = the registry alone)
 
 `auth_file`, `ca_file` and `daemon_cgroup` are checked when the file is loaded: a named file that is
 missing or unusable stops the start with a message saying which and why.
@@ -84,6 +87,7 @@ class RemoteConfig:
     auth_file: str = ""
     ca_file: str = ""
     daemon_cgroup: str = ""
+    hosts_dir: str = "/etc/containerd/certs.d"  # = hosts.DEFAULT_HOSTS_DIR
 
 
 @dataclass

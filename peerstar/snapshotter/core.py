@@ -240,7 +240,7 @@ class Snapshotter:
         shutil.rmtree(self.work_path(snap), ignore_errors=True)  # no upperdir to serve
         REMOTE_PREPARES.labels("remote").inc()
         log.info("prepare %s: layer %s mounted lazily from %s as %s (%s)", snap.key,
-                 layer.digest, layer.url, target, report)
+                 layer.digest, report.pop("url", layer.url), target, report)
         return True
 
     def view(self, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:

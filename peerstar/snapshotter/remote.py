@@ -6,7 +6,9 @@ Owns: reading the labels containerd passes with a layer's Prepare (ctr-remote's
 `containerd.io/snapshot/stargz/toc.digest` annotation), resolving the registry from the
 image reference (docker.io normalisation, plain HTTP for localhost/127.0.0.1/::1 and
 configured insecure hosts, HTTPS otherwise -- containerd's rule, as
-`peerstar.distribution.client.blob_url` applies it), and `LayerMounter`,
+`peerstar.distribution.client.blob_url` applies it), the host a layer is read from
+(`LayerMounter.source`: the first of the registry's hosts.toml mirrors that answers for
+the blob, else the registry; `peerstar.snapshotter.hosts`), and `LayerMounter`,
 the snapshotter's view of `peerstar.lazyfs`'s mount API (`mount_layer`, `find_mount`):
 one mount daemon process per layer, in its own session (and, with `[remote]
 daemon_cgroup`, its own cgroup: `peerstar.lazyfs.cgroup`), so a snapshotter restart --
@@ -34,17 +36,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from peerstar import lazyfs
 from peerstar.distribution.auth import RegistryAuth
-from peerstar.distribution.client import blob_url
+from peerstar.distribution.client import blob_url, is_plain_http_host
 from peerstar.errors import PeerstarError
 from peerstar.lazyfs.mount import MountError
 from peerstar.lazyfs.options import CacheOptions, FetchOptions, MountOptions, PrefetchOptions
 from peerstar.oci.mediatypes import TOC_DIGEST_ANNOTATION as LABEL_TOC_DIGEST  # same name
 from peerstar.snapshotter.config import RemoteConfig, cache_bound
 from peerstar.snapshotter.credentials import Credentials, CredentialsError, Keychain
+from peerstar.snapshotter.hosts import HostsError, RegistryHost, default_host, registry_hosts
 from peerstar.snapshotter.metrics import RESOLVED_AHEAD, RESOLVED_AHEAD_BYTES
 
 log = logging.getLogger("peerstar.snapshotter.remote")
@@ -78,6 +80,7 @@ class NotRemote(PeerstarError):
 class ImageLocation:
     host: str  # registry host[:port] as written (docker.io normalised to its API host)
     repository: str
+    registry: str = ""  # the registry as the reference names it (docker.io kept)
 
 
 def parse_image_reference(ref: str) -> ImageLocation:
@@ -97,9 +100,7 @@ def parse_image_reference(ref: str) -> ImageLocation:
             repo = "library/" + repo
     if not repo or not re.fullmatch(r"[a-z0-9]+(?:[._/-]+[a-z0-9]+)*", repo):
         raise NotRemote(f"cannot parse image reference {ref!r}")
-    if host == DOCKER_HUB:
-        host = DOCKER_HUB_API
-    return ImageLocation(host, repo)
+    return ImageLocation(DOCKER_HUB_API if host == DOCKER_HUB else host, repo, host)
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,17 @@ def remote_layer_from_labels(labels: dict[str, str], cfg: RemoteConfig) -> Remot
     except ValueError:
         prefetch = 0
     return RemoteLayer(reference, digest, toc_digest, url, max(prefetch, cfg.prefetch_size))
+
+
+@dataclass(frozen=True)
+class LayerSource:
+    """Where one layer is read from: its blob URL on one of its registry's hosts (a
+    mirror, or the registry), with that host's fetch options."""
+
+    url: str
+    host: str
+    fetch: FetchOptions
+    size: int | None = None  # learnt when the host was asked (several hosts listed)
 
 
 def image_layer_digests(labels: dict[str, str]) -> list[str]:
@@ -277,7 +289,6 @@ class LayerMounter:
         once: footer, TOC and prefetch range into the cache their mounts read from
         (`peerstar.lazyfs.resolve`). Returns how many were started; a layer already
         resolved or resolving is not started again."""
-        base = layer.url.rsplit("/", 1)[0]
         todo: list[tuple[str, threading.Event]] = []
         with self._lock:
             if self._closed:
@@ -299,18 +310,17 @@ class LayerMounter:
             pool = self._ahead_pool
         for digest, ready in todo:
             assert pool is not None
-            pool.submit(self._resolve_one, f"{base}/{digest}", digest, layer.prefetch_size,
-                        ready)
+            pool.submit(self._resolve_one, layer, digest, ready)
         return len(todo)
 
-    def _resolve_one(self, url: str, digest: str, prefetch_size: int,
-                     ready: threading.Event) -> None:
+    def _resolve_one(self, layer: RemoteLayer, digest: str, ready: threading.Event) -> None:
         from peerstar.lazyfs.resolve import resolve_ahead
 
         try:
-            creds = self._credentials(urlsplit(url).netloc)
-            res = resolve_ahead(url, digest, self._regions, fetch=self.options.fetch,
-                                prefetch_size=prefetch_size, auth=self._auth(creds),
+            source = self.source(layer, digest)
+            creds = self._credentials(source.host)
+            res = resolve_ahead(source.url, digest, self._regions, fetch=source.fetch,
+                                prefetch_size=layer.prefetch_size, auth=self._auth(creds),
                                 on_toc=ready.set)
             RESOLVED_AHEAD.labels("ok").inc()
             RESOLVED_AHEAD_BYTES.inc(res.fetched_bytes)
@@ -332,19 +342,64 @@ class LayerMounter:
             log.info("layer %s: still resolving ahead after %.0f s; mounting it anyway",
                      digest, self.cfg.mount_timeout)
 
+    def source(self, layer: RemoteLayer, digest: str) -> LayerSource:
+        """Where blob `digest` of `layer`'s image is read from: the first host of its
+        registry's hosts.toml (`[remote] hosts_dir`, containerd's config_path) that
+        answers for the blob -- mirrors in the file's order, with `?ns=<registry>`,
+        then the registry -- each asked once (`probe_size`). Without a hosts.toml,
+        the registry, unasked (`layer.url`). MountError when no host serves it."""
+        loc = parse_image_reference(layer.reference)
+        plain = loc.host in self.cfg.insecure_hosts or is_plain_http_host(loc.host)
+        hosts = registry_hosts(self.cfg.hosts_dir, loc.registry, plain_http=plain)
+        if hosts == [default_host(loc.registry, plain)]:
+            return LayerSource(f"{layer.url.rsplit('/', 1)[0]}/{digest}", loc.host,
+                               self.options.fetch)
+        from peerstar.lazyfs.fetcher import FetchError
+        from peerstar.lazyfs.resolve import probe_size
+
+        failures = []
+        for h in hosts:
+            url = h.blob_url(loc.registry, loc.repository, digest)
+            try:
+                fetch = self._fetch_options(h)
+                size = probe_size(url, digest, fetch=fetch,
+                                  auth=self._auth(self._credentials(h.host)))
+            except (FetchError, MountError, HostsError) as exc:
+                failures.append(f"{h.host}: {exc}")
+                log.info("layer %s: not read from %s (%s); trying the next host", digest,
+                         h.host, exc)
+                continue
+            return LayerSource(url, h.host, fetch, size)
+        raise MountError(f"layer {digest}: no host of registry {loc.registry} serves it: "
+                         + "; ".join(failures))
+
+    def _fetch_options(self, host: RegistryHost) -> FetchOptions:
+        """The fetch options for `host`: its hosts.toml `ca` file instead of `[remote]
+        ca_file`; HostsError for TLS settings the lazy fetcher cannot honour."""
+        if host.scheme == "https" and host.skip_verify:
+            raise HostsError("skip_verify is not supported for lazily read layers: give "
+                             "the host's CA as `ca` instead")
+        if len(host.ca) > 1:
+            raise HostsError("several `ca` files: give one PEM bundle holding them all")
+        return replace(self.options.fetch, ca_file=host.ca[0]) if host.ca else \
+            self.options.fetch
+
     def mount(self, layer: RemoteLayer, mountpoint: Path) -> dict[str, Any]:
-        """Mount `layer` at `mountpoint`; returns a short report for the log."""
+        """Mount `layer` at `mountpoint` (read from `source`); returns a short report
+        for the log, the URL it is read from included."""
         mountpoint = Path(mountpoint).resolve()
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        host = urlsplit(layer.url).netloc
+        source = self.source(layer, layer.digest)
+        host = source.host
         creds = self._credentials(host)
         self._wait_resolved(layer.digest)
-        options = replace(self.options,
+        options = replace(self.options, fetch=source.fetch,
                           prefetch=replace(self.options.prefetch, size=layer.prefetch_size))
         try:
             m = lazyfs.mount_layer(
-                layer.url, layer.digest, layer.toc_digest, mountpoint, self.cache_dir,
-                options, size=layer.size, auth=self._auth(creds), zygote=self._get_zygote())
+                source.url, layer.digest, layer.toc_digest, mountpoint, self.cache_dir,
+                options, size=source.size or layer.size, auth=self._auth(creds),
+                zygote=self._get_zygote())
         except MountError as exc:
             # Which credentials were used (never their value): a 401 reads at once as
             # "none configured" or "these were refused".
@@ -353,7 +408,7 @@ class LayerMounter:
             raise MountError(f"{exc} ({used})") from None
         with self._lock:
             self._mounts[mountpoint] = m
-        return {"pid": m.pid, "mount_seconds": m.mount_seconds,
+        return {"url": source.url, "pid": m.pid, "mount_seconds": m.mount_seconds,
                 "prefetch_done": m.prefetch_done, "size": m.size}
 
     def _find(self, mountpoint: Path) -> Any:

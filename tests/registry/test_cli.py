@@ -33,7 +33,7 @@ def _clean_env(**extra: str) -> dict[str, str]:
 
 
 def _check_serves(host: str, img: StoredImage) -> None:
-    r = request(host, "GET", f"/v2/ipfs/{img.root_cid}/manifests/latest",
+    r = request(host, "GET", f"/v2/ipfs/{img.root_cid}/manifests/{img.top_digest}",
                 {"Accept": MANIFEST_ACCEPT})
     assert r.status == 200 and r.headers["docker-content-digest"] == img.top_digest
     layer = img.layer_digests[1]

@@ -16,7 +16,9 @@ import pytest
 from peerstar.estargz import Reader
 from peerstar.source.sample import SAMPLE_TEXT, SAMPLE_TEXT_PATH, SampleImage
 from tests.registry.harness import ThreadedRegistry
+from tests.registry.helpers import MANIFEST_ACCEPT, request
 from tests.support.containerd import Containerd, HarnessError, require_binaries
+from tests.support.content import sha256_digest
 from tests.support.ipfsimage import StoredImage, convert_layout_estargz, store_layout
 
 pytestmark = pytest.mark.slow
@@ -45,6 +47,16 @@ def images(backend_registry: ThreadedRegistry, sample_image: SampleImage,
     yield reg, plain, esgz
 
 
+def _served_digest(reg: ThreadedRegistry, img: StoredImage) -> str:
+    """The digest the registry answers `latest` with: the top document without its
+    ipfs:// URLs (see test_http), not the one stored in IPFS."""
+    r = request(reg.host, "GET", f"/v2/ipfs/{img.root_cid}/manifests/latest",
+                {"Accept": MANIFEST_ACCEPT})
+    assert r.status == 200 and r.headers["docker-content-digest"] == sha256_digest(r.body)
+    assert sha256_digest(r.body) != img.top_digest
+    return sha256_digest(r.body)
+
+
 def _run_sample(ctr, ref: str) -> str:
     name = f"reg-{uuid.uuid4().hex[:8]}"
     return ctr.text("run", "--rm", ref, name, "/bin/sh", "-c",
@@ -58,7 +70,7 @@ def test_ctr_pull_and_run(containerd: Containerd, images) -> None:
         ref = f"{reg.host}/ipfs/{img.root_cid}:latest"
         ctr.run("image", "pull", "--plain-http", ref, timeout=120)
         listing = ctr.text("images", "ls", f"name=={ref}")
-        assert img.top_digest in listing
+        assert _served_digest(reg, img) in listing
         assert _run_sample(ctr, ref) == SAMPLE_TEXT.decode() + "new.txt\n"
         ctr.run("images", "rm", ref)
 
@@ -66,27 +78,35 @@ def test_ctr_pull_and_run(containerd: Containerd, images) -> None:
 def test_skopeo_copy_and_inspect(images, tmp_path: Path) -> None:
     skopeo = _need("skopeo")["skopeo"]
     reg, plain, _esgz = images
+    served = _served_digest(reg, plain)
     src = f"docker://{reg.host}/ipfs/{plain.root_cid}"
     dest = tmp_path / "copy"
-    subprocess.run([skopeo, "copy", "--src-tls-verify=false", src, f"oci:{dest}:latest"],
-                   check=True, capture_output=True, timeout=120)
+    copied = subprocess.run([skopeo, "--debug", "copy", "--src-tls-verify=false", src,
+                             f"oci:{dest}:latest"],
+                            check=True, capture_output=True, text=True, timeout=120)
+    assert "foreign layer" not in copied.stderr + copied.stdout
     info = json.loads(subprocess.run([skopeo, "inspect", f"oci:{dest}:latest"], check=True,
                                      capture_output=True, timeout=60).stdout)
-    assert info["Digest"] == plain.top_digest
+    assert info["Digest"] == served
     assert info["Layers"] == plain.layer_digests
     remote = json.loads(subprocess.run([skopeo, "inspect", "--tls-verify=false", src],
                                        check=True, capture_output=True, timeout=60).stdout)
-    assert remote["Digest"] == plain.top_digest
-    cfg = (dest / "blobs" / "sha256" / plain.config_digest.split(":")[1]).read_bytes()
-    assert cfg == plain.content[plain.config_digest]
-    # Layers carrying `urls` (nerdctl's format) count as foreign layers for an oci:
-    # destination, which skopeo does not copy; a dir: destination fetches them all.
-    dir_dest = tmp_path / "dir"
-    subprocess.run([skopeo, "copy", "--src-tls-verify=false", src, f"dir:{dir_dest}"],
-                   check=True, capture_output=True, timeout=120)
-    for digest in plain.layer_digests:
-        blob = (dir_dest / digest.split(":")[1]).read_bytes()
-        assert blob == plain.content[digest]
+    assert remote["Digest"] == served
+    # Every blob the copy references is in the layout, whole: config and every layer
+    # (layers with ipfs:// URLs would count as foreign ones, which skopeo skips).
+    index = json.loads((dest / "index.json").read_bytes())
+    [entry] = index["manifests"]
+    manifest_digest = entry["digest"]
+    blobs = dest / "blobs" / "sha256"
+    manifest = json.loads((blobs / manifest_digest.split(":")[1]).read_bytes())
+    assert "urls" not in json.dumps(manifest)
+    wanted = [manifest["config"]["digest"], *(d["digest"] for d in manifest["layers"])]
+    assert wanted == [plain.config_digest, *plain.layer_digests]
+    for digest in [manifest_digest, *wanted]:
+        data = (blobs / digest.split(":")[1]).read_bytes()
+        assert sha256_digest(data) == digest
+    for digest in wanted:
+        assert (blobs / digest.split(":")[1]).read_bytes() == plain.content[digest]
 
 
 def test_ctr_remote_rpull_estargz(containerd: Containerd, images) -> None:

@@ -19,7 +19,7 @@ from peerstar.errors import PeerstarError
 from peerstar.registry import check_bind_address
 from peerstar.source.sample import SampleImage
 from tests.registry.harness import ThreadedRegistry
-from tests.registry.helpers import MANIFEST_ACCEPT, parse_multipart, request
+from tests.registry.helpers import MANIFEST_ACCEPT, parse_multipart, request, without_urls
 from tests.registry.memstore import Fault, MemoryStore, raw_cid
 from tests.support.content import sha256_digest
 from tests.support.ipfsimage import StoredImage, store_blob_image, store_layout
@@ -55,19 +55,31 @@ def test_base(mem_registry: ThreadedRegistry) -> None:
 
 def test_manifest_by_latest_tag_and_digest(mem_registry: ThreadedRegistry,
                                            image: StoredImage) -> None:
-    want = image.content[image.top_digest]
+    stored = image.content[image.top_digest]
+    # the manifest in IPFS names every blob with an ipfs:// url (nerdctl's format)
+    doc = json.loads(stored)
+    assert doc["layers"][0]["urls"][0] == f"ipfs://{image.cids[image.layer_digests[0]]}"
+    # By tag, it is served without them (containers/image would skip such layers as
+    # foreign), under the digest of what is served; by its own digest, as stored.
+    served = None
     for ref in ("latest", "v1.2", image.top_digest):
         r = request(mem_registry.host, "GET", f"/v2/ipfs/{image.root_cid}/manifests/{ref}",
                     {"Accept": MANIFEST_ACCEPT})
         assert r.status == 200, ref
-        assert r.body == want
+        if ref == image.top_digest:
+            assert r.body == stored
+        else:
+            assert json.loads(r.body) == without_urls(doc)
+            served = served or r.body
+            assert r.body == served
         assert r.headers["content-type"] == "application/vnd.oci.image.manifest.v1+json"
-        assert r.headers["docker-content-digest"] == image.top_digest == sha256_digest(r.body)
-        assert int(r.headers["content-length"]) == len(want)
+        assert r.headers["docker-content-digest"] == sha256_digest(r.body)
+        assert int(r.headers["content-length"]) == len(r.body)
         assert r.headers["accept-ranges"] == "bytes"
-    # the manifest names every blob with an ipfs:// url (nerdctl's format)
-    doc = json.loads(want)
-    assert doc["layers"][0]["urls"][0] == f"ipfs://{image.cids[image.layer_digests[0]]}"
+    assert served is not None
+    r = request(mem_registry.host, "GET",
+                f"/v2/ipfs/{image.root_cid}/manifests/{sha256_digest(served)}")
+    assert r.status == 200 and r.body == served
     # a layer digest is not a manifest
     r = request(mem_registry.host, "GET",
                 f"/v2/ipfs/{image.root_cid}/manifests/{image.layer_digests[0]}")
@@ -91,14 +103,28 @@ def test_index_root_and_annotated_tags(mem_registry: ThreadedRegistry, tmp_path:
     base = f"/v2/ipfs/{img.root_cid}"
     latest = request(mem_registry.host, "GET", base + "/manifests/latest")
     assert latest.headers["content-type"] == "application/vnd.oci.image.index.v1+json"
-    assert latest.body == img.content[img.index_digest]
+    assert latest.headers["docker-content-digest"] == sha256_digest(latest.body)
+    index = json.loads(latest.body)
+    stored = json.loads(img.content[img.index_digest])
+    # the index as served points at the manifests as served (no ipfs:// URLs anywhere)
+    assert "urls" not in latest.body.decode()
     v1 = request(mem_registry.host, "GET", base + "/manifests/v1")
     v2 = request(mem_registry.host, "GET", base + "/manifests/v2")
-    assert v1.headers["docker-content-digest"] == img.manifest_digests[0]
-    assert v2.headers["docker-content-digest"] == img.manifest_digests[1]
-    for d in img.manifest_digests:
+    for entry, old, tagged, digest in zip(index["manifests"], stored["manifests"], (v1, v2),
+                                          img.manifest_digests, strict=True):
+        assert old["digest"] == digest
+        assert tagged.headers["docker-content-digest"] == entry["digest"] != digest
+        assert sha256_digest(tagged.body) == entry["digest"]
+        assert entry["size"] == len(tagged.body)
+        assert json.loads(tagged.body) == without_urls(json.loads(img.content[digest]))
+        assert entry == {**without_urls(old), "digest": entry["digest"],  # type: ignore[dict-item]
+                         "size": entry["size"]}
+        r = request(mem_registry.host, "GET", f"{base}/manifests/{entry['digest']}")
+        assert r.status == 200 and r.body == tagged.body
+    # the documents as stored keep answering under their own digests
+    for d in [img.index_digest, *img.manifest_digests]:
         r = request(mem_registry.host, "GET", f"{base}/manifests/{d}")
-        assert r.status == 200 and sha256_digest(r.body) == d
+        assert r.status == 200 and r.body == img.content[d]
     tags = request(mem_registry.host, "GET", base + "/tags/list").json()
     assert tags == {"name": f"ipfs/{img.root_cid}", "tags": ["latest", "v1", "v2"]}
 
@@ -118,7 +144,8 @@ def test_blobs_and_head_reads_nothing(mem_registry: ThreadedRegistry,
     assert h.status == 200 and h.body == b""
     assert int(h.headers["content-length"]) == len(image.content[layer])
     assert h.headers["docker-content-digest"] == layer
-    hm = request(mem_registry.host, "HEAD", f"/v2/ipfs/{image.root_cid}/manifests/latest")
+    hm = request(mem_registry.host, "HEAD", f"/v2/ipfs/{image.root_cid}/manifests/"
+                 + image.top_digest)
     assert hm.status == 200 and hm.headers["docker-content-digest"] == image.top_digest
     hr = request(mem_registry.host, "HEAD", _blob_path(image.root_cid, layer),
                  {"Range": "bytes=10-19"})

@@ -13,6 +13,7 @@ from peerstar.ipfsimage.format import IPFSImageError, parse_image_cid
 from peerstar.oci.errors import OCIError
 from peerstar.registry.tree import TreeCache, walk_tree
 from peerstar.source.sample import SampleImage
+from tests.registry.helpers import without_urls
 from tests.registry.memstore import MemoryStore, raw_cid
 from tests.support.content import sha256_digest
 from tests.support.ipfsimage import store_layout
@@ -30,12 +31,23 @@ def test_walk_records_every_descriptor(sample_image: SampleImage) -> None:
         img = await store_layout(store, sample_image.path)
         tree = await walk_tree(img.root_cid, _reader(store))
         assert tree.top_digest == img.top_digest
-        assert set(tree.blobs) == {img.top_digest, img.config_digest, *img.layer_digests}
+        # the manifest as served by tag: without the ipfs:// URLs, under its own digest
+        served = tree.served[img.top_digest]
+        assert tree.resolve_manifest("latest") == served != img.top_digest
+        body = tree.manifests[served]
+        assert sha256_digest(body) == served
+        assert json.loads(body) == without_urls(json.loads(img.content[img.top_digest]))
+        assert set(tree.blobs) == {img.top_digest, served, img.config_digest,
+                                   *img.layer_digests}
+        assert tree.blobs[served].size == len(body) and not tree.blobs[served].cid
         for digest, ref in tree.blobs.items():
+            if digest == served:
+                continue
             assert ref.cid == img.cids[digest]
             assert ref.size == len(img.content[digest])
             assert ref.media_type == img.media_types[digest]
-        assert tree.manifests == {img.top_digest: img.content[img.top_digest]}
+        assert tree.manifests == {img.top_digest: img.content[img.top_digest], served: body}
+        assert tree.resolve_manifest(img.top_digest) == img.top_digest
         # the walk read the root and the manifest only, never config or layers
         assert [c for c, _, _ in store.cats] == [img.root_cid, img.cids[img.top_digest]]
     asyncio.run(go())

@@ -45,9 +45,11 @@ class Bridge:
         return f"127.0.0.1:{self.port}/ipfs/{self.cid}:latest"
 
     def access_log(self) -> list[dict]:
-        """The registry's JSON access-log lines so far."""
-        return [json.loads(line) for line in self.log_path.read_text().splitlines()
-                if line.startswith("{")]
+        """The registry's JSON access-log lines so far (not its upstream-read lines,
+        JSON too, logged when a read was slow)."""
+        lines = [json.loads(line) for line in self.log_path.read_text().splitlines()
+                 if line.startswith("{")]
+        return [entry for entry in lines if "path" in entry]
 
 
 @contextmanager

@@ -57,8 +57,8 @@ def test_bad_config_is_one_line_error(tmp_path: Path) -> None:
     assert res.returncode == 1
     assert res.stderr.strip().splitlines() == [
         f"peerstar: error: {cfg}: unknown key 'remote.verfiy' (known: auth_file, "
-        "background_fetch, ca_file, chunk_cache_bytes, daemon_cgroup, enable, insecure_hosts, "
-        "mount_timeout, prefetch_size, "
+        "background_fetch, ca_file, chunk_cache_bytes, daemon_cgroup, enable, hosts_dir, "
+        "insecure_hosts, mount_timeout, prefetch_size, "
         "prefetch_timeout, region_cache_bytes, region_size, request_timeout, retries, verify, "
         "zygote)"]
     assert not (tmp_path / "s.sock").exists()

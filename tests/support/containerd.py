@@ -165,6 +165,8 @@ class CriOptions:
     # false: CRI passes the layer annotations (cri.image-ref, cri.layer-digest, ...) to the
     # snapshotter as Prepare labels -- what a remote snapshotter needs.
     disable_snapshot_annotations: bool = False
+    # The registry hosts directory (containerd's hosts.toml per registry); "" = none.
+    config_path: str = ""
 
 
 def _cri_toml(base: Path, cri: CriOptions) -> list[str]:
@@ -182,6 +184,8 @@ def _cri_toml(base: Path, cri: CriOptions) -> list[str]:
         f"  bin_dir = {_toml_str(str(base / 'cni' / 'bin'))}",
         f"  conf_dir = {_toml_str(str(base / 'cni' / 'net.d'))}",
         "",
+        *([f'[plugins."{CRI_PLUGIN}".registry]',
+           f"  config_path = {_toml_str(cri.config_path)}", ""] if cri.config_path else []),
     ]
 
 
