@@ -136,14 +136,17 @@ class Mirror:
         self._blobs: dict[str, BlobRef] = {}  # digest -> CID verified on this node
         self._manifests: OrderedDict[str, bytes] = OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
+        self._checking: dict[str, asyncio.Task[None]] = {}  # ranged reads' whole checks
         # What each source delivered (the tests and the bench read these).
         self.counts = {"upstream_bytes": 0, "cluster_hits": 0, "upstream_fetches": 0,
-                       "rejected": 0}
+                       "rejected": 0, "ranged_cluster": 0}
 
     async def start(self) -> None:
         await self.directory.start()
 
     async def close(self) -> None:
+        for task in self._checking.values():
+            task.cancel()
         await self.directory.close()
         for origin in self.origins.values():
             await origin.close()
@@ -176,9 +179,11 @@ class Mirror:
             return await self._manifest(origin, name, digest, auth)
 
     async def blob(self, ns: str, name: str, digest: str, auth: str | None, *,
-                   fetch: bool = True) -> BlobRef:
+                   fetch: bool = True, ranged: bool = False) -> BlobRef:
         """Where blob `digest` is in this node's IPFS (fetched into it first). Without
-        `fetch` (a HEAD), an announced record or the upstream's HEAD is enough."""
+        `fetch` (a HEAD), an announced record or the upstream's HEAD is enough. With
+        `ranged` (a GET with Range: a lazy reader), a blob the cluster announces is
+        served from its CID at once while its whole is checked in the background."""
         origin = self._origin(ns, name)
         if not is_digest(digest):
             raise MirrorError(400, "DIGEST_INVALID", "provided digest is invalid",
@@ -193,8 +198,36 @@ class Mirror:
                                "application/octet-stream")
             head = await self._head(origin, "blobs", name, digest, auth, "BLOB_UNKNOWN")
             return BlobRef("", head.size, head.media_type or "application/octet-stream")
+        if ranged and digest not in self._blobs:
+            rec = await self.directory.lookup(digest)
+            if rec is not None and rec.size > 0:
+                return await self._ranged_from_cluster(digest, rec)
         async with self._lock(digest):
             return await self._blob(origin, name, digest, auth)
+
+    async def _ranged_from_cluster(self, digest: str, rec: Record) -> BlobRef:
+        """A lazy reader's ranges come from the holder's CID without waiting for the whole
+        blob: checking it first would fetch the whole layer across the swarm before the
+        first chunk, which is what lazy pulling avoids. The reader verifies what it gets
+        (the peerstar and Go snapshotters check every chunk against the TOC, whose digest
+        is in the manifest this mirror verified); the whole is checked here meanwhile and
+        the record dropped if it lies, so the next request falls back to the upstream."""
+        started = time.monotonic()
+        await self._connect(rec.peers)
+        log_upstream("mirror-ranged", rec.value, started, time.monotonic() - started, 0.0,
+                     digest=digest)
+        if digest not in self._checking:
+            async def check() -> None:
+                try:
+                    async with self._lock(digest):
+                        if digest not in self._blobs:
+                            await self._from_cluster(digest, rec)
+                finally:
+                    self._checking.pop(digest, None)
+
+            self._checking[digest] = asyncio.create_task(check(), name=f"check {digest}")
+        self.counts["ranged_cluster"] += 1
+        return BlobRef(rec.value, rec.size, rec.media_type or "application/octet-stream")
 
     def _lock(self, key: str) -> asyncio.Lock:
         lock = self._locks.get(key)

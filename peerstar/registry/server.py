@@ -374,7 +374,8 @@ class RegistryServer:
         try:
             info = await self.mirror.blob(
                 request.query["ns"], _mirror_name(request), digest,
-                request.headers.get("Authorization"), fetch=request.method == "GET")
+                request.headers.get("Authorization"), fetch=request.method == "GET",
+                ranged="Range" in request.headers)
         except MirrorError as exc:
             raise ApiError(exc.status, exc.code, exc.message, exc.detail,
                            exc.headers) from None

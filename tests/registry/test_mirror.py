@@ -198,3 +198,47 @@ def test_upstream_garbage_is_refused_and_not_kept(bridge: ThreadedRegistry,
     assert layer not in bridge.server.mirror.directory.own
     path.write_bytes(good)
     assert _get(bridge, ns, f"team/app/blobs/{layer}").body == good
+
+
+def test_ranged_reads_come_from_the_cluster_at_once_and_the_whole_is_checked_after(
+        bridge: ThreadedRegistry, upstream: DockerRegistry,
+        images: tuple[SampleImage, SampleImage]) -> None:
+    ns = upstream.host
+    layer = images[0].layer_digests[-1]
+    data = blob_path(upstream, layer).read_bytes()
+    server = bridge.server
+    assert server is not None and server.mirror is not None
+    mirror = server.mirror
+    # A peer announces the right CID: a lazy reader's range is served from it directly.
+    cid = bridge.run(bridge.store.add(data))
+    mirror.directory._remember(Record(layer, cid, len(data), "application/x"))
+    r = _get(bridge, ns, f"team/app/blobs/{layer}", headers={"Range": "bytes=100-199"})
+    assert r.status == 206 and r.body == data[100:200]
+    assert mirror.counts["ranged_cluster"] == 1 and mirror.counts["upstream_fetches"] == 0
+    deadline = time.monotonic() + 20
+    while layer not in mirror.directory.own and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert mirror.directory.own[layer].value == cid  # checked whole, kept and announced
+    assert mirror.counts["cluster_hits"] == 1 and mirror.counts["rejected"] == 0
+
+
+def test_a_lying_record_behind_a_ranged_read_is_dropped(
+        bridge: ThreadedRegistry, upstream: DockerRegistry,
+        images: tuple[SampleImage, SampleImage]) -> None:
+    ns = upstream.host
+    layer = images[0].layer_digests[-1]
+    data = blob_path(upstream, layer).read_bytes()
+    server = bridge.server
+    assert server is not None and server.mirror is not None
+    mirror = server.mirror
+    wrong_cid = bridge.run(bridge.store.add(bytes(len(data))))
+    mirror.directory._remember(Record(layer, wrong_cid, len(data), "application/x"))
+    r = _get(bridge, ns, f"team/app/blobs/{layer}", headers={"Range": "bytes=0-99"})
+    assert r.status == 206  # the reader checks chunks against its TOC; the bridge, after
+    deadline = time.monotonic() + 20
+    while mirror.counts["rejected"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert mirror.counts["rejected"] == 1 and layer not in mirror.directory.own
+    r = _get(bridge, ns, f"team/app/blobs/{layer}", headers={"Range": "bytes=0-99"})
+    assert r.status == 206 and r.body == data[:100]  # the next read: from the upstream
+    assert mirror.counts["upstream_fetches"] == 1
