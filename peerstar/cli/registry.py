@@ -44,6 +44,8 @@ ENV = {
     "mirror": "PEERSTAR_REGISTRY_MIRRORS",
     "mirror_tag_ttl": "PEERSTAR_REGISTRY_MIRROR_TAG_TTL",
     "mirror_lookup_timeout": "PEERSTAR_REGISTRY_MIRROR_LOOKUP_TIMEOUT",
+    "mirror_access_ttl": "PEERSTAR_REGISTRY_MIRROR_ACCESS_TTL",
+    "mirror_offline_grace": "PEERSTAR_REGISTRY_MIRROR_OFFLINE_GRACE",
 }
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
@@ -128,6 +130,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--mirror-lookup-timeout", help="how long to wait for a node of the "
                        "cluster to name a digest before going upstream (default 50ms; "
                        f"${ENV['mirror_lookup_timeout']})")
+    serve.add_argument("--mirror-access-ttl", help="how long the upstream's answer that a "
+                       "request's credentials may pull a digest is reused (default 30s; "
+                       f"${ENV['mirror_access_ttl']})")
+    serve.add_argument("--mirror-offline-grace", help="how long such a grant still serves "
+                       "content from the cluster while the upstream cannot be reached "
+                       f"(default 10m; ${ENV['mirror_offline_grace']})")
     serve.set_defaults(func=cmd_serve)
 
 
@@ -201,10 +209,14 @@ def _mirror_options(args: argparse.Namespace, timeout: float) -> MirrorOptions |
         raise PeerstarError(f"--mirror: {', '.join(dup)} named more than once")
     ttl_text, _ = _setting(args, "mirror_tag_ttl")
     lookup_text, _ = _setting(args, "mirror_lookup_timeout")
+    access_text, _ = _setting(args, "mirror_access_ttl")
+    grace_text, _ = _setting(args, "mirror_offline_grace")
     return MirrorOptions(
         upstreams=upstreams,
         tag_ttl=parse_duration(ttl_text or "30s", "--mirror-tag-ttl"),
         lookup_timeout=parse_duration(lookup_text or "50ms", "--mirror-lookup-timeout"),
+        access_ttl=parse_duration(access_text or "30s", "--mirror-access-ttl"),
+        offline_grace=parse_duration(grace_text or "10m", "--mirror-offline-grace"),
         upstream_timeout=timeout)
 
 

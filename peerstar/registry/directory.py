@@ -7,7 +7,9 @@ IPFS pubsub, the one primitive both kubo and js-ipfs 0.66 offer over the HTTP RP
 subscribes to one topic and
 
 - announces (`have`) every record it verified itself: a blob or manifest it added or
-  read whole and hashed (`digest -> CID, size, media type`), and every tag it resolved
+  read whole and hashed (`digest -> CID, size, media type`, and `public`: the upstream
+  gave that digest to an anonymous request, so the mirror may serve it to anyone when the
+  upstream cannot be reached), and every tag it resolved
   at an upstream (`tag key -> digest, when`);
 - remembers the records it hears (bounded, newest kept), so most lookups are a local
   dictionary hit costing no message at all;
@@ -50,7 +52,8 @@ _MAX_ADDRS = 4
 class Record:
     """`key` (a digest, or `tag:<ns>/<name>:<tag>`) -> `value` (a CID for a digest, a digest
     for a tag); `size` and `media_type` of the content; `at`: when a tag was resolved;
-    `peers`: swarm multiaddrs (`.../p2p/<id>`) of the IPFS node holding it."""
+    `peers`: swarm multiaddrs (`.../p2p/<id>`) of the IPFS node holding it; `public`: the
+    upstream gave this digest to an anonymous HEAD (checked by the announcing bridge)."""
 
     key: str
     value: str
@@ -58,11 +61,13 @@ class Record:
     media_type: str = ""
     at: float = 0.0
     peers: tuple[str, ...] = ()
+    public: bool = False
 
     def message(self, node: str, peers: tuple[str, ...] = ()) -> bytes:
         return json.dumps({"op": "have", "from": node, "k": self.key, "v": self.value,
                            "s": self.size, "m": self.media_type, "at": self.at,
-                           "p": list(peers or self.peers)}, separators=(",", ":")).encode()
+                           "p": list(peers or self.peers), "pub": self.public},
+                          separators=(",", ":")).encode()
 
 
 def _record(msg: dict[str, object]) -> Record | None:
@@ -78,7 +83,7 @@ def _record(msg: dict[str, object]) -> Record | None:
         return None
     addrs = tuple(p for p in peers[:_MAX_ADDRS] if isinstance(p, str) and p.startswith("/")
                   and len(p) <= 300)
-    return Record(key, value, size, media, float(at), addrs)
+    return Record(key, value, size, media, float(at), addrs, msg.get("pub") is True)
 
 
 class Directory:

@@ -17,6 +17,14 @@ then answers it as any other blob (headers, Range, streaming).
   or pinned) and the next one is tried. What passes is pinned in the node's IPFS and
   announced, so the next node gets it from peers. Afterwards the content is served from
   its CID, which IPFS verifies block by block.
+- Private images stay private: before serving a manifest or blob by digest, from any
+  source, the caller's Authorization is checked at the upstream for that repository and
+  that digest (a HEAD of /v2/<name>/blobs|manifests/<digest>); a grant is cached for
+  `access_ttl` per (credential hash, ns, repository, digest), and the upstream's
+  401 (with its challenge) / 403 / 404 is passed on. When the upstream cannot be reached,
+  only content known to be public (the directory record's `public` flag, set by the bridge
+  that verified it after an anonymous HEAD) or granted to this credential within
+  `offline_grace` is served; anything else held in the cluster gets 503.
 """
 
 from __future__ import annotations
@@ -59,6 +67,7 @@ log = logging.getLogger("peerstar.registry.mirror")
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|[-]*)[a-z0-9]+)*"
 _NAME = re.compile(rf"\A{_COMPONENT}(?:/{_COMPONENT})*\Z")
 _MANIFESTS_KEPT = 512
+_GRANTS_KEPT = 100_000
 
 
 @dataclass(frozen=True)
@@ -74,6 +83,13 @@ class MirrorOptions:
     upstream_timeout: float = 30.0
     # How long a bridge waits for another that claimed a blob to fetch it (seconds).
     claim_wait: float = 120.0
+    # How long the upstream's "yes, this credential may pull this digest from this
+    # repository" is reused without asking again, and how long it is still honoured while
+    # the upstream cannot be reached.
+    access_ttl: float = 30.0
+    offline_grace: float = 600.0
+    # An extra PEM CA bundle trusted for the upstreams ("" for the system's trust only).
+    ca_file: str = ""
     max_manifest: int = 4 << 20
     upstream_by_ns: dict[str, MirrorUpstream] = field(init=False, compare=False)
 
@@ -121,6 +137,20 @@ def _passed_on(exc: OriginStatus, missing: str) -> MirrorError:
     return MirrorError(429, "TOOMANYREQUESTS", "the upstream throttled the request")
 
 
+def _credential(auth: str | None) -> str:
+    """The key of a caller's credentials in the grant cache (never the credentials)."""
+    return hashlib.sha256(auth.encode()).hexdigest() if auth else ""
+
+
+@dataclass(frozen=True)
+class _Caller:
+    """A request's upstream, repository and Authorization: what the access check needs."""
+
+    origin: Origin
+    name: str
+    auth: str | None
+
+
 class Mirror:
     """Resolves mirror requests for one bridge; `start()` joins the cluster's directory."""
 
@@ -130,16 +160,20 @@ class Mirror:
         self.options = options
         self.policy = policy or ReadPolicy()
         self.directory = Directory(store, timeout=options.lookup_timeout)
-        self.origins = {u.ns: Origin(u, timeout=options.upstream_timeout)
+        self.origins = {u.ns: Origin(u, timeout=options.upstream_timeout,
+                                     ca_file=options.ca_file)
                         for u in options.upstreams}
         self._tags: dict[str, tuple[Head, float]] = {}
         self._blobs: dict[str, BlobRef] = {}  # digest -> CID verified on this node
         self._manifests: OrderedDict[str, bytes] = OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
         self._checking: dict[str, asyncio.Task[None]] = {}  # ranged reads' whole checks
+        # (credential hash, ns, repository, digest) -> when the upstream granted it
+        self._grants: OrderedDict[tuple[str, str, str, str], float] = OrderedDict()
         # What each source delivered (the tests and the bench read these).
         self.counts = {"upstream_bytes": 0, "cluster_hits": 0, "upstream_fetches": 0,
-                       "rejected": 0, "ranged_cluster": 0}
+                       "rejected": 0, "ranged_cluster": 0,
+                       "access_checks": 0, "access_refused": 0, "offline_served": 0}
 
     async def start(self) -> None:
         await self.directory.start()
@@ -167,6 +201,7 @@ class Mirror:
                        ) -> tuple[str, BlobRef, bytes]:
         """(digest, where its bytes are, the bytes) of manifest `ref` of `ns`/`name`."""
         origin = self._origin(ns, name)
+        caller = _Caller(origin, name, auth)
         if is_digest(ref):
             digest = ref
         elif is_tag(ref) and ":" not in ref:
@@ -175,8 +210,9 @@ class Mirror:
             raise MirrorError(400, "DIGEST_INVALID" if ":" in ref else "TAG_INVALID",
                               "invalid manifest reference",
                               f"{ref[:100]!r} is neither a tag nor a digest")
+        await self._authorize(caller, "manifests", digest)
         async with self._lock(digest):
-            return await self._manifest(origin, name, digest, auth)
+            return await self._manifest(caller, digest)
 
     async def blob(self, ns: str, name: str, digest: str, auth: str | None, *,
                    fetch: bool = True, ranged: bool = False) -> BlobRef:
@@ -188,6 +224,8 @@ class Mirror:
         if not is_digest(digest):
             raise MirrorError(400, "DIGEST_INVALID", "provided digest is invalid",
                               f"{digest[:100]!r} is not sha256:<64 hex> or sha512:<128 hex>")
+        caller = _Caller(origin, name, auth)
+        await self._authorize(caller, "blobs", digest)
         if not fetch:
             known = self._blobs.get(digest)
             if known is not None:
@@ -201,11 +239,12 @@ class Mirror:
         if ranged and digest not in self._blobs:
             rec = await self.directory.lookup(digest)
             if rec is not None and rec.size > 0:
-                return await self._ranged_from_cluster(digest, rec)
+                return await self._ranged_from_cluster(caller, digest, rec)
         async with self._lock(digest):
-            return await self._blob(origin, name, digest, auth)
+            return await self._blob(caller, digest)
 
-    async def _ranged_from_cluster(self, digest: str, rec: Record) -> BlobRef:
+    async def _ranged_from_cluster(self, caller: _Caller, digest: str, rec: Record
+                                   ) -> BlobRef:
         """A lazy reader's ranges come from the holder's CID without waiting for the whole
         blob: checking it first would fetch the whole layer across the swarm before the
         first chunk, which is what lazy pulling avoids. The reader verifies what it gets
@@ -221,7 +260,7 @@ class Mirror:
                 try:
                     async with self._lock(digest):
                         if digest not in self._blobs:
-                            await self._from_cluster(digest, rec)
+                            await self._from_cluster(caller, digest, rec)
                 finally:
                     self._checking.pop(digest, None)
 
@@ -238,6 +277,73 @@ class Mirror:
                     del self._locks[k]
                 self._locks[key] = lock
         return lock
+
+    # -- access -------------------------------------------------------------------------------
+    def _grant_key(self, caller: _Caller, digest: str) -> tuple[str, str, str, str]:
+        return (_credential(caller.auth), caller.origin.upstream.ns, caller.name, digest)
+
+    def _grant(self, caller: _Caller, digest: str) -> None:
+        key = self._grant_key(caller, digest)
+        self._grants[key] = time.monotonic()
+        self._grants.move_to_end(key)
+        while len(self._grants) > _GRANTS_KEPT:
+            self._grants.popitem(last=False)
+
+    async def _authorize(self, caller: _Caller, kind: str, digest: str) -> None:
+        """Return if the upstream lets `caller` pull `digest` from its repository (per
+        digest: a grant for repository X says nothing about a digest of Y); else raise
+        the upstream's 401 (with its challenge) / 403 / 404. When the upstream cannot be
+        reached: content known to be public, or granted to this credential within
+        `offline_grace`, passes; content the cluster holds otherwise gets 503; content
+        nobody holds gets 502 (it could not be fetched anyway)."""
+        key = self._grant_key(caller, digest)
+        granted = self._grants.get(key)
+        age = time.monotonic() - granted if granted is not None else float("inf")
+        if age < self.options.access_ttl:
+            return
+        self.counts["access_checks"] += 1
+        try:
+            await caller.origin.head(kind, caller.name, digest, caller.auth)
+        except OriginStatus as exc:
+            self._grants.pop(key, None)
+            self.counts["access_refused"] += 1
+            raise _passed_on(exc, "BLOB_UNKNOWN" if kind == "blobs" else
+                             "MANIFEST_UNKNOWN") from None
+        except OriginError as exc:
+            if age < self.options.offline_grace:
+                self.counts["offline_served"] += 1
+                return
+            records = [r for r in (self.directory.own.get(digest),
+                                   self.directory.heard.get(digest)) if r is not None]
+            if not records and digest not in self._blobs:
+                rec = await self.directory.lookup(digest)
+                records = [rec] if rec is not None else []
+            if any(r.public for r in records):
+                self.counts["offline_served"] += 1
+                return
+            if not records and digest not in self._blobs:
+                raise MirrorError(502, "UNAVAILABLE", f"{kind[:-1]} not in the cluster and "
+                                  "the upstream registry cannot be reached",
+                                  str(exc)) from None
+            self.counts["access_refused"] += 1
+            raise MirrorError(503, "UNAVAILABLE", "the upstream registry cannot be reached "
+                              "to check this request's access, and this content is not "
+                              "known to be public", f"{caller.name}@{digest}: {exc}"
+                              ) from None
+        self._grant(caller, digest)
+
+    async def _public(self, caller: _Caller, kind: str, digest: str,
+                      rec: Record | None = None) -> bool:
+        """Whether the upstream gives `digest` to anyone (a record's `public` flag): a
+        record that says so, an anonymous caller that passed `_authorize`, else one
+        anonymous HEAD (once per digest verified on this node)."""
+        if (rec is not None and rec.public) or not caller.auth:
+            return True
+        try:
+            await caller.origin.head(kind, caller.name, digest, None)
+        except (OriginStatus, OriginError):
+            return False
+        return True
 
     # -- tags -----------------------------------------------------------------------------
     async def _head(self, origin: Origin, kind: str, name: str, ref: str,
@@ -275,13 +381,14 @@ class Mirror:
             raise MirrorError(502, "UNAVAILABLE", "the upstream sent a malformed digest",
                               head.digest[:100])
         self._tags[key] = (head, loop.time())
+        self._grant(_Caller(origin, name, auth), head.digest)  # the HEAD just said so
         self.directory.verified(Record(key, head.digest, head.size, head.media_type,
                                        at=time.time()))
         return head
 
     # -- manifests ------------------------------------------------------------------------
-    async def _manifest(self, origin: Origin, name: str, digest: str, auth: str | None
-                        ) -> tuple[str, BlobRef, bytes]:
+    async def _manifest(self, caller: _Caller, digest: str) -> tuple[str, BlobRef, bytes]:
+        origin, name, auth = caller.origin, caller.name, caller.auth
         started = time.monotonic()
         data = self._manifests.get(digest)
         ref = self._blobs.get(digest)
@@ -303,7 +410,8 @@ class Mirror:
                 if _matches(digest, h):
                     self.counts["cluster_hits"] += 1
                     ref = BlobRef(rec.value, len(data), _media_type(data, rec.media_type))
-                    await self._keep(digest, ref, data, "cluster", started)
+                    await self._keep(digest, ref, data, "cluster", started,
+                                     await self._public(caller, "manifests", digest, rec))
                     return digest, ref, data
                 self._reject(digest, rec)
         try:
@@ -337,13 +445,15 @@ class Mirror:
                               "not match its digest", digest)
         cid = await self.store.add(data, pin=True)
         ref = BlobRef(cid, len(data), _media_type(data, media))
-        await self._keep(digest, ref, data, "upstream", started)
+        await self._keep(digest, ref, data, "upstream", started,
+                         await self._public(caller, "manifests", digest))
         return digest, ref, data
 
     async def _keep(self, digest: str, ref: BlobRef, data: bytes | None, source: str,
-                    started: float) -> None:
+                    started: float, public: bool) -> None:
         """`ref` holds `digest`, verified here (from `source`, since `started`,
-        time.monotonic()): pin it, remember it, announce it, log it."""
+        time.monotonic(); `public`: the upstream gives it to anyone): pin it, remember
+        it, announce it, log it."""
         log_upstream("mirror", ref.cid, started, time.monotonic() - started, 0.0,
                      digest=digest, source=source, bytes=ref.size)
         if digest not in self._blobs:
@@ -353,7 +463,8 @@ class Mirror:
             self._manifests[digest] = data
             while len(self._manifests) > _MANIFESTS_KEPT:
                 self._manifests.popitem(last=False)
-        self.directory.verified(Record(digest, ref.cid, ref.size, ref.media_type))
+        self.directory.verified(Record(digest, ref.cid, ref.size, ref.media_type,
+                                       public=public))
 
     def _reject(self, digest: str, rec: Record) -> None:
         self.counts["rejected"] += 1
@@ -362,28 +473,28 @@ class Mirror:
         self.directory.forget(digest, rec.value)
 
     # -- blobs ----------------------------------------------------------------------------
-    async def _blob(self, origin: Origin, name: str, digest: str, auth: str | None
-                    ) -> BlobRef:
+    async def _blob(self, caller: _Caller, digest: str) -> BlobRef:
         known = self._blobs.get(digest)
         if known is not None:
             return known
-        ref = await self._from_cluster(digest, await self.directory.lookup(digest))
+        ref = await self._from_cluster(caller, digest, await self.directory.lookup(digest))
         if ref is None and not await self.directory.claim(digest):
             # Another bridge is fetching it from the upstream: take it from that one.
             waited = time.monotonic()
             rec = await self.directory.wait_for(digest, self.options.claim_wait)
             log_upstream("mirror-wait", rec.value if rec else "", waited,
                          time.monotonic() - waited, 0.0, digest=digest, heard=rec is not None)
-            ref = await self._from_cluster(digest, rec)
+            ref = await self._from_cluster(caller, digest, rec)
         if ref is not None:
             return ref
         try:
-            return await self._from_upstream(origin, name, digest, auth)
+            return await self._from_upstream(caller, digest)
         except MirrorError:
             self.directory.drop(digest)
             raise
 
-    async def _from_cluster(self, digest: str, rec: Record | None) -> BlobRef | None:
+    async def _from_cluster(self, caller: _Caller, digest: str, rec: Record | None
+                            ) -> BlobRef | None:
         """The blob of a cluster record once its CID proved to hold `digest`, else None."""
         started = time.monotonic()
         if rec is None or rec.size <= 0:
@@ -394,7 +505,8 @@ class Mirror:
             return None
         self.counts["cluster_hits"] += 1
         ref = BlobRef(rec.value, rec.size, rec.media_type or "application/octet-stream")
-        await self._keep(digest, ref, None, "cluster", started)
+        await self._keep(digest, ref, None, "cluster", started,
+                         await self._public(caller, "blobs", digest, rec))
         return ref
 
     async def _connect(self, addrs: tuple[str, ...]) -> None:
@@ -426,10 +538,10 @@ class Mirror:
             return False
         return _matches(digest, h)
 
-    async def _from_upstream(self, origin: Origin, name: str, digest: str,
-                             auth: str | None) -> BlobRef:
+    async def _from_upstream(self, caller: _Caller, digest: str) -> BlobRef:
         try:
-            media, size, body = await origin.get("blobs", name, digest, auth)
+            media, size, body = await caller.origin.get("blobs", caller.name, digest,
+                                                        caller.auth)
         except OriginStatus as exc:
             raise _passed_on(exc, "BLOB_UNKNOWN") from None
         except OriginError as exc:
@@ -460,5 +572,6 @@ class Mirror:
             raise MirrorError(502, "UNAVAILABLE", "the upstream sent a blob that does not "
                               "match its digest; nothing was kept", digest)
         ref = BlobRef(cid, got[0], "application/octet-stream" if not media else media)
-        await self._keep(digest, ref, None, "upstream", started)
+        await self._keep(digest, ref, None, "upstream", started,
+                         await self._public(caller, "blobs", digest))
         return ref

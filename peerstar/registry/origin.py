@@ -2,10 +2,11 @@
 
 Owns: `MirrorUpstream` (namespace, base URL), parsing of `[NS=]URL`, and `Origin`, a
 small httpx.AsyncClient over the distribution API of one upstream: HEAD of a manifest
-(tag resolution) and GET of a manifest or blob as a stream, each with the caller's own
-Authorization header forwarded, so the upstream decides what the caller may pull.
-`OriginError` is an upstream that cannot be reached or answers garbage;
-`OriginStatus` an HTTP answer the mirror passes on (401 with its challenge, 404).
+or blob (tag resolution, and the mirror's access check of a caller) and GET of a
+manifest or blob as a stream, each with the caller's own Authorization header
+forwarded, so the upstream decides what the caller may pull. `OriginError` is an
+upstream that cannot be reached or answers garbage; `OriginStatus` an HTTP answer the
+mirror passes on (401 with its challenge, 403, 404).
 
 Not `peerstar.distribution.AsyncRegistryClient`: that client holds credentials and
 answers challenges itself, while a mirror must not -- each request carries its caller's
@@ -76,11 +77,12 @@ class Head:
 class Origin:
     """HTTP access to one upstream registry (`timeout` per connect/read)."""
 
-    def __init__(self, upstream: MirrorUpstream, *, timeout: float = 30.0) -> None:
+    def __init__(self, upstream: MirrorUpstream, *, timeout: float = 30.0,
+                 ca_file: str = "") -> None:
         self.upstream = upstream
         self._client = httpx.AsyncClient(base_url=upstream.url, follow_redirects=True,
                                          timeout=httpx.Timeout(timeout), trust_env=False,
-                                         verify=tls_context())
+                                         verify=tls_context(ca_file))
 
     async def close(self) -> None:
         await self._client.aclose()
