@@ -367,6 +367,8 @@ class Mirror:
         try:
             head = await origin.head("manifests", name, tag, auth)
         except OriginStatus as exc:
+            if exc.status in (401, 403):
+                self.counts["access_refused"] += 1
             raise _passed_on(exc, "MANIFEST_UNKNOWN") from None
         except OriginError as exc:
             rec = await self.directory.lookup(key)

@@ -23,12 +23,12 @@ import pytest
 from peerstar.ipfs import EmbeddedStore
 from peerstar.registry import ReadPolicy, ServerOptions
 from peerstar.registry.directory import Record
-from peerstar.registry.mirror import Mirror, MirrorOptions
+from peerstar.registry.mirror import Mirror, MirrorOptions, _credential
 from peerstar.registry.origin import parse_mirror
 from peerstar.source.sample import SampleImage, build_sample_image
 from tests.registry.harness import ThreadedRegistry
 from tests.registry.helpers import Reply, request
-from tests.support.containerd import HarnessError
+from tests.support.containerd import HarnessError, start_containerd
 from tests.support.registry import (
     MANIFEST_ACCEPT,
     PrivateRegistry,
@@ -242,3 +242,39 @@ def test_upstream_down_serves_public_or_granted_content_only(
             assert mirror.counts["offline_served"] == 2
     finally:
         reg.stop()
+
+
+def test_ctr_pull_answers_the_bridges_challenge_with_its_credentials(
+        bridge: ThreadedRegistry, upstream: PrivateRegistry,
+        images: tuple[SampleImage, SampleImage], tmp_path: Path) -> None:
+    """containerd (ctr --hosts-dir) against the bridge as mirror host: without credentials
+    the bridge's 401 (the upstream's Basic challenge) ends the pull; with `--user` ctr
+    answers that challenge by sending its Basic credentials to the mirror host, and the
+    private layer another bridge holds comes from the cluster."""
+    mirror = _mirror(bridge)
+    layer = _private_layer(images)
+    _held_by_a_peer(bridge, layer, _blob(images[0], layer))
+    hosts = tmp_path / "certs.d"
+    (hosts / upstream.host).mkdir(parents=True)
+    (hosts / upstream.host / "hosts.toml").write_text(
+        f'server = "{upstream.url}"\nca = "{upstream.ca}"\n\n'
+        f'[host."http://{bridge.host}"]\n  capabilities = ["pull", "resolve"]\n')
+    ref = f"{upstream.host}/team/private:1"
+    try:
+        ctrd = start_containerd(tmp_path / "ctrd")
+    except HarnessError as exc:
+        pytest.fail(f"cannot start containerd: {exc}", pytrace=False)
+    with ctrd:
+        proc = ctrd.ctr.run("image", "pull", "--hosts-dir", hosts, ref, check=False)
+        assert proc.returncode != 0 and b"401" in proc.stderr + proc.stdout
+        print("ctr without credentials:", proc.stderr.decode()[-600:])
+        assert mirror.counts["access_refused"] >= 1 and mirror.counts["cluster_hits"] == 0
+        ctrd.ctr.run("image", "pull", "--hosts-dir", hosts, "--user", f"{USER}:{PASSWORD}",
+                 ref, timeout=120)
+        assert ctrd.ctr.image_exists(ref)
+    # What containerd sent the mirror host: the Basic credentials given to ctr.
+    assert (_credential(RIGHT["Authorization"]), upstream.host, "team/private", layer) \
+        in mirror._grants
+    assert mirror.counts["cluster_hits"] == 1  # the layer another bridge holds
+    assert images[0].manifest_digest in mirror.directory.own  # the rest via the bridge
+    assert mirror.counts["upstream_fetches"] >= 1
