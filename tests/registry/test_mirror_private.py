@@ -9,6 +9,8 @@ upstream's 401 and its challenge; wrong credentials: 401); with the right ones i
 from the cluster, with no blob bytes from the upstream; a grant for repository X does not
 open a digest of Y through X's name; grants are cached for the TTL, per credential; with
 the upstream down only public content, or content granted to this credential, is served.
+With a real containerd (ctr --hosts-dir, and the CRI plugin with config_path): how the
+credentials of a pull reach the bridge as mirror host (docs/mirror.md).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from peerstar.registry.origin import parse_mirror
 from peerstar.source.sample import SampleImage, build_sample_image
 from tests.registry.harness import ThreadedRegistry
 from tests.registry.helpers import Reply, request
-from tests.support.containerd import HarnessError, start_containerd
+from tests.support.containerd import CriOptions, HarnessError, start_containerd
+from tests.support.cri.client import CriImages
 from tests.support.registry import (
     MANIFEST_ACCEPT,
     PrivateRegistry,
@@ -278,3 +281,40 @@ def test_ctr_pull_answers_the_bridges_challenge_with_its_credentials(
     assert mirror.counts["cluster_hits"] == 1  # the layer another bridge holds
     assert images[0].manifest_digest in mirror.directory.own  # the rest via the bridge
     assert mirror.counts["upstream_fetches"] >= 1
+
+
+def test_cri_pull_secret_reaches_the_bridge_unless_scoped_to_the_upstream(
+        bridge: ThreadedRegistry, upstream: PrivateRegistry,
+        images: tuple[SampleImage, SampleImage], tmp_path: Path) -> None:
+    """containerd's CRI plugin with `config_path`: a PullImage carrying credentials
+    without `server_address` (what kubelet sends for a pull secret: its keyring keeps only
+    username and password) gives them to the mirror host too, so the private layer comes
+    from the cluster. Credentials scoped to the upstream (`server_address`) are withheld
+    from the mirror host (`ParseAuth`): the bridge refuses the anonymous requests and
+    containerd pulls from the upstream itself."""
+    mirror = _mirror(bridge)
+    layer = _private_layer(images)
+    _held_by_a_peer(bridge, layer, _blob(images[0], layer))
+    hosts = tmp_path / "certs.d"
+    (hosts / upstream.host).mkdir(parents=True)
+    (hosts / upstream.host / "hosts.toml").write_text(
+        f'server = "{upstream.url}"\nca = "{upstream.ca}"\n\n'
+        f'[host."http://{bridge.host}"]\n  capabilities = ["pull", "resolve"]\n')
+    ref = f"{upstream.host}/team/private:1"
+    try:
+        ctrd = start_containerd(tmp_path / "ctrd", cri=CriOptions(config_path=str(hosts)))
+    except HarnessError as exc:
+        pytest.fail(f"cannot start containerd: {exc}", pytrace=False)
+    with ctrd, CriImages(ctrd.address, timeout=120) as cri:
+        # Scoped to the upstream: the bridge sees no credentials, the upstream serves all.
+        cri.pull(ref, username=USER, password=PASSWORD, server_address=upstream.url)
+        assert mirror.counts["access_refused"] >= 1
+        assert mirror.counts["cluster_hits"] == 0 and mirror.counts["upstream_fetches"] == 0
+        assert not any(k[0] for k in mirror._grants)  # no credential ever reached it
+        cri.remove(ref)
+        ctrd.ctr.run("content", "rm", layer, check=False)
+        # As kubelet sends a pull secret: the bridge gets them and serves from the cluster.
+        cri.pull(ref, username=USER, password=PASSWORD)
+    assert (_credential(RIGHT["Authorization"]), upstream.host, "team/private", layer) \
+        in mirror._grants
+    assert mirror.counts["cluster_hits"] == 1

@@ -32,12 +32,16 @@ class CriImages:
         self._channel = grpc.insecure_channel(f"unix://{self.address}")
         self._stub = api_pb2_grpc.ImageServiceStub(self._channel)
 
-    def pull(self, image: str, *, username: str = "", password: str = "") -> str:
+    def pull(self, image: str, *, username: str = "", password: str = "",
+             server_address: str = "") -> str:
         """PullImage; returns the image ref the runtime answers (containerd: the image
-        id, `sha256:` + the config digest)."""
+        id, `sha256:` + the config digest). kubelet sends a pull secret's username and
+        password without `server_address`; a client may name the registry the
+        credentials are for (containerd then gives them to that host only)."""
         req = api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=image))
         if username or password:
-            req.auth.CopyFrom(api_pb2.AuthConfig(username=username, password=password))
+            req.auth.CopyFrom(api_pb2.AuthConfig(username=username, password=password,
+                                                 server_address=server_address))
         return self._stub.PullImage(req, timeout=self.timeout).image_ref
 
     def status(self, image: str, *, verbose: bool = False) -> api_pb2.ImageStatusResponse:
