@@ -225,7 +225,7 @@ class Mirror:
             raise MirrorError(400, "DIGEST_INVALID", "provided digest is invalid",
                               f"{digest[:100]!r} is not sha256:<64 hex> or sha512:<128 hex>")
         caller = _Caller(origin, name, auth)
-        await self._authorize(caller, "blobs", digest)
+        checked = await self._authorize(caller, "blobs", digest)
         if not fetch:
             known = self._blobs.get(digest)
             if known is not None:
@@ -234,7 +234,8 @@ class Mirror:
             if rec is not None and rec.size > 0:
                 return BlobRef(rec.value, rec.size, rec.media_type or
                                "application/octet-stream")
-            head = await self._head(origin, "blobs", name, digest, auth, "BLOB_UNKNOWN")
+            head = checked or await self._head(origin, "blobs", name, digest, auth,
+                                               "BLOB_UNKNOWN")
             return BlobRef("", head.size, head.media_type or "application/octet-stream")
         if ranged and digest not in self._blobs:
             rec = await self.directory.lookup(digest)
@@ -289,9 +290,10 @@ class Mirror:
         while len(self._grants) > _GRANTS_KEPT:
             self._grants.popitem(last=False)
 
-    async def _authorize(self, caller: _Caller, kind: str, digest: str) -> None:
+    async def _authorize(self, caller: _Caller, kind: str, digest: str) -> Head | None:
         """Return if the upstream lets `caller` pull `digest` from its repository (per
-        digest: a grant for repository X says nothing about a digest of Y); else raise
+        digest: a grant for repository X says nothing about a digest of Y) -- with the
+        upstream's HEAD when it was just asked, None when a grant answered; else raise
         the upstream's 401 (with its challenge) / 403 / 404. When the upstream cannot be
         reached: content known to be public, or granted to this credential within
         `offline_grace`, passes; content the cluster holds otherwise gets 503; content
@@ -300,10 +302,10 @@ class Mirror:
         granted = self._grants.get(key)
         age = time.monotonic() - granted if granted is not None else float("inf")
         if age < self.options.access_ttl:
-            return
+            return None
         self.counts["access_checks"] += 1
         try:
-            await caller.origin.head(kind, caller.name, digest, caller.auth)
+            head = await caller.origin.head(kind, caller.name, digest, caller.auth)
         except OriginStatus as exc:
             self._grants.pop(key, None)
             self.counts["access_refused"] += 1
@@ -312,7 +314,7 @@ class Mirror:
         except OriginError as exc:
             if age < self.options.offline_grace:
                 self.counts["offline_served"] += 1
-                return
+                return None
             records = [r for r in (self.directory.own.get(digest),
                                    self.directory.heard.get(digest)) if r is not None]
             if not records and digest not in self._blobs:
@@ -320,7 +322,7 @@ class Mirror:
                 records = [rec] if rec is not None else []
             if any(r.public for r in records):
                 self.counts["offline_served"] += 1
-                return
+                return None
             if not records and digest not in self._blobs:
                 raise MirrorError(502, "UNAVAILABLE", f"{kind[:-1]} not in the cluster and "
                                   "the upstream registry cannot be reached",
@@ -331,6 +333,7 @@ class Mirror:
                               "known to be public", f"{caller.name}@{digest}: {exc}"
                               ) from None
         self._grant(caller, digest)
+        return head
 
     async def _public(self, caller: _Caller, kind: str, digest: str,
                       rec: Record | None = None) -> bool:

@@ -121,6 +121,9 @@ def _range_reads_by_node(port: int, mport: int, path: str, blob: bytes) -> dict[
     ([], {"PEERSTAR_REGISTRY_MIRRORS": "http://a:1,nope"}, "must be http(s)://"),
     (["--mirror", "http://a:1", "--mirror-tag-ttl", "never"], {}, "is not a duration"),
     (["--mirror", "http://a:1", "--mirror-lookup-timeout", "0ms"], {}, "more than zero"),
+    (["--mirror", "http://a:1", "--mirror-access-ttl", "later"], {}, "is not a duration"),
+    ([], {"PEERSTAR_REGISTRY_MIRRORS": "http://a:1",
+          "PEERSTAR_REGISTRY_MIRROR_OFFLINE_GRACE": "0s"}, "more than zero"),
 ])
 def test_bad_settings_fail_cleanly(tmp_path: Path, args: list[str], env: dict[str, str],
                                    message: str) -> None:
