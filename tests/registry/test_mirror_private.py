@@ -251,7 +251,8 @@ def test_ctr_pull_answers_the_bridges_challenge_with_its_credentials(
         bridge: ThreadedRegistry, upstream: PrivateRegistry,
         images: tuple[SampleImage, SampleImage], tmp_path: Path) -> None:
     """containerd (ctr --hosts-dir) against the bridge as mirror host: without credentials
-    the bridge's 401 (the upstream's Basic challenge) ends the pull; with `--user` ctr
+    the pull fails, the bridge's 401 (the upstream's Basic challenge) its first error (the
+    upstream, tried next, refuses too); with `--user` ctr
     answers that challenge by sending its Basic credentials to the mirror host, and the
     private layer another bridge holds comes from the cluster."""
     mirror = _mirror(bridge)
