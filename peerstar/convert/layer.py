@@ -88,7 +88,7 @@ def build_layer(src: BinaryIO, dst: BinaryIO, options: ConvertOptions,
     hw = HashingWriter(dst)
     try:
         result = build(
-            src, hw,  # type: ignore[arg-type]
+            src, hw,  # type: ignore[arg-type]  # HashingWriter is a RawIOBase; build only writes to it
             compression=options.compression,
             chunk_size=options.chunk_size,
             level=options.level,

@@ -144,7 +144,7 @@ class _Input:
     def reader(self) -> BinaryIO:
         """The tar as a seekable stream, from its start (for reading headers)."""
         if self._bytes is not None:
-            return io.BytesIO(self._bytes)  # type: ignore[arg-type]
+            return io.BytesIO(self._bytes)  # type: ignore[arg-type]  # a memoryview is fine at run time
         assert self._file is not None
         self._file.seek(0)
         return self._file
@@ -166,7 +166,7 @@ class _Input:
 
 def _peek(src: BinaryIO, n: int) -> bytes:
     if hasattr(src, "peek"):
-        return src.peek(n)[:n]  # type: ignore[attr-defined]
+        return src.peek(n)[:n]  # type: ignore[attr-defined]  # BinaryIO declares no peek; hasattr above
     pos = src.tell()
     head = src.read(n)
     src.seek(pos)

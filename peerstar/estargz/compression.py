@@ -209,7 +209,7 @@ class Gzip(Compression):
 
     def stream_reader(self, src: BinaryIO) -> BinaryIO:
         # (a GzipFile reads like a binary file; typeshed does not call it BinaryIO)
-        return gzip.GzipFile(fileobj=src, mode="rb")  # type: ignore[return-value]
+        return gzip.GzipFile(fileobj=src, mode="rb")  # type: ignore[return-value]  # see above
 
     def parse_footer(self, tail: bytes, blob_size: int) -> Footer:
         extra = _parse_gzip_extra(tail[-ESTARGZ_FOOTER_SIZE:])
@@ -382,7 +382,7 @@ class ZstdChunked(Compression):
 
     def stream_reader(self, src: BinaryIO) -> BinaryIO:
         # (a stream reader reads like a binary file; its stub does not call it BinaryIO)
-        return zstandard.ZstdDecompressor().stream_reader(  # type: ignore[return-value]
+        return zstandard.ZstdDecompressor().stream_reader(  # type: ignore[return-value]  # above
             src, read_across_frames=True)
 
     def parse_footer(self, tail: bytes, blob_size: int) -> Footer:

@@ -24,12 +24,14 @@ at once with a sentence saying which host and what to do.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -41,6 +43,8 @@ from peerstar.errors import PeerstarError
 from peerstar.lazyfs import metrics
 from peerstar.lazyfs.cache import DiskCache
 from peerstar.lazyfs.options import DEFAULT_REGION_SIZE
+
+_T = TypeVar("_T")
 
 log = logging.getLogger("peerstar.lazyfs.fetcher")
 
@@ -287,7 +291,7 @@ class BlobFetcher:
         for k in range(0, len(spans), self.max_ranges):
             batch = spans[k:k + self.max_ranges]
             byte_spans = [(self.region_span(a)[0], self.region_span(b)[1]) for a, b in batch]
-            datas = self._with_retries(lambda bs=byte_spans: self._request(bs, kind))
+            datas = self._with_retries(functools.partial(self._request, byte_spans, kind))
             for (a, b), data in zip(batch, datas, strict=True):
                 for i in range(a, b + 1):
                     s, e = self.region_span(i)
@@ -302,7 +306,7 @@ class BlobFetcher:
 
     # -- HTTP ------------------------------------------------------------------------
 
-    def _with_retries(self, fn):  # type: ignore[no-untyped-def]
+    def _with_retries(self, fn: Callable[[], _T]) -> _T:
         delay = self.backoff
         for attempt in range(self.retries + 1):
             try:

@@ -38,7 +38,7 @@ import logging
 import secrets
 import socket
 import time
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -75,6 +75,7 @@ from peerstar.registry.upstream import (
 from peerstar.registry.warmup import WarmUp
 
 log = logging.getLogger("peerstar.registry")
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 access_log = logging.getLogger("peerstar.registry.access")
 http_log = logging.getLogger("peerstar.registry.http")
 
@@ -256,7 +257,8 @@ class RegistryServer:
         # add_get also answers HEAD with the same handler (aiohttp omits the body)
         app.router.add_get("/v2/", self._base, name="base")
         base = "/v2/ipfs/{cid:" + _CID_PATTERN + "}"
-        manifest, blob = self._manifest, self._blob
+        manifest: _Handler = self._manifest
+        blob: _Handler = self._blob
         if self.mirror is not None:
             # A mirror request (`?ns=`) for an upstream repository named ipfs/<x>.
             manifest = self._or_mirror(self._manifest, self._mirror_manifest)
@@ -343,14 +345,14 @@ class RegistryServer:
 
     # -- mirror mode ----------------------------------------------------------------------
 
-    def _or_mirror(self, handler, mirror):  # type: ignore[no-untyped-def]
+    def _or_mirror(self, handler: _Handler, mirror: _Handler) -> _Handler:
         async def dispatch(request: web.Request) -> web.StreamResponse:
             if "ns" in request.query:
                 return await mirror(request)
             return await handler(request)
         return dispatch
 
-    def _or_fallback(self, mirror):  # type: ignore[no-untyped-def]
+    def _or_fallback(self, mirror: _Handler) -> _Handler:
         async def dispatch(request: web.Request) -> web.StreamResponse:
             if "ns" not in request.query:
                 return await self._fallback(request)

@@ -129,7 +129,7 @@ class RegistrySource(SourceImage):
     def _open_raw(self, digest: str) -> tuple[BinaryIO, int]:
         stream = self.client.open_blob(self.repository, digest)
         # A RawIOBase, which typeshed does not count as BinaryIO; callers read and close.
-        return stream, -1 if stream.size is None else stream.size  # type: ignore[return-value]
+        return stream, -1 if stream.size is None else stream.size  # type: ignore[return-value]  # see above
 
     def _range_raw(self, digest: str) -> tuple[ReadAt, int]:
         size = self.client.blob_size(self.repository, digest)

@@ -43,7 +43,7 @@ from tests.support.containerd import Ctr
 from tests.support.content import sha256_digest
 from tests.support.ports import free_port
 from tests.support.registry import DockerRegistry, start_registry
-from tests.support.waiting import wait_until
+from tests.support.waiting import process_running, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -272,7 +272,7 @@ def test_remote_layer_remounted_after_its_daemon_died(
         assert subprocess.run(["umount", "-l", point]).returncode == 0
     assert mounts_under(snap.root) == []
     # like a reboot: the old daemons are gone for good
-    assert wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in daemons), 20), \
+    assert wait_until(lambda: not any(process_running(pid) for pid in daemons), 20), \
         "mount daemons did not exit after umount"
     snap.start()
     assert len(mounts_under(snap.root)) == 2

@@ -40,7 +40,7 @@ from tests.snapshotter.test_lazy_pull import (
 from tests.support.containerd import Ctr
 from tests.support.registry import start_registry
 from tests.support.snapshotter import SnapshotterProc
-from tests.support.waiting import wait_until
+from tests.support.waiting import process_running, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -51,16 +51,6 @@ FAR = "/opt/peerstar/random/extra-1.bin"  # 1 MiB, not in the prefetch
 def _sha256_of(path: str, extra_mib: int = EXTRA_MIB) -> str:
     data = next(e.data for e in sample_layer_entries(extra_mib=extra_mib)[1] if e.path == path)
     return hashlib.sha256(data).hexdigest()
-
-
-def _running(pid: int) -> bool:
-    """`pid` exists and is no zombie (a daemon whose starter died is reaped by init,
-    which in a container may never do it)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _cgroup_pids(name: str) -> set[int]:
@@ -199,7 +189,7 @@ def _check_pod_kill(st: Stack, ref: str, pod: str, mounts_cg: str) -> None:
     killed = _kill_cgroup(pod)  # the pod dies: its snapshotter and zygote with it
     assert snap.process.pid in killed and len(killed) >= 2, killed
     snap.stop()  # reaps it
-    assert all(_running(pid) for pid in daemons)
+    assert all(process_running(pid) for pid in daemons)
     points = mounts_under(snap.root)
     assert len(points) == 2
     # A lazy mount no snapshot owns (as a pod killed between a Remove and its unmount
@@ -279,8 +269,8 @@ def test_node_reboot_without_the_registry() -> None:
             pids = snap.daemon_pids()
             snap.unmount_all()
             assert mounts_under(snap.root) == []
-            assert wait_until(lambda: not any(_running(pid) for pid in pids), 20), \
-                [pid for pid in pids if _running(pid)]
+            assert wait_until(lambda: not any(process_running(pid) for pid in pids), 20), \
+                [pid for pid in pids if process_running(pid)]
             # `gone`'s data layer lost every cached byte, its TOC too (as cache eviction
             # can do): it cannot be mounted until the registry is back.
             regions = DiskCache(snap.root / "cache" / "regions")

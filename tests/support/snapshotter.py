@@ -31,7 +31,7 @@ import pytest
 
 from tests.support.containerd import Containerd, CriOptions, HarnessError, start_containerd
 from tests.support.netns import Node
-from tests.support.waiting import stop_process
+from tests.support.waiting import process_running, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -136,7 +136,7 @@ class SnapshotterProc:
             if subprocess.run(["umount", point], capture_output=True).returncode != 0:
                 subprocess.run(["umount", "-l", point], capture_output=True)
         deadline = time.monotonic() + timeout
-        while any(Path(f"/proc/{pid}").exists() for pid in pids):
+        while any(process_running(pid) for pid in pids):
             if time.monotonic() > deadline:
                 break  # leave the directory then; never kill what may not be ours
             time.sleep(0.05)

@@ -1,7 +1,8 @@
 """Waiting in tests for something another process or thread does: `wait_until` polls a
 condition until it holds or a timeout passes, and says which; the caller asserts on it,
 with the message that explains a failure. `http_ok` is the condition "this server is up".
-`stop_process` is the one way a test ends a process it started: signal, wait, kill."""
+`stop_process` is the one way a test ends a process it started: signal, wait, kill;
+`process_running` whether a pid is still a live process."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 
 
 def wait_until(cond: Callable[[], object], timeout: float = 10.0,
@@ -47,3 +49,13 @@ def stop_process(proc: subprocess.Popen | None, sig: int = signal.SIGTERM,
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=10)
+
+
+def process_running(pid: int) -> bool:
+    """`pid` exists and is no zombie (a daemon whose starter died is reparented to init,
+    which in a container may never reap it: its /proc entry stays)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
