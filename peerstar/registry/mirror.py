@@ -44,6 +44,7 @@ from peerstar.errors import PeerstarError
 from peerstar.ipfs import ContentStore
 from peerstar.oci.digest import is_digest
 from peerstar.oci.reference import is_tag
+from peerstar.registry.apierror import ApiError
 from peerstar.registry.directory import Directory, Record, tag_key
 from peerstar.registry.origin import (
     Head,
@@ -97,19 +98,6 @@ class MirrorOptions:
         object.__setattr__(self, "upstream_by_ns", {u.ns: u for u in self.upstreams})
 
 
-class MirrorError(PeerstarError):
-    """A request the mirror answers with a distribution-spec error."""
-
-    def __init__(self, status: int, code: str, message: str, detail: object = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.detail = detail
-        self.headers = headers or {}
-
-
 def _hasher(digest: str) -> hashlib._Hash:
     return hashlib.new(digest.split(":", 1)[0])
 
@@ -126,15 +114,15 @@ def _media_type(data: bytes, fallback: str) -> str:
     return fallback or "application/vnd.oci.image.manifest.v1+json"
 
 
-def _passed_on(exc: OriginStatus, missing: str) -> MirrorError:
+def _passed_on(exc: OriginStatus, missing: str) -> ApiError:
     if exc.status == 404:
-        return MirrorError(404, missing, "unknown to the upstream registry")
+        return ApiError(404, missing, "unknown to the upstream registry")
     if exc.status == 401:
-        return MirrorError(401, "UNAUTHORIZED", "authentication required by the upstream",
+        return ApiError(401, "UNAUTHORIZED", "authentication required by the upstream",
                            headers=exc.headers)
     if exc.status == 403:
-        return MirrorError(403, "DENIED", "the upstream denied access", headers=exc.headers)
-    return MirrorError(429, "TOOMANYREQUESTS", "the upstream throttled the request")
+        return ApiError(403, "DENIED", "the upstream denied access", headers=exc.headers)
+    return ApiError(429, "TOOMANYREQUESTS", "the upstream throttled the request")
 
 
 def _credential(auth: str | None) -> str:
@@ -189,11 +177,11 @@ class Mirror:
     def _origin(self, ns: str, name: str) -> Origin:
         origin = self.origins.get(ns)
         if origin is None:
-            raise MirrorError(404, "NAME_UNKNOWN", "registry not mirrored here",
+            raise ApiError(404, "NAME_UNKNOWN", "registry not mirrored here",
                               f"ns={ns[:100]!r} is not one of this bridge's --mirror "
                               f"upstreams ({', '.join(sorted(self.origins)) or 'none'})")
         if len(name) > 255 or not _NAME.match(name):
-            raise MirrorError(400, "NAME_INVALID", "invalid repository name",
+            raise ApiError(400, "NAME_INVALID", "invalid repository name",
                               f"{name[:100]!r} does not match the distribution spec's grammar")
         return origin
 
@@ -207,7 +195,7 @@ class Mirror:
         elif is_tag(ref) and ":" not in ref:
             digest = (await self._resolve_tag(origin, name, ref, auth)).digest
         else:
-            raise MirrorError(400, "DIGEST_INVALID" if ":" in ref else "TAG_INVALID",
+            raise ApiError(400, "DIGEST_INVALID" if ":" in ref else "TAG_INVALID",
                               "invalid manifest reference",
                               f"{ref[:100]!r} is neither a tag nor a digest")
         await self._authorize(caller, "manifests", digest)
@@ -222,7 +210,7 @@ class Mirror:
         served from its CID at once while its whole is checked in the background."""
         origin = self._origin(ns, name)
         if not is_digest(digest):
-            raise MirrorError(400, "DIGEST_INVALID", "provided digest is invalid",
+            raise ApiError(400, "DIGEST_INVALID", "provided digest is invalid",
                               f"{digest[:100]!r} is not sha256:<64 hex> or sha512:<128 hex>")
         caller = _Caller(origin, name, auth)
         checked = await self._authorize(caller, "blobs", digest)
@@ -324,11 +312,11 @@ class Mirror:
                 self.counts["offline_served"] += 1
                 return None
             if not records and digest not in self._blobs:
-                raise MirrorError(502, "UNAVAILABLE", f"{kind[:-1]} not in the cluster and "
+                raise ApiError(502, "UNAVAILABLE", f"{kind[:-1]} not in the cluster and "
                                   "the upstream registry cannot be reached",
                                   str(exc)) from None
             self.counts["access_refused"] += 1
-            raise MirrorError(503, "UNAVAILABLE", "the upstream registry cannot be reached "
+            raise ApiError(503, "UNAVAILABLE", "the upstream registry cannot be reached "
                               "to check this request's access, and this content is not "
                               "known to be public", f"{caller.name}@{digest}: {exc}"
                               ) from None
@@ -356,7 +344,7 @@ class Mirror:
         except OriginStatus as exc:
             raise _passed_on(exc, missing) from None
         except OriginError as exc:
-            raise MirrorError(502, "UNAVAILABLE", "the upstream registry cannot be reached",
+            raise ApiError(502, "UNAVAILABLE", "the upstream registry cannot be reached",
                               str(exc)) from None
 
     async def _resolve_tag(self, origin: Origin, name: str, tag: str,
@@ -376,14 +364,14 @@ class Mirror:
         except OriginError as exc:
             rec = await self.directory.lookup(key)
             if rec is None or not is_digest(rec.value):
-                raise MirrorError(502, "UNAVAILABLE", "the upstream registry cannot be "
+                raise ApiError(502, "UNAVAILABLE", "the upstream registry cannot be "
                                   "reached and no node of the cluster knows this tag",
                                   str(exc)) from None
             log.warning("%s unreachable (%s): %s:%s -> %s, as last seen in the cluster",
                         origin.upstream.url, exc, name, tag, rec.value)
             return Head(rec.value, rec.media_type, rec.size)
         if not is_digest(head.digest):
-            raise MirrorError(502, "UNAVAILABLE", "the upstream sent a malformed digest",
+            raise ApiError(502, "UNAVAILABLE", "the upstream sent a malformed digest",
                               head.digest[:100])
         self._tags[key] = (head, loop.time())
         self._grant(_Caller(origin, name, auth), head.digest)  # the HEAD just said so
@@ -424,7 +412,7 @@ class Mirror:
         except OriginStatus as exc:
             raise _passed_on(exc, "MANIFEST_UNKNOWN") from None
         except OriginError as exc:
-            raise MirrorError(502, "UNAVAILABLE", "manifest not in the cluster and the "
+            raise ApiError(502, "UNAVAILABLE", "manifest not in the cluster and the "
                               "upstream registry cannot be reached", str(exc)) from None
         h = _hasher(digest)
         parts: list[bytes] = []
@@ -433,12 +421,12 @@ class Mirror:
             async for piece in body:
                 got += len(piece)
                 if got > self.options.max_manifest:
-                    raise MirrorError(502, "UNAVAILABLE", "the upstream sent a manifest "
+                    raise ApiError(502, "UNAVAILABLE", "the upstream sent a manifest "
                                       f"over {self.options.max_manifest} bytes")
                 h.update(piece)
                 parts.append(piece)
         except OriginError as exc:
-            raise MirrorError(502, "UNAVAILABLE", "reading from the upstream failed",
+            raise ApiError(502, "UNAVAILABLE", "reading from the upstream failed",
                               str(exc)) from None
         finally:
             await body.aclose()  # type: ignore[attr-defined]
@@ -446,7 +434,7 @@ class Mirror:
         self.counts["upstream_bytes"] += len(data)
         if not _matches(digest, h):
             self.counts["rejected"] += 1
-            raise MirrorError(502, "UNAVAILABLE", "the upstream sent a manifest that does "
+            raise ApiError(502, "UNAVAILABLE", "the upstream sent a manifest that does "
                               "not match its digest", digest)
         cid = await self.store.add(data, pin=True)
         ref = BlobRef(cid, len(data), _media_type(data, media))
@@ -494,7 +482,7 @@ class Mirror:
             return ref
         try:
             return await self._from_upstream(caller, digest)
-        except MirrorError:
+        except ApiError:
             self.directory.drop(digest)
             raise
 
@@ -550,7 +538,7 @@ class Mirror:
         except OriginStatus as exc:
             raise _passed_on(exc, "BLOB_UNKNOWN") from None
         except OriginError as exc:
-            raise MirrorError(502, "UNAVAILABLE", "blob not in the cluster and the upstream "
+            raise ApiError(502, "UNAVAILABLE", "blob not in the cluster and the upstream "
                               "registry cannot be reached", str(exc)) from None
         self.counts["upstream_fetches"] += 1
         started = time.monotonic()
@@ -567,14 +555,14 @@ class Mirror:
             # Unpinned until verified: a mismatch leaves nothing kept (GC collects it).
             cid = await self.store.add(hashed(), pin=False)
         except OriginError as exc:
-            raise MirrorError(502, "UNAVAILABLE", "reading from the upstream failed",
+            raise ApiError(502, "UNAVAILABLE", "reading from the upstream failed",
                               str(exc)) from None
         finally:
             await body.aclose()  # type: ignore[attr-defined]
         self.counts["upstream_bytes"] += got[0]
         if not _matches(digest, h) or (size >= 0 and got[0] != size):
             self.counts["rejected"] += 1
-            raise MirrorError(502, "UNAVAILABLE", "the upstream sent a blob that does not "
+            raise ApiError(502, "UNAVAILABLE", "the upstream sent a blob that does not "
                               "match its digest; nothing was kept", digest)
         ref = BlobRef(cid, got[0], "application/octet-stream" if not media else media)
         await self._keep(digest, ref, None, "upstream", started,

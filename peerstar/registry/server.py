@@ -51,8 +51,9 @@ from peerstar.ipfsimage.format import IPFSImageError, parse_image_cid
 from peerstar.oci.digest import is_digest
 from peerstar.oci.errors import OCIError
 from peerstar.oci.reference import is_tag
+from peerstar.registry.apierror import API_VERSION_HEADER, ApiError
 from peerstar.registry.metrics import RegistryMetrics
-from peerstar.registry.mirror import Mirror, MirrorError, MirrorOptions
+from peerstar.registry.mirror import Mirror, MirrorOptions
 from peerstar.registry.ranges import (
     ByteRange,
     RangeNotSatisfiable,
@@ -97,7 +98,6 @@ class _OneLineBadRequests(logging.Filter):
 
 http_log.addFilter(_OneLineBadRequests())
 
-API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
 _CID_PATTERN = r"[A-Za-z0-9]{1,200}"
 # Loose on purpose: a malformed ref or digest gets its specific error from the handler.
 _REF_PATTERN = r"[^/]{1,300}"
@@ -166,28 +166,6 @@ class _Abort(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-class ApiError(Exception):
-    """An error answered as distribution-spec JSON (raised and answered in this module)."""
-
-    def __init__(self, status: int, code: str, message: str, detail: object = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.detail = detail
-        self.headers = headers or {}
-
-    def response(self) -> web.Response:
-        err: dict[str, object] = {"code": self.code, "message": self.message}
-        if self.detail is not None:
-            err["detail"] = self.detail
-        body = json.dumps({"errors": [err]}).encode()
-        headers = {"Content-Type": "application/json", API_VERSION_HEADER[0]:
-                   API_VERSION_HEADER[1], **self.headers}
-        return web.Response(status=self.status, body=body, headers=headers)
 
 
 def _route_of(request: web.Request) -> str:
@@ -361,26 +339,18 @@ class RegistryServer:
 
     async def _mirror_manifest(self, request: web.Request) -> web.StreamResponse:
         assert self.mirror is not None
-        try:
-            digest, info, data = await self.mirror.manifest(
-                request.query["ns"], _mirror_name(request), request.match_info["ref"],
-                request.headers.get("Authorization"))
-        except MirrorError as exc:
-            raise ApiError(exc.status, exc.code, exc.message, exc.detail,
-                           exc.headers) from None
+        digest, info, data = await self.mirror.manifest(
+            request.query["ns"], _mirror_name(request), request.match_info["ref"],
+            request.headers.get("Authorization"))
         return await self._serve(request, digest, info, data)
 
     async def _mirror_blob(self, request: web.Request) -> web.StreamResponse:
         assert self.mirror is not None
         digest = request.match_info["digest"]
-        try:
-            info = await self.mirror.blob(
-                request.query["ns"], _mirror_name(request), digest,
-                request.headers.get("Authorization"), fetch=request.method == "GET",
-                ranged="Range" in request.headers)
-        except MirrorError as exc:
-            raise ApiError(exc.status, exc.code, exc.message, exc.detail,
-                           exc.headers) from None
+        info = await self.mirror.blob(
+            request.query["ns"], _mirror_name(request), digest,
+            request.headers.get("Authorization"), fetch=request.method == "GET",
+            ranged="Range" in request.headers)
         return await self._serve(request, digest, info, None)
 
     async def _tags(self, request: web.Request) -> web.Response:
