@@ -21,7 +21,7 @@ import pytest
 from peerstar.ipfs import EmbeddedStore
 from peerstar.registry import ReadPolicy, ServerOptions
 from peerstar.registry.directory import Record
-from peerstar.registry.mirror import MirrorOptions
+from peerstar.registry.mirror import Mirror, MirrorOptions
 from peerstar.registry.origin import parse_mirror
 from peerstar.source.sample import SampleImage, build_sample_image
 from tests.registry.harness import ThreadedRegistry
@@ -200,18 +200,29 @@ def test_upstream_garbage_is_refused_and_not_kept(bridge: ThreadedRegistry,
     assert _get(bridge, ns, f"team/app/blobs/{layer}").body == good
 
 
+def _layer_and_mirror(bridge: ThreadedRegistry, upstream: DockerRegistry,
+                      images: tuple[SampleImage, SampleImage]) -> tuple[str, str, bytes, Mirror]:
+    """(ns, the data layer's digest, its bytes, the bridge's mirror)."""
+    layer = images[0].layer_digests[-1]
+    server = bridge.server
+    assert server is not None and server.mirror is not None
+    return upstream.host, layer, blob_path(upstream, layer).read_bytes(), server.mirror
+
+
+def _announce(bridge: ThreadedRegistry, digest: str, data: bytes) -> str:
+    """`data` added to the bridge's store and announced by a "peer" as holding `digest`."""
+    assert bridge.server is not None and bridge.server.mirror is not None
+    cid = bridge.run(bridge.store.add(data))
+    bridge.server.mirror.directory._remember(Record(digest, cid, len(data), "application/x"))
+    return cid
+
+
 def test_ranged_reads_come_from_the_cluster_at_once_and_the_whole_is_checked_after(
         bridge: ThreadedRegistry, upstream: DockerRegistry,
         images: tuple[SampleImage, SampleImage]) -> None:
-    ns = upstream.host
-    layer = images[0].layer_digests[-1]
-    data = blob_path(upstream, layer).read_bytes()
-    server = bridge.server
-    assert server is not None and server.mirror is not None
-    mirror = server.mirror
+    ns, layer, data, mirror = _layer_and_mirror(bridge, upstream, images)
     # A peer announces the right CID: a lazy reader's range is served from it directly.
-    cid = bridge.run(bridge.store.add(data))
-    mirror.directory._remember(Record(layer, cid, len(data), "application/x"))
+    cid = _announce(bridge, layer, data)
     r = _get(bridge, ns, f"team/app/blobs/{layer}", headers={"Range": "bytes=100-199"})
     assert r.status == 206 and r.body == data[100:200]
     assert mirror.counts["ranged_cluster"] == 1 and mirror.counts["upstream_fetches"] == 0
@@ -225,14 +236,8 @@ def test_ranged_reads_come_from_the_cluster_at_once_and_the_whole_is_checked_aft
 def test_a_lying_record_behind_a_ranged_read_is_dropped(
         bridge: ThreadedRegistry, upstream: DockerRegistry,
         images: tuple[SampleImage, SampleImage]) -> None:
-    ns = upstream.host
-    layer = images[0].layer_digests[-1]
-    data = blob_path(upstream, layer).read_bytes()
-    server = bridge.server
-    assert server is not None and server.mirror is not None
-    mirror = server.mirror
-    wrong_cid = bridge.run(bridge.store.add(bytes(len(data))))
-    mirror.directory._remember(Record(layer, wrong_cid, len(data), "application/x"))
+    ns, layer, data, mirror = _layer_and_mirror(bridge, upstream, images)
+    _announce(bridge, layer, bytes(len(data)))  # a record naming the wrong bytes
     r = _get(bridge, ns, f"team/app/blobs/{layer}", headers={"Range": "bytes=0-99"})
     assert r.status == 206  # the reader checks chunks against its TOC; the bridge, after
     deadline = time.monotonic() + 20

@@ -247,14 +247,11 @@ def test_upstream_down_serves_public_or_granted_content_only(
         reg.stop()
 
 
-def test_ctr_pull_answers_the_bridges_challenge_with_its_credentials(
-        bridge: ThreadedRegistry, upstream: PrivateRegistry,
-        images: tuple[SampleImage, SampleImage], tmp_path: Path) -> None:
-    """containerd (ctr --hosts-dir) against the bridge as mirror host: without credentials
-    the pull fails, the bridge's 401 (the upstream's Basic challenge) its first error (the
-    upstream, tried next, refuses too); with `--user` ctr
-    answers that challenge by sending its Basic credentials to the mirror host, and the
-    private layer another bridge holds comes from the cluster."""
+def _private_layer_held_and_hosts(bridge: ThreadedRegistry, upstream: PrivateRegistry,
+                                  images: tuple[SampleImage, SampleImage], tmp_path: Path
+                                  ) -> tuple[Mirror, str, Path, str]:
+    """A private layer held by a "peer"; containerd's hosts dir naming the bridge as the
+    upstream's mirror. (the mirror, the layer, the hosts dir, the image's reference)"""
     mirror = _mirror(bridge)
     layer = _private_layer(images)
     _held_by_a_peer(bridge, layer, _blob(images[0], layer))
@@ -263,7 +260,19 @@ def test_ctr_pull_answers_the_bridges_challenge_with_its_credentials(
     (hosts / upstream.host / "hosts.toml").write_text(
         f'server = "{upstream.url}"\nca = "{upstream.ca}"\n\n'
         f'[host."http://{bridge.host}"]\n  capabilities = ["pull", "resolve"]\n')
-    ref = f"{upstream.host}/team/private:1"
+    return mirror, layer, hosts, f"{upstream.host}/team/private:1"
+
+
+def test_ctr_pull_answers_the_bridges_challenge_with_its_credentials(
+        bridge: ThreadedRegistry, upstream: PrivateRegistry,
+        images: tuple[SampleImage, SampleImage], tmp_path: Path) -> None:
+    """containerd (ctr --hosts-dir) against the bridge as mirror host: without credentials
+    the pull fails, the bridge's 401 (the upstream's Basic challenge) its first error (the
+    upstream, tried next, refuses too); with `--user` ctr
+    answers that challenge by sending its Basic credentials to the mirror host, and the
+    private layer another bridge holds comes from the cluster."""
+    mirror, layer, hosts, ref = _private_layer_held_and_hosts(bridge, upstream, images,
+                                                              tmp_path)
     try:
         ctrd = start_containerd(tmp_path / "ctrd")
     except HarnessError as exc:
@@ -293,15 +302,8 @@ def test_cri_pull_secret_reaches_the_bridge_unless_scoped_to_the_upstream(
     from the cluster. Credentials scoped to the upstream (`server_address`) are withheld
     from the mirror host (`ParseAuth`): the bridge refuses the anonymous requests and
     containerd pulls from the upstream itself."""
-    mirror = _mirror(bridge)
-    layer = _private_layer(images)
-    _held_by_a_peer(bridge, layer, _blob(images[0], layer))
-    hosts = tmp_path / "certs.d"
-    (hosts / upstream.host).mkdir(parents=True)
-    (hosts / upstream.host / "hosts.toml").write_text(
-        f'server = "{upstream.url}"\nca = "{upstream.ca}"\n\n'
-        f'[host."http://{bridge.host}"]\n  capabilities = ["pull", "resolve"]\n')
-    ref = f"{upstream.host}/team/private:1"
+    mirror, layer, hosts, ref = _private_layer_held_and_hosts(bridge, upstream, images,
+                                                              tmp_path)
     try:
         ctrd = start_containerd(tmp_path / "ctrd", cri=CriOptions(config_path=str(hosts)))
     except HarnessError as exc:
