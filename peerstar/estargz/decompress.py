@@ -38,7 +38,7 @@ def read_exact(read_at: ReadAt, offset: int, length: int) -> bytes:
     return data
 
 
-class _RangeStream:
+class _RangeReader:
     """`read_at` over [start, end) as a file object (for zstd's stream reader)."""
 
     def __init__(self, read_at: ReadAt, start: int, end: int) -> None:
@@ -64,7 +64,7 @@ def inflate_zstd(read_at: ReadAt, start: int, end: int,
     data and TruncatedError on a short read. Stopping early (closing the iterator) is
     how a caller bounds the output.
     """
-    source = _RangeStream(read_at, start, end)
+    source = _RangeReader(read_at, start, end)
     reader = zstandard.ZstdDecompressor().stream_reader(
         source,  # type: ignore[arg-type]  # any object with read() will do; the stub says IO
         read_size=STEP, read_across_frames=across)
