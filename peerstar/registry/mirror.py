@@ -119,7 +119,7 @@ def _passed_on(exc: OriginStatus, missing: str) -> ApiError:
         return ApiError(404, missing, "unknown to the upstream registry")
     if exc.status == 401:
         return ApiError(401, "UNAUTHORIZED", "authentication required by the upstream",
-                           headers=exc.headers)
+                        headers=exc.headers)
     if exc.status == 403:
         return ApiError(403, "DENIED", "the upstream denied access", headers=exc.headers)
     return ApiError(429, "TOOMANYREQUESTS", "the upstream throttled the request")
@@ -178,11 +178,11 @@ class Mirror:
         origin = self.origins.get(ns)
         if origin is None:
             raise ApiError(404, "NAME_UNKNOWN", "registry not mirrored here",
-                              f"ns={ns[:100]!r} is not one of this bridge's --mirror "
-                              f"upstreams ({', '.join(sorted(self.origins)) or 'none'})")
+                           f"ns={ns[:100]!r} is not one of this bridge's --mirror "
+                           f"upstreams ({', '.join(sorted(self.origins)) or 'none'})")
         if len(name) > 255 or not _NAME.match(name):
             raise ApiError(400, "NAME_INVALID", "invalid repository name",
-                              f"{name[:100]!r} does not match the distribution spec's grammar")
+                           f"{name[:100]!r} does not match the distribution spec's grammar")
         return origin
 
     async def manifest(self, ns: str, name: str, ref: str, auth: str | None
@@ -196,8 +196,8 @@ class Mirror:
             digest = (await self._resolve_tag(origin, name, ref, auth)).digest
         else:
             raise ApiError(400, "DIGEST_INVALID" if ":" in ref else "TAG_INVALID",
-                              "invalid manifest reference",
-                              f"{ref[:100]!r} is neither a tag nor a digest")
+                           "invalid manifest reference",
+                           f"{ref[:100]!r} is neither a tag nor a digest")
         await self._authorize(caller, "manifests", digest)
         async with self._lock(digest):
             return await self._manifest(caller, digest)
@@ -211,7 +211,7 @@ class Mirror:
         origin = self._origin(ns, name)
         if not is_digest(digest):
             raise ApiError(400, "DIGEST_INVALID", "provided digest is invalid",
-                              f"{digest[:100]!r} is not sha256:<64 hex> or sha512:<128 hex>")
+                           f"{digest[:100]!r} is not sha256:<64 hex> or sha512:<128 hex>")
         caller = _Caller(origin, name, auth)
         checked = await self._authorize(caller, "blobs", digest)
         if not fetch:
@@ -313,13 +313,13 @@ class Mirror:
                 return None
             if not records and digest not in self._blobs:
                 raise ApiError(502, "UNAVAILABLE", f"{kind[:-1]} not in the cluster and "
-                                  "the upstream registry cannot be reached",
-                                  str(exc)) from None
+                               "the upstream registry cannot be reached",
+                               str(exc)) from None
             self.counts["access_refused"] += 1
             raise ApiError(503, "UNAVAILABLE", "the upstream registry cannot be reached "
-                              "to check this request's access, and this content is not "
-                              "known to be public", f"{caller.name}@{digest}: {exc}"
-                              ) from None
+                           "to check this request's access, and this content is not "
+                           "known to be public", f"{caller.name}@{digest}: {exc}"
+                           ) from None
         self._grant(caller, digest)
         return head
 
@@ -345,7 +345,7 @@ class Mirror:
             raise _passed_on(exc, missing) from None
         except OriginError as exc:
             raise ApiError(502, "UNAVAILABLE", "the upstream registry cannot be reached",
-                              str(exc)) from None
+                           str(exc)) from None
 
     async def _resolve_tag(self, origin: Origin, name: str, tag: str,
                            auth: str | None) -> Head:
@@ -365,14 +365,14 @@ class Mirror:
             rec = await self.directory.lookup(key)
             if rec is None or not is_digest(rec.value):
                 raise ApiError(502, "UNAVAILABLE", "the upstream registry cannot be "
-                                  "reached and no node of the cluster knows this tag",
-                                  str(exc)) from None
+                               "reached and no node of the cluster knows this tag",
+                               str(exc)) from None
             log.warning("%s unreachable (%s): %s:%s -> %s, as last seen in the cluster",
                         origin.upstream.url, exc, name, tag, rec.value)
             return Head(rec.value, rec.media_type, rec.size)
         if not is_digest(head.digest):
             raise ApiError(502, "UNAVAILABLE", "the upstream sent a malformed digest",
-                              head.digest[:100])
+                           head.digest[:100])
         self._tags[key] = (head, loop.time())
         self._grant(_Caller(origin, name, auth), head.digest)  # the HEAD just said so
         self.directory.verified(Record(key, head.digest, head.size, head.media_type,
@@ -413,7 +413,7 @@ class Mirror:
             raise _passed_on(exc, "MANIFEST_UNKNOWN") from None
         except OriginError as exc:
             raise ApiError(502, "UNAVAILABLE", "manifest not in the cluster and the "
-                              "upstream registry cannot be reached", str(exc)) from None
+                           "upstream registry cannot be reached", str(exc)) from None
         h = _hasher(digest)
         parts: list[bytes] = []
         got = 0
@@ -422,12 +422,12 @@ class Mirror:
                 got += len(piece)
                 if got > self.options.max_manifest:
                     raise ApiError(502, "UNAVAILABLE", "the upstream sent a manifest "
-                                      f"over {self.options.max_manifest} bytes")
+                                   f"over {self.options.max_manifest} bytes")
                 h.update(piece)
                 parts.append(piece)
         except OriginError as exc:
             raise ApiError(502, "UNAVAILABLE", "reading from the upstream failed",
-                              str(exc)) from None
+                           str(exc)) from None
         finally:
             await body.aclose()  # type: ignore[attr-defined]
         data = b"".join(parts)
@@ -435,7 +435,7 @@ class Mirror:
         if not _matches(digest, h):
             self.counts["rejected"] += 1
             raise ApiError(502, "UNAVAILABLE", "the upstream sent a manifest that does "
-                              "not match its digest", digest)
+                           "not match its digest", digest)
         cid = await self.store.add(data, pin=True)
         ref = BlobRef(cid, len(data), _media_type(data, media))
         await self._keep(digest, ref, data, "upstream", started,
@@ -539,7 +539,7 @@ class Mirror:
             raise _passed_on(exc, "BLOB_UNKNOWN") from None
         except OriginError as exc:
             raise ApiError(502, "UNAVAILABLE", "blob not in the cluster and the upstream "
-                              "registry cannot be reached", str(exc)) from None
+                           "registry cannot be reached", str(exc)) from None
         self.counts["upstream_fetches"] += 1
         started = time.monotonic()
         h = _hasher(digest)
@@ -556,14 +556,14 @@ class Mirror:
             cid = await self.store.add(hashed(), pin=False)
         except OriginError as exc:
             raise ApiError(502, "UNAVAILABLE", "reading from the upstream failed",
-                              str(exc)) from None
+                           str(exc)) from None
         finally:
             await body.aclose()  # type: ignore[attr-defined]
         self.counts["upstream_bytes"] += got[0]
         if not _matches(digest, h) or (size >= 0 and got[0] != size):
             self.counts["rejected"] += 1
             raise ApiError(502, "UNAVAILABLE", "the upstream sent a blob that does not "
-                              "match its digest; nothing was kept", digest)
+                           "match its digest; nothing was kept", digest)
         ref = BlobRef(cid, got[0], "application/octet-stream" if not media else media)
         await self._keep(digest, ref, None, "upstream", started,
                          await self._public(caller, "blobs", digest))
