@@ -42,6 +42,13 @@ from peerstar.oci.mediatypes import MANIFEST_ACCEPT
 USER_AGENT = "peerstar"
 MAX_MANIFEST_BYTES = 64 << 20  # a manifest larger than this is refused, not read
 
+# Why a lazy reader asks for a range: "toc", "on_demand", "readahead", "prefetch" or
+# "background". peerstar's fetcher sends it to every registry (another server ignores
+# it); peerstar's bridge uses it to serve what a container waits for before bulk reads,
+# and to learn which ranges a container start needs. Absent: treated as "on_demand".
+READ_KIND_HEADER = "Peerstar-Read-Kind"
+READ_KINDS = frozenset({"toc", "on_demand", "readahead", "prefetch", "background"})
+
 
 class RegistryError(PeerstarError):
     """A registry answered with an error, refused access, or could not be reached.

@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from peerstar.distribution.auth import AUTH_FAILURE
-from peerstar.distribution.client import http_client
+from peerstar.distribution.client import READ_KIND_HEADER, http_client
 from peerstar.distribution.tls import cert_error
 from peerstar.errors import PeerstarError
 from peerstar.lazyfs import metrics
@@ -357,7 +357,8 @@ class BlobFetcher:
 
     def _get(self, range_header: str, kind: str) -> httpx.Response:
         t0 = time.monotonic()
-        resp = self._client.get(self.url, headers={"Range": range_header})
+        resp = self._client.get(self.url, headers={"Range": range_header,
+                                                   READ_KIND_HEADER: kind})
         self._check_auth(resp)
         metrics.FETCH_LATENCY.labels(self._label).observe(time.monotonic() - t0)
         n = len(resp.content)

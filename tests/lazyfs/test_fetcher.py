@@ -11,7 +11,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from peerstar.distribution.client import blob_url, is_plain_http_host
+from peerstar.distribution.client import (
+    READ_KIND_HEADER,
+    READ_KINDS,
+    blob_url,
+    is_plain_http_host,
+)
 from peerstar.estargz import Reader
 from peerstar.lazyfs.cache import DiskCache
 from peerstar.lazyfs.fetcher import BlobFetcher, FetchError
@@ -168,6 +173,25 @@ def test_200_whole_body_and_coalesced_206(tmp_path: Path) -> None:
                     cache=cache)
     f.read_at(60_000, 1)
     assert f.read_at(0, 150_000) == DATA[:150_000]
+
+
+def test_every_range_request_says_why_it_reads() -> None:
+    kinds: list[str | None] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.method == "HEAD":
+            return httpx.Response(200, headers={"Content-Length": str(len(DATA))})
+        kinds.append(request.headers.get(READ_KIND_HEADER))
+        a, b = (int(x) for x in request.headers["Range"].removeprefix("bytes=").split("-"))
+        return httpx.Response(206, content=DATA[a:b + 1], headers={
+            "Content-Range": f"bytes {a}-{b}/{len(DATA)}"})
+
+    f = BlobFetcher("http://127.0.0.1:1/v2/r/blobs/" + DIGEST, client=_mock(answer))
+    assert f.read_at(0, 10) == DATA[:10]
+    assert f.read_at(100_000, 10, "toc") == DATA[100_000:100_010]
+    assert f.read_at(200_000, 10, "background") == DATA[200_000:200_010]
+    assert kinds == ["on_demand", "toc", "background"]
+    assert set(kinds) <= READ_KINDS
 
 
 def test_url_scheme_rule() -> None:
