@@ -15,12 +15,14 @@ subscribes to one topic and
   dictionary hit costing no message at all;
 - on a miss asks (`want`) and takes the first `have` for that key heard within the
   lookup timeout; holders answer `want`s for records they verified themselves;
-- before fetching a digest nobody holds from the upstream, `claim`s it: it publishes a
-  claim, listens for one lookup timeout, and fetches only if no other bridge claimed it
-  first (the lowest node id wins a tie). The others wait for the winner's `have` (bounded)
-  and then read it from the swarm, so N nodes pulling one image at once fetch it from
-  the upstream about once. A winner that fails says so (`drop`) and the waiters go to the
-  upstream themselves.
+- before fetching a digest nobody holds from the upstream, `claim`s it: a bridge that
+  already heard a claim or a `have` for it waits; else it publishes a claim, listens for
+  one lookup timeout, and fetches only if by then it heard neither a `have` (a holder
+  answers claims as it answers `want`s) nor a claim from a lower node id. The others
+  wait for the winner's `have` (bounded) and then read it from the swarm. While a
+  message's round trip between two bridges stays within the lookup timeout, N bridges
+  claiming one digest at once fetch it once (docs/mirror.md, "Concurrent pulls"). A
+  winner that fails says so (`drop`) and the waiters go to the upstream themselves.
 
 Nothing heard is trusted: a record only names where to look; the mirror verifies every
 byte against the digest before serving it, and falls back to the next source.
@@ -38,6 +40,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from peerstar.ipfs import ContentStore
+from peerstar.registry.upstream import log_upstream
 
 log = logging.getLogger("peerstar.registry.directory")
 
@@ -101,7 +104,7 @@ class Directory:
         self.own: dict[str, Record] = {}  # verified here: answered to `want`s
         self.heard: OrderedDict[str, Record] = OrderedDict()
         self._waiters: dict[str, list[asyncio.Future[Record | None]]] = {}
-        # key -> (node id, when) of the other bridges' live claims
+        # key -> {node id: when heard} of the other bridges' live claims
         self.claims: dict[str, dict[str, float]] = {}
         self._task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -179,15 +182,32 @@ class Directory:
             self.claims.pop(key, None)
         return live
 
+    def _known(self, key: str) -> Record | None:
+        return self.own.get(key) or self.heard.get(key)
+
     async def claim(self, key: str, max_age: float = 300.0) -> bool:
-        """Whether this bridge should fetch `key` from the upstream: False when another
-        bridge claimed it (within `max_age` s) before us or in the same window with a
-        lower id; then `wait_for(key)` gives its record."""
-        if self._live_claims(key, max_age):
+        """Whether this bridge should fetch `key` from the upstream. False (then
+        `wait_for(key)` gives the holder's record) when, before this bridge decides, it
+        heard a `have` for `key`, a claim (within `max_age` s) before publishing its own,
+        or a claim from a lower node id.
+
+        Only bridges that heard no claim publish one, so the claims that compete were
+        all sent within one message delay of each other; each is heard by every rival
+        within two delays, a round trip. The decision comes one lookup timeout (itself
+        the bound on a `want`'s round trip) after our claim is out (the publish call
+        returned): within that bound every competing bridge has heard every other, and
+        the lowest id among them fetches, alone. The `have` heard is checked too: a
+        rival that fetched a small blob within our window has announced it already."""
+        if self._known(key) is not None or self._live_claims(key, max_age):
             return False
-        self._op("claim", key)
-        await asyncio.sleep(self.timeout)  # let rival claims of the same moment arrive
-        return not any(n < self.node for n in self._live_claims(key, max_age))
+        started = time.monotonic()
+        await self._publish(self._op_message("claim", key))
+        await asyncio.sleep(self.timeout)  # rival claims of the same moment arrive
+        rivals = self._live_claims(key, max_age)
+        won = self._known(key) is None and not any(n < self.node for n in rivals)
+        log_upstream("mirror-claim", "", started, time.monotonic() - started, 0.0,
+                     digest=key, node=self.node, won=won, rivals=sorted(rivals))
+        return won
 
     async def wait_for(self, key: str, timeout: float) -> Record | None:
         """After a lost `claim`: the winner's record, or None after `timeout` or its drop."""
@@ -199,8 +219,11 @@ class Directory:
         self._op("drop", key)
 
     def _op(self, op: str, key: str) -> None:
-        self._send(json.dumps({"op": op, "from": self.node, "k": key},
-                              separators=(",", ":")).encode())
+        self._send(self._op_message(op, key))
+
+    def _op_message(self, op: str, key: str) -> bytes:
+        return json.dumps({"op": op, "from": self.node, "k": key},
+                          separators=(",", ":")).encode()
 
     # -- messages ----------------------------------------------------------------------------
     def _send(self, data: bytes) -> None:
@@ -246,6 +269,9 @@ class Directory:
             claims[sender[:64]] = time.monotonic()
             if len(self.claims) > MAX_RECORDS:
                 self.claims.pop(next(iter(self.claims)))
+            rec = self.own.get(key)
+            if rec is not None:  # a claimer that missed our announcement: it waits
+                self._send(rec.message(self.node, self.addresses))
         elif op == "drop":
             self.claims.get(key, {}).pop(sender[:64], None)
             for future in self._waiters.get(key, []):
