@@ -6,11 +6,13 @@ answers 200, small HTTP helpers for assertions, an outage (`take_down`, then
 `bring_back` on the same port), and stopping it.
 
 Also `PrivateRegistry`: the same registry the way a real private one is set up -- HTTPS
-with a certificate of a test CA for its IP address, htpasswd basic auth -- inside a
-network namespace joined to the host by a veth (`tests.support.netns.HostLinkedNode`),
-so clients on the host reach it at a 10.78.n.2 address and treat it as a remote HTTPS
-registry. The upload helpers (`upload_blob`, `put_manifest`, `push_image`) reach it once
-its base URL is registered with `register_access` (CA and credentials per base URL).
+with a certificate of a test CA for its IP address, htpasswd basic auth or, given a
+`tests.support.tokenserver.TokenServer`, the token flow of Docker Hub and the like
+(`auth: token:`) -- inside a network namespace joined to the host by a veth
+(`tests.support.netns.HostLinkedNode`), so clients on the host reach it at a 10.78.n.2
+address and treat it as a remote HTTPS registry. The upload helpers (`upload_blob`,
+`put_manifest`, `push_image`) reach it once its base URL is registered with
+`register_access` (CA and credentials, or a token, per base URL).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import urllib.request
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from peerstar.oci import mediatypes as mt
 from peerstar.oci.platform import host_platform
@@ -38,6 +40,9 @@ from tests.support.content import sha256_digest
 from tests.support.netns import HostLinkedNode, Node
 from tests.support.ports import free_port
 from tests.support.waiting import http_ok, stop_process, wait_until
+
+if TYPE_CHECKING:
+    from tests.support.tokenserver import TokenServer
 
 MANIFEST_ACCEPT = ", ".join([
     "application/vnd.oci.image.index.v1+json",
@@ -205,16 +210,20 @@ class DockerRegistry(_RegistryLog):
 
 @dataclass(frozen=True)
 class RegistryAccess:
-    """How the upload helpers reach a registry: the CA to trust and basic credentials."""
+    """How the upload helpers reach a registry: the CA to trust and basic credentials,
+    or a whole Authorization header (a Bearer token)."""
 
     cafile: str | None = None
     username: str | None = None
     password: str | None = None
+    authorization: str | None = None
 
     def context(self) -> ssl.SSLContext | None:
         return ssl.create_default_context(cafile=self.cafile) if self.cafile else None
 
     def headers(self) -> dict[str, str]:
+        if self.authorization is not None:
+            return {"Authorization": self.authorization}
         if self.username is None:
             return {}
         raw = f"{self.username}:{self.password or ''}".encode()
@@ -348,12 +357,14 @@ PRIVATE_PORT = 5000  # inside the registry's own namespace: never collides
 @dataclass
 class PrivateRegistry(_RegistryLog):
     """docker-registry over HTTPS (certificate for its IP, signed by a test CA) with
-    htpasswd basic auth, in a network namespace reached from the host over a veth.
-    `host` is `10.78.n.2:5000`; `ca` the CA certificate clients must trust."""
+    htpasswd basic auth (or the token flow of `token`, whose user `username` pushes), in
+    a network namespace reached from the host over a veth. `host` is `10.78.n.2:5000`;
+    `ca` the CA certificate clients must trust."""
 
     base: Path
     username: str
     password: str
+    token: TokenServer | None = None
     link: HostLinkedNode | None = None
     process: subprocess.Popen[bytes] | None = None
     ca: Path = Path()
@@ -367,10 +378,18 @@ class PrivateRegistry(_RegistryLog):
     def url(self) -> str:
         return f"https://{self.host}"
 
+    def access(self) -> RegistryAccess:
+        """How `username` reaches it: Basic credentials, or a token to pull and push the
+        repositories the token server grants it."""
+        if self.token is None:
+            return RegistryAccess(str(self.ca), self.username, self.password)
+        repos = self.token.grants.get(self.username, ())
+        bearer = self.token.token(self.username, [f"repository:{r}:pull,push" for r in repos])
+        return RegistryAccess(str(self.ca), authorization=f"Bearer {bearer}")
+
     def status(self, path: str = "/v2/", *, auth: bool = True, timeout: float = 5.0) -> int:
         """The HTTP status of `GET path` (trusting our CA; with or without credentials)."""
-        access = RegistryAccess(str(self.ca), *((self.username, self.password) if auth
-                                                 else (None, None)))
+        access = self.access() if auth else RegistryAccess(str(self.ca))
         req = urllib.request.Request(self.url + path, headers=access.headers())
         try:
             with urllib.request.urlopen(req, timeout=timeout, context=access.context()) as r:
@@ -399,7 +418,8 @@ class PrivateRegistry(_RegistryLog):
                         "maintenance": {"uploadpurging": {"enabled": False}}},
             "http": {"addr": f"{self.link.node.addr}:{PRIVATE_PORT}",
                      "tls": {"certificate": str(server.cert), "key": str(server.key)}},
-            "auth": {"htpasswd": {"realm": "peerstar-test", "path": str(htpasswd)}},
+            "auth": (self.token.registry_auth() if self.token is not None else
+                     {"htpasswd": {"realm": "peerstar-test", "path": str(htpasswd)}}),
         }, indent=2))
         with open(self.log_path, "ab") as log:
             self.process = self.link.node.popen(
@@ -411,8 +431,7 @@ class PrivateRegistry(_RegistryLog):
                 break
             try:
                 if self.status(timeout=2) == 200:
-                    register_access(self.url, RegistryAccess(str(self.ca), self.username,
-                                                             self.password))
+                    register_access(self.url, self.access())
                     return self
             except OSError:
                 pass
@@ -436,10 +455,12 @@ class PrivateRegistry(_RegistryLog):
         shutil.rmtree(self.base, ignore_errors=True)
 
 
-def start_private_registry(username: str, password: str) -> PrivateRegistry:
-    """A `PrivateRegistry` with one htpasswd user, in a new temp dir (removed on stop)."""
+def start_private_registry(username: str, password: str, token: TokenServer | None = None
+                           ) -> PrivateRegistry:
+    """A `PrivateRegistry` with one htpasswd user (or `token`'s flow, `username` its
+    pusher), in a new temp dir (removed on stop)."""
     reg = PrivateRegistry(Path(tempfile.mkdtemp(prefix="peerstar-privreg-")), username,
-                          password)
+                          password, token)
     try:
         return reg.start()
     except BaseException:
