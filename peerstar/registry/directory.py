@@ -196,8 +196,8 @@ class Directory:
         within two delays, a round trip. The decision comes one lookup timeout (itself
         the bound on a `want`'s round trip) after our claim is out (the publish call
         returned): within that bound every competing bridge has heard every other, and
-        the lowest id among them fetches, alone. The `have` heard is checked too: a
-        rival that fetched a small blob within our window has announced it already."""
+        the lowest id among them fetches, alone. A `have` heard by then ends the claim
+        too: a bridge that verified the blob before we listened answers our claim."""
         if self._known(key) is not None or self._live_claims(key, max_age):
             return False
         started = time.monotonic()

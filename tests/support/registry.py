@@ -1,9 +1,10 @@
 """A private Docker registry (Debian `docker-registry`, distribution 2.8) for tests.
 
-Owns: writing its config (filesystem storage in a temp dir, no auth, delete enabled,
-listening on 127.0.0.1 only), starting it on a free port, waiting until `GET /v2/`
-answers 200, small HTTP helpers for assertions, an outage (`take_down`, then
-`bring_back` on the same port), and stopping it.
+Owns: writing its config (filesystem storage in a temp dir, no auth unless htpasswd
+Basic auth is asked for, delete enabled, listening on 127.0.0.1 only), starting it on a
+free port, waiting until `GET /v2/` answers (200, or 401 with auth), small HTTP helpers
+for assertions, an outage (`take_down`, then `bring_back` on the same port), and
+stopping it.
 
 Also `PrivateRegistry`: the same registry the way a real private one is set up -- HTTPS
 with a certificate of a test CA for its IP address, htpasswd basic auth or, given a
@@ -52,9 +53,10 @@ MANIFEST_ACCEPT = ", ".join([
 ])
 
 
-def _config(root: Path, port: int, access_log: bool = False, addr: str = "127.0.0.1") -> str:
+def _config(root: Path, port: int, access_log: bool = False, addr: str = "127.0.0.1",
+            htpasswd: Path | None = None) -> str:
     # JSON is valid YAML, and json.dumps quotes paths safely.
-    return json.dumps({
+    config: dict[str, Any] = {
         "version": 0.1,
         "log": {"level": "warn", "accesslog": {"disabled": not access_log}},
         "storage": {
@@ -63,7 +65,10 @@ def _config(root: Path, port: int, access_log: bool = False, addr: str = "127.0.
             "maintenance": {"uploadpurging": {"enabled": False}},
         },
         "http": {"addr": f"{addr}:{port}"},
-    }, indent=2)
+    }
+    if htpasswd is not None:
+        config["auth"] = {"htpasswd": {"realm": "peerstar-test", "path": str(htpasswd)}}
+    return json.dumps(config, indent=2)
 
 
 @dataclass
@@ -101,6 +106,9 @@ class DockerRegistry(_RegistryLog):
     # Inside a node of tests.support.netns: its `prefix`, listening on `addr`:5000.
     prefix: list[str] = field(default_factory=list)
     addr: str = "127.0.0.1"
+    # (user, password): htpasswd Basic auth over plain HTTP (a private upstream inside
+    # a test network, where TLS adds nothing to what is tested).
+    basic_auth: tuple[str, str] | None = None
 
     @property
     def host(self) -> str:
@@ -128,10 +136,12 @@ class DockerRegistry(_RegistryLog):
                             {"Accept": MANIFEST_ACCEPT})
 
     def _ready(self) -> bool:
-        if not self.prefix:
+        if not self.prefix and self.basic_auth is None:
             return http_ok(self.url + "/v2/")
-        code = ("import sys,urllib.request;"
-                "urllib.request.urlopen(sys.argv[1],timeout=2)")
+        # With auth, an anonymous GET /v2/ answers 401: up all the same.
+        code = ("import sys,urllib.request,urllib.error\n"
+                "try: urllib.request.urlopen(sys.argv[1],timeout=2)\n"
+                "except urllib.error.HTTPError as e: sys.exit(e.code!=401)")
         return subprocess.run([*self.prefix, sys.executable, "-c", code, self.url + "/v2/"],
                               capture_output=True, timeout=30).returncode == 0
 
@@ -160,10 +170,17 @@ class DockerRegistry(_RegistryLog):
         """Start on a free port and wait until `/v2/` answers 200."""
         storage = self.base / "storage"
         storage.mkdir(parents=True, exist_ok=True)
+        htpasswd = None
+        if self.basic_auth is not None:
+            from tests.support.tls import htpasswd_line
+
+            htpasswd = self.base / "htpasswd"
+            htpasswd.write_text(htpasswd_line(*self.basic_auth))
         for _attempt in range(attempts):
             self.port = PRIVATE_PORT if self.prefix else free_port()
             (self.base / "config.yml").write_text(_config(storage, self.port,
-                                                         self.access_log, self.addr))
+                                                         self.access_log, self.addr,
+                                                         htpasswd))
             process = self._launch()
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
@@ -309,14 +326,17 @@ def push_image(base: str, repo: str, tag: str,
 
 
 def start_registry(base: Path | None = None, *, access_log: bool = False,
-                   node: Node | None = None) -> DockerRegistry:
+                   node: Node | None = None, basic_auth: tuple[str, str] | None = None
+                   ) -> DockerRegistry:
     """Start a registry storing under `base` (a new temp dir, removed on stop, if None);
     `access_log` writes one line per request to its log; `node`: run it inside that
-    node of tests.support.netns, on its address, port 5000."""
+    node of tests.support.netns, on its address, port 5000; `basic_auth`: (user,
+    password) of htpasswd Basic auth (the upload helpers need `register_access`)."""
     remove_base = base is None
     if base is None:
         base = Path(tempfile.mkdtemp(prefix="peerstar-registry-"))
-    registry = DockerRegistry(base=Path(base), remove_base=remove_base, access_log=access_log)
+    registry = DockerRegistry(base=Path(base), remove_base=remove_base, access_log=access_log,
+                              basic_auth=basic_auth)
     if node is not None:
         registry.prefix, registry.addr = node.prefix, node.addr
     try:
