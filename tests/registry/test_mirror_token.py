@@ -10,7 +10,9 @@ authorizer does; and a real containerd with `ctr --user`), and the bridge forwar
 caller's `Bearer <token>` to the upstream for the access check. Checked: a blob another
 bridge holds is served from the cluster to a token that grants its repository; an
 anonymous caller, an anonymous token, a wrong password (no token at all), another user's
-token and a token for another repository get 401/404, and nothing is served.
+token and a token for another repository get 401/404, and nothing is served. With a real
+containerd, `ctr --user` and a CRI PullImage's pull secret become a token that reaches
+the bridge.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from tests.registry.test_mirror_private import (
     _private_layer,
     _private_layer_held_and_hosts,
 )
-from tests.support.containerd import HarnessError, start_containerd
+from tests.support.containerd import CriOptions, HarnessError, start_containerd
+from tests.support.cri.client import CriImages
 from tests.support.registry import PrivateRegistry, push_layout, start_private_registry
 from tests.support.tokenserver import SERVICE, TokenServer
 
@@ -180,3 +183,25 @@ def test_ctr_pull_fetches_a_token_for_the_bridge_with_its_user(
     granted = [k for k in mirror._grants if k[1:] == (upstream.host, "team/private", layer)]
     assert len(granted) == 1 and granted[0][0]
     assert mirror.counts["cluster_hits"] == 1
+
+
+def test_cri_pull_secret_gets_a_token_for_the_bridge(
+        bridge: ThreadedRegistry, upstream: PrivateRegistry, tokens: TokenServer,
+        images: tuple[SampleImage, SampleImage], tmp_path: Path) -> None:
+    """containerd's CRI plugin (config_path) with a PullImage carrying a pull secret as
+    kubelet sends it (username and password, no server_address): containerd fetches a
+    token for that user from the realm of the bridge's challenge and the private layer
+    another bridge holds comes from the cluster."""
+    mirror, layer, hosts, ref = _private_layer_held_and_hosts(bridge, upstream, images,
+                                                              tmp_path)
+    try:
+        ctrd = start_containerd(tmp_path / "ctrd", cri=CriOptions(config_path=str(hosts)))
+    except HarnessError as exc:
+        pytest.fail(f"cannot start containerd: {exc}", pytrace=False)
+    issued = len(tokens.issued)
+    with ctrd, CriImages(ctrd.address, timeout=120) as cri:
+        cri.pull(ref, username=USER, password=PASSWORD)
+    assert (USER, "repository:team/private:pull", "POST") in tokens.issued[issued:]
+    granted = [k for k in mirror._grants if k[1:] == (upstream.host, "team/private", layer)]
+    assert len(granted) == 1 and granted[0][0]
+    assert mirror.counts["cluster_hits"] == 1 and mirror.counts["upstream_fetches"] >= 1
