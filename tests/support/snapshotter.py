@@ -169,11 +169,13 @@ class Stack:
 
 @contextmanager
 def running_stack(config_text: str, cri: CriOptions | None = None, *,
-                  prefix: Sequence[str] = (), namespace: str | None = None
-                  ) -> Iterator[Stack]:
+                  prefix: Sequence[str] = (), namespace: str | None = None,
+                  containerd_prefix: Sequence[str] = ()) -> Iterator[Stack]:
     """The snapshotter (with `config_text` as its TOML, behind `prefix`) and a containerd
-    on the host using it as proxy plugin `peerstar` (in containerd namespace `namespace`,
-    with its CRI plugin configured by `cri`, if given); both stopped and cleaned up
+    using it as proxy plugin `peerstar` (in containerd namespace `namespace`, with its CRI
+    plugin configured by `cri`, if given), behind `containerd_prefix` (empty: on the host;
+    a CRI pull is made by the daemon itself, so it goes behind `netns_prefix(node)` for a
+    node's CRI pull to reach that node's registries); both stopped and cleaned up
     afterwards, containerd first (its containers use the snapshotter's mounts). A part
     that cannot start fails the test with the reason, no traceback."""
     if os.geteuid() != 0:
@@ -185,7 +187,8 @@ def running_stack(config_text: str, cri: CriOptions | None = None, *,
         pytest.fail(f"cannot start the snapshotter: {exc}", pytrace=False)
     try:
         daemon = start_containerd(namespace=namespace, cri=cri,
-                                  proxy_plugins={"peerstar": str(snap.address)})
+                                  proxy_plugins={"peerstar": str(snap.address)},
+                                  prefix=containerd_prefix)
     except HarnessError as exc:
         stop_snapshotter(snap)
         pytest.fail(f"cannot start containerd{' with CRI' if cri else ''}: {exc}",
