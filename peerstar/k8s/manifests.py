@@ -301,7 +301,7 @@ def node_daemonset(opts: Options) -> Obj:
     socket_probe = ["python3", "-c",
                     "import socket,sys; s=socket.socket(socket.AF_UNIX); "
                     "s.settimeout(3); s.connect(sys.argv[1])", SNAPSHOTTER_SOCKET]
-    registry = {
+    registry: Obj = {
         "name": "registry",
         "image": opts.peerstar_image,
         "imagePullPolicy": "IfNotPresent",
@@ -319,11 +319,12 @@ def node_daemonset(opts: Options) -> Obj:
         "livenessProbe": {"httpGet": {"path": "/v2/", "port": "registry"},
                           "periodSeconds": 20, "timeoutSeconds": 5, "failureThreshold": 3},
         "resources": _resources("100m", "128Mi", "1Gi"),
-        **({"volumeMounts": [{"name": "registry-state", "mountPath": _MIRROR_STATE_DIR}]}
-           if opts.mirrors else {}),
         "securityContext": {**_NO_CAPS, "runAsNonRoot": True, "runAsUser": 65534,
                             "runAsGroup": 65534},
     }
+    if opts.mirrors:
+        registry["volumeMounts"] = [{"name": "registry-state",
+                                     "mountPath": _MIRROR_STATE_DIR}]
     snapshotter = {
         "name": "snapshotter",
         "image": opts.peerstar_image,

@@ -17,8 +17,9 @@ held whole (and the last `MEMORY_CHUNKS_BYTES` of them kept); a bigger one is
 decompressed and verified as a stream into the chunk cache under a temporary name,
 renamed into place only once its digest matched, and reads are served from that file
 (`DiskCache.put_stream`, `read_range`), so no byte of it reaches a reader unverified.
-When the cache cannot take it (over its bound, disk full, no cache), every read of it
-decompresses and verifies the whole chunk again, keeping only the bytes asked for.
+When the cache cannot take it (over its bound, disk full, no cache; tried once per
+mount), every read of it decompresses and verifies the whole chunk again, keeping only
+the bytes asked for: slow, but right and bounded.
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ class LazyLayer:
         self._mem_lock = threading.Lock()
         self._chunk_inflight: dict[str, Future[bytes]] = {}
         self._big_inflight: dict[str, Future[bool]] = {}  # key -> whether now on disk
+        self._big_uncached: set[str] = set()  # big chunks the cache could not take
         # file name -> index of the last chunk handed to the read-ahead
         self._ahead_marks: dict[str, int] = {}
         self._ahead_queue: queue.Queue[Callable[[], object]] | None = None
@@ -144,7 +146,7 @@ class LazyLayer:
     def _big_to_disk(self, chunk: TOCEntry, key: str, kind: str) -> bool:
         """Stream a big chunk, verified, into the chunk cache (once, however many readers
         ask at the same time); False when the cache cannot take it."""
-        if self.chunk_cache is None:
+        if self.chunk_cache is None or key in self._big_uncached:
             return False
         with self._mem_lock:
             fut = self._big_inflight.get(key)
@@ -166,6 +168,7 @@ class LazyLayer:
             with self._mem_lock:
                 del self._big_inflight[key]
         if not done:
+            self._big_uncached.add(key)  # (tried once per mount: no disk write per read)
             log.warning("layer %s: chunk of %d bytes at offset %d does not fit the chunk "
                         "cache: each read decompresses and verifies it whole", self.digest,
                         chunk.chunk_size, chunk.offset)
