@@ -11,9 +11,11 @@ takes an exclusive `flock` on `.lock`, which also holds the directory's byte cou
 If the new file would take the count past `max_bytes`, the writer scans the directory
 (the exact count) and removes the least recently used files (a hit touches a file's
 mtime) down to 90 % of the bound less the new file, then writes it. So the directory
-never holds more than `max_bytes`, or one file more when that file alone is bigger than
-the bound. The count may run high (a key written twice, a file removed by hand) -- that
-only brings the next scan sooner -- never low. A file another process evicted is simply
+never holds more than `max_bytes`, or one file more: when that file alone is bigger than
+the bound, or when another process scanned while a streamed entry was being written
+(`put_stream` counts it before it exists, a scan sees only what exists). The count may
+run high (a key written twice, a file removed by hand) -- that only brings the next scan
+sooner -- never low. A file another process evicted is simply
 a miss, which is why `get` treats a vanished or short file as absent, not as an error.
 
 Nothing a reader holds is evicted from under it: `get` reads a whole file into memory
