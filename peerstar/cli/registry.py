@@ -46,6 +46,8 @@ ENV = {
     "mirror_lookup_timeout": "PEERSTAR_REGISTRY_MIRROR_LOOKUP_TIMEOUT",
     "mirror_access_ttl": "PEERSTAR_REGISTRY_MIRROR_ACCESS_TTL",
     "mirror_offline_grace": "PEERSTAR_REGISTRY_MIRROR_OFFLINE_GRACE",
+    "mirror_pin_bytes": "PEERSTAR_REGISTRY_MIRROR_PIN_BYTES",
+    "mirror_state": "PEERSTAR_REGISTRY_MIRROR_STATE",
 }
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
@@ -136,6 +138,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--mirror-offline-grace", help="how long such a grant still serves "
                        "content from the cluster while the upstream cannot be reached "
                        f"(default 10m; ${ENV['mirror_offline_grace']})")
+    serve.add_argument("--mirror-pin-bytes", help="bound of the content the mirror keeps "
+                       "pinned; past it the least recently served is unpinned for the "
+                       f"IPFS GC (default 20GiB, 0 = unbounded; ${ENV['mirror_pin_bytes']})")
+    serve.add_argument("--mirror-state", metavar="FILE", help="where the mirror records "
+                       "what it pinned, so that a restarted bridge still bounds it "
+                       "(default ROOT/mirror-pins.json with --root, else none; "
+                       f"${ENV['mirror_state']})")
     serve.set_defaults(func=cmd_serve)
 
 
@@ -185,17 +194,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     options = ServerOptions(policy=ReadPolicy(timeout=timeout, retries=retries),
                             cache_bytes=cache, warm_up=not args.no_warm_up,
                             subdag=not args.no_subdag,
-                            mirror=_mirror_options(args, timeout))
+                            mirror=_mirror_options(args, timeout, root))
     return _run_loop(_serve(
         ipfs_address, Path(root) if root else None, options, host, port,
         allow_remote=listen_flag, metrics=metrics, metrics_remote=metrics_flag,
         timeout=timeout))
 
 
-def _mirror_options(args: argparse.Namespace, timeout: float) -> MirrorOptions | None:
+def _mirror_options(args: argparse.Namespace, timeout: float,
+                    root: str | None) -> MirrorOptions | None:
     """The mirror's options from --mirror (or the comma-separated environment variable);
     None when no upstream is named."""
-    from peerstar.registry.mirror import MirrorOptions
+    from peerstar.registry.mirror import DEFAULT_PIN_BYTES, MirrorOptions
     from peerstar.registry.origin import parse_mirror
 
     specs: list[str] = args.mirror or [
@@ -211,12 +221,19 @@ def _mirror_options(args: argparse.Namespace, timeout: float) -> MirrorOptions |
     lookup_text, _ = _setting(args, "mirror_lookup_timeout")
     access_text, _ = _setting(args, "mirror_access_ttl")
     grace_text, _ = _setting(args, "mirror_offline_grace")
+    pin_text, _ = _setting(args, "mirror_pin_bytes")
+    state, _ = _setting(args, "mirror_state")
+    if state is None and root:
+        state = str(Path(root) / "mirror-pins.json")
     return MirrorOptions(
         upstreams=upstreams,
         tag_ttl=parse_duration(ttl_text or "30s", "--mirror-tag-ttl"),
         lookup_timeout=parse_duration(lookup_text or "50ms", "--mirror-lookup-timeout"),
         access_ttl=parse_duration(access_text or "30s", "--mirror-access-ttl"),
         offline_grace=parse_duration(grace_text or "10m", "--mirror-offline-grace"),
+        pin_bytes=parse_size(pin_text, "--mirror-pin-bytes") if pin_text else
+        DEFAULT_PIN_BYTES,
+        pin_state=state or "",
         upstream_timeout=timeout)
 
 

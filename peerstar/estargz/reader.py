@@ -203,9 +203,11 @@ class Reader:
         return chunk.offset, chunk.next_offset
 
     def iter_chunk(self, chunk: TOCEntry, lo: int = 0, hi: int | None = None, *,
-                   verify: bool = True, section: bytes | None = None) -> Iterator[bytes]:
+                   verify: bool = True, section: bytes | None = None,
+                   read_at: ReadAt | None = None) -> Iterator[bytes]:
         """Bytes [lo, hi) of `chunk` (chunk-relative), in pieces, decompressed from the
-        blob (or from its already fetched compressed `section`).
+        blob (or from its already fetched compressed `section`; `read_at` reads the blob
+        instead of the reader's own, e.g. a fetcher's read naming its request kind).
 
         The whole chunk is decompressed and hashed, one piece at a time and never past
         its size in the TOC; the pieces are verified only when the iterator finishes
@@ -214,7 +216,8 @@ class Reader:
         n = chunk.chunk_size
         hi = n if hi is None else min(hi, n)
         if section is None:
-            pieces = self.codec.inflate(self._read_at, chunk.offset, chunk.next_offset)
+            pieces = self.codec.inflate(read_at or self._read_at, chunk.offset,
+                                        chunk.next_offset)
         else:
             view = memoryview(section)
             pieces = self.codec.inflate(lambda off, k: bytes(view[off:off + k]), 0, len(view))
@@ -274,18 +277,11 @@ class Reader:
             raise ValueError("offset must not be negative")
         return self.read_entry(e, offset, size)
 
-    def read_entry(self, entry: TOCEntry, offset: int, size: int = -1, *,
-                   read_chunk: Callable[[TOCEntry], bytes] | None = None) -> bytes:
+    def read_entry(self, entry: TOCEntry, offset: int, size: int = -1) -> bytes:
         """Bytes [offset, offset+size) of the regular file `entry`, from the chunks that
-        cover them; `read_chunk` (default: fetch and verify, keeping only the bytes
-        asked for) lets a caller serve whole chunks from a cache."""
-        out = []
-        for c, lo, hi in self.chunk_spans(entry, offset, size):
-            if read_chunk is not None:
-                out.append(read_chunk(c)[lo:hi])
-            else:
-                out.append(b"".join(self.iter_chunk(c, lo, hi)))
-        return b"".join(out)
+        cover them (each fetched and verified whole, keeping only the bytes asked for)."""
+        return b"".join(b"".join(self.iter_chunk(c, lo, hi))
+                        for c, lo, hi in self.chunk_spans(entry, offset, size))
 
     def chunk_spans(self, entry: TOCEntry, offset: int,
                     size: int = -1) -> Iterator[tuple[TOCEntry, int, int]]:

@@ -9,6 +9,7 @@ import contextlib
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any, BinaryIO
 
+from peerstar.ipfs.errors import IPFSError
 from peerstar.ipfs.unixfs import CHUNK_SIZE
 
 AddInput = bytes | bytearray | memoryview | AsyncIterable[bytes] | BinaryIO
@@ -79,6 +80,15 @@ class ContentStore(abc.ABC):
     @abc.abstractmethod
     async def pin(self, cid: str) -> None:
         """Pin `cid` recursively."""
+
+    async def unpin(self, cid: str) -> None:
+        """Remove the recursive pin of `cid` (its blocks stay until a GC); IPFSError if
+        it is not pinned."""
+        raise IPFSError(f"{self.description or type(self).__name__}: cannot unpin")
+
+    async def pinned(self, cid: str) -> bool:
+        """Whether `cid` is pinned recursively (this default: a store without pins)."""
+        return False
 
     @abc.abstractmethod
     async def block_get(self, cid: str) -> bytes:

@@ -220,6 +220,9 @@ class EmbeddedStore(ContentStore):
         except FileNotFoundError:
             raise IPFSError(f"{name} is not pinned in the {self.description}") from None
 
+    async def pinned(self, cid: str) -> bool:
+        return (self._pins / normalize_cid(cid)).exists()
+
     def pins(self) -> list[str]:
         self._ensure()
         return sorted(p.name for p in self._pins.iterdir())

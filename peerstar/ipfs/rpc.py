@@ -4,7 +4,8 @@ Owns: `add` (a streamed multipart upload, never the whole blob in memory), `cat`
 offset/length (streamed, resumed at the right offset after a dropped connection; the
 one way peerstar reads a daemon's content, the registry's reads included),
 `block/get` (verified locally), `block/stat` (fetches a block without shipping it),
-`pin/add`, `id`, `swarm/peers`, `swarm/connect`, `pubsub/pub` and `pubsub/sub`;
+`pin/add`, `pin/rm`, `pin/ls` (of one CID), `id`, `swarm/peers`, `swarm/connect`,
+`pubsub/pub` and `pubsub/sub`;
 timeouts, retries with exponential backoff, and CID normalisation to CIDv1 base32.
 
 Every call is a POST (kubo answers GET with 405), over aiohttp: a `cat` through it costs
@@ -402,6 +403,18 @@ class RPCStore(ContentStore):
 
     async def pin(self, cid: str) -> None:
         await self._call_json("pin/add", {"arg": normalize_cid(cid), "recursive": "true"})
+
+    async def unpin(self, cid: str) -> None:
+        await self._call_json("pin/rm", {"arg": normalize_cid(cid), "recursive": "true"})
+
+    async def pinned(self, cid: str) -> bool:
+        try:
+            await self._call_json("pin/ls", {"arg": normalize_cid(cid), "type": "recursive"})
+        except IPFSError as exc:
+            if "not pinned" in str(exc):  # kubo's and js-ipfs's words for it
+                return False
+            raise
+        return True
 
     async def id(self) -> dict[str, Any]:
         res = await self._call_json("id")

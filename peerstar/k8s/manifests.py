@@ -270,11 +270,38 @@ def bootstrap_service(opts: Options) -> Obj:
     }
 
 
+# The mirror's pin ledger (peerstar.registry.pins), on a volume that outlives a restart of
+# the registry container; its bound leaves the rest of StorageMax to the unpinned cache.
+_MIRROR_STATE_DIR = "/var/lib/peerstar-registry"
+_MIRROR_PIN_SHARE = 0.4
+_STORAGE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+                  "PB": 10**15, "EB": 10**18, "KIB": 1 << 10, "MIB": 1 << 20,
+                  "GIB": 1 << 30, "TIB": 1 << 40, "PIB": 1 << 50, "EIB": 1 << 60}
+
+
+def storage_bytes(text: str) -> int:
+    """Bytes of a kubo size such as `50GB` or `200GiB`."""
+    num = text.rstrip("BbIiKkMGTPE ").strip()
+    unit = text[len(num):].strip().upper()
+    if unit not in _STORAGE_UNITS:
+        raise ValueError(f"{text!r} is not a size such as 50GB or 200GiB")
+    return int(float(num) * _STORAGE_UNITS[unit])
+
+
+def _mirror_args(opts: Options) -> list[str]:
+    if not opts.mirrors:
+        return []
+    pin_bytes = int(storage_bytes(opts.storage_max) * _MIRROR_PIN_SHARE)
+    return [*[arg for m in opts.mirrors for arg in ("--mirror", m)],
+            "--mirror-pin-bytes", str(pin_bytes),
+            "--mirror-state", f"{_MIRROR_STATE_DIR}/mirror-pins.json"]
+
+
 def node_daemonset(opts: Options) -> Obj:
     socket_probe = ["python3", "-c",
                     "import socket,sys; s=socket.socket(socket.AF_UNIX); "
                     "s.settimeout(3); s.connect(sys.argv[1])", SNAPSHOTTER_SOCKET]
-    registry = {
+    registry: Obj = {
         "name": "registry",
         "image": opts.peerstar_image,
         "imagePullPolicy": "IfNotPresent",
@@ -282,7 +309,7 @@ def node_daemonset(opts: Options) -> Obj:
         # bound to the node's 127.0.0.1 only, which is what `localhost:5050` images use.
         "args": ["peerstar", "registry", "serve", "--listen", f"0.0.0.0:{REGISTRY_PORT}",
                  "--ipfs-address", _KUBO_API, "--metrics-listen", f"0.0.0.0:{METRICS_PORT}",
-                 *[arg for m in opts.mirrors for arg in ("--mirror", m)]],
+                 *_mirror_args(opts)],
         "ports": [{"name": "registry", "containerPort": REGISTRY_PORT,
                    "hostPort": REGISTRY_PORT, "hostIP": "127.0.0.1", "protocol": "TCP"},
                   # Prometheus scrapes the pod IP; no host port.
@@ -295,6 +322,9 @@ def node_daemonset(opts: Options) -> Obj:
         "securityContext": {**_NO_CAPS, "runAsNonRoot": True, "runAsUser": 65534,
                             "runAsGroup": 65534},
     }
+    if opts.mirrors:
+        registry["volumeMounts"] = [{"name": "registry-state",
+                                     "mountPath": _MIRROR_STATE_DIR}]
     snapshotter = {
         "name": "snapshotter",
         "image": opts.peerstar_image,
@@ -359,6 +389,9 @@ def node_daemonset(opts: Options) -> Obj:
                                                   "type": "DirectoryOrCreate"}},
             {"name": "host-cgroup", "hostPath": {"path": "/sys/fs/cgroup",
                                                  "type": "Directory"}},
+            # The mirror's pin ledger: kept across restarts of the registry container (a
+            # crash, an OOM kill); a new pod starts a new ledger (docs/mirror.md).
+            *([{"name": "registry-state", "emptyDir": {}}] if opts.mirrors else []),
         ],
     }
     return {

@@ -11,15 +11,20 @@ takes an exclusive `flock` on `.lock`, which also holds the directory's byte cou
 If the new file would take the count past `max_bytes`, the writer scans the directory
 (the exact count) and removes the least recently used files (a hit touches a file's
 mtime) down to 90 % of the bound less the new file, then writes it. So the directory
-never holds more than `max_bytes`, or one file more when that file alone is bigger than
-the bound. The count may run high (a key written twice, a file removed by hand) -- that
-only brings the next scan sooner -- never low. A file another process evicted is simply
+never holds more than `max_bytes`, or one file more: when that file alone is bigger than
+the bound, or when another process scanned while a streamed entry was being written
+(`put_stream` counts it before it exists, a scan sees only what exists). The count may
+run high (a key written twice, a file removed by hand) -- that only brings the next scan
+sooner -- never low. A file another process evicted is simply
 a miss, which is why `get` treats a vanished or short file as absent, not as an error.
 
 Nothing a reader holds is evicted from under it: `get` reads a whole file into memory
 in one go (an unlinked file stays readable through the open descriptor), and the layer
 serves the chunk it is reading from that memory copy, so eviction only ever turns a
-later read into a miss, which fetches and verifies the bytes again.
+later read into a miss, which fetches and verifies the bytes again. A large entry is
+never held whole: `put_stream` writes it piece by piece (published by the rename only
+once its source, a verifying iterator, ended without error) and `read_range` reads one
+window of it from the file; eviction between two windows is again only a miss.
 
 A write that fails (disk full -- ENOSPC or EDQUOT -- or any other OSError) leaves
 nothing behind (its `wip/` file is removed) and is not an error for the caller: the
@@ -42,7 +47,8 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
@@ -180,19 +186,85 @@ class DiskCache:
                     self.total = total
         except OSError as exc:
             tmp.unlink(missing_ok=True)  # no partial entry, in wip/ or elsewhere
-            self._write_failures.inc()
-            why = ("disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT)
-                   else "cannot write")
-            if self._failing != why:
-                self._failing = why
-                log.error("cache %s: %s (%s): not caching until writes succeed again; "
-                          "reads fetch what is not cached", self.root, why,
-                          exc.strerror or exc)
+            self._write_failed(exc)
             return
+        self._written()
+
+    def _write_failed(self, exc: OSError) -> None:
+        self._write_failures.inc()
+        why = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "cannot write"
+        if self._failing != why:
+            self._failing = why
+            log.error("cache %s: %s (%s): not caching until writes succeed again; "
+                      "reads fetch what is not cached", self.root, why, exc.strerror or exc)
+
+    def _written(self) -> None:
         self._bytes.set(self.total)
         if self._failing is not None:
             self._failing = None
             log.info("cache %s: writes succeed again", self.root)
+
+    def put_stream(self, key: str, size: int, pieces: Iterable[bytes]) -> bool:
+        """Cache the `size` bytes `pieces` yields under `key`, one piece in memory at a
+        time; True once the entry is in place.
+
+        The entry appears (a rename) only after `pieces` is exhausted without raising, so
+        an iterator that verifies as it goes (`Reader.iter_chunk`) publishes verified
+        bytes only; what it raises is passed on, with nothing left behind. False, having
+        consumed nothing, when `size` alone is over the bound; False, with nothing left
+        behind, when the disk fails (logged as for `put`). Room is made, and counted,
+        before the first byte, so the cross-process lock is not held while `pieces`
+        fetches: a scan meanwhile does not see the entry being written, which may take
+        the directory past its bound by that entry until the next write's scan.
+        """
+        if self.max_bytes and size > self.max_bytes:
+            return False
+        path = self.root / self._name(key)
+        tmp = self._wip / f"{path.name}.{os.getpid()}.{threading.get_ident()}"
+        counted: int | None = None
+        try:
+            if self.max_bytes:
+                with self._locked() as lockf:
+                    total = _load_count(lockf)
+                    if total is None or total + size > self.max_bytes:
+                        total = self._scan(evict=True, room=size)
+                    counted = total + size
+                    _store_count(lockf, counted)
+            path.parent.mkdir(exist_ok=True)
+            with open(tmp, "wb") as f:
+                for piece in pieces:
+                    f.write(piece)
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            self._write_failed(exc)
+            return False
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        with self._lock:
+            self.total = counted if counted is not None else self.total + size
+        self._written()
+        return True
+
+    def read_range(self, key: str, offset: int, length: int, size: int) -> bytes | None:
+        """`length` bytes at `offset` of the entry `key`, read from its file alone, or
+        None (absent, evicted meanwhile, or not `size` long): a large entry is served
+        without ever being in memory whole."""
+        path = self.root / self._name(key)
+        try:
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                data = os.pread(f.fileno(), length, offset) if st.st_size == size else None
+            if data is not None and time.time() - st.st_mtime > 1:
+                os.utime(path)  # recently used (once a second is enough for the order)
+        except (FileNotFoundError, NotADirectoryError):
+            data = None
+        if data is None or len(data) != min(length, max(size - offset, 0)):
+            self._misses.inc()
+            return None
+        self._hits.inc()
+        return data
 
     def discard(self, key: str) -> None:
         with self._lock:

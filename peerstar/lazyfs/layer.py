@@ -11,6 +11,15 @@ round trip per chunk; for an ELF binary read from its start, the interpreter and
 libraries the loader will open from this layer, see `elfdeps`), `prefetch`
 (`[0, .prefetch.landmark)`), the idle-time background fetcher (yields to on-demand
 reads), and `stats()`.
+
+Memory stays bounded whatever the TOC declares: a chunk of up to `BIG_CHUNK_BYTES` is
+held whole (and the last `MEMORY_CHUNKS_BYTES` of them kept); a bigger one is
+decompressed and verified as a stream into the chunk cache under a temporary name,
+renamed into place only once its digest matched, and reads are served from that file
+(`DiskCache.put_stream`, `read_range`), so no byte of it reaches a reader unverified.
+When the cache cannot take it (over its bound, disk full, no cache; tried once per
+mount), every read of it decompresses and verifies the whole chunk again, keeping only
+the bytes asked for: slow, but right and bounded.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ import threading
 import time
 from bisect import bisect_right
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -36,9 +45,15 @@ from peerstar.lazyfs.fetcher import BlobFetcher, FetchError
 log = logging.getLogger("peerstar.lazyfs.layer")
 
 BACKGROUND_BATCH = 1 << 20  # bytes per background request
+PREFETCH_BATCH = 64 << 20  # bytes per prefetch request (one, for any usual image)
 # Recently used verified chunks kept in memory: the kernel reads a file in pieces of at
 # most 128 KiB, so without this every piece of a 4 MiB chunk would re-read it from disk.
 MEMORY_CHUNKS_BYTES = 32 << 20
+# A chunk larger than this is never held in memory whole, whatever its TOC declares: it is
+# decompressed and verified as a stream into the chunk cache (published there only once
+# its digest matched) and each read is served from that file; without room on disk,
+# every read decompresses and verifies the whole chunk again, keeping only its window.
+BIG_CHUNK_BYTES = 16 << 20
 # Chunks of a file fetched ahead of the one a reader is in (4 MiB each by default), and the
 # threads per layer that fetch them and a binary's libraries (`elfdeps`): bounded, and apart
 # from the readers' own threads, so a read-ahead never holds up an on-demand read of
@@ -81,6 +96,8 @@ class LazyLayer:
         self._mem_bytes = 0
         self._mem_lock = threading.Lock()
         self._chunk_inflight: dict[str, Future[bytes]] = {}
+        self._big_inflight: dict[str, Future[bool]] = {}  # key -> whether now on disk
+        self._big_uncached: set[str] = set()  # big chunks the cache could not take
         # file name -> index of the last chunk handed to the read-ahead
         self._ahead_marks: dict[str, int] = {}
         self._ahead_queue: queue.Queue[Callable[[], object]] | None = None
@@ -104,8 +121,83 @@ class LazyLayer:
             return chunk.chunk_digest  # content-addressed: shared by layers holding it
         return f"{self.digest}@{chunk.offset}"
 
+    def chunk_window(self, chunk: TOCEntry, lo: int, hi: int, kind: str = "on_demand"
+                     ) -> bytes:
+        """Verified bytes [lo, hi) of one chunk (chunk-relative)."""
+        if chunk.chunk_size <= BIG_CHUNK_BYTES:
+            return self.chunk_bytes(chunk, kind)[lo:hi]
+        key = self._chunk_key(chunk)
+        for _ in range(2):  # (evicted between the two: try once more, then stream)
+            if self.chunk_cache is not None:
+                data = self.chunk_cache.read_range(key, lo, hi - lo, chunk.chunk_size)
+                if data is not None:
+                    return data
+            if not self._big_to_disk(chunk, key, kind):
+                break
+        return b"".join(self._verified_pieces(chunk, kind, lo, hi))
+
+    def warm_chunk(self, chunk: TOCEntry, kind: str) -> None:
+        """Have one chunk verified and cached (in memory, or on disk for a big one)."""
+        if chunk.chunk_size <= BIG_CHUNK_BYTES:
+            self.chunk_bytes(chunk, kind)
+        elif self.chunk_cache is not None:
+            self._big_to_disk(chunk, self._chunk_key(chunk), kind)
+
+    def _big_to_disk(self, chunk: TOCEntry, key: str, kind: str) -> bool:
+        """Stream a big chunk, verified, into the chunk cache (once, however many readers
+        ask at the same time); False when the cache cannot take it."""
+        if self.chunk_cache is None or key in self._big_uncached:
+            return False
+        with self._mem_lock:
+            fut = self._big_inflight.get(key)
+            mine = fut is None
+            if mine:
+                fut = self._big_inflight[key] = Future()
+        assert fut is not None
+        if not mine:
+            return fut.result()
+        try:
+            done = self.chunk_cache.put_stream(key, chunk.chunk_size,
+                                               self._verified_pieces(chunk, kind))
+        except BaseException as exc:
+            fut.set_exception(exc)
+            raise
+        else:
+            fut.set_result(done)
+        finally:
+            with self._mem_lock:
+                del self._big_inflight[key]
+        if not done:
+            self._big_uncached.add(key)  # (tried once per mount: no disk write per read)
+            log.warning("layer %s: chunk of %d bytes at offset %d does not fit the chunk "
+                        "cache: each read decompresses and verifies it whole", self.digest,
+                        chunk.chunk_size, chunk.offset)
+        return done
+
+    def _verified_pieces(self, chunk: TOCEntry, kind: str, lo: int = 0,
+                         hi: int | None = None) -> Iterator[bytes]:
+        """`Reader.iter_chunk` through the fetcher: bytes [lo, hi) of `chunk`, trusted
+        only once the iterator ended without raising (ChunkVerifyError)."""
+        pieces = self.reader.iter_chunk(
+            chunk, lo, hi, verify=self.verify,
+            read_at=lambda off, n: self.fetcher.read_at(off, n, kind))
+        try:
+            yield from pieces
+        except VerifyError as exc:
+            raise self._verify_failed(chunk, exc) from None
+
+    def _verify_failed(self, chunk: TOCEntry, exc: VerifyError) -> ChunkVerifyError:
+        self.verify_failures += 1
+        metrics.VERIFY_FAILURES.labels(self._label).inc()
+        log.error("layer %s: %s -- refusing to serve these bytes (EIO)", self.digest, exc)
+        # The bad bytes must not stay cached: a fixed server gets a fresh chance.
+        start, end = self.reader.chunk_section(chunk)
+        self.fetcher.forget(start, end - start)
+        return ChunkVerifyError(str(exc))
+
     def chunk_bytes(self, chunk: TOCEntry, kind: str = "on_demand") -> bytes:
-        """The verified uncompressed bytes of one chunk."""
+        """The verified uncompressed bytes of one chunk (of at most BIG_CHUNK_BYTES: a
+        bigger one is read through `chunk_window`)."""
         key = self._chunk_key(chunk)
         with self._mem_lock:
             data = self._mem.get(key)
@@ -144,12 +236,7 @@ class LazyLayer:
         try:
             data = self.reader.decompress_chunk(chunk, section, verify=self.verify)
         except VerifyError as exc:
-            self.verify_failures += 1
-            metrics.VERIFY_FAILURES.labels(self._label).inc()
-            log.error("layer %s: %s -- refusing to serve these bytes (EIO)", self.digest, exc)
-            # The bad bytes must not stay cached: a fixed server gets a fresh chance.
-            self.fetcher.forget(start, end - start)
-            raise ChunkVerifyError(str(exc)) from None
+            raise self._verify_failed(chunk, exc) from None
         if self.chunk_cache is not None:
             self.chunk_cache.put(key, data)
         self._remember(key, data)
@@ -174,9 +261,13 @@ class LazyLayer:
         self._read_ahead(entry, offset + size)
         if offset == 0:
             self._follow_elf(entry)
-        data = self.reader.read_entry(entry, offset, size, read_chunk=self.chunk_bytes)
+        data = self._read_entry(entry, offset, size, "on_demand")
         self._mark_foreground()
         return data
+
+    def _read_entry(self, entry: TOCEntry, offset: int, size: int, kind: str) -> bytes:
+        return b"".join(self.chunk_window(c, lo, hi, kind)
+                        for c, lo, hi in self.reader.chunk_spans(entry, offset, size))
 
     def _read_ahead(self, entry: TOCEntry, end: int) -> None:
         """Queue the chunks of `entry` after the one holding file offset `end - 1` (at
@@ -197,7 +288,7 @@ class LazyLayer:
             todo = [c for c in chunks[max(first, done + 1):last + 1]
                     if self._chunk_key(c) not in self._mem]
         for c in todo:
-            self._ahead(functools.partial(self.chunk_bytes, c, "readahead"))
+            self._ahead(functools.partial(self.warm_chunk, c, "readahead"))
 
     def _follow_elf(self, entry: TOCEntry) -> None:
         """For an ELF file read from its start, fetch the interpreter and the libraries
@@ -208,8 +299,7 @@ class LazyLayer:
             self._elf_seen.add(entry.name)
 
         def read(off: int, n: int) -> bytes:
-            return self.reader.read_entry(entry, off, n,
-                                          read_chunk=lambda c: self.chunk_bytes(c, "readahead"))
+            return self._read_entry(entry, off, n, "readahead")
 
         def fetch(deps: elfdeps.ElfDeps) -> list[TOCEntry]:
             # Every file's chunks are queued before any of their own dependencies is
@@ -295,12 +385,18 @@ class LazyLayer:
         try:
             end = self.plan_prefetch(default_size)
             if end > 0:
-                self.fetcher.read_at(0, end, "prefetch")
+                # In requests of at most PREFETCH_BATCH, none kept: the range is the
+                # blob's to declare, the memory is not.
+                f = self.fetcher
+                last = (end - 1) // f.region_size
+                per = max(1, PREFETCH_BATCH // f.region_size)
+                for first in range(0, last + 1, per):
+                    f.get_regions(range(first, min(first + per, last + 1)), "prefetch")
                 self.prefetch_fetched.set()
                 for e in self.reader.entries:
                     if e.is_data and e.chunk_size > 0 and e.offset < end:
                         try:
-                            self.chunk_bytes(e, "prefetch")
+                            self.warm_chunk(e, "prefetch")
                         except ChunkVerifyError:
                             pass  # logged; reading that file gives EIO
         except FetchError as exc:

@@ -16,7 +16,10 @@ then answers it as any other blob (headers, Range, streaming).
   mismatch, or content the swarm cannot deliver, drops that source (nothing is recorded
   or pinned) and the next one is tried. What passes is pinned in the node's IPFS and
   announced, so the next node gets it from peers. Afterwards the content is served from
-  its CID, which IPFS verifies block by block.
+  its CID, which IPFS verifies block by block. The pins are bounded (`pin_bytes`,
+  `pins.PinLedger`): past the bound the least recently served content is unpinned,
+  forgotten here and its record withdrawn, so kubo's GC may reclaim it and a later
+  request fetches and verifies it again.
 - Private images stay private: before serving a manifest or blob by digest, from any
   source, the caller's Authorization is checked at the upstream for that repository and
   that digest (a HEAD of /v2/<name>/blobs|manifests/<digest>); a grant is cached for
@@ -39,6 +42,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from peerstar.errors import PeerstarError
 from peerstar.ipfs import ContentStore
@@ -53,6 +57,7 @@ from peerstar.registry.origin import (
     OriginError,
     OriginStatus,
 )
+from peerstar.registry.pins import PinLedger
 from peerstar.registry.tree import BlobRef
 from peerstar.registry.upstream import (
     ReadPolicy,
@@ -69,6 +74,7 @@ _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|[-]*)[a-z0-9]+)*"
 _NAME = re.compile(rf"\A{_COMPONENT}(?:/{_COMPONENT})*\Z")
 _MANIFESTS_KEPT = 512
 _GRANTS_KEPT = 100_000
+DEFAULT_PIN_BYTES = 20 << 30  # 40 % of the manifests' default kubo StorageMax (50GB)
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,11 @@ class MirrorOptions:
     # An extra PEM CA bundle trusted for the upstreams ("" for the system's trust only).
     ca_file: str = ""
     max_manifest: int = 4 << 20
+    # Bound of what this mirror keeps pinned (0 = unbounded): past it, the least recently
+    # served mirrored content is unpinned (`pins.PinLedger`), and the ledger's file
+    # ("" = none: pins made before a restart are forgotten, the operator's to unpin).
+    pin_bytes: int = DEFAULT_PIN_BYTES
+    pin_state: str = ""
     upstream_by_ns: dict[str, MirrorUpstream] = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -148,6 +159,8 @@ class Mirror:
         self.options = options
         self.policy = policy or ReadPolicy()
         self.directory = Directory(store, timeout=options.lookup_timeout)
+        self.pins = PinLedger(store, options.pin_bytes,
+                              Path(options.pin_state) if options.pin_state else None)
         self.origins = {u.ns: Origin(u, timeout=options.upstream_timeout,
                                      ca_file=options.ca_file)
                         for u in options.upstreams}
@@ -172,6 +185,7 @@ class Mirror:
         await self.directory.close()
         for origin in self.origins.values():
             await origin.close()
+        self.pins.close()
 
     # -- requests -------------------------------------------------------------------------
     def _origin(self, ns: str, name: str) -> Origin:
@@ -217,6 +231,7 @@ class Mirror:
         if not fetch:
             known = self._blobs.get(digest)
             if known is not None:
+                self.pins.touch(digest)
                 return known
             rec = await self.directory.lookup(digest)
             if rec is not None and rec.size > 0:
@@ -387,6 +402,7 @@ class Mirror:
         ref = self._blobs.get(digest)
         if data is not None and ref is not None:
             self._manifests.move_to_end(digest)
+            self.pins.touch(digest)
             return digest, ref, data
         rec = await self.directory.lookup(digest)
         if rec is not None:
@@ -436,7 +452,7 @@ class Mirror:
             self.counts["rejected"] += 1
             raise ApiError(502, "UNAVAILABLE", "the upstream sent a manifest that does "
                            "not match its digest", digest)
-        cid = await self.store.add(data, pin=True)
+        cid = await self.store.add(data, pin=False)  # `_keep` pins it
         ref = BlobRef(cid, len(data), _media_type(data, media))
         await self._keep(digest, ref, data, "upstream", started,
                          await self._public(caller, "manifests", digest))
@@ -445,12 +461,17 @@ class Mirror:
     async def _keep(self, digest: str, ref: BlobRef, data: bytes | None, source: str,
                     started: float, public: bool) -> None:
         """`ref` holds `digest`, verified here (from `source`, since `started`,
-        time.monotonic(); `public`: the upstream gives it to anyone): pin it, remember
-        it, announce it, log it."""
+        time.monotonic(); `public`: the upstream gives it to anyone): pin it (within the
+        pin bound: what that unpins is forgotten here), remember it, announce it, log it."""
         log_upstream("mirror", ref.cid, started, time.monotonic() - started, 0.0,
                      digest=digest, source=source, bytes=ref.size)
-        if digest not in self._blobs:
-            await self.store.pin(ref.cid)
+        for old, cid in await self.pins.keep(digest, ref.cid, ref.size):
+            # No longer served from this node without a fresh check: the next request
+            # verifies it again from the cluster or the upstream (and pins it again). Its
+            # record is withdrawn here; nodes that heard it drop it when it fails them.
+            self._blobs.pop(old, None)
+            self._manifests.pop(old, None)
+            self.directory.forget(old, cid)
         self._blobs[digest] = ref
         if data is not None:
             self._manifests[digest] = data
@@ -469,6 +490,7 @@ class Mirror:
     async def _blob(self, caller: _Caller, digest: str) -> BlobRef:
         known = self._blobs.get(digest)
         if known is not None:
+            self.pins.touch(digest)
             return known
         ref = await self._from_cluster(caller, digest, await self.directory.lookup(digest))
         if ref is None and not await self.directory.claim(digest):

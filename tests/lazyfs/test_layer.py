@@ -4,18 +4,22 @@ writes served from memory until on disk."""
 
 from __future__ import annotations
 
+import io
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
 
-from peerstar.estargz import Reader
+from peerstar.estargz import Reader, build
 from peerstar.lazyfs.cache import DiskCache
 from peerstar.lazyfs.fetcher import BlobFetcher
-from peerstar.lazyfs.layer import ChunkVerifyError, LazyLayer
+from peerstar.lazyfs.layer import BIG_CHUNK_BYTES, ChunkVerifyError, LazyLayer
+from peerstar.source.sample import pseudo_random_bytes
 from tests.lazyfs.blobserver import BlobServer
-from tests.lazyfs.conftest import BIG, CHUNK, PRIORITY, Layer
+from tests.lazyfs.conftest import BIG, CHUNK, MTIME, PRIORITY, Layer
+from tests.support.tars import Entry, write_tar
 from tests.support.waiting import wait_until
 
 
@@ -178,3 +182,47 @@ def test_read_ahead_along_a_file_never_holds_up_other_reads(
     finally:
         gate.set()
         lay.stop()
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
+def test_a_big_chunk_is_read_by_windows_never_whole(compression: str, tmp_path: Path) -> None:
+    """A chunk over BIG_CHUNK_BYTES is streamed, verified, into the chunk cache once
+    (however many readers ask at once) and served from that file: the reads allocate
+    a few MiB, not the chunk."""
+    data = pseudo_random_bytes("lazyfs/window", 4096) * ((BIG_CHUNK_BYTES + (8 << 20)) // 4096)
+    out = io.BytesIO()
+    res = build(write_tar([Entry("big", data=data, mtime=MTIME)]), out,
+                compression=compression, chunk_size=1 << 30)
+    layer = Layer(out.getvalue(), res.blob_digest, res.toc_digest, b"")
+    server = BlobServer({layer.digest: layer.blob}).start()
+    try:
+        lay = _layer(server, layer, tmp_path)
+        e = lay.reader.lookup("big")
+        assert e is not None and [c.chunk_size for c in lay.reader.chunks("big")] == [len(data)]
+        assert lay.chunk_cache is not None
+        streams = []
+        real = lay.chunk_cache.put_stream
+
+        def counting(key, size, pieces):  # type: ignore[no-untyped-def]
+            streams.append(key)
+            return real(key, size, pieces)
+
+        lay.chunk_cache.put_stream = counting  # type: ignore[method-assign]
+        offsets = [5, len(data) // 2 + 77, len(data) - 1000, 4096 * 3001 + 1]
+        tracemalloc.start()
+        try:
+            got: dict[int, bytes] = {}
+            threads = [threading.Thread(target=lambda o=o: got.__setitem__(
+                o, lay.read_file(e, o, 128 << 10))) for o in offsets]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert {o: got[o] for o in offsets} == {o: data[o:o + (128 << 10)] for o in offsets}
+        assert len(streams) == 1
+        assert peak < 16 << 20, f"{peak >> 20} MiB allocated for {len(data) >> 20} MiB chunk"
+    finally:
+        server.stop()
