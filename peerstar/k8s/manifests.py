@@ -270,9 +270,12 @@ def bootstrap_service(opts: Options) -> Obj:
     }
 
 
-# The mirror's pin ledger (peerstar.registry.pins), on a volume that outlives a restart of
-# the registry container; its bound leaves the rest of StorageMax to the unpinned cache.
+# The mirror's pin ledger (peerstar.registry.pins), on the node beside the IPFS repo whose
+# pins it records: both outlive the pod (an upgrade), so no pin is ever forgotten. Its
+# bound leaves the rest of StorageMax to the unpinned cache.
 _MIRROR_STATE_DIR = "/var/lib/peerstar-registry"
+HOST_REGISTRY_STATE = "/var/lib/peerstar/registry"
+_REGISTRY_UID = 65534
 _MIRROR_PIN_SHARE = 0.4
 _STORAGE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                   "PB": 10**15, "EB": 10**18, "KIB": 1 << 10, "MIB": 1 << 20,
@@ -297,6 +300,22 @@ def _mirror_args(opts: Options) -> list[str]:
             "--mirror-state", f"{_MIRROR_STATE_DIR}/mirror-pins.json"]
 
 
+def _registry_state_owner(image: str) -> Obj:
+    """Gives the registry's user the ledger's hostPath directory (created root-owned by the
+    kubelet): the one capability it needs, CHOWN, and nothing else."""
+    owner = f"{_REGISTRY_UID}:{_REGISTRY_UID}"
+    return {
+        "name": "registry-state-owner",
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["chown", owner, _MIRROR_STATE_DIR],
+        "volumeMounts": [{"name": "registry-state", "mountPath": _MIRROR_STATE_DIR}],
+        "resources": _resources("10m", "16Mi"),
+        "securityContext": {"allowPrivilegeEscalation": False, "runAsUser": 0,
+                            "capabilities": {"drop": ["ALL"], "add": ["CHOWN"]}},
+    }
+
+
 def node_daemonset(opts: Options) -> Obj:
     socket_probe = ["python3", "-c",
                     "import socket,sys; s=socket.socket(socket.AF_UNIX); "
@@ -319,8 +338,8 @@ def node_daemonset(opts: Options) -> Obj:
         "livenessProbe": {"httpGet": {"path": "/v2/", "port": "registry"},
                           "periodSeconds": 20, "timeoutSeconds": 5, "failureThreshold": 3},
         "resources": _resources("100m", "128Mi", "1Gi"),
-        "securityContext": {**_NO_CAPS, "runAsNonRoot": True, "runAsUser": 65534,
-                            "runAsGroup": 65534},
+        "securityContext": {**_NO_CAPS, "runAsNonRoot": True, "runAsUser": _REGISTRY_UID,
+                            "runAsGroup": _REGISTRY_UID},
     }
     if opts.mirrors:
         registry["volumeMounts"] = [{"name": "registry-state",
@@ -375,6 +394,7 @@ def node_daemonset(opts: Options) -> Obj:
                 "--bootstrap-peer-id", "$(BOOTSTRAP_PEER_ID)",
             ], {"env": [{"name": "BOOTSTRAP_PEER_ID", "valueFrom": {"secretKeyRef": {
                 "name": SECRET_NAME, "key": BOOTSTRAP_ID_ITEM}}}]}),
+            *([_registry_state_owner(opts.peerstar_image)] if opts.mirrors else []),
         ],
         "containers": [_kubo_container(opts.kubo_image), registry, snapshotter],
         "volumes": [
@@ -389,9 +409,10 @@ def node_daemonset(opts: Options) -> Obj:
                                                   "type": "DirectoryOrCreate"}},
             {"name": "host-cgroup", "hostPath": {"path": "/sys/fs/cgroup",
                                                  "type": "Directory"}},
-            # The mirror's pin ledger: kept across restarts of the registry container (a
-            # crash, an OOM kill); a new pod starts a new ledger (docs/mirror.md).
-            *([{"name": "registry-state", "emptyDir": {}}] if opts.mirrors else []),
+            # The mirror's pin ledger, on the node: it outlives the pod like the repo.
+            *([{"name": "registry-state", "hostPath": {"path": HOST_REGISTRY_STATE,
+                                                       "type": "DirectoryOrCreate"}}]
+              if opts.mirrors else []),
         ],
     }
     return {

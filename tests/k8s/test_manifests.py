@@ -455,14 +455,22 @@ def test_mirror_flags_reach_the_bridge_and_containerd(tmp_path: Path) -> None:
     assert [args[i + 1] for i, a in enumerate(args) if a == "--mirror"] == [
         "docker.io=https://registry-1.docker.io", "10.0.0.5:5000=http://10.0.0.5:5000"]
     assert "/etc/containerd/certs.d/10.0.0.5:5000/hosts.toml" in r.stdout
-    # The mirror's pins: 40 % of kubo's StorageMax (50GB), the ledger on a volume that
-    # outlives a restart of the container.
+    # The mirror's pins: 40 % of kubo's StorageMax (50GB), the ledger on the node (it
+    # outlives the pod, as the repo holding the pins does), owned by the registry's user.
     assert args[args.index("--mirror-pin-bytes") + 1] == str(20 * 10**9)
     state = args[args.index("--mirror-state") + 1]
     pod = docs[-1]["spec"]["template"]["spec"]
-    [mount] = by_name(pod["containers"], "registry")["volumeMounts"]
+    registry = by_name(pod["containers"], "registry")
+    [mount] = registry["volumeMounts"]
     assert state.startswith(mount["mountPath"] + "/")
-    assert by_name(pod["volumes"], mount["name"]) == {"name": mount["name"], "emptyDir": {}}
+    assert by_name(pod["volumes"], mount["name"]) == {
+        "name": mount["name"],
+        "hostPath": {"path": "/var/lib/peerstar/registry", "type": "DirectoryOrCreate"}}
+    owner = by_name(pod["initContainers"], "registry-state-owner")
+    uid = registry["securityContext"]["runAsUser"]
+    assert owner["command"] == ["chown", f"{uid}:{uid}", mount["mountPath"]]
+    assert owner["volumeMounts"] == [mount]
+    assert owner["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]}
     # Without --mirror nothing changes (the deploy/ copy stays current).
     assert "--mirror" not in str(render_manifests())
 
