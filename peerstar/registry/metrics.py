@@ -58,16 +58,21 @@ class RegistryMetrics:
             "skeleton only; failed)", ["result"], registry=self.registry)
         self.warmup_failures = Counter(
             "peerstar_registry_warmup_failures",
-            "Failed warm-up stages (stage=skeleton|footer|toc|prefetch|manifest|internal) "
+            "Failed warm-up stages (stage=skeleton|footer|toc|prefetch|bulk|manifest|internal) "
             "and failed leaf fan-out operations (stage=fanout)", ["stage"],
             registry=self.registry)
         self.warmup_ops = Counter(
             "peerstar_registry_warmup_ops",
-            "IPFS operations of the warm-up and the leaf fan-out (kind=warm-node|warm-read|"
+            "IPFS operations of the warm-up and the leaf fan-out (kind=warm-node|warm-read|warm-bulk|"
             "warm-stat|fanout-stat)", ["kind"], registry=self.registry)
         self.warmup_in_flight = Gauge(
             "peerstar_registry_warmup_in_flight",
             "Warm-up and fan-out operations in flight", registry=self.registry)
+        self.bulk_deferred = Counter(
+            "peerstar_registry_bulk_reads_deferred",
+            "Blob reads of kind prefetch or background held until their image's warm-up "
+            "TOC phase ended (result=phase_ended|bound: the wait's bound passed first)",
+            ["result"], registry=self.registry)
         self._done: dict[tuple[str, str, int], tuple] = {}
         self._reads: dict[str, Counter] = {}
 

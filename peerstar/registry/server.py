@@ -15,10 +15,14 @@ the whole range, once that node is known (`subdag.SubDagLocator`), which spares 
 daemon the walk from the blob's root.
 
 Serving an image manifest (the first time per digest) starts the warm-up of its layers in
-the background (`warmup.WarmUp`: DAG skeleton, footer, TOC and prioritized range into
-the node's daemon); a range over several leaves of a blob the warm-up found to come over
-the network gets its leaves fetched at once beside its `cat`. Neither ever delays or fails a
-response. Every upstream read is logged with its timing (`upstream.log_upstream`).
+the background (`warmup.WarmUp`: config, DAG skeletons, footers and TOCs first, then the
+prioritized ranges into the node's daemon); a range over several leaves of a blob the
+warm-up found to come over the network gets its leaves fetched at once beside its `cat`.
+Neither ever fails a response, nor delays one a container waits for: only a blob GET whose
+`Peerstar-Read-Kind` is `prefetch` or `background` (bulk) waits, at most the warm-up's
+`toc_wait` (3 s), while its image's warm-up is still reading TOCs, so that it does not
+compete with those reads. Every upstream read is logged with its timing
+(`upstream.log_upstream`).
 
 Headers are only sent once the first upstream bytes are in hand, so a daemon that is
 down or stalled yields a 502/504 with a message, and content the store does not hold a
@@ -45,6 +49,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from peerstar.distribution.client import READ_KIND_HEADER
 from peerstar.errors import PeerstarError
 from peerstar.ipfs import ContentStore
 from peerstar.ipfsimage.format import IPFSImageError, parse_image_cid
@@ -99,6 +104,10 @@ class _OneLineBadRequests(logging.Filter):
 http_log.addFilter(_OneLineBadRequests())
 
 _CID_PATTERN = r"[A-Za-z0-9]{1,200}"
+# Reads no container start waits for (the lazy fetcher's `READ_KIND_HEADER`): they wait
+# for the TOC phase of their image's warm-up; toc, on_demand, readahead and reads
+# without the header never wait.
+_BULK_READ_KINDS = frozenset({"prefetch", "background"})
 # Loose on purpose: a malformed ref or digest gets its specific error from the handler.
 _REF_PATTERN = r"[^/]{1,300}"
 
@@ -384,6 +393,9 @@ class RegistryServer:
         if ref_info is None:
             raise ApiError(404, "BLOB_UNKNOWN", "blob unknown to registry",
                            f"{digest} is not part of this image")
+        if (self.warmup is not None and request.method == "GET"
+                and request.headers.get(READ_KIND_HEADER) in _BULK_READ_KINDS):
+            await self.warmup.wait_toc_phase(ref_info.cid)  # bounded; never raises
         return await self._serve(request, digest, ref_info, tree.manifests.get(digest))
 
     # -- responses ------------------------------------------------------------------------

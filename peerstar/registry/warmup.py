@@ -9,17 +9,27 @@ after another pays that walk for each layer's footer, TOC and prioritized files.
 blocks answer in ~4 ms; so the time is set by the number of sequential round trips.
 
 `WarmUp.manifest_served(digest, tree)` (the first time per manifest digest per
-process; it never waits) starts, in the background, the image's config block (the
-client's next request) and, for every layer of an image manifest, all layers at once:
+process; it never waits) starts, in the background, two phases. First the TOC phase,
+what a pull waits for, all at once: the image's config block (the client's next
+request) and, for every layer of an image manifest:
 - its DAG skeleton (root and interior nodes, a level at a time, every node of a level at
   once) loaded into the registry's `SubDagLocator`, so later range reads name the leaf
   and never walk the DAG;
 - its footer and TOC, read through the daemon from the leaves holding them (eStargz: the
   51-byte footer gives the TOC offset; zstd:chunked: the 40-byte footer; parsed by
-  `peerstar.estargz`); a layer with no such footer gets its skeleton only;
-- its prioritized range, `[0, offset of .prefetch.landmark)` when the TOC has that
-  landmark: the daemon is asked for each leaf with `block_stat`, which fetches a block
-  without shipping its bytes here.
+  `peerstar.estargz`); a layer with no such footer gets its skeleton only. When the
+  locator knows the tail leaf and the one before it once the path to the tail is
+  walked, and the tail leaf is short (< 64 KiB), both are read together: a TOC over two
+  leaves then costs one round trip, not two (footer, then the TOC's head).
+Then, once every TOC stage of the manifest has ended (or `toc_wait` seconds passed; a
+later one goes on by itself), the bulk phase: each layer's prioritized range,
+`[0, offset of .prefetch.landmark)` when the TOC has that landmark (the daemon is asked
+for each leaf with `block_stat`, which fetches a block without shipping its bytes here),
+and the jobs of `WarmUp.bulk_sources` (callables `(digest, tree) -> awaitables`, whose
+upstream operations go through `WarmUp.bulk_op`). While a manifest's TOC phase runs, a
+bulk read of one of its blobs (`Peerstar-Read-Kind: prefetch|background`) waits for its
+end in `WarmUp.wait_toc_phase` (at most `toc_wait`): bulk bytes from other nodes would
+slow the TOC reads every Prepare waits for.
 
 `WarmUp.spread(ref, offset, length)` (the fan-out) is called for every range read not
 served by a single leaf. js-ipfs 0.66 does fetch the leaves of one `cat` concurrently,
@@ -39,7 +49,7 @@ Every operation here is bounded: at most `limit` in flight (one semaphore for th
 warm-up and the fan-out), each within `timeout`; the work is deduplicated per blob (and
 per leaf in flight). A failure is counted (`peerstar_registry_warmup_failures`) and
 logged once (a blob's warm-up at WARNING, a fan-out operation at INFO); nothing here
-ever fails, or delays, a request.
+ever fails a request, or delays one but a bulk read during a TOC phase (bounded).
 """
 
 from __future__ import annotations
@@ -51,6 +61,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from peerstar.estargz import TOC_DIGEST_ANNOTATION, FormatError, Reader
@@ -72,6 +83,10 @@ _MAX_BLOBS = 4096
 _MAX_LEAVES = 1 << 16
 # A TOC larger than this (compressed) is not read for the warm-up.
 _MAX_TOC_BYTES = 64 << 20
+# A tail leaf shorter than this has the leaf before it read with the footer: a TOC is
+# usually longer (the bench's python layers: 3-183 KB, the one over two leaves 89 KB
+# with a 29 KB tail leaf); when it is not, the cost is one needless leaf (<= 256 KiB).
+_SHORT_TAIL_LEAF = 64 << 10
 
 
 class _Recent:
@@ -101,6 +116,17 @@ class _Failed(Exception):
         self.stage = stage
 
 
+@dataclass
+class _TocStage:
+    """What a layer's critical stage found: `kind` (estargz, plain, skeleton), the end
+    of its prioritized range (0: none) and the stages that failed."""
+
+    started: float
+    kind: str = "skeleton"
+    prefetch_end: int = 0
+    failures: list[_Failed] = field(default_factory=list)
+
+
 def _why(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timed out"
@@ -118,7 +144,8 @@ class WarmUp:
 
     def __init__(self, store: ContentStore, locator: SubDagLocator | None,
                  metrics: RegistryMetrics, *, limit: int = 16, timeout: float = 30.0,
-                 slow: float = 0.1, manifests: bool = True, fan_out: bool = True) -> None:
+                 slow: float = 0.1, manifests: bool = True, fan_out: bool = True,
+                 toc_wait: float = 3.0) -> None:
         self._store = store
         self._locator = locator
         self._metrics = metrics
@@ -137,6 +164,15 @@ class WarmUp:
         self._stat_pending: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        self.toc_wait = toc_wait
+        # blob CID -> the TOC phase of the manifest warm-up it belongs to, while it runs
+        self._toc_phases: dict[str, asyncio.Event] = {}
+        # The bulk sources: each is called once per manifest warm-up after its TOC phase
+        # (`source(manifest digest, tree)`) and returns the jobs (awaitables) to run
+        # then, beside the layers' prioritized ranges; a job's upstream operations go
+        # through `bulk_op` (the warm-up's bound and timeout); a failure is counted
+        # (stage=bulk) and logged, never a request's.
+        self.bulk_sources: list[Callable[[str, ImageTree], Iterable[Awaitable[None]]]] = []
 
     # -- what the server calls ------------------------------------------------------------
 
@@ -175,6 +211,29 @@ class WarmUp:
 
     def is_remote(self, blob_cid: str) -> bool:
         return blob_cid in self._remote
+
+    def toc_phase_running(self, blob_cid: str) -> bool:
+        """Whether the TOC phase of a manifest warm-up holding blob `blob_cid` runs."""
+        return blob_cid in self._toc_phases
+
+    async def wait_toc_phase(self, blob_cid: str) -> None:
+        """Until the TOC phase of the manifest warm-up holding blob `blob_cid` has ended,
+        at most `toc_wait` seconds (a bulk read waits here so that it does not compete
+        with the reads a pull waits for). Returns at once when none runs; never raises."""
+        phase = self._toc_phases.get(blob_cid)
+        if phase is None:
+            return
+        try:
+            async with asyncio.timeout(self.toc_wait):
+                await phase.wait()
+            self._metrics.bulk_deferred.labels("phase_ended").inc()
+        except TimeoutError:
+            self._metrics.bulk_deferred.labels("bound").inc()
+
+    async def bulk_op(self, blob_cid: str, cid: str, call: Callable[[], Awaitable[T]]) -> T:
+        """One upstream operation of a bulk job for blob `blob_cid` on block or node
+        `cid`: within the warm-up's bound and timeout, counted and logged."""
+        return await self._op("warm-bulk", blob_cid, cid, call)
 
     async def settle(self) -> None:
         """Until every warm-up and fan-out started so far has finished (tests)."""
@@ -234,13 +293,13 @@ class WarmUp:
             layers = doc.get("layers") if isinstance(doc, dict) else None
             if not isinstance(layers, list):
                 return  # an index: its manifests are warmed when they are asked for
-            jobs = []
-            # The config is the client's next request: its block comes beside the layers'.
             config = doc.get("config")
             cref = tree.blobs.get(str(config.get("digest"))) if isinstance(config, dict) else None
             if cref is not None and cref.cid not in self._seen_blobs:
                 self._seen_blobs.add(cref.cid)
-                jobs.append(self._warm_config(cref))
+            else:
+                cref = None
+            blobs: list[tuple[BlobRef, str | None]] = []
             for layer in layers:
                 ref = tree.blobs.get(str(layer.get("digest"))) if isinstance(layer, dict) else None
                 if ref is None or ref.cid in self._seen_blobs:
@@ -248,13 +307,61 @@ class WarmUp:
                 self._seen_blobs.add(ref.cid)
                 ann = layer.get("annotations")
                 toc_digest = ann.get(TOC_DIGEST_ANNOTATION) if isinstance(ann, dict) else None
-                jobs.append(self._warm_blob(ref, toc_digest if isinstance(toc_digest, str)
-                                            else None))
+                blobs.append((ref, toc_digest if isinstance(toc_digest, str) else None))
         except Exception as exc:  # a manifest the tree walk accepted: should not happen
             log.info("no warm-up for manifest %s: %s", digest, _why(exc))
             self._metrics.warmup_failures.labels("manifest").inc()
             return
-        await asyncio.gather(*jobs)
+        phase = asyncio.Event()
+        for ref, _ in blobs:
+            self._toc_phases.setdefault(ref.cid, phase)
+        try:
+            async with asyncio.TaskGroup() as group:
+                # The critical stage: what a pull waits for (config, skeletons, footers,
+                # TOCs), all at once...
+                tocs = [group.create_task(self._toc_stage(ref, toc_digest))
+                        for ref, toc_digest in blobs]
+                critical: list[asyncio.Task[object]] = list(tocs)  # type: ignore[arg-type]
+                if cref is not None:
+                    critical.append(group.create_task(self._warm_config(cref)))
+                if critical:
+                    await asyncio.wait(critical, timeout=self.toc_wait)
+                self._end_toc_phase(phase)
+                # ...then the bulk: each layer's prioritized range once its TOC is read
+                # (at once, or when a TOC stage outlasting `toc_wait` ends), and the jobs
+                # of the bulk sources.
+                for (ref, _), toc in zip(blobs, tocs, strict=True):
+                    group.create_task(self._bulk_stage(ref, toc))
+                for job in self._bulk_jobs(digest, tree):
+                    group.create_task(self._bulk_job(digest, job))
+        finally:
+            self._end_toc_phase(phase)
+
+    def _end_toc_phase(self, phase: asyncio.Event) -> None:
+        if phase.is_set():
+            return
+        phase.set()
+        for cid in [c for c, p in self._toc_phases.items() if p is phase]:
+            del self._toc_phases[cid]
+
+    def _bulk_jobs(self, digest: str, tree: ImageTree) -> list[Awaitable[None]]:
+        jobs: list[Awaitable[None]] = []
+        for source in self.bulk_sources:
+            try:
+                jobs.extend(source(digest, tree))
+            except Exception as exc:
+                self._metrics.warmup_failures.labels("bulk").inc()
+                log.info("bulk warm-up source %r failed for manifest %s: %s", source, digest,
+                         _why(exc))
+        return jobs
+
+    async def _bulk_job(self, digest: str, job: Awaitable[None]) -> None:
+        try:
+            await job
+        except Exception as exc:
+            self._metrics.warmup_failures.labels("bulk").inc()
+            log.info("bulk warm-up job of manifest %s failed (reads are not affected): %s",
+                     digest, _why(exc))
 
     async def _warm_config(self, ref: BlobRef) -> None:
         if not hasattr(self._store, "block_stat"):
@@ -267,57 +374,84 @@ class WarmUp:
             log.info("warm-up of config %s failed (its request reads it): %s", ref.cid,
                      _why(exc))
 
-    async def _warm_blob(self, ref: BlobRef, toc_digest: str | None) -> None:
+    async def _toc_stage(self, ref: BlobRef, toc_digest: str | None) -> _TocStage:
+        """A layer's critical stage: its footer and TOC beside its skeleton."""
         started = time.monotonic()
-        stages: list[Awaitable[str]] = [self._estargz(ref, toc_digest)]
+        stages: list[Awaitable[tuple[str, int]]] = [self._estargz(ref, toc_digest)]
         if self._locator is not None:
             stages.append(self._skeleton(ref))
         results = await asyncio.gather(*stages, return_exceptions=True)
-        failures: list[_Failed] = []
+        out = _TocStage(started)
         for res in results:
             if isinstance(res, asyncio.CancelledError):
                 raise res
             if isinstance(res, _Failed):
-                failures.append(res)
+                out.failures.append(res)
             elif isinstance(res, BaseException):  # a bug here: still never a request's
-                failures.append(_Failed("internal", res))
-        if failures:
-            for failure in failures:
+                out.failures.append(_Failed("internal", res))
+        first = results[0]
+        if not isinstance(first, BaseException):
+            out.kind, out.prefetch_end = first
+        return out
+
+    async def _bulk_stage(self, ref: BlobRef, toc: asyncio.Task[_TocStage]) -> None:
+        """A layer's prioritized range (once its TOC is read), then its outcome counted."""
+        stage = await toc
+        if stage.prefetch_end:
+            try:
+                await self._prefetch(ref, 0, min(stage.prefetch_end, ref.size))
+            except Exception as exc:
+                stage.failures.append(_Failed("prefetch", exc))
+        ms = (time.monotonic() - stage.started) * 1000
+        if stage.failures:
+            for failure in stage.failures:
                 self._metrics.warmup_failures.labels(failure.stage).inc()
             self._metrics.warmups.labels("failed").inc()
             log.warning("warm-up of blob %s incomplete after %.0f ms (reads are not affected): "
-                     "%s", ref.cid, (time.monotonic() - started) * 1000,
-                     "; ".join(str(f) for f in failures))
+                        "%s", ref.cid, ms, "; ".join(str(f) for f in stage.failures))
             return
-        kind = str(results[0])
-        self._metrics.warmups.labels(kind).inc()
-        log.debug("warmed blob %s (%s) in %.0f ms", ref.cid, kind,
-                  (time.monotonic() - started) * 1000)
+        self._metrics.warmups.labels(stage.kind).inc()
+        log.debug("warmed blob %s (%s) in %.0f ms", ref.cid, stage.kind, ms)
 
-    async def _skeleton(self, ref: BlobRef) -> str:
+    async def _skeleton(self, ref: BlobRef) -> tuple[str, int]:
         assert self._locator is not None
         try:
             await self._locator.load_skeleton(ref.cid, get_block=self._get_block_for(ref.cid))
         except Exception as exc:
             raise _Failed("skeleton", exc) from None
-        return "skeleton"
+        return "skeleton", 0
 
-    async def _estargz(self, ref: BlobRef, toc_digest: str | None) -> str:
-        """Footer, TOC and prioritized range; "estargz" when warmed, "plain" when the blob
-        has no eStargz / zstd:chunked footer."""
+    def _footer_read_start(self, ref: BlobRef, tail_at: int) -> int:
+        """Where the footer read starts: `tail_at`, or the start of the leaf before the
+        tail leaf when that leaf is short (`_SHORT_TAIL_LEAF`) and the locator already
+        knows both leaves -- a TOC longer than the tail leaf then costs one round trip,
+        not two (footer, then the TOC's first leaf)."""
+        if self._locator is None or tail_at == 0:
+            return tail_at
+        known = self._locator.known_leaves(ref.cid, tail_at, ref.size - tail_at, ref.size)
+        if not known or known[0].start == 0 or known[0].size >= _SHORT_TAIL_LEAF:
+            return tail_at
+        before = self._locator.known_leaves(ref.cid, known[0].start - 1, 1, ref.size)
+        return before[0].start if before else tail_at
+
+    async def _estargz(self, ref: BlobRef, toc_digest: str | None) -> tuple[str, int]:
+        """Footer and TOC: ("estargz", the prioritized range's end or 0) when read,
+        ("plain", 0) when the blob has no eStargz / zstd:chunked footer."""
         size = ref.size
         if size < ZSTD_FOOTER_SIZE:
-            return "plain"
+            return "plain", 0
         tail_at = size - min(size, MAX_FOOTER_SIZE)
         try:
-            tail = await self._read(ref, tail_at, size - tail_at)
+            if self._locator is not None:  # the path to the tail leaf, for its neighbour
+                await self._leaves(ref, tail_at, size - tail_at)
+            base = self._footer_read_start(ref, tail_at)
+            data = await self._read(ref, base, size - base)
         except Exception as exc:
             raise _Failed("footer", exc) from None
         try:
-            footer = parse_footer(tail, size)
+            footer = parse_footer(data[tail_at - base:], size)
         except FormatError:
-            return "plain"
-        base, data = tail_at, tail
+            return "plain", 0
         try:
             if footer.toc_offset < base:
                 if base - footer.toc_offset > _MAX_TOC_BYTES:
@@ -331,12 +465,7 @@ class WarmUp:
             end = reader.prefetch_end()
         except Exception as exc:
             raise _Failed("toc", exc) from None
-        if end:
-            try:
-                await self._prefetch(ref, 0, min(end, size))
-            except Exception as exc:
-                raise _Failed("prefetch", exc) from None
-        return "estargz"
+        return "estargz", end or 0
 
     async def _leaves(self, ref: BlobRef, offset: int, length: int) -> list[Leaf] | None:
         if self._locator is None:

@@ -37,6 +37,7 @@ from peerstar.ipfs import BlockNotFoundError
 from peerstar.ipfs.unixfs import CHUNK_SIZE, DagBuilder, chunk_bytes
 from peerstar.oci import mediatypes as mt
 from peerstar.registry import ReadPolicy, ServerOptions
+from peerstar.registry.warmup import _SHORT_TAIL_LEAF
 from tests.registry.conftest import open_backend
 from tests.registry.dagstore import DagStore
 from tests.registry.harness import ThreadedRegistry
@@ -76,6 +77,15 @@ class Layer:
 
     def toc_leaves(self) -> set[str]:
         return self.leaves_of(Reader.from_bytes(self.blob).footer.toc_offset, len(self.blob))
+
+    def footer_read_leaves(self) -> set[str]:
+        """The leaves the warm-up reads for the footer: the tail leaf, and the one before
+        when the tail leaf is short (the TOC is likely to start there)."""
+        size = len(self.blob)
+        tail_start = (size - 1) // CHUNK_SIZE * CHUNK_SIZE
+        if size - tail_start < _SHORT_TAIL_LEAF and tail_start:
+            tail_start -= CHUNK_SIZE
+        return self.leaves_of(tail_start, size)
 
     def prefetch_leaves(self) -> set[str]:
         end = Reader.from_bytes(self.blob).prefetch_end()
@@ -201,7 +211,10 @@ def test_manifest_warms_skeleton_footer_toc_and_prioritized_leaves_only(
     assert set(calls["block_get"]) == skeleton  # every node above the leaves...
     assert max(calls["block_get"].values()) == 1  # ...fetched once
     assert len(layers[1].dag()[0]) == 3  # the big layer has interior nodes: a 2-level DAG
-    footer_toc = set().union(*(layer.toc_leaves() for layer in layers[:3]))
+    footer_toc = set().union(*(layer.toc_leaves() | layer.footer_read_leaves()
+                               for layer in layers[:3]))
+    # two short tail leaves (9300 and 39317 bytes) had the leaf before read with them
+    assert sum(len(layer.footer_read_leaves()) == 2 for layer in layers) == 2
     last_leaf = {layers[3].dag()[1][-1]}  # the plain blob: its footer looked at, no more
     assert set(calls["cat"]) == footer_toc | last_leaf
     prefetch = (layers[0].prefetch_leaves() | layers[2].prefetch_leaves()) - footer_toc
