@@ -17,10 +17,11 @@ request) and, for every layer of an image manifest:
   and never walk the DAG;
 - its footer and TOC, read through the daemon from the leaves holding them (eStargz: the
   51-byte footer gives the TOC offset; zstd:chunked: the 40-byte footer; parsed by
-  `peerstar.estargz`); a layer with no such footer gets its skeleton only. When the
-  locator knows the tail leaf and the one before it once the path to the tail is
-  walked, and the tail leaf is short (< 64 KiB), both are read together: a TOC over two
-  leaves then costs one round trip, not two (footer, then the TOC's head).
+  `peerstar.estargz`); a layer with no such footer gets its skeleton only. Once the
+  path to the tail leaf is known, the footer read takes the whole tail leaf (the TOC
+  is mostly in it: no second read), and, when the tail leaf is short (< 64 KiB), the
+  leaf before it too: a TOC over two leaves then costs one round trip, not two
+  (footer, then the TOC's head).
 Then, once every TOC stage of the manifest has ended (or `toc_wait` seconds passed; a
 later one goes on by itself), the bulk phase: each layer's prioritized range,
 `[0, offset of .prefetch.landmark)` when the TOC has that landmark (the daemon is asked
@@ -422,17 +423,22 @@ class WarmUp:
         return "skeleton", 0
 
     def _footer_read_start(self, ref: BlobRef, tail_at: int) -> int:
-        """Where the footer read starts: `tail_at`, or the start of the leaf before the
-        tail leaf when that leaf is short (`_SHORT_TAIL_LEAF`) and the locator already
-        knows both leaves -- a TOC longer than the tail leaf then costs one round trip,
-        not two (footer, then the TOC's first leaf)."""
+        """Where the footer read starts: at the tail leaf's start (the daemon fetches
+        the whole leaf anyway, and a TOC is mostly in it: then it needs no second cat),
+        or at the start of the leaf before it when the tail leaf is short
+        (`_SHORT_TAIL_LEAF`) -- a TOC longer than the tail leaf then costs one round trip,
+        not two (footer, then the TOC's head). `tail_at` when the locator does not know
+        those leaves yet."""
         if self._locator is None or tail_at == 0:
             return tail_at
         known = self._locator.known_leaves(ref.cid, tail_at, ref.size - tail_at, ref.size)
-        if not known or known[0].start == 0 or known[0].size >= _SHORT_TAIL_LEAF:
+        if not known:
             return tail_at
-        before = self._locator.known_leaves(ref.cid, known[0].start - 1, 1, ref.size)
-        return before[0].start if before else tail_at
+        tail = known[0]
+        if tail.start == 0 or tail.size >= _SHORT_TAIL_LEAF:
+            return tail.start
+        before = self._locator.known_leaves(ref.cid, tail.start - 1, 1, ref.size)
+        return before[0].start if before else tail.start
 
     async def _estargz(self, ref: BlobRef, toc_digest: str | None) -> tuple[str, int]:
         """Footer and TOC: ("estargz", the prioritized range's end or 0) when read,
