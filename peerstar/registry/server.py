@@ -19,9 +19,9 @@ the background (`warmup.WarmUp`: config, DAG skeletons, footers and TOCs first, 
 prioritized ranges into the node's daemon); a range over several leaves of a blob the
 warm-up found to come over the network gets its leaves fetched at once beside its `cat`.
 Neither ever fails a response, nor delays one a container waits for: only a blob GET whose
-`Peerstar-Read-Kind` is `prefetch` or `background` (bulk) waits, at most the warm-up's
-`toc_wait` (3 s), while its image's warm-up is still reading TOCs, so that it does not
-compete with those reads. Every upstream read is logged with its timing
+`Peerstar-Read-Kind` is `prefetch` or `background` (bulk) waits while its image's
+warm-up is still reading TOCs, at most `ServerOptions.warm_up_toc_wait` (3 s), so that
+it does not compete with those reads. Every upstream read is logged with its timing
 (`upstream.log_upstream`).
 
 Headers are only sent once the first upstream bytes are in hand, so a daemon that is
@@ -131,6 +131,10 @@ class ServerOptions:
     warm_up: bool = True
     # Warm-up and leaf fan-out operations in flight at most (one bound for both).
     warm_up_limit: int = 16
+    # A manifest warm-up's bulk (prioritized ranges) starts when every layer's TOC stage
+    # has ended or after this many seconds; a bulk read (`Peerstar-Read-Kind: prefetch
+    # | background`) waits at most this long for that.
+    warm_up_toc_wait: float = 3.0
     # Fetch the leaves of a multi-leaf range at once beside its cat, for blobs the warm-up
     # found remote.
     fan_out: bool = True
@@ -196,7 +200,8 @@ class RegistryServer:
         opts = self.options
         self.warmup = (WarmUp(store, self._subdag, self.metrics,
                              limit=opts.warm_up_limit, timeout=opts.policy.timeout,
-                             slow=opts.slow_read, manifests=opts.warm_up, fan_out=opts.fan_out)
+                             slow=opts.slow_read, manifests=opts.warm_up, fan_out=opts.fan_out,
+                             toc_wait=opts.warm_up_toc_wait)
                       if opts.warm_up or opts.fan_out else None)
         self.trees = TreeCache(self._read_small, max_bytes=self.options.cache_bytes)
         self.mirror = (Mirror(store, opts.mirror, opts.policy)

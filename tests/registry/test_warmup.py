@@ -19,6 +19,7 @@ in kubo's layout (`tests.registry.dagstore`) that records, holds and fails calls
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import io
 import json
 import random
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import pytest
 
+from peerstar.distribution.client import READ_KIND_HEADER
 from peerstar.estargz import Reader, build
 from peerstar.ipfs import BlockNotFoundError
 from peerstar.ipfs.unixfs import CHUNK_SIZE, DagBuilder, chunk_bytes
@@ -303,6 +305,9 @@ def test_failing_or_hanging_warm_up_fails_no_request_and_is_counted(
             path = f"/v2/ipfs/{root}/blobs/{layer.digest}"
             r = request(reg.host, "GET", path, {"Range": "bytes=1000-300999"})
             assert r.status == 206 and r.body == layer.blob[1000:301000]
+            r = request(reg.host, "GET", path, {"Range": "bytes=0-99",
+                                                READ_KIND_HEADER: "prefetch"})
+            assert r.status == 206 and r.body == layer.blob[:100]
             r = request(reg.host, "GET", path)
             assert r.status == 200 and r.body == layer.blob
         _settle(reg)
@@ -410,3 +415,122 @@ def test_block_stat_of_both_backends(kind: str, request: pytest.FixtureRequest,
             await store.close()
 
     asyncio.run(go())
+
+
+def _blob_get(reg: ThreadedRegistry, root: str, layer: Layer, start: int, end: int,
+              kind: str | None) -> tuple[float, int, bytes]:
+    """GET bytes [start, end) of `layer` with `Peerstar-Read-Kind: kind` (none when
+    None): (seconds taken, status, body)."""
+    headers = {"Range": f"bytes={start}-{end - 1}"}
+    if kind is not None:
+        headers[READ_KIND_HEADER] = kind
+    t0 = time.monotonic()
+    r = request(reg.host, "GET", f"/v2/ipfs/{root}/blobs/{layer.digest}", headers, timeout=60)
+    return time.monotonic() - t0, r.status, r.body
+
+
+def _hold_toc_of(store: DagStore, layer: Layer) -> None:
+    """The warm-up's footer / TOC reads of `layer` wait for release()."""
+    store.hold, store.hold_ops = layer.footer_read_leaves() | layer.toc_leaves(), {"cat"}
+
+
+def test_bulk_stage_starts_only_after_every_toc_stage(layers: list[Layer],
+                                                      registry_for) -> None:
+    store = DagStore()
+    reg = registry_for(store, warm_up_toc_wait=60.0)
+    warm = reg.server.warmup  # type: ignore[union-attr]
+    root, manifest = reg.run(_store_image(store, layers))
+    phase_over_at_source: list[bool] = []
+
+    def source(digest: str, tree: object) -> list:
+        # the hook for more bulk jobs: called once the TOC phase is over
+        phase_over_at_source.append(not any(warm.toc_phase_running(x.cid) for x in layers))
+
+        async def job() -> None:
+            await warm.bulk_op(layers[0].cid, layers[0].dag()[1][5],
+                               lambda: store.block_stat(layers[0].dag()[1][5]))
+        return [job()]
+
+    warm.bulk_sources.append(source)
+    _hold_toc_of(store, layers[1])  # the big layer's TOC read hangs
+    r = request(reg.host, "GET", f"/v2/ipfs/{root}/manifests/latest",
+                {"Accept": MANIFEST_ACCEPT})
+    assert r.status == 200
+    held = layers[1].footer_read_leaves()
+    assert wait_until(lambda: any(c in held for c in store.ops("cat")), 30, 0.01)
+    # the other layers' TOCs are read, their prioritized leaves are not asked for
+    others = layers[0].toc_leaves() | layers[2].toc_leaves()
+    assert wait_until(lambda: others <= set(store.ops("cat")), 30, 0.01)
+    time.sleep(0.5)
+    prefetch = layers[0].prefetch_leaves() | layers[2].prefetch_leaves()
+    assert not prefetch & set(store.ops("block_stat"))
+    assert warm.toc_phase_running(layers[0].cid) and not phase_over_at_source
+    store.release()
+    _settle(reg)
+    stats = store.ops("block_stat")
+    assert prefetch - others <= set(stats)  # the bulk ran once the TOC phase ended...
+    last_toc = max(i for i, (op, c) in enumerate(store.calls) if op == "cat" and c in held)
+    first_bulk = min(i for i, (op, c) in enumerate(store.calls)
+                     if op == "block_stat" and c in prefetch)
+    assert last_toc < first_bulk  # ...after the last TOC read
+    assert phase_over_at_source == [True]
+    assert stats.count(layers[0].dag()[1][5]) >= 1  # the source's job ran
+    assert not warm.toc_phase_running(layers[0].cid)
+    assert _metric(reg.metrics_url, "peerstar_registry_warmups_total") == {
+        "estargz": 3.0, "plain": 1.0}
+
+
+@pytest.mark.parametrize("kind", ["prefetch", "background", "on_demand", "toc", "readahead",
+                                  None])
+def test_bulk_read_waits_for_the_toc_phase_a_critical_one_does_not(
+        layers: list[Layer], registry_for, kind: str | None) -> None:
+    store = DagStore()
+    reg = registry_for(store, warm_up_toc_wait=60.0)
+    root, _ = reg.run(_store_image(store, layers))
+    _hold_toc_of(store, layers[1])
+    r = request(reg.host, "GET", f"/v2/ipfs/{root}/manifests/latest",
+                {"Accept": MANIFEST_ACCEPT})
+    assert r.status == 200
+    warm = reg.server.warmup  # type: ignore[union-attr]
+    assert wait_until(lambda: warm.toc_phase_running(layers[0].cid), 30, 0.01)
+    a = layers[0]
+    bulk = kind in ("prefetch", "background")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        reply = pool.submit(_blob_get, reg, root, a, 1000, 301000, kind)
+        time.sleep(1.0)
+        assert reply.done() is not bulk  # a bulk read is held while the TOCs are read
+        store.release()
+        seconds, status, body = reply.result(30)
+    assert status == 206 and body == a.blob[1000:301000]
+    if bulk:
+        assert 1.0 <= seconds < 10
+    else:
+        assert seconds < 0.9
+    deferred = _metric(reg.metrics_url, "peerstar_registry_bulk_reads_deferred_total")
+    assert deferred == ({"phase_ended": 1.0} if bulk else {})
+
+
+def test_stuck_toc_phase_holds_a_bulk_read_no_longer_than_the_bound(
+        layers: list[Layer], registry_for) -> None:
+    store = DagStore()
+    # the held reads would time out after 30 s: only the bound ends the TOC phase
+    reg = registry_for(store, warm_up_toc_wait=1.0, policy=ReadPolicy(timeout=30.0, retries=0))
+    root, _ = reg.run(_store_image(store, layers))
+    _hold_toc_of(store, layers[1])  # never released during the test
+    r = request(reg.host, "GET", f"/v2/ipfs/{root}/manifests/latest",
+                {"Accept": MANIFEST_ACCEPT})
+    assert r.status == 200
+    a = layers[0]
+    seconds, status, body = _blob_get(reg, root, a, 0, 70_000, "prefetch")
+    assert status == 206 and body == a.blob[:70_000]
+    assert seconds < 2.0  # at most the bound (1 s) and the read
+    # past the bound the bulk went on without the stuck layer
+    assert wait_until(lambda: a.prefetch_leaves() - a.toc_leaves() <= set(store.ops("block_stat")),
+               3, 0.01)
+    warm = reg.server.warmup  # type: ignore[union-attr]
+    assert not warm.toc_phase_running(a.cid)
+    seconds, status, _ = _blob_get(reg, root, a, 0, 70_000, "prefetch")
+    assert status == 206 and seconds < 0.5  # the phase is over: no more waiting
+    assert sum(_metric(reg.metrics_url,
+                       "peerstar_registry_bulk_reads_deferred_total").values()) == 1.0
+    store.release()
