@@ -63,8 +63,8 @@ class RegistryMetrics:
             registry=self.registry)
         self.warmup_ops = Counter(
             "peerstar_registry_warmup_ops",
-            "IPFS operations of the warm-up and the leaf fan-out (kind=warm-node|warm-read|warm-bulk|"
-            "warm-stat|fanout-stat)", ["kind"], registry=self.registry)
+            "IPFS operations of the warm-up and the leaf fan-out (kind=warm-node|warm-read|"
+            "warm-stat|warm-config|warm-bulk|fanout-stat)", ["kind"], registry=self.registry)
         self.warmup_in_flight = Gauge(
             "peerstar_registry_warmup_in_flight",
             "Warm-up and fan-out operations in flight", registry=self.registry)

@@ -63,7 +63,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from peerstar.estargz import TOC_DIGEST_ANNOTATION, FormatError, Reader
 from peerstar.estargz.compression import parse_footer
@@ -322,7 +322,7 @@ class WarmUp:
                 # TOCs), all at once...
                 tocs = [group.create_task(self._toc_stage(ref, toc_digest))
                         for ref, toc_digest in blobs]
-                critical: list[asyncio.Task[object]] = list(tocs)  # type: ignore[arg-type]
+                critical: list[asyncio.Task[Any]] = [*tocs]
                 if cref is not None:
                     critical.append(group.create_task(self._warm_config(cref)))
                 if critical:
