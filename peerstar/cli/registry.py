@@ -48,6 +48,7 @@ ENV = {
     "mirror_offline_grace": "PEERSTAR_REGISTRY_MIRROR_OFFLINE_GRACE",
     "mirror_pin_bytes": "PEERSTAR_REGISTRY_MIRROR_PIN_BYTES",
     "mirror_state": "PEERSTAR_REGISTRY_MIRROR_STATE",
+    "learn_window": "PEERSTAR_REGISTRY_LEARN_WINDOW",
 }
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
@@ -119,6 +120,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--no-warm-up", action="store_true",
                        help="do not warm an image's layers (DAG skeleton, footer, TOC, "
                        "prioritized files) in the IPFS daemon when its manifest is served")
+    serve.add_argument("--no-learn", action="store_true",
+                       help="do not record which ranges containers read from each layer, "
+                       "share them with the cluster, nor warm those other nodes learned "
+                       "(docs/learning.md)")
+    serve.add_argument("--learn-window", help="how long after a layer's first container "
+                       "read its reads are recorded (default 20s; "
+                       f"${ENV['learn_window']})")
     serve.add_argument("--no-subdag", action="store_true",
                        help="cat every range from the blob's own CID instead of the deepest "
                        "DAG node holding it (for comparisons; slower)")
@@ -158,7 +166,7 @@ def _setting(args: argparse.Namespace, dest: str) -> tuple[str | None, bool]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from peerstar.registry import ReadPolicy, ServerOptions
+    from peerstar.registry import LearnOptions, ReadPolicy, ServerOptions
 
     listen_text, listen_flag = _setting(args, "listen")
     host, port = parse_listen(listen_text or DEFAULT_LISTEN, "--listen")
@@ -191,10 +199,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
             logger.propagate = False
 
+    window_text, _ = _setting(args, "learn_window")
+    learn = None if args.no_learn else LearnOptions(
+        window=parse_duration(window_text or "20s", "--learn-window"))
     options = ServerOptions(policy=ReadPolicy(timeout=timeout, retries=retries),
                             cache_bytes=cache, warm_up=not args.no_warm_up,
                             subdag=not args.no_subdag,
-                            mirror=_mirror_options(args, timeout, root))
+                            mirror=_mirror_options(args, timeout, root), learn=learn)
     return _run_loop(_serve(
         ipfs_address, Path(root) if root else None, options, host, port,
         allow_remote=listen_flag, metrics=metrics, metrics_remote=metrics_flag,

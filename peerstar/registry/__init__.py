@@ -9,15 +9,20 @@ Public API:
 - `MirrorOptions` (in `ServerOptions.mirror`): mirror mode, containerd's registry mirror
   of upstream registries with content from the cluster (`mirror`, `origin`,
   `directory`; docs/mirror.md).
+- `LearnOptions` (in `ServerOptions.learn`; None turns it off): learning which ranges a
+  container start reads from each layer, shared through the directory and warmed by the
+  other nodes' bridges (`profiles`; docs/learning.md).
 `peerstar registry serve` (peerstar.cli.registry) runs one server until stopped.
 """
 
 from peerstar.registry.mirror import MirrorOptions
+from peerstar.registry.profiles import LearnOptions
 from peerstar.registry.server import RegistryServer, ServerOptions, check_bind_address
 from peerstar.registry.upstream import ContentNotFound, ReadPolicy, UpstreamError
 
 __all__ = [
     "ContentNotFound",
+    "LearnOptions",
     "MirrorOptions",
     "ReadPolicy",
     "RegistryServer",

@@ -26,6 +26,12 @@ subscribes to one topic and
 
 Nothing heard is trusted: a record only names where to look; the mirror verifies every
 byte against the digest before serving it, and falls back to the next source.
+
+The same directory carries the read profiles of image layers (`profiles`: key
+`profile:<layer digest>`, value the profile's text, up to `profiles.MAX_TEXT`
+characters): every bridge whose store has pubsub runs one, mirror or not. Profiles heard
+are kept (at most `MAX_PROFILES`) and, unlike other records, answered for by every node
+that keeps one, so a profile outlives the node that recorded it.
 """
 
 from __future__ import annotations
@@ -37,9 +43,11 @@ import logging
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from peerstar.ipfs import ContentStore
+from peerstar.registry.profiles import MAX_TEXT
 from peerstar.registry.upstream import log_upstream
 
 log = logging.getLogger("peerstar.registry.directory")
@@ -49,6 +57,9 @@ TOPIC = "peerstar/mirror/v1"
 MAX_RECORDS = 100_000
 _MAX_MESSAGE = 4096
 _MAX_ADDRS = 4
+PROFILE_PREFIX = "profile:"
+# Profile records a bridge remembers; up to ~3 KiB each.
+MAX_PROFILES = 4096
 
 
 @dataclass(frozen=True)
@@ -79,7 +90,8 @@ def _record(msg: dict[str, object]) -> Record | None:
     if not (isinstance(key, str) and isinstance(value, str) and isinstance(size, int)
             and isinstance(media, str) and isinstance(at, int | float)):
         return None
-    if not 0 < len(key) <= 600 or not 0 < len(value) <= 200 or size < 0:
+    max_value = MAX_TEXT if key.startswith(PROFILE_PREFIX) else 200
+    if not 0 < len(key) <= 600 or not 0 < len(value) <= max_value or size < 0:
         return None
     peers = msg.get("p", [])
     if not isinstance(peers, list):
@@ -93,8 +105,10 @@ class Directory:
     """The records of one bridge and its view of the cluster's; `start()` subscribes."""
 
     def __init__(self, store: ContentStore, *, timeout: float = 0.05,
-                 topic: str = TOPIC) -> None:
+                 topic: str = TOPIC, on_have: Callable[[Record], None] | None = None
+                 ) -> None:
         self.store = store
+        self.on_have = on_have  # called with every record heard from another node
         self.timeout = timeout
         self.topic = topic
         self.node = os.urandom(8).hex()  # tells our own messages from others'
@@ -103,6 +117,7 @@ class Directory:
         self.addresses: tuple[str, ...] = ()
         self.own: dict[str, Record] = {}  # verified here: answered to `want`s
         self.heard: OrderedDict[str, Record] = OrderedDict()
+        self._profiles: OrderedDict[str, None] = OrderedDict()  # profile keys in `heard`
         self._waiters: dict[str, list[asyncio.Future[Record | None]]] = {}
         # key -> {node id: when heard} of the other bridges' live claims
         self.claims: dict[str, dict[str, float]] = {}
@@ -144,7 +159,14 @@ class Directory:
         self.heard[record.key] = record
         self.heard.move_to_end(record.key)
         while len(self.heard) > MAX_RECORDS:
-            self.heard.popitem(last=False)
+            self._profiles.pop(self.heard.popitem(last=False)[0], None)
+        if record.key.startswith(PROFILE_PREFIX):
+            self._profiles[record.key] = None
+            self._profiles.move_to_end(record.key)
+            while len(self._profiles) > MAX_PROFILES:
+                old_key = self._profiles.popitem(last=False)[0]
+                if old_key not in self.own:
+                    self.heard.pop(old_key, None)
 
     async def lookup(self, key: str, timeout: float | None = None) -> Record | None:
         """A record for `key`: the one known here, else the first answer to a `want` heard
@@ -238,15 +260,19 @@ class Directory:
             log.warning("pubsub publish on %s failed: %s", self.topic, exc)
 
     async def _listen(self) -> None:
+        delay = 1.0
         while True:
             try:
                 async for data in self.store.pubsub_subscribe(self.topic):
+                    delay = 1.0
                     self._handle(data)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
-                log.warning("pubsub subscription to %s failed: %s; retrying", self.topic, exc)
-            await asyncio.sleep(1.0)
+            except Exception as exc:  # e.g. kubo without Pubsub.Enabled: retried, slower
+                log.warning("pubsub subscription to %s failed: %s; retrying in %g s",
+                            self.topic, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 60.0)
 
     def _handle(self, data: bytes) -> None:
         if len(data) > _MAX_MESSAGE:
@@ -262,6 +288,8 @@ class Directory:
             return
         if op == "want":
             rec = self.own.get(key)
+            if rec is None and key.startswith(PROFILE_PREFIX):
+                rec = self.heard.get(key)
             if rec is not None:
                 self._send(rec.message(self.node, self.addresses))
         elif op == "claim":
@@ -283,6 +311,8 @@ class Directory:
                 return
             self._remember(rec)
             self.claims.pop(rec.key, None)
+            if self.on_have is not None:
+                self.on_have(rec)
             for future in self._waiters.get(rec.key, []):
                 if not future.done():
                     future.set_result(rec)

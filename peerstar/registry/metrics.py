@@ -58,16 +58,29 @@ class RegistryMetrics:
             "skeleton only; failed)", ["result"], registry=self.registry)
         self.warmup_failures = Counter(
             "peerstar_registry_warmup_failures",
-            "Failed warm-up stages (stage=skeleton|footer|toc|prefetch|bulk|manifest|internal) "
+            "Failed warm-up stages (stage=skeleton|footer|toc|prefetch|learned|bulk|manifest|"
+            "internal) "
             "and failed leaf fan-out operations (stage=fanout)", ["stage"],
             registry=self.registry)
         self.warmup_ops = Counter(
             "peerstar_registry_warmup_ops",
             "IPFS operations of the warm-up and the leaf fan-out (kind=warm-node|warm-read|"
-            "warm-stat|warm-config|warm-bulk|fanout-stat)", ["kind"], registry=self.registry)
+            "warm-stat|warm-config|warm-bulk|learn-stat|fanout-stat)", ["kind"],
+            registry=self.registry)
         self.warmup_in_flight = Gauge(
             "peerstar_registry_warmup_in_flight",
             "Warm-up and fan-out operations in flight", registry=self.registry)
+        self.profiles = Counter(
+            "peerstar_registry_profiles",
+            "Read profiles of layers (event=recorded: a container read a layer of an image "
+            "served here and its window closed with ranges; published; heard: from another "
+            "node; applied: a profile's ranges warmed for a served manifest; dropped: a "
+            "profile heard that claimed nothing usable for the blob)", ["event"],
+            registry=self.registry)
+        self.profile_bytes = Counter(
+            "peerstar_registry_profile_warmed_bytes",
+            "Bytes of the leaves asked of the daemon (block_stat) for learned ranges",
+            registry=self.registry)
         self.bulk_deferred = Counter(
             "peerstar_registry_bulk_reads_deferred",
             "Blob reads of kind prefetch or background held until their image's warm-up "

@@ -154,11 +154,15 @@ class Mirror:
     """Resolves mirror requests for one bridge; `start()` joins the cluster's directory."""
 
     def __init__(self, store: ContentStore, options: MirrorOptions,
-                 policy: ReadPolicy | None = None) -> None:
+                 policy: ReadPolicy | None = None, directory: Directory | None = None
+                 ) -> None:
+        """`directory`: the bridge's, shared with its learning (started and closed by
+        its owner); None: the mirror's own."""
         self.store = store
         self.options = options
         self.policy = policy or ReadPolicy()
-        self.directory = Directory(store, timeout=options.lookup_timeout)
+        self._own_directory = directory is None
+        self.directory = directory or Directory(store, timeout=options.lookup_timeout)
         self.pins = PinLedger(store, options.pin_bytes,
                               Path(options.pin_state) if options.pin_state else None)
         self.origins = {u.ns: Origin(u, timeout=options.upstream_timeout,
@@ -177,12 +181,14 @@ class Mirror:
                        "access_checks": 0, "access_refused": 0, "offline_served": 0}
 
     async def start(self) -> None:
-        await self.directory.start()
+        if self._own_directory:
+            await self.directory.start()
 
     async def close(self) -> None:
         for task in self._checking.values():
             task.cancel()
-        await self.directory.close()
+        if self._own_directory:
+            await self.directory.close()
         for origin in self.origins.values():
             await origin.close()
         self.pins.close()

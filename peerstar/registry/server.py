@@ -24,6 +24,12 @@ warm-up is still reading TOCs, at most `ServerOptions.warm_up_toc_wait` (3 s), s
 it does not compete with those reads. Every upstream read is logged with its timing
 (`upstream.log_upstream`).
 
+Learning (`ServerOptions.learn`, `profiles`): the ranges containers read from the layers
+of the images served here (`Peerstar-Read-Kind` on_demand / readahead, or no header)
+are recorded for a window after each layer's first such read, then published once as
+the layer's profile in the bridge's `directory.Directory` (one per bridge, shared with
+the mirror); the warm-up of a manifest warms the profiles heard for its layers.
+
 Headers are only sent once the first upstream bytes are in hand, so a daemon that is
 down or stalled yields a 502/504 with a message, and content the store does not hold a
 404; a failure after that closes the connection, and as every response carries an exact
@@ -57,8 +63,17 @@ from peerstar.oci.digest import is_digest
 from peerstar.oci.errors import OCIError
 from peerstar.oci.reference import is_tag
 from peerstar.registry.apierror import API_VERSION_HEADER, ApiError
+from peerstar.registry.directory import PROFILE_PREFIX, Directory, Record
 from peerstar.registry.metrics import RegistryMetrics
 from peerstar.registry.mirror import Mirror, MirrorOptions
+from peerstar.registry.profiles import (
+    LEARNED_KINDS,
+    LearnOptions,
+    Range,
+    Recorder,
+    decode,
+    encode,
+)
 from peerstar.registry.ranges import (
     ByteRange,
     RangeNotSatisfiable,
@@ -144,6 +159,9 @@ class ServerOptions:
     slow_read: float = 0.1
     # Mirror mode (`mirror.Mirror`): the upstreams answered for `?ns=` requests.
     mirror: MirrorOptions | None = None
+    # Learn the ranges a container start reads from each layer and share them with the
+    # cluster, warm those heard for the images served here (`profiles`); None: off.
+    learn: LearnOptions | None = LearnOptions()
 
 
 @dataclass
@@ -198,14 +216,25 @@ class RegistryServer:
                         if self.options.subdag and get_block is not None else None)
         self.metrics = RegistryMetrics()
         opts = self.options
+        mirror = opts.mirror if opts.mirror is not None and opts.mirror.upstreams else None
+        # One directory per bridge: the mirror's records and the layers' read profiles
+        # (a store without pubsub shares no profiles: they are still recorded, counted).
+        pubsub = hasattr(store, "pubsub_publish") and hasattr(store, "pubsub_subscribe")
+        self.directory = (Directory(store, timeout=mirror.lookup_timeout if mirror else 0.05,
+                                    on_have=self._heard)
+                          if mirror is not None or (opts.learn is not None and pubsub)
+                          else None)
+        self.recorder = Recorder(opts.learn) if opts.learn is not None else None
         self.warmup = (WarmUp(store, self._subdag, self.metrics,
                              limit=opts.warm_up_limit, timeout=opts.policy.timeout,
                              slow=opts.slow_read, manifests=opts.warm_up, fan_out=opts.fan_out,
-                             toc_wait=opts.warm_up_toc_wait)
+                             toc_wait=opts.warm_up_toc_wait,
+                             profile=self._profile if opts.learn is not None else None)
                       if opts.warm_up or opts.fan_out else None)
         self.trees = TreeCache(self._read_small, max_bytes=self.options.cache_bytes)
-        self.mirror = (Mirror(store, opts.mirror, opts.policy)
-                       if opts.mirror is not None and opts.mirror.upstreams else None)
+        self.mirror = (Mirror(store, mirror, opts.policy, self.directory)
+                       if mirror is not None else None)
+        self._publishing: dict[str, asyncio.TimerHandle] = {}  # digest -> its publication
         self._runners: list[web.AppRunner] = []
         self.addresses: list[tuple[str, int]] = []
         self.metrics_addresses: list[tuple[str, int]] = []
@@ -240,6 +269,55 @@ class RegistryServer:
         finally:
             self.metrics.tree_cache_images.set(len(self.trees))
         return cid, tree
+
+    # -- learning (profiles) -------------------------------------------------------------
+
+    def _record(self, request: web.Request, digest: str, ranges: list[ByteRange]) -> None:
+        """A GET of `ranges` of blob `digest`: recorded if a container waits for it."""
+        if self.recorder is None or request.method != "GET":
+            return
+        if request.headers.get(READ_KIND_HEADER, "") not in LEARNED_KINDS:
+            return
+        if self.recorder.add(digest, [(r.start, r.end + 1) for r in ranges],
+                             time.monotonic()):
+            self._publishing[digest] = asyncio.get_running_loop().call_later(
+                self.recorder.options.window, self._publish_profile, digest)
+
+    def _publish_profile(self, digest: str) -> None:
+        assert self.recorder is not None
+        self._publishing.pop(digest, None)
+        ranges, size = self.recorder.take(digest)
+        if not ranges:
+            return
+        self.metrics.profiles.labels("recorded").inc()
+        if self.directory is None:
+            return
+        text = encode(ranges)
+        self.directory.verified(Record(PROFILE_PREFIX + digest, text, size, at=time.time()))
+        self.metrics.profiles.labels("published").inc()
+        log.info("published the read profile of %s: %d ranges, %d bytes", digest,
+                 len(ranges), sum(e - s for s, e in ranges))
+
+    def _heard(self, record: Record) -> None:
+        if record.key.startswith(PROFILE_PREFIX):
+            self.metrics.profiles.labels("heard").inc()
+
+    async def _profile(self, digest: str, ref: BlobRef) -> list[Range]:
+        """The ranges learned for layer `digest` (`ref`), from this node's directory or
+        the first answer of another within the lookup timeout; [] if none is usable."""
+        if self.directory is None or self.options.learn is None:
+            return []
+        rec = await self.directory.lookup(PROFILE_PREFIX + digest,
+                                          self.options.learn.lookup_timeout)
+        if rec is None:
+            return []
+        ranges = decode(rec.value, ref.size, self.options.learn) if rec.size in (
+            0, ref.size) else []
+        if not ranges:
+            self.metrics.profiles.labels("dropped").inc()
+            log.info("dropped the read profile heard for %s: nothing usable for a blob of "
+                     "%d bytes", digest, ref.size)
+        return ranges
 
     # -- application ----------------------------------------------------------------------
 
@@ -384,6 +462,9 @@ class RegistryServer:
             raise ApiError(404, "MANIFEST_UNKNOWN", "manifest unknown",
                            f"{ref} names no manifest or index of this image")
         ref_info = tree.blobs[digest]
+        if self.recorder is not None:
+            for layer_digest, layer in _layers(tree, digest):
+                self.recorder.expect(layer_digest, layer.size)
         if self.warmup is not None:
             self.warmup.manifest_served(digest, tree)  # in the background; never waits
         return await self._serve(request, digest, ref_info, tree.manifests[digest])
@@ -431,6 +512,8 @@ class RegistryServer:
             except RangeRejected as exc:
                 raise ApiError(416, "RANGE_INVALID", "range request rejected",
                                str(exc), {"Content-Range": f"bytes */{size}"}) from None
+            if ranges:
+                self._record(request, digest, ranges)
         if ranges is None:
             return await self._send(request, 200, headers, [ByteRange(0, size - 1)]
                                     if size else [], size, info, cached, None)
@@ -563,6 +646,8 @@ class RegistryServer:
                                shutdown_timeout=5)
         await runner.setup()
         self._runners.append(runner)
+        if self.directory is not None:
+            await self.directory.start()
         if self.mirror is not None:
             await self.mirror.start()
         site = web.TCPSite(runner, host, port, reuse_address=True)
@@ -595,12 +680,33 @@ class RegistryServer:
         runners, self._runners = self._runners, []
         for runner in runners:
             await runner.cleanup()
+        for handle in self._publishing.values():
+            handle.cancel()
+        self._publishing.clear()
         if self.warmup is not None:
             await self.warmup.close()
         if self.mirror is not None:
             await self.mirror.close()
+        if self.directory is not None:
+            await self.directory.close()
         if self._subdag is not None:
             await self._subdag.close()
+
+
+def _layers(tree: ImageTree, digest: str) -> list[tuple[str, BlobRef]]:
+    """(digest, where it is) of each layer of image manifest `digest` ([] for an index)."""
+    try:
+        doc = json.loads(tree.manifests[digest])
+    except (KeyError, ValueError):
+        return []
+    layers = doc.get("layers") if isinstance(doc, dict) else None
+    out: list[tuple[str, BlobRef]] = []
+    for layer in layers if isinstance(layers, list) else ():
+        d = layer.get("digest") if isinstance(layer, dict) else None
+        ref = tree.blobs.get(d) if isinstance(d, str) else None
+        if isinstance(d, str) and ref is not None:
+            out.append((d, ref))
+    return out
 
 
 def _mirror_name(request: web.Request) -> str:

@@ -32,6 +32,12 @@ bulk read of one of its blobs (`Peerstar-Read-Kind: prefetch|background`) waits 
 end in `WarmUp.wait_toc_phase` (at most `toc_wait`): bulk bytes from other nodes would
 slow the TOC reads every Prepare waits for.
 
+With learning on (`profile`, see `profiles`), each layer's read profile is looked up
+as soon as the manifest is served (a local hit, else one `want` in the directory,
+bounded by `LearnOptions.lookup_timeout`), beside the TOC phase; in the bulk phase the
+leaves covering the learned ranges get a `block_stat` each, all bounded by the same
+semaphore.
+
 `WarmUp.spread(ref, offset, length)` (the fan-out) is called for every range read not
 served by a single leaf. js-ipfs 0.66 does fetch the leaves of one `cat` concurrently,
 but only those below one node at a time, after that node: measured between two js-ipfs
@@ -70,6 +76,7 @@ from peerstar.estargz.compression import parse_footer
 from peerstar.estargz.footer import MAX_FOOTER_SIZE, ZSTD_FOOTER_SIZE
 from peerstar.ipfs import ContentStore, IPFSError
 from peerstar.registry.metrics import RegistryMetrics
+from peerstar.registry.profiles import Range
 from peerstar.registry.subdag import Leaf, SubDagLocator
 from peerstar.registry.tree import BlobRef, ImageTree
 from peerstar.registry.upstream import log_upstream
@@ -77,6 +84,8 @@ from peerstar.registry.upstream import log_upstream
 log = logging.getLogger("peerstar.registry.warmup")
 
 T = TypeVar("T")
+# (layer digest, where it is) -> the ranges learned for it ([]: none)
+ProfileLookup = Callable[[str, BlobRef], Awaitable[list[Range]]]
 
 # How many manifest digests, blob CIDs and leaf CIDs are remembered (each ~100 bytes).
 _MAX_MANIFESTS = 4096
@@ -140,14 +149,16 @@ class WarmUp:
     `store`: the registry's store: `block_get` (skeleton nodes, through the locator),
     `block_stat`, and its ranged read (`cat`) for the footer and TOC bytes; `locator`:
     the server's SubDagLocator, or None (then only the footer and TOC are read, from the
-    blob's own CID). `manifests`: False leaves only the fan-out on.
+    blob's own CID). `manifests`: False leaves only the fan-out on. `profile`: the
+    lookup of a layer's learned ranges (None: learning off).
     """
 
     def __init__(self, store: ContentStore, locator: SubDagLocator | None,
                  metrics: RegistryMetrics, *, limit: int = 16, timeout: float = 30.0,
                  slow: float = 0.1, manifests: bool = True, fan_out: bool = True,
-                 toc_wait: float = 3.0) -> None:
+                 toc_wait: float = 3.0, profile: ProfileLookup | None = None) -> None:
         self._store = store
+        self._profile = profile
         self._locator = locator
         self._metrics = metrics
         self._limit = asyncio.Semaphore(max(1, limit))
@@ -294,6 +305,7 @@ class WarmUp:
             layers = doc.get("layers") if isinstance(doc, dict) else None
             if not isinstance(layers, list):
                 return  # an index: its manifests are warmed when they are asked for
+            learned: list[tuple[str, BlobRef]] = []  # (layer digest, where it is)
             config = doc.get("config")
             cref = tree.blobs.get(str(config.get("digest"))) if isinstance(config, dict) else None
             if cref is not None and cref.cid not in self._seen_blobs:
@@ -306,6 +318,8 @@ class WarmUp:
                 if ref is None or ref.cid in self._seen_blobs:
                     continue
                 self._seen_blobs.add(ref.cid)
+                if self._profile is not None:
+                    learned.append((str(layer.get("digest")), ref))
                 ann = layer.get("annotations")
                 toc_digest = ann.get(TOC_DIGEST_ANNOTATION) if isinstance(ann, dict) else None
                 blobs.append((ref, toc_digest if isinstance(toc_digest, str) else None))
@@ -318,6 +332,9 @@ class WarmUp:
             self._toc_phases.setdefault(ref.cid, phase)
         try:
             async with asyncio.TaskGroup() as group:
+                # The layers' read profiles are looked up beside the TOC phase...
+                lookups = [(ref, group.create_task(self._lookup(layer_digest, ref)))
+                           for layer_digest, ref in learned]
                 # The critical stage: what a pull waits for (config, skeletons, footers,
                 # TOCs), all at once...
                 tocs = [group.create_task(self._toc_stage(ref, toc_digest))
@@ -329,10 +346,12 @@ class WarmUp:
                     await asyncio.wait(critical, timeout=self.toc_wait)
                 self._end_toc_phase(phase)
                 # ...then the bulk: each layer's prioritized range once its TOC is read
-                # (at once, or when a TOC stage outlasting `toc_wait` ends), and the jobs
-                # of the bulk sources.
+                # (at once, or when a TOC stage outlasting `toc_wait` ends), the learned
+                # ranges, and the jobs of the bulk sources.
                 for (ref, _), toc in zip(blobs, tocs, strict=True):
                     group.create_task(self._bulk_stage(ref, toc))
+                for ref, lookup in lookups:
+                    group.create_task(self._warm_learned(ref, lookup))
                 for job in self._bulk_jobs(digest, tree):
                     group.create_task(self._bulk_job(digest, job))
         finally:
@@ -363,6 +382,39 @@ class WarmUp:
             self._metrics.warmup_failures.labels("bulk").inc()
             log.info("bulk warm-up job of manifest %s failed (reads are not affected): %s",
                      digest, _why(exc))
+
+    async def _lookup(self, digest: str, ref: BlobRef) -> list[Range]:
+        """The ranges learned for layer `digest` ([] if none, or if the lookup failed)."""
+        assert self._profile is not None
+        try:
+            return await self._profile(digest, ref)
+        except Exception as exc:  # a lookup is a hint: without it the reads fetch
+            log.info("no read profile for %s: %s", digest, _why(exc))
+            return []
+
+    async def _warm_learned(self, ref: BlobRef, lookup: Awaitable[list[Range]]) -> None:
+        """The layer's learned ranges (`lookup`, started with the TOC phase) into the
+        daemon: a `block_stat` of every leaf covering them. Never raises."""
+        ranges = await lookup
+        if not ranges:
+            return
+        started = time.monotonic()
+        try:
+            leaves: dict[str, Leaf] = {}
+            for start, end in ranges:
+                for leaf in await self._leaves(ref, start, end - start) or ():
+                    leaves[leaf.cid] = leaf
+            warmed = await self._stat_leaves(ref, list(leaves.values()), "learn-stat")
+        except Exception as exc:
+            self._metrics.warmup_failures.labels("learned").inc()
+            log.warning("warming the learned ranges of %s failed (reads are not affected): %s",
+                        ref.cid, _why(exc))
+            return
+        self._metrics.profiles.labels("applied").inc()
+        self._metrics.profile_bytes.inc(warmed)
+        log.info("warmed %d learned ranges of %s (%d leaves, %d bytes fetched) in %.0f ms",
+                 len(ranges), ref.cid, len(leaves), warmed,
+                 (time.monotonic() - started) * 1000)
 
     async def _warm_config(self, ref: BlobRef) -> None:
         if not hasattr(self._store, "block_stat"):
@@ -515,15 +567,25 @@ class WarmUp:
         leaves = await self._leaves(ref, offset, length)
         if leaves is None:
             return  # no leaf CIDs without a locator: left to the reads
+        await self._stat_leaves(ref, leaves, "warm-stat")
+
+    async def _stat_leaves(self, ref: BlobRef, leaves: list[Leaf], kind: str) -> int:
+        """A `block_stat` of each leaf not known local, all at once (bounded by the
+        semaphore); the bytes of the leaves stat'ed."""
+        if not hasattr(self._store, "block_stat"):
+            return 0
+        fetched = 0
 
         async def stat(leaf: Leaf) -> None:
+            nonlocal fetched
             if leaf.cid in self._local:
                 return
-            await self._op("warm-stat", ref.cid, leaf.cid,
-                           lambda: self._store.block_stat(leaf.cid))
+            await self._op(kind, ref.cid, leaf.cid, lambda: self._store.block_stat(leaf.cid))
             self._local.add(leaf.cid)
+            fetched += leaf.size
 
         await _all(stat(leaf) for leaf in leaves)
+        return fetched
 
     async def _fan_out_stat(self, ref: BlobRef, leaf: Leaf) -> None:
         try:
