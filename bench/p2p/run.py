@@ -31,6 +31,14 @@ Modes, interleaved within each round of trials:
              + `ctr run --snapshotter peerstar` (`peerstar snapshotter serve`, default
              config: background fetch on);
   lazy-prio  the same on the prioritized image;
+  lazy-learned  `lazy` on a node of a cluster that has run the image once: a "teacher"
+             trial (`lazy` on a fresh B, its bridge's learning window shortened to
+             LEARN_WINDOW s) while A runs a bridge too, which hears the layers' read
+             profiles B's bridge publishes and keeps them (docs/learning.md); the
+             teacher is then torn down and the measured trial runs on a fresh B whose
+             bridge asks the swarm for the profiles when it serves the manifest. A's
+             bridge lives only for this mode's trials, so `lazy` (learning on, the
+             default) never finds a profile: it stays a never-seen image;
   go         the Go stargz snapshotter (bench/coldstart/main.go, built from Debian's
              sources) through the same bridge on the eStargz image;
   go-prio    the same on the prioritized image;
@@ -69,7 +77,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,12 +107,14 @@ from tests.support.snapshotter import (  # noqa: E402
     stop_snapshotter,
 )
 
-MODES = ("full", "lazy", "lazy-prio", "go", "go-prio", "local")
+MODES = ("full", "lazy", "lazy-prio", "lazy-learned", "go", "go-prio", "local")
 IMAGES = ("python", "big")
 BIG_EXTRA_MIB = 200
 SLOW_MS = 100.0  # a bridge request at least this slow waited for another node's blocks
 REGISTRY = f"localhost:{swarm.REGISTRY_PORT}"
 MIB = 1 << 20
+LEARN_WINDOW = 3.0  # the teacher's learning window (s): its container start is ~3 s
+METRICS = "127.0.0.1:9105"  # a bridge's /metrics, in its node's namespace
 
 # (image, numerator, denominator, target): wall-time ratios of medians, from the issue.
 TARGETS = [
@@ -339,23 +349,70 @@ def ctr_base(prefix: list[str], binary: str, daemon: Containerd) -> list[str]:
             daemon.ctr.namespace]
 
 
-def one_trial(cl: Cluster, image: Image, mode: str, n: int) -> Trial:
+def profiles(node: Node) -> dict[str, float]:
+    """The read-profile counters of the bridge in `node` (its /metrics on METRICS)."""
+    text = swarm.http(node, "GET", f"http://{METRICS}/metrics", timeout=10).decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("peerstar_registry_profiles_total{"):
+            event = line.split('"')[1]
+            out[event] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def learned_trial(cl: Cluster, image: Image, n: int) -> Trial:
+    """`lazy-learned`: A's bridge up, a teacher `lazy` trial on a fresh B whose bridge
+    publishes the profiles A's bridge hears, then the measured trial on a fresh B."""
+    alog = cl.logs / f"registry-a-{image.name}-lazy-learned-{n}.log"
+    with swarm.registry(cl.a, alog, "--metrics-listen", METRICS):
+        def taught() -> None:
+            # every layer's window opened before the output line: all closed by now
+            time.sleep(LEARN_WINDOW + 0.5)
+            published = profiles(cl.b).get("published", 0)
+            if not published:
+                raise RuntimeError("the teacher's bridge published no read profile")
+            deadline = time.monotonic() + 30
+            while profiles(cl.a).get("heard", 0) < published:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"A's bridge heard {profiles(cl.a)} of the "
+                                       f"{published:g} profiles the teacher published")
+                time.sleep(0.2)
+
+        teacher = one_trial(cl, image, "lazy", n, label="lazy-teacher", bridge_args=(
+            "--learn-window", f"{LEARN_WINDOW}s", "--metrics-listen", METRICS),
+            after_output=taught)
+        if teacher.error:
+            raise RuntimeError(f"teacher trial: {teacher.error}")
+        log(f"teacher {n} {image.name}: {teacher.total:.2f} s; A's bridge keeps "
+            f"{profiles(cl.a).get('heard', 0):g} profiles")
+        trial = one_trial(cl, image, "lazy-learned", n)
+        trial.notes["teacher_s"] = teacher.total
+        trial.notes.update({f"a_{k}": v for k, v in profiles(cl.a).items()})
+        return trial
+
+
+def one_trial(cl: Cluster, image: Image, mode: str, n: int, *, label: str = "",
+              bridge_args: tuple[str, ...] = (),
+              after_output: Callable[[], None] | None = None) -> Trial:
+    """One trial of `mode` (`label` names its logs; `bridge_args` go to its bridge;
+    `after_output` runs once the workload answered, before the node is torn down)."""
+    label = label or mode
     trial = Trial(image.name, mode, n, load=os.getloadavg()[0])
     node = cl.a if mode == "local" else cl.b
     prefix = netns_prefix(node)
     variant = {"full": "gzip", "lazy-prio": "prio", "go-prio": "prio"}.get(mode, "estargz")
     ref = f"{REGISTRY}/ipfs/{image.cids[variant]}:latest"
-    reglog = cl.logs / f"registry-{image.name}-{mode}-{n}.log"
+    reglog = cl.logs / f"registry-{image.name}-{label}-{n}.log"
     setup = time.monotonic()
     snap: SnapshotterProc | cs.GoSnapshotter | None = None
     daemon: Containerd | None = None
     with contextlib.ExitStack() as stack:
         if mode != "local":
             stack.callback(cl.fresh_b_daemon().stop)
-        stack.enter_context(swarm.registry(node, reglog))
+        stack.enter_context(swarm.registry(node, reglog, *bridge_args))
         try:
             plugins: dict[str, str] = {}
-            if mode in ("lazy", "lazy-prio", "local"):
+            if mode in ("lazy", "lazy-prio", "lazy-learned", "local"):
                 snap = SnapshotterProc(cl.new_base(), cl.peerstar_config, prefix=prefix)
                 snap.start()
                 plugins = {"peerstar": str(snap.address)}
@@ -391,6 +448,8 @@ def one_trial(cl: Cluster, image: Image, mode: str, n: int) -> Trial:
             trial.rx_bytes = rx1 - rx0
             if isinstance(snap, SnapshotterProc):
                 time.sleep(2.5)  # the layer daemons write their stats every 2 s
+            if after_output is not None:
+                after_output()
         finally:
             if daemon is not None:
                 daemon.stop()
@@ -399,7 +458,7 @@ def one_trial(cl: Cluster, image: Image, mode: str, n: int) -> Trial:
                 snap.unmount_all()
                 if trial.total:
                     trial.notes = cs.peerstar_profile(snap)
-                keep_logs(snap, cl.logs / f"snapshotter-{image.name}-{mode}-{n}.log")
+                keep_logs(snap, cl.logs / f"snapshotter-{image.name}-{label}-{n}.log")
                 stop_snapshotter(snap)
             elif snap is not None:
                 snap.stop()
@@ -521,7 +580,7 @@ def report(trials: list[Trial], images: list[Image], modes: list[str],
                        f"{'met' if r <= target else 'MISSED'} |")
     for im in images:
         need = im.need["compressed"] + im.need["tocs"]
-        for m in ("lazy", "lazy-prio", "go", "go-prio"):
+        for m in ("lazy", "lazy-prio", "lazy-learned", "go", "go-prio"):
             v = med.get((im.name, m))
             if v is None or not need:
                 continue
@@ -545,7 +604,7 @@ def report(trials: list[Trial], images: list[Image], modes: list[str],
                 "| image | mode | layers | sum of mounts (s) | " + " | ".join(kinds) + " |",
                 "|---" * (4 + len(kinds)) + "|"]
         for im in images:
-            for m in ("lazy", "lazy-prio", "local"):
+            for m in ("lazy", "lazy-prio", "lazy-learned", "local"):
                 ts = [t for t in prof if t.image == im.name and t.mode == m]
                 if not ts:
                     continue
@@ -576,7 +635,8 @@ def _choices(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
 def logged_trial(cl: Cluster, image: Image, mode: str, n: int) -> Trial:
     """One trial; a failure is recorded (and logged) and the run goes on."""
     try:
-        t = one_trial(cl, image, mode, n)
+        t = learned_trial(cl, image, n) if mode == "lazy-learned" else one_trial(
+            cl, image, mode, n)
     except (Exception, SystemExit) as exc:  # noqa: BLE001 - keep going
         t = Trial(image.name, mode, n, error=str(exc)[-3000:])
         log(f"trial {n} {image.name} {mode} FAILED: {t.error}")
