@@ -124,6 +124,8 @@ def _range_reads_by_node(port: int, mport: int, path: str, blob: bytes) -> dict[
     (["--mirror", "http://a:1", "--mirror-access-ttl", "later"], {}, "is not a duration"),
     ([], {"PEERSTAR_REGISTRY_MIRRORS": "http://a:1",
           "PEERSTAR_REGISTRY_MIRROR_OFFLINE_GRACE": "0s"}, "more than zero"),
+    (["--learn-window", "0s"], {}, "--learn-window: the duration must be more than zero"),
+    ([], {"PEERSTAR_REGISTRY_LEARN_WINDOW": "soon"}, "--learn-window: 'soon' is not a duration"),
 ])
 def test_bad_settings_fail_cleanly(tmp_path: Path, args: list[str], env: dict[str, str],
                                    message: str) -> None:
