@@ -235,6 +235,7 @@ class RegistryServer:
         self.mirror = (Mirror(store, mirror, opts.policy, self.directory)
                        if mirror is not None else None)
         self._publishing: dict[str, asyncio.TimerHandle] = {}  # digest -> its publication
+        self._directory_start: asyncio.Task[None] | None = None
         self._runners: list[web.AppRunner] = []
         self.addresses: list[tuple[str, int]] = []
         self.metrics_addresses: list[tuple[str, int]] = []
@@ -646,8 +647,10 @@ class RegistryServer:
                                shutdown_timeout=5)
         await runner.setup()
         self._runners.append(runner)
-        if self.directory is not None:
+        if self.directory is not None and self.mirror is not None:
             await self.directory.start()
+        elif self.directory is not None:  # learning alone never holds up the bridge's start
+            self._directory_start = asyncio.create_task(self.directory.start())
         if self.mirror is not None:
             await self.mirror.start()
         site = web.TCPSite(runner, host, port, reuse_address=True)
@@ -687,6 +690,10 @@ class RegistryServer:
             await self.warmup.close()
         if self.mirror is not None:
             await self.mirror.close()
+        if self._directory_start is not None:
+            self._directory_start.cancel()
+            with contextlib.suppress(BaseException):
+                await self._directory_start
         if self.directory is not None:
             await self.directory.close()
         if self._subdag is not None:
