@@ -146,8 +146,8 @@ class ServerOptions:
     warm_up: bool = True
     # Warm-up and leaf fan-out operations in flight at most (one bound for both).
     warm_up_limit: int = 16
-    # A manifest warm-up's bulk (prioritized ranges) starts when every layer's TOC stage
-    # has ended or after this many seconds; a bulk read (`Peerstar-Read-Kind: prefetch
+    # A manifest warm-up's bulk (prioritized and learned ranges) starts when every layer's TOC
+    # stage has ended or after this many seconds; a bulk read (`Peerstar-Read-Kind: prefetch
     # | background`) waits at most this long for that.
     warm_up_toc_wait: float = 3.0
     # Fetch the leaves of a multi-leaf range at once beside its cat, for blobs the warm-up
