@@ -118,3 +118,18 @@ def test_ctr_snapshots_prepare_mounts_usage_rm(stack: Stack, sample_image: Sampl
     assert not any(o.startswith(("upperdir=", "workdir=")) for o in view[0]["Options"])
     # Removal in the backend happens later, in containerd's garbage collector (the gRPC
     # Remove itself is checked in test_grpc.py).
+
+
+def test_harness_with_block_keeps_the_daemon_it_was_given(tmp_path: Path) -> None:
+    """`with start_containerd(...)` uses the daemon already started and stops it at the
+    end: no second daemon, none left running (a leak here once left containerd processes
+    behind after every run of the mirror's credential tests)."""
+    from tests.support.containerd import start_containerd
+
+    ctrd = start_containerd(tmp_path / "ctrd")
+    first = ctrd.process
+    assert first is not None and first.poll() is None
+    with ctrd as same:
+        assert same is ctrd and ctrd.process is first
+        assert ctrd.ctr.lines("namespaces", "ls", "-q", check=False) is not None
+    assert first.poll() is not None and ctrd.process is None

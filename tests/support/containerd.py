@@ -409,6 +409,9 @@ class Containerd:
             shutil.rmtree(self.base, ignore_errors=True)
 
     def __enter__(self) -> Containerd:
+        # `start_containerd` hands out a running daemon: a second start would orphan it.
+        if self.process is not None and self.process.poll() is None:
+            return self
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
