@@ -273,11 +273,7 @@ def test_ctr_pull_answers_the_bridges_challenge_with_its_credentials(
     private layer another bridge holds comes from the cluster."""
     mirror, layer, hosts, ref = _private_layer_held_and_hosts(bridge, upstream, images,
                                                               tmp_path)
-    try:
-        ctrd = start_containerd(tmp_path / "ctrd")
-    except HarnessError as exc:
-        pytest.fail(f"cannot start containerd: {exc}", pytrace=False)
-    with ctrd:
+    with start_containerd(tmp_path / "ctrd") as ctrd:
         proc = ctrd.ctr.run("image", "pull", "--hosts-dir", hosts, ref, check=False)
         assert proc.returncode != 0 and b"401" in proc.stderr + proc.stdout
         print("ctr without credentials:", proc.stderr.decode()[-600:])
@@ -304,11 +300,8 @@ def test_cri_pull_secret_reaches_the_bridge_unless_scoped_to_the_upstream(
     containerd pulls from the upstream itself."""
     mirror, layer, hosts, ref = _private_layer_held_and_hosts(bridge, upstream, images,
                                                               tmp_path)
-    try:
-        ctrd = start_containerd(tmp_path / "ctrd", cri=CriOptions(config_path=str(hosts)))
-    except HarnessError as exc:
-        pytest.fail(f"cannot start containerd: {exc}", pytrace=False)
-    with ctrd, CriImages(ctrd.address, timeout=120) as cri:
+    with (start_containerd(tmp_path / "ctrd", cri=CriOptions(config_path=str(hosts))) as ctrd,
+          CriImages(ctrd.address, timeout=120) as cri):
         # Scoped to the upstream: the bridge sees no credentials, the upstream serves all.
         cri.pull(ref, username=USER, password=PASSWORD, server_address=upstream.url)
         assert mirror.counts["access_refused"] >= 1

@@ -160,11 +160,7 @@ def test_ctr_pull_fetches_a_token_for_the_bridge_with_its_user(
     holds comes from the cluster."""
     mirror, layer, hosts, ref = _private_layer_held_and_hosts(bridge, upstream, images,
                                                               tmp_path)
-    try:
-        ctrd = start_containerd(tmp_path / "ctrd")
-    except HarnessError as exc:
-        pytest.fail(f"cannot start containerd: {exc}", pytrace=False)
-    with ctrd:
+    with start_containerd(tmp_path / "ctrd") as ctrd:
         issued = len(tokens.issued)
         proc = ctrd.ctr.run("image", "pull", "--hosts-dir", hosts, ref, check=False)
         print("ctr without credentials:", proc.stderr.decode()[-1500:])
@@ -194,12 +190,9 @@ def test_cri_pull_secret_gets_a_token_for_the_bridge(
     another bridge holds comes from the cluster."""
     mirror, layer, hosts, ref = _private_layer_held_and_hosts(bridge, upstream, images,
                                                               tmp_path)
-    try:
-        ctrd = start_containerd(tmp_path / "ctrd", cri=CriOptions(config_path=str(hosts)))
-    except HarnessError as exc:
-        pytest.fail(f"cannot start containerd: {exc}", pytrace=False)
     issued = len(tokens.issued)
-    with ctrd, CriImages(ctrd.address, timeout=120) as cri:
+    with (start_containerd(tmp_path / "ctrd", cri=CriOptions(config_path=str(hosts))) as ctrd,
+          CriImages(ctrd.address, timeout=120) as cri):
         cri.pull(ref, username=USER, password=PASSWORD)
     assert (USER, "repository:team/private:pull", "POST") in tokens.issued[issued:]
     granted = [k for k in mirror._grants if k[1:] == (upstream.host, "team/private", layer)]
