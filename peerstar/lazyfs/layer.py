@@ -34,6 +34,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
+from typing import TypeVar
 
 from peerstar.estargz import Reader
 from peerstar.estargz.errors import VerifyError
@@ -41,6 +42,8 @@ from peerstar.estargz.toc import TOCEntry
 from peerstar.lazyfs import elfdeps, metrics
 from peerstar.lazyfs.cache import DiskCache
 from peerstar.lazyfs.fetcher import BlobFetcher, FetchError
+
+_T = TypeVar("_T")
 
 log = logging.getLogger("peerstar.lazyfs.layer")
 
@@ -146,27 +149,11 @@ class LazyLayer:
     def _big_to_disk(self, chunk: TOCEntry, key: str, kind: str) -> bool:
         """Stream a big chunk, verified, into the chunk cache (once, however many readers
         ask at the same time); False when the cache cannot take it."""
-        if self.chunk_cache is None or key in self._big_uncached:
+        cache = self.chunk_cache
+        if cache is None or key in self._big_uncached:
             return False
-        with self._mem_lock:
-            fut = self._big_inflight.get(key)
-            mine = fut is None
-            if mine:
-                fut = self._big_inflight[key] = Future()
-        assert fut is not None
-        if not mine:
-            return fut.result()
-        try:
-            done = self.chunk_cache.put_stream(key, chunk.chunk_size,
-                                               self._verified_pieces(chunk, kind))
-        except BaseException as exc:
-            fut.set_exception(exc)
-            raise
-        else:
-            fut.set_result(done)
-        finally:
-            with self._mem_lock:
-                del self._big_inflight[key]
+        done = self._once(self._big_inflight, key, lambda: cache.put_stream(
+            key, chunk.chunk_size, self._verified_pieces(chunk, kind)))
         if not done:
             self._big_uncached.add(key)  # (tried once per mount: no disk write per read)
             log.warning("layer %s: chunk of %d bytes at offset %d does not fit the chunk "
@@ -199,31 +186,46 @@ class LazyLayer:
         """The verified uncompressed bytes of one chunk (of at most BIG_CHUNK_BYTES: a
         bigger one is read through `chunk_window`)."""
         key = self._chunk_key(chunk)
-        with self._mem_lock:
+
+        def in_memory() -> bytes | None:
             data = self._mem.get(key)
             if data is not None:
                 self._mem.move_to_end(key)
-                return data
-            # The kernel's readahead sends several reads into one chunk at once: one
-            # thread fetches and verifies it, the others wait for that result.
-            fut = self._chunk_inflight.get(key)
+            return data
+
+        # The kernel's readahead sends several reads into one chunk at once: one thread
+        # fetches and verifies it, the others wait for that result.
+        return self._once(self._chunk_inflight, key,
+                          lambda: self._load_chunk(chunk, key, kind), cached=in_memory)
+
+    def _once(self, inflight: dict[str, Future[_T]], key: str, work: Callable[[], _T], *,
+              cached: Callable[[], _T | None] | None = None) -> _T:
+        """`work()` run by one thread per `key` at a time; the others asking meanwhile get
+        its result (or exception). `cached` is tried first, under the same lock that
+        registers the work, so no thread misses a result another just kept."""
+        with self._mem_lock:
+            if cached is not None:
+                hit = cached()
+                if hit is not None:
+                    return hit
+            fut = inflight.get(key)
             mine = fut is None
             if mine:
-                fut = self._chunk_inflight[key] = Future()
+                fut = inflight[key] = Future()
         assert fut is not None
         if not mine:
             return fut.result()
         try:
-            data = self._load_chunk(chunk, key, kind)
+            result = work()
         except BaseException as exc:
             fut.set_exception(exc)
             raise
         else:
-            fut.set_result(data)
+            fut.set_result(result)
         finally:
             with self._mem_lock:
-                del self._chunk_inflight[key]
-        return data
+                del inflight[key]
+        return result
 
     def _load_chunk(self, chunk: TOCEntry, key: str, kind: str) -> bytes:
         if self.chunk_cache is not None:
