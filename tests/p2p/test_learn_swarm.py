@@ -35,6 +35,7 @@ from tests.p2p import swarm
 from tests.p2p.test_mirror import wait_for_topic
 from tests.p2p.test_warmup_swarm import ACCEPT, REGISTRY, Cluster, _layers
 from tests.support.netns import Node
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -107,20 +108,14 @@ def test_profile_learned_on_a_warms_b_before_any_read(cluster: Cluster) -> None:
                              headers=[f"Range: bytes={s}-{e - 1}",
                                       "Peerstar-Read-Kind: on_demand"])
             assert got == upper.blob[s:e]
-        deadline = time.monotonic() + 30
-        while _profiles(nb).get("heard", 0) < 2 and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_until(lambda: _profiles(nb).get("heard", 0) >= 2, timeout=30, interval=0.2)
         assert _profiles(nb).get("heard") == 2.0  # the bogus lower one, then A's
         assert not learned & swarm.local_blocks(nb)
 
         started = time.monotonic()
         swarm.http(nb, "GET", f"{base}/manifests/latest", headers=[ACCEPT])
-        deadline = time.monotonic() + 120
-        while True:
-            held = swarm.local_blocks(nb)
-            if learned | toc <= held or time.monotonic() > deadline:
-                break
-            time.sleep(0.3)
+        wait_until(lambda: learned | toc <= swarm.local_blocks(nb), timeout=120, interval=0.3)
+        held = swarm.local_blocks(nb)
         took = time.monotonic() - started
         assert toc <= held, f"{len(toc - held)} footer/TOC leaves missing on B"
         assert learned <= held, f"{len(learned - held)} learned leaves missing on B"
